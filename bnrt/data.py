@@ -1,0 +1,89 @@
+"""Model inputs for checks (and calibration): seeded random tensors or arrays from .npz/.npy files.
+
+An .npz holds one array per model input, named like the input (``x``), or a single array when the
+model has one input; labels, if any, under ``y``/``labels``/``label``/``targets``. Pickled arrays
+are never loaded.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+LABEL_KEYS = ("y", "labels", "label", "targets")
+
+
+@dataclass
+class Dataset:
+    inputs: list[np.ndarray]
+    labels: np.ndarray | None
+    source: str
+
+    @property
+    def size(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [(1, *x.shape[1:]) for x in self.inputs]
+
+
+def random_inputs(shapes: list[tuple[int, ...]], count: int, seed: int = 0) -> Dataset:
+    """``count`` samples per input from a standard normal, float32, reproducible by ``seed``."""
+    rng = np.random.default_rng(seed)
+    inputs = [rng.standard_normal((count, *s[1:])).astype(np.float32) for s in shapes]
+    return Dataset(inputs, None, f"random normal, seed {seed}")
+
+
+def load_data(path: str | Path, input_names: list[str]) -> Dataset:
+    """Read ``path`` (.npz or .npy) as inputs for a model whose inputs are ``input_names``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such data file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: not a readable .npz or .npy file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    if isinstance(loaded, np.ndarray):
+        arrays, labels = {input_names[0]: loaded}, None
+        if len(input_names) != 1:
+            raise InputError(f"{path}: one array, but the model has {len(input_names)} inputs ({', '.join(input_names)}); use an .npz")
+    else:
+        try:
+            with loaded:
+                content = {k: loaded[k] for k in loaded.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{path}: unreadable array in archive ({exc})") from exc
+        label_key = next((k for k in LABEL_KEYS if k in content), None)
+        labels = content.pop(label_key) if label_key else None
+        if all(n in content for n in input_names):
+            arrays = {n: content[n] for n in input_names}
+        elif len(input_names) == 1 and len(content) == 1:
+            arrays = {input_names[0]: next(iter(content.values()))}
+        else:
+            raise InputError(
+                f"{path}: holds arrays {', '.join(sorted(content)) or '(none)'} but the model's inputs are "
+                f"{', '.join(input_names)}"
+            )
+    inputs = []
+    for name, array in arrays.items():
+        if array.ndim < 1 or array.shape[0] == 0:
+            raise InputError(f"{path}: array {name!r} has shape {array.shape}, expected (N, ...) with N > 0")
+        if array.dtype.kind == "f":
+            array = array.astype(np.float32, copy=False)
+        elif array.dtype.kind not in "iub":
+            raise InputError(f"{path}: array {name!r} has dtype {array.dtype}, expected numbers")
+        inputs.append(np.ascontiguousarray(array))
+    sizes = {x.shape[0] for x in inputs}
+    if len(sizes) != 1:
+        raise InputError(f"{path}: inputs have different sample counts {sorted(sizes)}")
+    if labels is not None:
+        if labels.ndim != 1 or labels.shape[0] != inputs[0].shape[0] or labels.dtype.kind not in "iu":
+            raise InputError(
+                f"{path}: labels must be integers of shape ({inputs[0].shape[0]},), got {labels.dtype} {labels.shape}"
+            )
+    return Dataset(inputs, labels, str(path))

@@ -1,0 +1,27 @@
+"""Errors a user can cause. The CLI prints each as one line and exits with its ``exit_code``."""
+
+from __future__ import annotations
+
+
+class BnrtError(Exception):
+    """Base of bnrt's user-facing errors; the message names the file, layer or field at fault."""
+
+    exit_code = 2
+
+
+class InputError(BnrtError):
+    """A file, flag or model that bnrt cannot use (exit code 2)."""
+
+
+class CaptureError(InputError):
+    """No graph could be captured from the model; the message carries the tracer's reason."""
+
+
+class HealthError(InputError):
+    """BatchNorm statistics that would produce a broken model (NaN/Inf, negative variance)."""
+
+
+class CheckFailed(BnrtError):
+    """Outputs of the reference and the candidate differ beyond tolerance (exit code 1)."""
+
+    exit_code = 1

@@ -1,0 +1,283 @@
+"""Load stage: a checkpoint file becomes an ``nn.Module`` in eval mode.
+
+Formats:
+- a dict checkpoint read with ``torch.load(weights_only=True)``: a state_dict under ``state_dict``
+  (or ``model_state_dict`` / ``model``) or the dict itself, plus optional ``arch`` ("module:Class"),
+  ``arch_kwargs`` and ``input_shape`` entries;
+- a checkpoint written by ``bnrt fold`` (``bnrt_folded`` entry): the architecture is rebuilt, its
+  folded BatchNorms replaced by ``nn.Identity``, then the weights are loaded;
+- a pickled ``nn.Module``, only with ``trust_pickle=True``: unpickling runs code from the file.
+
+Refuses: an ``arch`` read from a file that is not an ``nn.Module`` subclass (a factory function is
+accepted from the command line only), state_dicts that do not match the architecture, and files
+that are missing, truncated or not torch checkpoints, each with an ``InputError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import pickle
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+Shape = tuple[int, ...]
+
+FOLDED_KEY = "bnrt_folded"
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+@dataclass
+class Loaded:
+    """A model read from ``path`` with what the file said about it."""
+
+    model: nn.Module
+    path: Path
+    sha256: str
+    input_shapes: list[Shape] | None
+    arch: str | None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    source_format: str = "state_dict"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parse_shapes(value: Any, where: str) -> list[Shape]:
+    """``[1, 3, 8, 8]`` or ``[[1, 3, 8, 8], [1, 10]]`` (one shape per model input) as tuples."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+        value = [value]
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(
+            isinstance(s, (list, tuple)) and s and all(isinstance(d, int) and d > 0 for d in s)
+            for s in value
+        )
+    ):
+        raise InputError(f"{where}: input_shape must be positive integers like [1, 3, 224, 224], got {value!r}")
+    return [tuple(int(d) for d in s) for s in value]
+
+
+def resolve_arch(spec: str, *, from_file: str | None = None) -> Callable[..., nn.Module]:
+    """Import ``"package.module:Name"`` and return the class (or, from the command line, a factory).
+
+    The current directory is importable, as with ``python -m``. ``from_file`` names the checkpoint
+    the string came from; such a string must name an ``nn.Module`` subclass.
+    """
+    where = f"{from_file}: arch {spec!r}" if from_file else f"--arch {spec!r}"
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise InputError(f"{where}: expected MODULE:NAME, e.g. models.digits:DigitsNet")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # an import can fail in any way the imported code chooses
+        raise InputError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InputError(f"{where}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    is_module_class = isinstance(obj, type) and issubclass(obj, nn.Module)
+    if from_file and not is_module_class:
+        raise InputError(
+            f"{where} is not an nn.Module subclass; refusing to call it "
+            "(a factory function is accepted only on the command line with --arch)"
+        )
+    if not is_module_class and not callable(obj):
+        raise InputError(f"{where} is neither an nn.Module subclass nor callable")
+    return obj
+
+
+def build(arch: Callable[..., nn.Module], kwargs: dict[str, Any], where: str) -> nn.Module:
+    try:
+        model = arch(**kwargs)
+    except Exception as exc:
+        raise InputError(f"{where}: building the architecture failed ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{where}: the architecture returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def apply_folded_structure(model: nn.Module, folded: dict[str, Any], where: str = "model") -> nn.Module:
+    """Make ``model`` take a bnrt-folded state_dict: folded BNs become ``nn.Identity`` and the
+    layers that gained a bias get one. ``folded`` is the ``bnrt_folded`` entry of the checkpoint."""
+    modules = dict(model.named_modules())
+    for name in folded.get("identity", []):
+        if name not in modules:
+            raise InputError(f"{where}: folded checkpoint names module {name!r}, which the architecture lacks")
+        set_submodule(model, name, nn.Identity())
+    for name in folded.get("bias_added", []):
+        layer = modules.get(name)
+        if layer is None or not hasattr(layer, "weight"):
+            raise InputError(f"{where}: folded checkpoint adds a bias to {name!r}, which the architecture lacks")
+        if getattr(layer, "bias", None) is None:
+            out_channels = layer.weight.shape[1] * layer.groups if isinstance(
+                layer, nn.modules.conv._ConvTransposeNd) else layer.weight.shape[0]
+            layer.bias = nn.Parameter(torch.zeros(out_channels, dtype=layer.weight.dtype))
+    return model
+
+
+def load_folded(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a ``*.folded.pt`` written by ``bnrt fold`` into a fresh instance of the user's class.
+
+    ``model`` must be built with the same arguments as the original; it is changed in place (folded
+    BNs become ``nn.Identity``, biases are added), loaded with the folded weights, set to eval and
+    returned. No unpickling of code is involved.
+    """
+    path = Path(path)
+    ckpt = _torch_load(path, weights_only=True)
+    if not isinstance(ckpt, dict) or FOLDED_KEY not in ckpt:
+        raise InputError(f"{path}: not a checkpoint written by bnrt fold (no {FOLDED_KEY!r} entry)")
+    apply_folded_structure(model, ckpt[FOLDED_KEY], str(path))
+    _load_state(model, ckpt["state_dict"], str(path))
+    return model.eval()
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _torch_load(path: Path, *, weights_only: bool) -> Any:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a checkpoint file")
+    if path.suffix.lower() == ".onnx":
+        raise InputError(f"{path}: ONNX input is not supported by this command; pass a PyTorch checkpoint")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file, not a torch checkpoint")
+    is_zip = is_pickle = False
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        is_zip, is_pickle = magic == b"PK\x03\x04", magic[:1] == b"\x80"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except PermissionError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.search(r"GLOBAL (\S+)", text)
+        if weights_only and "Weights only load failed" in text and (found or is_pickle):
+            detail = found.group(1) if found else _after(text, "WeightsUnpickler error:")
+            raise InputError(
+                f"{path}: holds pickled Python objects ({detail}); unpickling runs code from the "
+                "file, so bnrt loads it only with --trust-pickle (use it only for files you trust), or save "
+                "a state_dict checkpoint instead"
+            ) from exc
+        raise InputError(f"{path}: not a torch checkpoint ({_first_line(exc)})") from exc
+    except Exception as exc:  # torch.load surfaces many error types for corrupt archives
+        what = "truncated or corrupt torch checkpoint" if is_zip or isinstance(exc, EOFError) else "not a torch checkpoint"
+        raise InputError(f"{path}: {what} ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _after(text: str, marker: str) -> str:
+    tail = text.split(marker, 1)[-1]
+    return next((ln.strip() for ln in tail.splitlines() if ln.strip()), "unsupported content")[:200]
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {_few(result.missing_keys)}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {_few(result.unexpected_keys)}")
+    if problems:
+        raise InputError(f"{where}: state_dict does not match the architecture: {'; '.join(problems)}")
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+) -> Loaded:
+    """Read ``path`` into a ``Loaded`` (model in eval mode). ``arch`` ("module:NAME", a class or a
+    factory) overrides the checkpoint's own ``arch`` entry; ``arch_kwargs`` overrides its kwargs."""
+    path = Path(path)
+    ckpt = _torch_load(path, weights_only=not trust_pickle)
+    sha = file_sha256(path)
+    where = str(path)
+
+    if isinstance(ckpt, nn.Module):
+        return Loaded(ckpt.eval(), path, sha, None, _class_path(ckpt), {}, "pickle")
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), nn.Module):
+        shapes = parse_shapes(ckpt["input_shape"], where) if "input_shape" in ckpt else None
+        return Loaded(ckpt["model"].eval(), path, sha, shapes, _class_path(ckpt["model"]), {}, "pickle")
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{where}: expected a dict checkpoint or an nn.Module, found {type(ckpt).__name__}")
+
+    state = next((ckpt[k] for k in _STATE_DICT_KEYS if _is_state_dict(ckpt.get(k))), None)
+    if state is None:
+        if not _is_state_dict(ckpt):
+            raise InputError(
+                f"{where}: no state_dict found (looked for {', '.join(_STATE_DICT_KEYS)} or a dict of tensors)"
+            )
+        state = ckpt
+    file_arch = ckpt.get("arch") if state is not ckpt else None
+    kwargs = dict(ckpt.get("arch_kwargs") or {}) if state is not ckpt else {}
+    if arch_kwargs is not None:
+        kwargs = dict(arch_kwargs)
+    shapes = parse_shapes(ckpt["input_shape"], where) if state is not ckpt and "input_shape" in ckpt else None
+
+    if arch is not None:
+        factory = arch if callable(arch) else resolve_arch(arch)
+        arch_name = arch if isinstance(arch, str) else _callable_path(arch)
+    elif isinstance(file_arch, str):
+        factory = resolve_arch(file_arch, from_file=where)
+        arch_name = file_arch
+    else:
+        raise InputError(f"{where}: the checkpoint names no architecture; pass --arch MODULE:NAME")
+    model = build(factory, kwargs, where)
+    folded = ckpt.get(FOLDED_KEY) if state is not ckpt else None
+    if folded:
+        apply_folded_structure(model, folded, where)
+    _load_state(model, state, where)
+    return Loaded(model.eval(), path, sha, shapes, arch_name, kwargs, "folded" if folded else "state_dict")
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}:{type(obj).__qualname__}"
+
+
+def _callable_path(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"

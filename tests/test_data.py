@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from bnrt.data import load_data, random_inputs
+from bnrt.errors import InputError
+
+
+def test_random_inputs_are_seeded():
+    a, b = random_inputs([(1, 3, 4)], 5, seed=7), random_inputs([(1, 3, 4)], 5, seed=7)
+    assert a.inputs[0].shape == (5, 3, 4) and a.inputs[0].dtype == np.float32
+    np.testing.assert_array_equal(a.inputs[0], b.inputs[0])
+    assert not np.array_equal(a.inputs[0], random_inputs([(1, 3, 4)], 5, seed=8).inputs[0])
+
+
+def test_npz_named_inputs_and_labels(tmp_path):
+    np.savez(tmp_path / "d.npz", a=np.ones((4, 2)), b=np.zeros((4, 3), np.float32), y=np.arange(4))
+    data = load_data(tmp_path / "d.npz", ["a", "b"])
+    assert [x.shape for x in data.inputs] == [(4, 2), (4, 3)]
+    assert data.inputs[0].dtype == np.float32
+    np.testing.assert_array_equal(data.labels, [0, 1, 2, 3])
+    assert data.shapes() == [(1, 2), (1, 3)]
+
+
+def test_single_array_any_name(tmp_path):
+    np.savez(tmp_path / "d.npz", images=np.ones((2, 1, 8, 8)))
+    np.save(tmp_path / "d.npy", np.ones((3, 5)))
+    assert load_data(tmp_path / "d.npz", ["x"]).inputs[0].shape == (2, 1, 8, 8)
+    assert load_data(tmp_path / "d.npy", ["x"]).inputs[0].shape == (3, 5)
+
+
+@pytest.mark.parametrize("arrays,names,message", [
+    ({"a": np.ones((2, 2)), "b": np.ones((2, 2))}, ["x"], "holds arrays a, b but the model's inputs are x"),
+    ({"x": np.ones((2, 2)), "y": np.ones(2)}, ["x"], "labels must be integers of shape (2,)"),
+    ({"x": np.ones((2, 2)), "y": np.arange(3)}, ["x"], "labels must be integers of shape (2,)"),
+    ({"a": np.ones((2, 2)), "b": np.ones((3, 2))}, ["a", "b"], "different sample counts [2, 3]"),
+    ({"x": np.array(["a", "b"])}, ["x"], "has dtype <U1, expected numbers"),
+    ({"x": np.ones((0, 2))}, ["x"], "expected (N, ...) with N > 0"),
+])
+def test_bad_npz(tmp_path, arrays, names, message):
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(InputError) as err:
+        load_data(tmp_path / "d.npz", names)
+    assert str(err.value).startswith(str(tmp_path / "d.npz")) and message in str(err.value)
+
+
+def test_unreadable_and_pickled(tmp_path):
+    (tmp_path / "t.npz").write_bytes(b"not numpy")
+    with pytest.raises(InputError, match="not a readable .npz or .npy file"):
+        load_data(tmp_path / "t.npz", ["x"])
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InputError, match="not a readable .npz or .npy file"):
+        load_data(tmp_path / "o.npy", ["x"])
+    with pytest.raises(InputError, match="no such data file"):
+        load_data(tmp_path / "missing.npz", ["x"])

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bnrt
+from bnrt.errors import InputError
+from bnrt.load import load_model, resolve_arch
+from models.digits import DigitsNet
+
+from .conftest import save_checkpoint
+
+
+class Marker:
+    """Unpickling this creates a file: proof that code in a checkpoint ran."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def small_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+
+
+def test_dict_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsNet().eval()
+    path = save_checkpoint(tmp_path / "m.pt", model, "models.digits:DigitsNet", (1, 1, 8, 8), arch_kwargs={})
+    loaded = load_model(path)
+    assert loaded.input_shapes == [(1, 1, 8, 8)] and loaded.arch == "models.digits:DigitsNet"
+    assert not loaded.model.training and len(loaded.sha256) == 64
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+
+
+@pytest.mark.parametrize("layout", ["model_state_dict", "model", "plain", "ddp"])
+def test_state_dict_layouts(tmp_path, layout):
+    model = DigitsNet().eval()
+    sd = model.state_dict()
+    if layout == "plain":
+        ckpt = sd
+    elif layout == "ddp":
+        ckpt = {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "arch": "models.digits:DigitsNet"}
+    else:
+        ckpt = {layout: sd, "arch": "models.digits:DigitsNet", "optimizer": {"lr": 0.1}}
+    torch.save(ckpt, tmp_path / "m.pt")
+    arch = "models.digits:DigitsNet" if layout == "plain" else None
+    loaded = load_model(tmp_path / "m.pt", arch=arch)
+    assert all(torch.equal(v, sd[k]) for k, v in loaded.model.state_dict().items())
+
+
+def test_plain_state_dict_without_arch_says_what_to_pass(tmp_path):
+    torch.save(DigitsNet().state_dict(), tmp_path / "m.pt")
+    with pytest.raises(InputError, match=r"m.pt: the checkpoint names no architecture; pass --arch MODULE:NAME"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_factory_accepted_from_command_line_only(tmp_path):
+    torch.save({"state_dict": small_net().state_dict(), "arch": "tests.test_load:small_net"}, tmp_path / "m.pt")
+    with pytest.raises(InputError, match=r"arch 'tests.test_load:small_net' is not an nn.Module subclass; refusing"):
+        load_model(tmp_path / "m.pt")
+    assert isinstance(load_model(tmp_path / "m.pt", arch="tests.test_load:small_net").model, nn.Sequential)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nocolon", "expected MODULE:NAME"),
+    ("no_such_module_xyz:Net", "cannot import 'no_such_module_xyz' (ModuleNotFoundError"),
+    ("models.digits:Nope", "'models.digits' has no attribute 'Nope'"),
+    ("models.digits:INPUT_SHAPE", "neither an nn.Module subclass nor callable"),
+])
+def test_bad_arch_strings(spec, message):
+    with pytest.raises(InputError) as err:
+        resolve_arch(spec)
+    assert message in str(err.value)
+
+
+def test_arch_in_file_naming_a_function_is_refused(tmp_path):
+    torch.save({"state_dict": small_net().state_dict(), "arch": "os:getcwd"}, tmp_path / "m.pt")
+    with pytest.raises(InputError, match="is not an nn.Module subclass"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_state_dict_mismatch_names_keys(tmp_path):
+    sd = DigitsNet().state_dict()
+    sd.pop("fc.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": sd, "arch": "models.digits:DigitsNet"}, tmp_path / "m.pt")
+    with pytest.raises(InputError, match=r"does not match the architecture: missing fc.weight; unexpected extra.weight"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_pickled_module_needs_trust_flag(tmp_path):
+    model = small_net().eval()
+    torch.save(model, tmp_path / "m.pt")
+    with pytest.raises(InputError) as err:
+        load_model(tmp_path / "m.pt")
+    assert "holds pickled Python objects (torch.nn.modules.container.Sequential)" in str(err.value)
+    assert "--trust-pickle" in str(err.value)
+    loaded = load_model(tmp_path / "m.pt", trust_pickle=True)
+    assert loaded.source_format == "pickle" and loaded.arch == "torch.nn.modules.container:Sequential"
+
+
+def test_code_in_a_pickle_never_runs_without_trust(tmp_path):
+    marker = tmp_path / "ran"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"state_dict": Marker(marker)}, f)
+    torch.save({"payload": Marker(marker)}, tmp_path / "evil2.pt")
+    for name in ("evil.pt", "evil2.pt"):
+        with pytest.raises(InputError):
+            load_model(tmp_path / name)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "empty file"),
+    (b"hello, I am not a checkpoint\n", "not a torch checkpoint"),
+    (bytes(range(256)) * 8, "not a torch checkpoint"),
+])
+def test_garbage_files(tmp_path, content, message):
+    (tmp_path / "bad.pt").write_bytes(content)
+    with pytest.raises(InputError) as err:
+        load_model(tmp_path / "bad.pt")
+    assert str(err.value).startswith(f"{tmp_path / 'bad.pt'}: {message}")
+
+
+def test_truncated_checkpoint(tmp_path, example):
+    data = example.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cut.pt: truncated or corrupt torch checkpoint"):
+        load_model(tmp_path / "cut.pt")
+
+
+def test_missing_and_directory(tmp_path):
+    with pytest.raises(InputError, match=r"nope.pt: no such file"):
+        load_model(tmp_path / "nope.pt")
+    with pytest.raises(InputError, match=r"is a directory"):
+        load_model(tmp_path)
+
+
+def test_load_folded_into_users_class(tmp_path, example):
+    outcome = bnrt.fold_file(example, tmp_path, run_check=False, exporter="torchscript")
+    original = load_model(example).model
+    model = bnrt.load_folded(DigitsNet(), tmp_path / "digits_cnn.folded.pt")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert outcome.result.bias_added == ["stem.0", "block.body.0.0", "block.body.1.0", "depthwise.0"]
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        assert float((model(x) - original(x)).abs().max()) < 1e-5
+    again = load_model(tmp_path / "digits_cnn.folded.pt")
+    assert again.source_format == "folded" and again.input_shapes == [(1, 1, 8, 8)]
+    with torch.no_grad():
+        assert torch.equal(again.model(x), model(x))

@@ -1,0 +1,52 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from bnrt.errors import InputError
+from bnrt.export import export_onnx
+from bnrt.run import Session, resolve_provider
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def linear_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "lin.onnx"
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).eval()
+    export_onnx(model, (torch.randn(2, 3),), path, names=(["x"], ["y"]), exporter="torchscript")
+    return path, model
+
+
+def test_cpu_session_runs_and_reports_names(linear_onnx):
+    path, model = linear_onnx
+    session = Session(path, "cpu")
+    assert session.session.get_providers() == ["CPUExecutionProvider"]
+    assert (session.input_names, session.output_names) == (["x"], ["y"])
+    x = np.ones((4, 3), np.float32)
+    (y,) = session.run([x])
+    np.testing.assert_allclose(y, model(torch.from_numpy(x)).detach().numpy(), rtol=1e-6)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_cuda_is_an_error_not_a_cpu_run(linear_onnx):
+    with pytest.raises(InputError, match=r"--provider cuda: CUDAExecutionProvider is not available"):
+        Session(linear_onnx[0], "cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device")
+def test_cuda_session_runs_on_cuda(linear_onnx):
+    session = Session(linear_onnx[0], "cuda")
+    assert session.session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_unknown_provider_and_bad_file(tmp_path, linear_onnx):
+    with pytest.raises(InputError, match="--provider 'tpu': choose one of cpu, cuda"):
+        resolve_provider("tpu")
+    (tmp_path / "bad.onnx").write_bytes(b"garbage")
+    with pytest.raises(InputError, match=r"bad.onnx: onnxruntime cannot load it"):
+        Session(tmp_path / "bad.onnx")
+    with pytest.raises(InputError, match=r"expects 1 input\(s\) \(x\), got 2"):
+        Session(linear_onnx[0]).run([np.ones((1, 3), np.float32)] * 2)

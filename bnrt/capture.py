@@ -14,7 +14,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import CaptureError, InputError
+from .errors import CaptureError, InputError, first_line
 
 
 SHAPE_KEY = "bnrt_shape"
@@ -62,15 +62,13 @@ def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Captu
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {reason}") from exc
+        raise CaptureError(f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {first_line(exc)}") from exc
     try:
         with torch.no_grad():
             _ShapeRecorder(gm).run(*example_inputs)
     except Exception as exc:
         shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"model {type(model).__name__} fails on inputs of shape {shapes}: {first}") from exc
+        raise InputError(f"model {type(model).__name__} fails on inputs of shape {shapes}: {first_line(exc)}") from exc
 
     calls: Counter = Counter()
     direct: Counter = Counter()

@@ -10,7 +10,7 @@ import traceback
 from typing import Sequence
 
 from . import __version__
-from .errors import BnrtError, InputError
+from .errors import BnrtError, InputError, first_line
 from .export import DEFAULT_OPSET, EXPORTERS
 from .run import PROVIDERS
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL
@@ -115,6 +115,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a model's own code can raise anything; never show a bare traceback
         if args.debug:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"bnrt: error: {args.model}: {type(exc).__name__}: {first} (--debug shows the traceback)", file=sys.stderr)
+        print(f"bnrt: error: {args.model}: {type(exc).__name__}: {first_line(exc)} (--debug shows the traceback)", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 LABEL_KEYS = ("y", "labels", "label", "targets")
 
@@ -47,7 +47,7 @@ def load_data(path: str | Path, input_names: list[str]) -> Dataset:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: not a readable .npz or .npy file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        raise InputError(f"{path}: not a readable .npz or .npy file ({first_line(exc)})") from exc
     if isinstance(loaded, np.ndarray):
         arrays, labels = {input_names[0]: loaded}, None
         if len(input_names) != 1:

@@ -25,3 +25,10 @@ class CheckFailed(BnrtError):
     """Outputs of the reference and the candidate differ beyond tolerance (exit code 1)."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none), for
+    one-line error reports."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__

@@ -16,7 +16,7 @@ import onnx
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .save import atomic_path
 
 DEFAULT_OPSET = 18  # ORT >= 1.14 runs it (Triton's ORT backends included); --opset raises it
@@ -91,8 +91,7 @@ def export_onnx(
         except InputError:
             raise
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"ONNX export ({exporter}) of {type(model).__name__} failed: {first}") from exc
+            raise InputError(f"ONNX export ({exporter}) of {type(model).__name__} failed: {first_line(exc)}") from exc
         finally:
             onnx_logger.setLevel(level)
         for key, value in (metadata or {}).items():

@@ -43,3 +43,45 @@ def fold_backward(weight, bias, s, t) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"weight has {w.shape[0]} output channels, BN has {s.shape[0]}")
     b = np.zeros_like(s) if bias is None else _f64(bias)
     return w * _channel_view(s, w.ndim, 0), s * b + t
+
+
+def fold_convtranspose_backward(weight, bias, s, t, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """ConvTranspose -> BN. ``weight`` is ``[Cin, Cout/g, k...]``; output channel
+    ``gi * Cout/g + j`` of group ``gi`` is ``weight[gi * Cin/g : (gi+1) * Cin/g, j]``, so the weight
+    is viewed as ``[g, Cin/g, Cout/g, k...]`` and axis 2 is scaled by ``s`` viewed as
+    ``[g, 1, Cout/g, 1...]``. ``b' = s * b + t``."""
+    w, s, t = _f64(weight), _f64(s), _f64(t)
+    cin, cout_g = w.shape[0], w.shape[1]
+    if cin % groups or cout_g * groups != s.shape[0]:
+        raise ValueError(f"weight {w.shape} with groups={groups} does not give {s.shape[0]} output channels")
+    k = w.shape[2:]
+    view = w.reshape(groups, cin // groups, cout_g, *k)
+    scaled = view * s.reshape(groups, 1, cout_g, *([1] * len(k)))
+    b = np.zeros_like(s) if bias is None else _f64(bias)
+    return scaled.reshape(w.shape), s * b + t
+
+
+def fold_forward_linear(weight, bias, s, t) -> tuple[np.ndarray, np.ndarray]:
+    """BN -> Linear, with ``s``/``t`` given per input feature (already expanded through any
+    flatten): ``W'[:, i] = W[:, i] * s_i`` and ``b' = b + W @ t``."""
+    w, s, t = _f64(weight), _f64(s), _f64(t)
+    if w.shape[1] != s.shape[0]:
+        raise ValueError(f"weight has {w.shape[1]} input features, scale has {s.shape[0]}")
+    b = np.zeros(w.shape[0]) if bias is None else _f64(bias)
+    return w * s[None, :], b + w @ t
+
+
+def fold_forward_conv(weight, bias, s, t, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """BN -> Conv (exact only without zero padding). ``weight`` is ``[Cout, Cin/g, k...]``; output
+    channel ``o`` of group ``gi`` reads absolute input channels ``gi * Cin/g + i``:
+    ``W'[o, i, k] = W[o, i, k] * s_ci`` and ``b'_o = b_o + sum_{i,k} W[o, i, k] * t_ci``."""
+    w, s, t = _f64(weight), _f64(s), _f64(t)
+    cout, cin_g = w.shape[0], w.shape[1]
+    if cout % groups or cin_g * groups != s.shape[0]:
+        raise ValueError(f"weight {w.shape} with groups={groups} does not take {s.shape[0]} input channels")
+    k = w.shape[2:]
+    view = w.reshape(groups, cout // groups, cin_g, *k)
+    scaled = view * s.reshape(groups, 1, cin_g, *([1] * len(k)))
+    shift = (view * t.reshape(groups, 1, cin_g, *([1] * len(k)))).reshape(cout, -1).sum(axis=1)
+    b = np.zeros(cout) if bias is None else _f64(bias)
+    return scaled.reshape(w.shape), b + shift

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 Shape = tuple[int, ...]
 
@@ -185,15 +185,10 @@ def _torch_load(path: Path, *, weights_only: bool) -> Any:
                 "file, so bnrt loads it only with --trust-pickle (use it only for files you trust), or save "
                 "a state_dict checkpoint instead"
             ) from exc
-        raise InputError(f"{path}: not a torch checkpoint ({_first_line(exc)})") from exc
+        raise InputError(f"{path}: not a torch checkpoint ({first_line(exc)})") from exc
     except Exception as exc:  # torch.load surfaces many error types for corrupt archives
         what = "truncated or corrupt torch checkpoint" if is_zip or isinstance(exc, EOFError) else "not a torch checkpoint"
-        raise InputError(f"{path}: {what} ({type(exc).__name__}: {_first_line(exc)})") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:200] if lines else type(exc).__name__
+        raise InputError(f"{path}: {what} ({type(exc).__name__}: {first_line(exc)})") from exc
 
 
 def _after(text: str, marker: str) -> str:

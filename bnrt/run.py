@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -50,8 +50,7 @@ class Session:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=chain)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"{self.path}: onnxruntime cannot load it ({first})") from exc
+            raise InputError(f"{self.path}: onnxruntime cannot load it ({first_line(exc)})") from exc
         if self.session.get_providers()[0] != wanted:
             raise InputError(
                 f"{self.path}: onnxruntime fell back to {self.session.get_providers()[0]} instead of {wanted}"

@@ -18,15 +18,25 @@ from .errors import CaptureError, InputError, first_line
 
 
 SHAPE_KEY = "bnrt_shape"
+VALUE_KEY = "bnrt_value"
+
+
+def _is_plain(value) -> bool:
+    if isinstance(value, (int, float, bool, str, type(None))):
+        return True
+    return isinstance(value, (tuple, list)) and all(_is_plain(v) for v in value)
 
 
 class _ShapeRecorder(torch.fx.Interpreter):
-    """Runs the traced graph once and records each tensor output's shape in ``node.meta``."""
+    """Runs the traced graph once and records in ``node.meta`` each tensor output's shape and each
+    plain (int, tuple, torch.Size...) output's value, so that view ops can be replayed later."""
 
     def run_node(self, n: torch.fx.Node):
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             n.meta[SHAPE_KEY] = tuple(result.shape)
+        elif _is_plain(result):
+            n.meta[VALUE_KEY] = result
         return result
 
 

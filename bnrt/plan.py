@@ -1,37 +1,58 @@
 """Plan stage: one ``Decision`` per BatchNorm, made before any weight is touched.
 
-A fold rule is data: the layer types it folds into, a check that says why it does not apply and
-the fold it performs (``bnrt.fold`` applies it with the shared math of ``bnrt.foldmath``). The
-walker below is written once for all rules. Conditions every fold needs (DESIGN.md): the BN has
-running statistics and is in eval; the layer's output has exactly one user, the BN; neither module
-is called more than once; no parameter is shared with another module or read directly in forward;
-neither module has hooks, parametrizations or a forward of its own.
+A fold rule is data: the layer types it folds into, the direction (``backward``: layer -> BN,
+``forward``: BN -> layer), the layer's channel axis, a check that says why it does not apply, and
+the fold itself (``bnrt.foldmath``). The walker is written once for all rules:
+
+- it follows pure view ops (flatten, reshape, view, transpose, permute, squeeze, unsqueeze...)
+  between the layer and the BN and replays them on a tensor of channel indices, which gives the
+  exact map between the layer's channels and the BN's channels, or shows that there is none;
+- it checks the conditions every fold needs (DESIGN.md): the BN has running statistics and is in
+  eval; the layer's output has exactly one user on the way to the BN (backward) or every user of
+  the BN output is a foldable layer (forward); no module on the path is called more than once; no
+  parameter is shared with another module or read directly in forward; no hooks, parametrizations
+  or forward overrides.
+
+Backward is tried first, then forward; a BN that neither can fold keeps both reasons.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from . import foldmath
-from .capture import Capture
+from .capture import VALUE_KEY, Capture
 from .errors import HealthError
 
 NEAR_DEAD_SCALE = 1e3
 
-_CONV_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+                   torch.unsqueeze, torch.movedim, torch.swapaxes, torch.swapdims}
+_VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "squeeze",
+                 "unsqueeze", "movedim", "swapaxes", "swapdims"}
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
+
+Fold = Callable[[np.ndarray, "np.ndarray | None", np.ndarray, np.ndarray, nn.Module], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What happens to one BatchNorm: folded into ``into`` (``direction`` backward means the layer
-    runs before the BN) by ``rule``, or skipped for ``reason``."""
+    """What happens to one BatchNorm: folded into the layers ``into`` by ``rule`` (``direction``
+    backward: the layer runs before the BN; forward: after it), through the view ops ``through``,
+    or skipped for ``reason``. ``maps[i]`` gives, per channel of ``into[i]``, the BN channel whose
+    scale it takes (None: channel i takes BN channel i)."""
 
     bn: str
     status: str
@@ -39,53 +60,64 @@ class Decision:
     into: tuple[str, ...] = ()
     direction: str | None = None
     reason: str | None = None
-    warnings: tuple[str, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = ()
+    through: tuple[str, ...] = ()
+    maps: tuple[tuple[int, ...] | None, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def folded(self) -> bool:
         return self.status == "folded"
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out["into"] = list(self.into)
-        out["warnings"] = list(self.warnings)
-        return out
+        return {"bn": self.bn, "status": self.status, "rule": self.rule, "into": list(self.into),
+                "direction": self.direction, "through": list(self.through), "reason": self.reason,
+                "warnings": list(self.warnings)}
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A backward fold placement: ``layer -> BN``."""
+    """One fold placement. ``channel_axis`` is the layer's channel axis in the activation it shares
+    with the BN: its output (backward) or its input (forward)."""
 
     name: str
+    direction: str
     layer_types: tuple[type[nn.Module], ...]
-    check: Callable[[Capture, torch.fx.Node, torch.fx.Node], str | None]
+    channel_axis: int
+    fold: Fold
+    check: Callable[[str, nn.Module], str | None] = lambda name, layer: None
 
 
-def _check_conv(cap: Capture, layer_node: torch.fx.Node, bn_node: torch.fx.Node) -> str | None:
-    layer, bn = cap.module_of(layer_node), cap.module_of(bn_node)
-    expected = next(bn_t for conv_t, bn_t in _CONV_BN.items() if isinstance(layer, conv_t))
-    if not isinstance(bn, expected):
-        return f"{type(layer).__name__} output is normalised by {type(bn).__name__}, expected {expected.__name__}"
-    return None
-
-
-def _check_linear(cap: Capture, layer_node: torch.fx.Node, bn_node: torch.fx.Node) -> str | None:
-    bn = cap.module_of(bn_node)
-    if not isinstance(bn, nn.BatchNorm1d):
-        return f"Linear output is normalised by {type(bn).__name__}, expected BatchNorm1d"
-    shape = cap.shape(layer_node)
-    if shape is None or len(shape) != 2:
-        return (
-            f"Linear output has shape {shape}: BatchNorm1d normalises dim 1, which is not the "
-            "Linear's feature dim unless the output is (N, C)"
-        )
+def _zero_padding(name: str, conv: nn.Module) -> str | None:
+    if conv.padding_mode == "zeros" and any(conv._reversed_padding_repeated_twice):
+        return f"'{name}' pads with zeros, which a BN folded into it would not see"
     return None
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("conv->bn", tuple(_CONV_BN), _check_conv),
-    Rule("linear->bn", (nn.Linear,), _check_linear),
+    Rule("conv->bn", "backward", _CONVS, 1, lambda w, b, s, t, layer: foldmath.fold_backward(w, b, s, t)),
+    Rule("convtranspose->bn", "backward", _CONV_TRANSPOSES, 1,
+         lambda w, b, s, t, layer: foldmath.fold_convtranspose_backward(w, b, s, t, layer.groups)),
+    Rule("linear->bn", "backward", (nn.Linear,), -1, lambda w, b, s, t, layer: foldmath.fold_backward(w, b, s, t)),
+    Rule("bn->linear", "forward", (nn.Linear,), -1, lambda w, b, s, t, layer: foldmath.fold_forward_linear(w, b, s, t)),
+    Rule("bn->conv", "forward", _CONVS, 1,
+         lambda w, b, s, t, layer: foldmath.fold_forward_conv(w, b, s, t, layer.groups), _zero_padding),
 )
+
+
+class _NotFoldable(Exception):
+    """A reason, raised where it is found and turned into a skipped decision by ``_decide``."""
+
+
+def to_f64(tensor) -> np.ndarray:
+    return tensor.detach().cpu().double().numpy()
+
+
+def bn_scale_shift(bn: _BatchNorm) -> tuple[np.ndarray, np.ndarray]:
+    """``(s, t)`` of an eval-mode BN module, in float64."""
+    return foldmath.bn_scale_shift(
+        to_f64(bn.running_mean), to_f64(bn.running_var), bn.eps,
+        None if bn.weight is None else to_f64(bn.weight), None if bn.bias is None else to_f64(bn.bias),
+    )
 
 
 def _standard(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> str | None:
@@ -119,9 +151,7 @@ def _health(name: str, bn: _BatchNorm) -> tuple[str, ...]:
             raise HealthError(f"BatchNorm '{name}': {field_name} holds NaN or Inf")
     if bool((bn.running_var < 0).any()):
         raise HealthError(f"BatchNorm '{name}': running_var is negative in some channels")
-    s, _ = foldmath.bn_scale_shift(
-        to_f64(bn.running_mean), to_f64(bn.running_var), bn.eps, None if bn.weight is None else to_f64(bn.weight)
-    )
+    s, _ = bn_scale_shift(bn)
     dead = np.flatnonzero(np.abs(s) > NEAR_DEAD_SCALE)
     if dead.size:
         return (f"{dead.size} near-dead channel(s) with |gamma/sigma| > {NEAR_DEAD_SCALE:g} "
@@ -129,8 +159,131 @@ def _health(name: str, bn: _BatchNorm) -> tuple[str, ...]:
     return ()
 
 
-def to_f64(tensor) -> np.ndarray:
-    return tensor.detach().cpu().double().numpy()
+def _is_view(cap: Capture, node) -> bool:
+    if not isinstance(node, torch.fx.Node) or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in _VIEW_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_module" and isinstance(cap.module_of(node), _VIEW_MODULES)
+
+
+def _describe(cap: Capture, node) -> str:
+    if not isinstance(node, torch.fx.Node):
+        return repr(node)
+    if node.op == "placeholder":
+        return "a graph input"
+    if node.op == "output":
+        return "the model output"
+    module = cap.module_of(node)
+    if module is not None:
+        return f"{type(module).__name__} '{node.target}'"
+    return f"'{node.name}'"
+
+
+def _replay(cap: Capture, src: torch.fx.Node, chain: list[torch.fx.Node], axis: int) -> torch.Tensor:
+    """Run ``chain`` (view ops starting at ``src``) on a tensor shaped like ``src``'s output whose
+    elements hold their index along ``axis``: the result says where each channel ends up."""
+    shape = cap.shape(src)
+    if shape is None:
+        raise _NotFoldable(f"shape of '{src.name}' is unknown")
+    axis %= len(shape)
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    value = torch.arange(shape[axis]).reshape(view).expand(shape).contiguous()
+    env = {src: value}
+
+    def arg(a):
+        if a in env:
+            return env[a]
+        if VALUE_KEY in a.meta:
+            return a.meta[VALUE_KEY]
+        raise _NotFoldable(f"cannot follow the shape argument '{a.name}' of a view op")
+
+    for node in chain:
+        args = torch.fx.node.map_arg(node.args, arg)
+        kwargs = torch.fx.node.map_arg(node.kwargs, arg)
+        if node.op == "call_function":
+            env[node] = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            env[node] = cap.module_of(node)(*args, **kwargs)
+    return env[chain[-1]] if chain else value
+
+
+def _layer_reason(cap: Capture, rule: Rule, node: torch.fx.Node) -> str | None:
+    layer = cap.module_of(node)
+    return (
+        rule.check(node.target, layer)
+        or (f"'{node.target}' " + r if (r := _standard(layer, rule.layer_types)) else None)
+        or _single_use(cap, node.target)
+    )
+
+
+def rule_for(module: nn.Module | None, direction: str) -> Rule | None:
+    """The rule that folds a BN into ``module`` in ``direction``, if any."""
+    return next((r for r in RULES if r.direction == direction and isinstance(module, r.layer_types)), None)
+
+
+def _rule_for(cap: Capture, node, direction: str) -> Rule | None:
+    return rule_for(cap.module_of(node) if isinstance(node, torch.fx.Node) else None, direction)
+
+
+def _identity_or(mapping: torch.Tensor) -> tuple[int, ...] | None:
+    values = tuple(int(v) for v in mapping)
+    return None if values == tuple(range(len(values))) else values
+
+
+def _backward(cap: Capture, bn_node: torch.fx.Node) -> tuple[Rule, torch.fx.Node, list, tuple | None]:
+    chain = []
+    node = bn_node.args[0] if bn_node.args else None
+    while _is_view(cap, node) and len(node.users) == 1:
+        chain.append(node)
+        node = node.args[0]
+    chain.reverse()
+    rule = _rule_for(cap, node, "backward")
+    if rule is None:
+        raise _NotFoldable(f"input comes from {_describe(cap, node)}: no fold rule")
+    first = chain[0] if chain else bn_node
+    others = [u.name for u in node.users if u is not first]
+    if others:
+        raise _NotFoldable(f"output of '{node.target}' also feeds '{others[0]}'")
+    reason = _layer_reason(cap, rule, node)
+    if reason:
+        raise _NotFoldable(reason)
+    where = _replay(cap, node, chain, rule.channel_axis)
+    channels = cap.shape(node)[rule.channel_axis]
+    bn_pos = torch.arange(where.shape[1]).reshape([1, -1] + [1] * (where.dim() - 2)).expand(where.shape)
+    pairs = torch.unique(torch.stack([where.reshape(-1), bn_pos.reshape(-1)]), dim=1)
+    if pairs.shape[1] != channels:
+        via = f" through {', '.join(n.name for n in chain)}" if chain else ""
+        raise _NotFoldable(f"channels of '{node.target}' do not map one-to-one onto BN channels{via}")
+    return rule, node, chain, _identity_or(pairs[1])
+
+
+def _forward(cap: Capture, bn_node: torch.fx.Node) -> list[tuple[Rule, torch.fx.Node, list, tuple | None]]:
+    targets = []
+    for user in bn_node.users:
+        chain, node = [], user
+        while _is_view(cap, node) and node.args[0] is (chain[-1] if chain else bn_node) and len(node.users) == 1:
+            chain.append(node)
+            node = next(iter(node.users))
+        rule = _rule_for(cap, node, "forward")
+        if rule is None or node.args[0] is not (chain[-1] if chain else bn_node):
+            raise _NotFoldable(f"output feeds {_describe(cap, node)}, not a layer it can fold into")
+        reason = _layer_reason(cap, rule, node)
+        if reason:
+            raise _NotFoldable(reason)
+        where = _replay(cap, bn_node, chain, 1).movedim(rule.channel_axis, 0)
+        where = where.reshape(where.shape[0], -1)
+        if bool((where.amin(dim=1) != where.amax(dim=1)).any()):
+            raise _NotFoldable(f"input channels of '{node.target}' mix several BN channels")
+        targets.append((rule, node, chain, _identity_or(where[:, 0])))
+    if not targets:
+        raise _NotFoldable("output is unused")
+    return targets
 
 
 def _bn_nodes(cap: Capture) -> dict[str, torch.fx.Node]:
@@ -140,11 +293,8 @@ def _bn_nodes(cap: Capture) -> dict[str, torch.fx.Node]:
 def plan(cap: Capture) -> list[Decision]:
     """One decision per BatchNorm module of the captured model, in module order."""
     nodes = _bn_nodes(cap)
-    decisions = []
-    for name, module in cap.modules.items():
-        if isinstance(module, _BatchNorm):
-            decisions.append(_decide(cap, name, module, nodes.get(name)))
-    return decisions
+    return [_decide(cap, name, module, nodes.get(name))
+            for name, module in cap.modules.items() if isinstance(module, _BatchNorm)]
 
 
 def _decide(cap: Capture, name: str, bn: _BatchNorm, node: torch.fx.Node | None) -> Decision:
@@ -158,26 +308,22 @@ def _decide(cap: Capture, name: str, bn: _BatchNorm, node: torch.fx.Node | None)
         return skip("in training mode: call model.eval() before folding", warnings)
     if node is None:
         return skip("not called in forward", warnings)
-    reason = _standard(bn, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) or _single_use(cap, name)
+    reason = _standard(bn, _BN_TYPES) or _single_use(cap, name)
     if reason:
         return skip(reason, warnings)
 
-    producer = node.args[0] if node.args else None
-    if not isinstance(producer, torch.fx.Node) or producer.op != "call_module":
-        what = "a graph input" if getattr(producer, "op", None) == "placeholder" else f"'{getattr(producer, 'name', producer)}'"
-        return skip(f"input comes from {what}, not from a foldable layer", warnings)
-    layer_name, layer = producer.target, cap.module_of(producer)
-    rule = next((r for r in RULES if isinstance(layer, r.layer_types)), None)
-    if rule is None:
-        return skip(f"input comes from {type(layer).__name__} '{layer_name}': no fold rule", warnings)
-    others = [u.name for u in producer.users if u is not node]
-    reason = (
-        rule.check(cap, producer, node)
-        or (f"output of '{layer_name}' also feeds '{others[0]}'" if others else None)
-        or (f"'{layer_name}' " + r if (r := _standard(layer, rule.layer_types)) else None)
-        or _single_use(cap, layer_name)
-    )
-    if reason:
-        return skip(reason, warnings)
-    return Decision(name, "folded", rule=rule.name, into=(layer_name,), direction="backward", warnings=warnings)
+    def folded(targets, direction):
+        return Decision(
+            name, "folded", rule=",".join(dict.fromkeys(t[0].name for t in targets)), into=tuple(t[1].target for t in targets),
+            direction=direction, warnings=warnings,
+            through=tuple(n.name for t in targets for n in t[2]), maps=tuple(t[3] for t in targets),
+        )
 
+    try:
+        return folded([_backward(cap, node)], "backward")
+    except _NotFoldable as exc:
+        backward_reason = str(exc)
+    try:
+        return folded(_forward(cap, node), "forward")
+    except _NotFoldable as exc:
+        return skip(f"{backward_reason}; forward: {exc}", warnings)

@@ -1,0 +1,191 @@
+"""Every fold placement beyond conv->BN and Linear->BN: property tests against unfolded outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import bnrt
+
+from .test_fold import assert_folds_exactly, randomise_bn
+
+CONVT = {1: (nn.ConvTranspose1d, nn.BatchNorm1d), 2: (nn.ConvTranspose2d, nn.BatchNorm2d),
+         3: (nn.ConvTranspose3d, nn.BatchNorm3d)}
+CONV = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(rank=st.sampled_from([1, 2, 3]), groups=st.integers(1, 3), cin_g=st.integers(1, 3), cout_g=st.integers(1, 3),
+       kernel=st.integers(1, 3), stride=st.integers(1, 3), dilation=st.integers(1, 2), padding=st.integers(0, 1),
+       out_pad=st.integers(0, 2), bias=st.booleans(), affine=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_convtranspose_bn_fold_is_exact(rank, groups, cin_g, cout_g, kernel, stride, dilation, padding, out_pad,
+                                        bias, affine, seed):
+    assume(out_pad < max(stride, dilation))
+    conv_t, bn_t = CONVT[rank]
+    gen = torch.Generator().manual_seed(seed)
+    conv = conv_t(groups * cin_g, groups * cout_g, kernel, stride=stride, padding=padding, output_padding=out_pad,
+                  groups=groups, bias=bias, dilation=dilation)
+    bn = bn_t(groups * cout_g, affine=affine)
+    model = nn.Sequential(conv, bn).double()
+    randomise_bn(bn, gen)
+    x = torch.randn(2, groups * cin_g, *([4 if rank < 3 else 3] * rank), generator=gen, dtype=torch.float64)
+    result = assert_folds_exactly(model, x, 1)
+    assert (result.decisions[0].rule, result.decisions[0].direction) == ("convtranspose->bn", "backward")
+
+
+@settings(max_examples=150, deadline=None)
+@given(fin=st.integers(1, 12), fout=st.integers(1, 12), bias=st.booleans(), affine=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_bn_linear_forward_fold_is_exact(fin, fout, bias, affine, seed):
+    gen = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm1d(fin, affine=affine)
+    model = nn.Sequential(bn, nn.Linear(fin, fout, bias=bias)).double()
+    randomise_bn(bn, gen)
+    result = assert_folds_exactly(model, torch.randn(3, fin, generator=gen, dtype=torch.float64), 1)
+    d = result.decisions[0]
+    assert (d.rule, d.direction, d.into) == ("bn->linear", "forward", ("1",))
+
+
+@settings(max_examples=150, deadline=None)
+@given(c=st.integers(1, 4), h=st.integers(1, 3), w=st.integers(1, 3), fout=st.integers(1, 6),
+       bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_bn2d_flatten_linear_forward_fold_is_exact(c, h, w, fout, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(c)
+    model = nn.Sequential(nn.ReLU(), bn, nn.Flatten(), nn.Linear(c * h * w, fout, bias=bias)).double()
+    randomise_bn(bn, gen)
+    result = assert_folds_exactly(model, torch.randn(2, c, h, w, generator=gen, dtype=torch.float64), 1)
+    d = result.decisions[0]
+    assert (d.rule, d.through) == ("bn->linear", ("_2",))
+    assert d.maps == ((None if h * w == 1 else tuple(i // (h * w) for i in range(c * h * w))),)
+
+
+@settings(max_examples=250, deadline=None)
+@given(rank=st.sampled_from([1, 2, 3]), groups=st.integers(1, 3), cin_g=st.integers(1, 3), cout_g=st.integers(1, 3),
+       kernel=st.integers(1, 3), stride=st.integers(1, 2), dilation=st.integers(1, 2), padding=st.integers(0, 1),
+       padding_mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]), bias=st.booleans(),
+       affine=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_bn_conv_forward_fold_is_exact_without_zero_padding(rank, groups, cin_g, cout_g, kernel, stride, dilation,
+                                                            padding, padding_mode, bias, affine, seed):
+    conv_t, bn_t = CONV[rank]
+    gen = torch.Generator().manual_seed(seed)
+    bn = bn_t(groups * cin_g, affine=affine)
+    conv = conv_t(groups * cin_g, groups * cout_g, kernel, stride=stride, padding=padding, dilation=dilation,
+                  groups=groups, bias=bias, padding_mode=padding_mode)
+    model = nn.Sequential(nn.ReLU(), bn, conv).double()
+    randomise_bn(bn, gen)
+    x = torch.randn(2, groups * cin_g, *([6] * rank), generator=gen, dtype=torch.float64)
+    if padding and padding_mode == "zeros":
+        model = model.eval()
+        result = bnrt.fold(model, (x,))
+        assert result.decisions[0].status == "skipped"
+        assert "'2' pads with zeros, which a BN folded into it would not see" in result.decisions[0].reason
+        return
+    result = assert_folds_exactly(model, x, 1)
+    assert (result.decisions[0].rule, result.decisions[0].direction) == ("bn->conv", "forward")
+
+
+def test_bn_feeding_several_layers_folds_into_all():
+    torch.manual_seed(0)
+
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(5)
+            self.a, self.b = nn.Linear(5, 3), nn.Linear(5, 2, bias=False)
+
+        def forward(self, x):
+            y = self.bn(torch.relu(x))
+            return torch.cat([self.a(y), self.b(y)], 1)
+
+    model = Fork().double()
+    randomise_bn(model.bn, torch.Generator().manual_seed(3))
+    result = assert_folds_exactly(model, torch.randn(4, 5, dtype=torch.float64), 1)
+    assert result.decisions[0].into == ("a", "b") and result.bias_added == ["b"]
+
+
+def test_bn_feeding_a_layer_and_something_else_is_refused():
+    class Leak(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.bn(torch.relu(x))
+            return self.fc(y) + y
+
+    result = bnrt.fold(Leak().eval(), (torch.randn(2, 4),))
+    assert result.decisions[0].reason == (
+        "input comes from 'relu': no fold rule; forward: output feeds 'add', not a layer it can fold into")
+
+
+class TokenMLP(nn.Module):
+    """Linear on (N, L, C); BatchNorm1d over C via flatten to (N*L, C) or transpose to (N, C, L)."""
+
+    def __init__(self, mode: str, c_in: int = 6, c: int = 5):
+        super().__init__()
+        self.mode = mode
+        self.fc = nn.Linear(c_in, c)
+        self.bn = nn.BatchNorm1d(c)
+
+    def forward(self, x):
+        n, length, _ = x.shape
+        y = self.fc(x)
+        if self.mode == "flatten":
+            return self.bn(y.reshape(n * length, -1)).view(n, length, -1)
+        return self.bn(y.transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("mode,through", [("flatten", ("reshape",)), ("transpose", ("transpose",))])
+def test_linear_through_reshape_or_transpose_to_bn1d(mode, through):
+    model = TokenMLP(mode).double()
+    randomise_bn(model.bn, torch.Generator().manual_seed(0))
+    result = assert_folds_exactly(model, torch.randn(3, 7, 6, dtype=torch.float64), 1)
+    d = result.decisions[0]
+    assert (d.rule, d.into, d.through, d.maps) == ("linear->bn", ("fc",), through, (None,))
+
+
+@pytest.mark.parametrize("spatial,folds", [(1, True), (2, False)])
+def test_conv_flatten_bn1d_only_when_the_channel_map_is_exact(spatial, folds):
+    bn = nn.BatchNorm1d(4 * spatial * spatial)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), bn).double()
+    randomise_bn(bn, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, spatial, spatial, dtype=torch.float64)
+    if folds:
+        assert assert_folds_exactly(model, x, 1).decisions[0].through == ("_1",)
+        return
+    result = bnrt.fold(model.eval(), (x,))
+    assert result.decisions[0].reason.startswith(
+        "channels of '0' do not map one-to-one onto BN channels through _1")
+
+
+def test_one_layer_takes_a_forward_and_a_backward_fold_rounded_once():
+    bn_in, bn_out = nn.BatchNorm1d(4), nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.ReLU(), bn_in, nn.Linear(4, 3), bn_out)
+    gen = torch.Generator().manual_seed(0)
+    randomise_bn(bn_in.double(), gen)
+    randomise_bn(bn_out.double(), gen)
+    model = model.float().eval()
+    result = bnrt.fold(model, (torch.randn(2, 4),))
+    assert [(d.rule, d.into) for d in result.decisions] == [("bn->linear", ("2",)), ("linear->bn", ("2",))]
+    f64 = lambda t: t.detach().double()  # noqa: E731
+    s_in = f64(bn_in.weight) / torch.sqrt(f64(bn_in.running_var) + bn_in.eps)
+    t_in = f64(bn_in.bias) - f64(bn_in.running_mean) * s_in
+    s_out = f64(bn_out.weight) / torch.sqrt(f64(bn_out.running_var) + bn_out.eps)
+    t_out = f64(bn_out.bias) - f64(bn_out.running_mean) * s_out
+    w, b = f64(model[2].weight), f64(model[2].bias)
+    exact_w = s_out[:, None] * (w * s_in[None, :])
+    exact_b = s_out * (b + w @ t_in) + t_out
+    assert torch.equal(result.model[2].weight, exact_w.float())
+    assert torch.equal(result.model[2].bias, exact_b.float())
+
+
+def test_sync_batchnorm_in_eval_folds_like_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)).double()
+    randomise_bn(model[1], torch.Generator().manual_seed(0))
+    result = assert_folds_exactly(model, torch.randn(2, 3, 6, 6, dtype=torch.float64), 1)
+    assert result.decisions[0].rule == "conv->bn"

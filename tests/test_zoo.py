@@ -1,0 +1,52 @@
+"""Every zoo architecture: the expected BatchNorms fold, the rest are refused, outputs unchanged."""
+
+import pytest
+import torch
+
+import bnrt
+from models.zoo import ZOO, build
+
+EXPECTED = {  # model: (BatchNorms, folded)
+    "resnet": (20, 20), "mobilenetv2": (14, 14), "mobilenetv3": (14, 14), "unet": (7, 7), "generator": (3, 3),
+    "tabular": (3, 3), "token_mlp": (2, 2), "reid": (4, 4), "preact": (7, 3), "audio1d": (5, 5), "volume3d": (4, 4),
+}
+
+
+def test_expected_table_covers_the_zoo():
+    assert set(EXPECTED) == set(ZOO)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model_folds_exactly(name):
+    model = build(name, batches=1)
+    x = torch.randn(4, *ZOO[name].input_shape[1:], generator=torch.Generator().manual_seed(0))
+    result = bnrt.fold(model, (x[:2],))
+    assert (len(result.decisions), len(result.folded)) == EXPECTED[name]
+    with torch.no_grad():
+        ref, got = model(x), result.model(x)
+    assert float((ref - got).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+def test_preact_refusals_name_their_cause():
+    result = bnrt.fold(build("preact", batches=1), (torch.randn(2, 3, 16, 16),))
+    reasons = {d.bn: d.reason for d in result.skipped}
+    assert reasons == {
+        "blocks.0.bn1": "output of 'stem' also feeds 'add'; forward: output feeds 'relu', not a layer it can fold into",
+        "blocks.1.bn1": "input comes from 'add': no fold rule; forward: output feeds 'relu_2', not a layer it can fold into",
+        "blocks.2.bn1": "input comes from 'add_1': no fold rule; forward: output feeds 'relu_4', not a layer it can fold into",
+        "final_bn": "input comes from 'add_2': no fold rule; forward: output feeds 'relu_6', not a layer it can fold into",
+    }
+    assert {d.bn: d.direction for d in result.folded} == {
+        "blocks.0.bn2": "backward", "blocks.1.bn2": "backward", "blocks.2.bn2": "backward"}
+
+
+def test_forward_and_through_reshape_placements_in_the_zoo():
+    tab = bnrt.fold(build("tabular", batches=1), (torch.randn(2, 20),))
+    assert [(d.bn, d.rule, d.direction) for d in tab.decisions] == [
+        ("input_bn", "bn->linear", "forward"), ("body.1", "linear->bn", "backward"),
+        ("body.5", "linear->bn", "backward")]
+    tok = bnrt.fold(build("token_mlp", batches=1), (torch.randn(2, 16, 32),))
+    assert [(d.bn, d.into, d.through) for d in tok.decisions] == [
+        ("bn1", ("fc1",), ("reshape",)), ("bn2", ("fc2",), ("transpose",))]
+    reid = bnrt.fold(build("reid", batches=1), (torch.randn(2, 3, 64, 32),))
+    assert reid.decisions[-1].bn == "neck" and reid.decisions[-1].rule == "bn->linear"

@@ -1,7 +1,12 @@
-"""Capture stage: who feeds whom. A torch.fx trace of the model plus the facts the planner needs
-(how often each module is called, which parameters are read directly, tensor shapes).
+"""Capture stage: who feeds whom. A module-level graph of the model plus the facts the planner
+needs (how often each module is called, which parameters are read directly, tensor shapes).
 
-Refuses (``CaptureError``) a model torch.fx cannot trace, naming the tracer's reason, and
+``torch.fx.symbolic_trace`` first. Where it fails (data- or shape-dependent Python control flow,
+for example), ``torch.export.export(strict=False)``: its graph of aten ops is turned into the same
+module-level form, each call of a conv / linear / BatchNorm module (found by the nodes'
+``nn_module_stack``) becoming one ``call_module`` node, so one planner serves both.
+
+Refuses (``CaptureError``) a model neither tracer can capture, naming both reasons, and
 (``InputError``) example inputs the model cannot run on.
 """
 
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import CaptureError, InputError, first_line
 
@@ -67,22 +73,96 @@ class Capture:
         return sorted(others)
 
 
+def _fails_on(model: nn.Module, example_inputs, exc: Exception) -> InputError:
+    shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
+    return InputError(f"model {type(model).__name__} fails on inputs of shape {shapes}: {first_line(exc)}")
+
+
+def _collapsible(module: nn.Module | None) -> bool:
+    return isinstance(module, (_BatchNorm, nn.modules.conv._ConvNd, nn.Linear))
+
+
+def _export_graph(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.fx.Graph:
+    """torch.export's graph with every call of a conv / linear / BatchNorm module collapsed into one
+    ``call_module`` node and lifted parameters turned into ``get_attr`` nodes where other ops read
+    them. Shapes and plain values come from the exporter's fake tensors."""
+    program = torch.export.export(model, example_inputs, strict=False)
+    sig = program.graph_signature
+    lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+              **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    modules = dict(model.named_modules())
+    groups: dict[str, list[torch.fx.Node]] = defaultdict(list)
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
+        if stack:
+            key, (path, _) = list(stack.items())[-1]
+            if _collapsible(modules.get(path)):
+                groups[key].append(node)
+    collapse: dict[torch.fx.Node, tuple[str, torch.fx.Node]] = {}  # group's last node -> (module, input)
+    members: set[torch.fx.Node] = set()
+    for key, nodes in groups.items():
+        inside = set(nodes)
+        inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside and a.name not in lifted}
+        escaping = [n for n in nodes[:-1] if any(u not in inside for u in n.users)]
+        if len(inputs) == 1 and not escaping:
+            path = list(nodes[0].meta["nn_module_stack"].values())[-1][0]
+            collapse[nodes[-1]] = (path, inputs.pop())
+            members |= inside
+
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def lookup(old: torch.fx.Node) -> torch.fx.Node:
+        if old not in env and old.name in lifted:
+            env[old] = graph.get_attr(lifted[old.name])
+        return env[old]
+
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in lifted:
+            continue
+        if node in collapse:
+            path, source = collapse[node]
+            new = graph.call_module(path, (lookup(source),))
+        elif node in members:
+            continue
+        else:
+            new = graph.node_copy(node, lookup)
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            new.meta[SHAPE_KEY] = tuple(int(d) for d in val.shape)
+        elif _is_plain(val):
+            new.meta[VALUE_KEY] = val
+        env[node] = new
+    return graph
+
+
 def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capture:
-    """Trace ``model`` with torch.fx and propagate shapes of ``example_inputs`` through it."""
+    """Trace ``model`` and record the shapes ``example_inputs`` take through it."""
     try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as exc:
-        raise CaptureError(f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {first_line(exc)}") from exc
-    try:
-        with torch.no_grad():
-            _ShapeRecorder(gm).run(*example_inputs)
-    except Exception as exc:
-        shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
-        raise InputError(f"model {type(model).__name__} fails on inputs of shape {shapes}: {first_line(exc)}") from exc
+        graph, tracer = torch.fx.symbolic_trace(model).graph, "torch.fx"
+    except Exception as fx_exc:
+        try:
+            with torch.no_grad():
+                model(*example_inputs)
+        except Exception as exc:
+            raise _fails_on(model, example_inputs, exc) from exc
+        try:
+            graph, tracer = _export_graph(model, example_inputs), "torch.export"
+        except Exception as exc:
+            raise CaptureError(
+                f"cannot capture a graph of {type(model).__name__}: torch.fx: {type(fx_exc).__name__}: "
+                f"{first_line(fx_exc)}; torch.export: {type(exc).__name__}: {first_line(exc)}"
+            ) from exc
+    else:
+        try:
+            with torch.no_grad():
+                _ShapeRecorder(torch.fx.GraphModule(model, graph)).run(*example_inputs)
+        except Exception as exc:
+            raise _fails_on(model, example_inputs, exc) from exc
 
     calls: Counter = Counter()
     direct: Counter = Counter()
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] += 1
         elif node.op == "get_attr":
@@ -93,4 +173,4 @@ def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Captu
             if mod_name not in owners[id(tensor)]:
                 owners[id(tensor)].append(mod_name)
     modules = dict(model.named_modules())
-    return Capture(gm.graph, modules, calls, direct, dict(owners))
+    return Capture(graph, modules, calls, direct, dict(owners), tracer)

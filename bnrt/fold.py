@@ -29,6 +29,7 @@ class FoldResult:
     model: nn.Module
     decisions: list[Decision]
     bias_added: list[str]
+    tracer: str = "torch.fx"
 
     @property
     def folded(self) -> list[Decision]:
@@ -79,7 +80,10 @@ def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> FoldResu
 
     ``example_inputs`` are run once to learn tensor shapes. Every BatchNorm gets a decision; those
     that cannot be folded exactly stay in the model with the reason in ``decisions``. Raises
-    ``CaptureError`` when torch.fx cannot trace the model and ``HealthError`` for NaN/Inf or
-    negative running statistics.
+    ``CaptureError`` when neither torch.fx nor torch.export can capture the model and
+    ``HealthError`` for NaN/Inf or negative running statistics.
     """
-    return apply(model, plan(capture(model, example_inputs)))
+    cap = capture(model, example_inputs)
+    result = apply(model, plan(cap))
+    result.tracer = cap.tracer
+    return result

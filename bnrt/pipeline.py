@@ -135,9 +135,11 @@ def fold_file(
     example = example_from(dataset)
     lap("load")
 
-    decisions = plan(capture(loaded.model, example))
+    cap = capture(loaded.model, example)
+    decisions = plan(cap)
     lap("capture+plan")
     result = apply(loaded.model, decisions)
+    result.tracer = cap.tracer
     lap("fold")
     with torch.no_grad():
         out_count = len(flatten_outputs(result.model(*example)))
@@ -183,6 +185,7 @@ def fold_file(
             "input_shapes": [list(s) for s in dataset.shapes()],
             "opset": opset,
             "exporter": exporter,
+            "tracer": cap.tracer,
             "summary": summary,
             "decisions": [d.to_json() for d in decisions],
             "check": report_check.to_json() if report_check else None,

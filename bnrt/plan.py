@@ -38,8 +38,12 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
+_aten = torch.ops.aten
 _VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
-                   torch.unsqueeze, torch.movedim, torch.swapaxes, torch.swapdims}
+                   torch.unsqueeze, torch.movedim, torch.swapaxes, torch.swapdims,
+                   _aten.flatten.using_ints, _aten.view.default, _aten.reshape.default, _aten.transpose.int,
+                   _aten.permute.default, _aten.squeeze.dim, _aten.squeeze.dims, _aten.unsqueeze.default,
+                   _aten.movedim.int, _aten.contiguous.default, _aten._unsafe_view.default}
 _VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "squeeze",
                  "unsqueeze", "movedim", "swapaxes", "swapdims"}
 _VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)

@@ -267,7 +267,7 @@ def test_near_dead_channel_is_reported():
     assert result.decisions[0].warnings == ("1 near-dead channel(s) with |gamma/sigma| > 1000 (max 3.16e+03), e.g. channel 2",)
 
 
-class Untraceable(nn.Module):
+class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 1)
@@ -279,9 +279,49 @@ class Untraceable(nn.Module):
         return x
 
 
-def test_untraceable_model_is_a_capture_error_naming_the_tracer():
-    with pytest.raises(CaptureError, match=r"torch.fx cannot trace Untraceable: TraceError: symbolically traced"):
-        bnrt.fold(Untraceable().eval(), (torch.randn(2, 3, 4, 4),))
+def test_model_neither_tracer_captures_is_a_capture_error_naming_both():
+    with pytest.raises(CaptureError) as err:
+        bnrt.fold(DataDependent().eval(), (torch.ones(2, 3, 4, 4),))
+    message = str(err.value)
+    assert message.startswith("cannot capture a graph of DataDependent: torch.fx: TraceError: symbolically traced")
+    assert "; torch.export: " in message
+
+
+class ShapeDependent(nn.Module):
+    """torch.fx cannot trace the shape test; torch.export (non-strict) specialises it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+        self.bn = nn.BatchNorm2d(4)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.bn_shared = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+        self.bn_fc = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        if x.shape[-1] > 6:
+            x = x[..., :6, :6]
+        y = self.bn_shared(self.shared(self.shared(self.bn(self.conv(x)))))
+        return self.bn_fc(self.fc(torch.flatten(y, 1))) + F.linear(torch.flatten(y, 1), self.fc.weight).sum()
+
+
+def test_torch_export_fallback_folds_and_refuses_like_fx():
+    model = ShapeDependent().eval()
+    gen = torch.Generator().manual_seed(0)
+    for bn in (model.bn, model.bn_shared, model.bn_fc):
+        randomise_bn(bn.double(), gen)
+        bn.float()
+    x = torch.randn(2, 3, 8, 8)
+    result = bnrt.fold(model, (x,))
+    assert result.tracer == "torch.export"
+    assert [(d.bn, d.status, d.into, d.reason) for d in result.decisions] == [
+        ("bn", "folded", ("conv",), None),
+        ("bn_shared", "skipped", (), "'shared' is called 2 times; forward: parameters of 'fc' are read directly in forward"),
+        ("bn_fc", "skipped", (), "parameters of 'fc' are read directly in forward; forward: output feeds 'add', not a layer it can fold into"),
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_every_bn_gets_exactly_one_decision_on_the_example(example):

@@ -74,6 +74,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
     )
     print(decision_table(outcome.result.decisions))
     print(f"BatchNormalization nodes in ONNX: {outcome.onnx_batchnorm_nodes}")
+    for layer, largest in outcome.result.fp16_overflow.items():
+        print(f"warning: folded weights of '{layer}' reach {largest:.3g}, beyond float16's range (65504)")
     if outcome.check is not None:
         print()
         print(check_table(outcome.check))

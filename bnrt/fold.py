@@ -1,35 +1,48 @@
 """Fold stage: apply a plan to a deep copy of the model.
 
-Folded BatchNorms become ``nn.Identity``; layers gain a bias when they had none. Each layer's
-weights are taken to float64 once, receive every fold planned for them (a layer can take a forward
-fold from the BN before it and a backward fold from the BN after it) with ``bnrt.foldmath``, and
-are cast back to the layer's dtype once. The input model is never modified.
+Folded BatchNorm modules become ``nn.Identity``; layers gain a bias when they had none. Each
+layer's weights are taken to float64 once, receive every fold planned for them (a layer can take
+a forward fold from the BN before it and a backward fold from the BN after it) with
+``bnrt.foldmath``, and are cast back to the layer's dtype once. A folded functional
+``F.batch_norm`` call is removed from the captured graph, so the model returned is then a
+``torch.fx.GraphModule``; the user-structured copy (``structured``) keeps the call with identity
+statistics. The input model is never modified.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.fx
 from torch import nn
 
-from .capture import capture
-from .load import set_submodule
-from .plan import Decision, bn_scale_shift, plan, rule_for, to_f64
+from .capture import Capture, capture
+from .plan import Decision, plan, rule_for, statistics, to_f64
+from .structure import set_identity_statistics, set_submodule
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
 @dataclass
 class FoldResult:
-    """``model``: the folded copy (same train/eval mode as the input). ``decisions``: one per
-    BatchNorm of the input. ``bias_added``: layers that had no bias before folding (needed to
-    load the weights back into the original class)."""
+    """``model``: the folded model to run and export (same train/eval mode as the input).
+    ``structured``: the same weights in the user's module structure (equal to ``model`` unless a
+    functional BN was folded). ``decisions``: one per BatchNorm. ``bias_added``: layers that had
+    no bias before folding. ``fp16_overflow``: layers whose folded weights exceed float16's range."""
 
     model: nn.Module
     decisions: list[Decision]
     bias_added: list[str]
+    structured: nn.Module | None = None
     tracer: str = "torch.fx"
+    fp16_overflow: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.structured is None:
+            self.structured = self.model
 
     @property
     def folded(self) -> list[Decision]:
@@ -39,9 +52,15 @@ class FoldResult:
     def skipped(self) -> list[Decision]:
         return [d for d in self.decisions if not d.folded]
 
-    def structure(self) -> dict[str, list[str]]:
-        """What ``bnrt.load.apply_folded_structure`` needs to rebuild this model from its class."""
-        return {"identity": [d.bn for d in self.folded], "bias_added": list(self.bias_added)}
+    def structure(self) -> dict[str, list]:
+        """What ``bnrt.structure.apply_folded_structure`` needs to rebuild the folded model from
+        the user's class."""
+        return {
+            "identity": [d.bn for d in self.folded if not d.functional],
+            "bias_added": list(self.bias_added),
+            "functional_identity": [{k: v for k, v in d.functional.items() if k != "node"}
+                                    for d in self.folded if d.functional],
+        }
 
 
 def _set_param(layer: nn.Module, name: str, value: np.ndarray, like: torch.Tensor) -> None:
@@ -49,22 +68,71 @@ def _set_param(layer: nn.Module, name: str, value: np.ndarray, like: torch.Tenso
     setattr(layer, name, nn.Parameter(tensor, requires_grad=like.requires_grad))
 
 
-def apply(model: nn.Module, decisions: list[Decision]) -> FoldResult:
-    """Fold every ``folded`` decision into a deep copy of ``model``."""
+def _without_nodes(root: nn.Module, graph: torch.fx.Graph, names: set[str]) -> torch.fx.GraphModule:
+    """A GraphModule over ``root`` running ``graph`` with the nodes ``names`` bypassed."""
+    new_graph = torch.fx.Graph()
+    new_graph.output(new_graph.graph_copy(graph, {}))
+    for node in list(new_graph.nodes):
+        if node.name in names:
+            node.replace_all_uses_with(node.args[0])
+            new_graph.erase_node(node)
+    module = torch.fx.GraphModule(root, new_graph, class_name=f"{type(root).__name__}Folded")
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+_BN_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+def _sync_to_batchnorm(model: nn.Module, cap: Capture) -> None:
+    """Replace, in place, every SyncBatchNorm module by the BatchNorm of its input's rank (from the
+    capture): in eval they compute the same, and the plain one needs no process group."""
+    for node in cap.graph.nodes:
+        module = cap.module_of(node)
+        if not isinstance(module, nn.SyncBatchNorm) or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        shape = cap.shape(node.args[0])
+        plain_type = _BN_BY_RANK.get(len(shape)) if shape else None
+        current = model.get_submodule(node.target)
+        if plain_type is None or not isinstance(current, nn.SyncBatchNorm):
+            continue
+        plain = plain_type(current.num_features, current.eps, current.momentum, current.affine,
+                           current.track_running_stats)
+        plain.load_state_dict(current.state_dict())
+        plain.train(current.training)
+        set_submodule(model, node.target, plain)
+
+
+def convert_sync_batchnorm(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> nn.Module:
+    """A deep copy of ``model`` with every called SyncBatchNorm replaced by BatchNorm1d/2d/3d
+    (by the rank of its input on ``example_inputs``), for deployment without torch.distributed."""
+    converted = copy.deepcopy(model)
+    _sync_to_batchnorm(converted, capture(model, example_inputs))
+    return converted
+
+
+def apply(model: nn.Module, decisions: list[Decision], cap: Capture | None = None) -> FoldResult:
+    """Fold every ``folded`` decision into a deep copy of ``model``. With ``cap`` (the capture
+    the decisions came from), SyncBatchNorms left in the model become plain BatchNorms; ``cap`` is
+    required when a functional BN is folded."""
     folded_model = copy.deepcopy(model)
     exact: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for decision in decisions:
         if not decision.folded:
             continue
-        s, t = bn_scale_shift(folded_model.get_submodule(decision.bn))
+        s, t = statistics(folded_model, decision).scale_shift()
         for layer_name, mapping in zip(decision.into, decision.maps or (None,) * len(decision.into)):
             layer = folded_model.get_submodule(layer_name)
             weight, bias = exact.get(layer_name) or (
                 to_f64(layer.weight), None if layer.bias is None else to_f64(layer.bias))
             index = slice(None) if mapping is None else np.asarray(mapping)
             exact[layer_name] = rule_for(layer, decision.direction).fold(weight, bias, s[index], t[index], layer)
-        set_submodule(folded_model, decision.bn, nn.Identity())
-    bias_added = []
+        if decision.functional:
+            set_identity_statistics(folded_model, decision.functional)
+        else:
+            set_submodule(folded_model, decision.bn, nn.Identity())
+    bias_added, overflow = [], {}
     with torch.no_grad():
         for layer_name, (weight, bias) in exact.items():
             layer = folded_model.get_submodule(layer_name)
@@ -72,7 +140,19 @@ def apply(model: nn.Module, decisions: list[Decision]) -> FoldResult:
                 bias_added.append(layer_name)
             _set_param(layer, "bias", bias, layer.weight if layer.bias is None else layer.bias)
             _set_param(layer, "weight", weight, layer.weight)
-    return FoldResult(folded_model, decisions, bias_added)
+            largest = max(float(np.abs(weight).max(initial=0)), float(np.abs(bias).max(initial=0)))
+            if largest > FP16_MAX:
+                overflow[layer_name] = largest
+    if cap is not None:
+        _sync_to_batchnorm(folded_model, cap)
+    functional = {d.functional["node"] for d in decisions if d.folded and d.functional}
+    runnable = folded_model
+    if functional:
+        if cap is None:
+            raise ValueError("folding a functional batch_norm needs the capture")
+        runnable = _without_nodes(folded_model, cap.graph, functional)
+        runnable.train(folded_model.training)
+    return FoldResult(runnable, decisions, bias_added, structured=folded_model, fp16_overflow=overflow)
 
 
 def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> FoldResult:
@@ -84,6 +164,6 @@ def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> FoldResu
     ``HealthError`` for NaN/Inf or negative running statistics.
     """
     cap = capture(model, example_inputs)
-    result = apply(model, plan(cap))
+    result = apply(model, plan(cap), cap)
     result.tracer = cap.tracer
     return result

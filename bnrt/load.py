@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, first_line
+from .structure import apply_folded_structure
 
 Shape = tuple[int, ...]
 
@@ -115,25 +116,6 @@ def build(arch: Callable[..., nn.Module], kwargs: dict[str, Any], where: str) ->
     return model
 
 
-def apply_folded_structure(model: nn.Module, folded: dict[str, Any], where: str = "model") -> nn.Module:
-    """Make ``model`` take a bnrt-folded state_dict: folded BNs become ``nn.Identity`` and the
-    layers that gained a bias get one. ``folded`` is the ``bnrt_folded`` entry of the checkpoint."""
-    modules = dict(model.named_modules())
-    for name in folded.get("identity", []):
-        if name not in modules:
-            raise InputError(f"{where}: folded checkpoint names module {name!r}, which the architecture lacks")
-        set_submodule(model, name, nn.Identity())
-    for name in folded.get("bias_added", []):
-        layer = modules.get(name)
-        if layer is None or not hasattr(layer, "weight"):
-            raise InputError(f"{where}: folded checkpoint adds a bias to {name!r}, which the architecture lacks")
-        if getattr(layer, "bias", None) is None:
-            out_channels = layer.weight.shape[1] * layer.groups if isinstance(
-                layer, nn.modules.conv._ConvTransposeNd) else layer.weight.shape[0]
-            layer.bias = nn.Parameter(torch.zeros(out_channels, dtype=layer.weight.dtype))
-    return model
-
-
 def load_folded(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a ``*.folded.pt`` written by ``bnrt fold`` into a fresh instance of the user's class.
 
@@ -148,12 +130,6 @@ def load_folded(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     apply_folded_structure(model, ckpt[FOLDED_KEY], str(path))
     _load_state(model, ckpt["state_dict"], str(path))
     return model.eval()
-
-
-def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def _torch_load(path: Path, *, weights_only: bool) -> Any:

@@ -138,7 +138,7 @@ def fold_file(
     cap = capture(loaded.model, example)
     decisions = plan(cap)
     lap("capture+plan")
-    result = apply(loaded.model, decisions)
+    result = apply(loaded.model, decisions, cap)
     result.tracer = cap.tracer
     lap("fold")
     with torch.no_grad():
@@ -150,6 +150,7 @@ def fold_file(
             "bn_total": len(decisions),
             "folded": len(result.folded),
             "skipped": len(result.skipped),
+            "fp16_overflow": result.fp16_overflow,
         }
         metadata = {"bnrt_version": __version__, "source_sha256": loaded.sha256,
                     "bn_folded": str(summary["folded"]), "bn_total": str(summary["bn_total"])}
@@ -159,7 +160,7 @@ def fold_file(
         lap("export")
         write_torch(stage / names["folded"], {
             FOLDED_KEY: result.structure(),
-            "state_dict": result.model.state_dict(),
+            "state_dict": result.structured.state_dict(),
             "arch": loaded.arch,
             "arch_kwargs": loaded.arch_kwargs,
             "input_shape": [list(s) for s in dataset.shapes()],

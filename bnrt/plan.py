@@ -18,12 +18,14 @@ Backward is tried first, then forward; a BN that neither can fold keeps both rea
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
@@ -31,6 +33,7 @@ from torch.nn.utils import parametrize
 from . import foldmath
 from .capture import VALUE_KEY, Capture
 from .errors import HealthError
+from .structure import tensor_at
 
 NEAR_DEAD_SCALE = 1e3
 
@@ -56,7 +59,8 @@ class Decision:
     """What happens to one BatchNorm: folded into the layers ``into`` by ``rule`` (``direction``
     backward: the layer runs before the BN; forward: after it), through the view ops ``through``,
     or skipped for ``reason``. ``maps[i]`` gives, per channel of ``into[i]``, the BN channel whose
-    scale it takes (None: channel i takes BN channel i)."""
+    scale it takes (None: channel i takes BN channel i). ``functional`` is set for an
+    ``F.batch_norm`` call: the graph node's name and the paths of its tensors."""
 
     bn: str
     status: str
@@ -67,13 +71,15 @@ class Decision:
     warnings: tuple[str, ...] = ()
     through: tuple[str, ...] = ()
     maps: tuple[tuple[int, ...] | None, ...] = field(default=(), repr=False, compare=False)
+    functional: dict | None = field(default=None, compare=False)
 
     @property
     def folded(self) -> bool:
         return self.status == "folded"
 
     def to_json(self) -> dict:
-        return {"bn": self.bn, "status": self.status, "rule": self.rule, "into": list(self.into),
+        return {"bn": self.bn, "kind": "functional" if self.functional else "module",
+                "status": self.status, "rule": self.rule, "into": list(self.into),
                 "direction": self.direction, "through": list(self.through), "reason": self.reason,
                 "warnings": list(self.warnings)}
 
@@ -116,12 +122,33 @@ def to_f64(tensor) -> np.ndarray:
     return tensor.detach().cpu().double().numpy()
 
 
-def bn_scale_shift(bn: _BatchNorm) -> tuple[np.ndarray, np.ndarray]:
-    """``(s, t)`` of an eval-mode BN module, in float64."""
-    return foldmath.bn_scale_shift(
-        to_f64(bn.running_mean), to_f64(bn.running_var), bn.eps,
-        None if bn.weight is None else to_f64(bn.weight), None if bn.bias is None else to_f64(bn.bias),
-    )
+@dataclass(frozen=True)
+class Statistics:
+    """The tensors of one BatchNorm, a module's or a functional call's (weight/bias None: affine=False)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(s, t)`` in float64."""
+        return foldmath.bn_scale_shift(
+            to_f64(self.mean), to_f64(self.var), self.eps,
+            None if self.weight is None else to_f64(self.weight), None if self.bias is None else to_f64(self.bias),
+        )
+
+
+def statistics(root: nn.Module, decision: "Decision") -> Statistics:
+    """The statistics a decision folds, read from ``root`` (the model or its folded copy)."""
+    if decision.functional:
+        f = decision.functional
+        return Statistics(tensor_at(root, f["mean"]), tensor_at(root, f["var"]),
+                          tensor_at(root, f["weight"]) if f["weight"] else None,
+                          tensor_at(root, f["bias"]) if f["bias"] else None, f["eps"])
+    bn = root.get_submodule(decision.bn)
+    return Statistics(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
 def _standard(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> str | None:
@@ -146,16 +173,15 @@ def _single_use(cap: Capture, name: str) -> str | None:
     return None
 
 
-def _health(name: str, bn: _BatchNorm) -> tuple[str, ...]:
+def _health(name: str, stats: Statistics) -> tuple[str, ...]:
     """Raise ``HealthError`` for statistics that break a model; return warnings for weak ones."""
-    tensors = {"running_mean": bn.running_mean, "running_var": bn.running_var,
-               "weight": bn.weight, "bias": bn.bias}
+    tensors = {"running_mean": stats.mean, "running_var": stats.var, "weight": stats.weight, "bias": stats.bias}
     for field_name, tensor in tensors.items():
         if tensor is not None and not bool(tensor.detach().isfinite().all()):
             raise HealthError(f"BatchNorm '{name}': {field_name} holds NaN or Inf")
-    if bool((bn.running_var < 0).any()):
+    if bool((stats.var < 0).any()):
         raise HealthError(f"BatchNorm '{name}': running_var is negative in some channels")
-    s, _ = bn_scale_shift(bn)
+    s, _ = stats.scale_shift()
     dead = np.flatnonzero(np.abs(s) > NEAR_DEAD_SCALE)
     if dead.size:
         return (f"{dead.size} near-dead channel(s) with |gamma/sigma| > {NEAR_DEAD_SCALE:g} "
@@ -294,33 +320,76 @@ def _bn_nodes(cap: Capture) -> dict[str, torch.fx.Node]:
     return {n.target: n for n in cap.graph.nodes if isinstance(cap.module_of(n), _BatchNorm)}
 
 
+_FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+
+
 def plan(cap: Capture) -> list[Decision]:
-    """One decision per BatchNorm module of the captured model, in module order."""
+    """One decision per BatchNorm of the captured model: modules in module order, then functional
+    ``F.batch_norm`` calls in graph order."""
     nodes = _bn_nodes(cap)
-    return [_decide(cap, name, module, nodes.get(name))
-            for name, module in cap.modules.items() if isinstance(module, _BatchNorm)]
+    decisions = [_decide_module(cap, name, module, nodes.get(name))
+                 for name, module in cap.modules.items() if isinstance(module, _BatchNorm)]
+    decisions += [_decide_functional(cap, n) for n in cap.graph.nodes
+                  if n.op == "call_function" and n.target in _FUNCTIONAL_BN]
+    return decisions
 
 
-def _decide(cap: Capture, name: str, bn: _BatchNorm, node: torch.fx.Node | None) -> Decision:
-    def skip(reason: str, warnings: tuple[str, ...] = ()) -> Decision:
-        return Decision(name, "skipped", reason=reason, warnings=warnings)
-
+def _decide_module(cap: Capture, name: str, bn: _BatchNorm, node: torch.fx.Node | None) -> Decision:
     if bn.running_mean is None or bn.running_var is None:
-        return skip("no running statistics (track_running_stats=False): normalises with batch statistics")
-    warnings = _health(name, bn)
+        return Decision(name, "skipped", reason="no running statistics (track_running_stats=False): "
+                                                "normalises with batch statistics")
+    warnings = _health(name, Statistics(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps))
     if bn.training:
-        return skip("in training mode: call model.eval() before folding", warnings)
+        return Decision(name, "skipped", reason="in training mode: call model.eval() before folding", warnings=warnings)
     if node is None:
-        return skip("not called in forward", warnings)
+        return Decision(name, "skipped", reason="not called in forward", warnings=warnings)
     reason = _standard(bn, _BN_TYPES) or _single_use(cap, name)
     if reason:
-        return skip(reason, warnings)
+        return Decision(name, "skipped", reason=reason, warnings=warnings)
+    return _fold_or_skip(cap, name, node, warnings, None)
 
+
+def _decide_functional(cap: Capture, node: torch.fx.Node) -> Decision:
+    name = f"{node.name} (F.batch_norm)"
+    if node.target is not F.batch_norm:
+        return Decision(name, "skipped", reason=f"{node.target} is folded only in a torch.fx capture of F.batch_norm")
+    bound = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if a["training"] is not False:
+        return Decision(name, "skipped", reason="called with training=True (or a traced flag): uses batch statistics")
+    tensors = {k: a[k] for k in ("running_mean", "running_var", "weight", "bias")}
+    for key, arg in tensors.items():
+        if arg is None and key in ("running_mean", "running_var"):
+            return Decision(name, "skipped", reason="no running statistics: normalises with batch statistics")
+        if arg is not None and (not isinstance(arg, torch.fx.Node) or arg.op != "get_attr"):
+            return Decision(name, "skipped", reason=f"{key} is computed in forward, not a parameter or buffer")
+        if arg is not None and (len(arg.users) > 1 or sum(
+                n.op == "get_attr" and n.target == arg.target for n in cap.graph.nodes) > 1):
+            return Decision(name, "skipped", reason=f"{key} '{arg.target}' is also read elsewhere in forward")
+    baked = next((n.target for n in cap.graph.nodes if n.op == "get_attr" and n.target.startswith("_tensor_constant")), None)
+    if baked:
+        return Decision(name, "skipped", reason=f"forward computes tensor '{baked}' at trace time, which may read "
+                                                "the statistics: resetting them could change it")
+    functional = {"node": node.name, "eps": float(a["eps"]),
+                  **{k: (None if v is None else v.target) for k, v in
+                     zip(("mean", "var", "weight", "bias"), tensors.values())}}
+    root = cap.modules[""]
+    stats = Statistics(tensor_at(root, functional["mean"]), tensor_at(root, functional["var"]),
+                       tensor_at(root, functional["weight"]) if functional["weight"] else None,
+                       tensor_at(root, functional["bias"]) if functional["bias"] else None, functional["eps"])
+    return _fold_or_skip(cap, name, node, _health(name, stats), functional)
+
+
+def _fold_or_skip(cap: Capture, name: str, node: torch.fx.Node, warnings: tuple[str, ...],
+                  functional: dict | None) -> Decision:
     def folded(targets, direction):
         return Decision(
-            name, "folded", rule=",".join(dict.fromkeys(t[0].name for t in targets)), into=tuple(t[1].target for t in targets),
-            direction=direction, warnings=warnings,
+            name, "folded", rule=",".join(dict.fromkeys(t[0].name for t in targets)),
+            into=tuple(t[1].target for t in targets), direction=direction, warnings=warnings,
             through=tuple(n.name for t in targets for n in t[2]), maps=tuple(t[3] for t in targets),
+            functional=functional,
         )
 
     try:
@@ -330,4 +399,5 @@ def _decide(cap: Capture, name: str, bn: _BatchNorm, node: torch.fx.Node | None)
     try:
         return folded(_forward(cap, node), "forward")
     except _NotFoldable as exc:
-        return skip(f"{backward_reason}; forward: {exc}", warnings)
+        return Decision(name, "skipped", reason=f"{backward_reason}; forward: {exc}", warnings=warnings,
+                        functional=functional)

@@ -189,3 +189,106 @@ def test_sync_batchnorm_in_eval_folds_like_batchnorm():
     randomise_bn(model[1], torch.Generator().manual_seed(0))
     result = assert_folds_exactly(model, torch.randn(2, 3, 6, 6, dtype=torch.float64), 1)
     assert result.decisions[0].rule == "conv->bn"
+
+
+class FunctionalBN(nn.Module):
+    """Statistics held as buffers/parameters, normalisation by F.batch_norm."""
+
+    def __init__(self, training: bool = False, leak: str | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+        self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+        self.beta = nn.Parameter(torch.randn(4))
+        self.training_flag, self.leak = training, leak
+
+    def forward(self, x):
+        y = nn.functional.batch_norm(self.conv(x), self.mean, self.var, self.gamma, self.beta,
+                                     self.training_flag, 0.1, 1e-3)
+        if self.leak == "constant":
+            return y + self.mean.sum()  # torch.fx bakes this into a tensor constant at trace time
+        if self.leak == "proxy":
+            return y + self.mean  # (N, 4, 4, 4) + (4,): a second graph use of the buffer
+        return y
+
+
+def test_functional_batch_norm_is_folded_out_of_the_graph():
+    torch.manual_seed(0)
+    model = FunctionalBN().eval()
+    x = torch.randn(2, 3, 6, 6)
+    result = bnrt.fold(model, (x,))
+    (d,) = result.decisions
+    assert (d.bn, d.status, d.rule, d.into) == ("batch_norm (F.batch_norm)", "folded", "conv->bn", ("conv",))
+    assert d.functional == {"node": "batch_norm", "eps": 1e-3, "mean": "mean", "var": "var",
+                            "weight": "gamma", "bias": "beta"}
+    assert isinstance(result.model, torch.fx.GraphModule)
+    assert not any(n.op == "call_function" and "batch_norm" in str(n.target) for n in result.model.graph.nodes)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(result.model(x), ref, rtol=1e-6, atol=1e-6)
+        # the user's structure keeps the call, with statistics that make it an exact identity
+        assert torch.equal(result.structured(x), result.model(x))
+    assert result.structure()["functional_identity"] == [
+        {"eps": 1e-3, "mean": "mean", "var": "var", "weight": "gamma", "bias": "beta"}]
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"training": True}, "called with training=True (or a traced flag): uses batch statistics"),
+    ({"leak": "proxy"}, "running_mean 'mean' is also read elsewhere in forward"),
+    ({"leak": "constant"}, "forward computes tensor '_tensor_constant0' at trace time, which may read the statistics: "
+                     "resetting them could change it"),
+])
+def test_functional_batch_norm_refusals(kwargs, reason):
+    model = FunctionalBN(**kwargs).eval()
+    x = torch.randn(2, 3, 6, 6)
+    result = bnrt.fold(model, (x,))
+    assert result.decisions[0].status == "skipped" and result.decisions[0].reason == reason
+    with torch.no_grad():
+        assert torch.equal(result.model(x), model(x))
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-3, 1e-1, 3e-5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identity_statistics_are_exact(eps, dtype):
+    from bnrt.structure import set_identity_statistics
+
+    holder = nn.Module()
+    holder.register_buffer("m", torch.randn(3, dtype=dtype))
+    holder.register_buffer("v", torch.rand(3, dtype=dtype))
+    set_identity_statistics(holder, {"mean": "m", "var": "v", "weight": None, "bias": None, "eps": eps})
+    x = torch.randn(1000, 3, dtype=dtype) * 1e3
+    assert torch.equal(nn.functional.batch_norm(x, holder.m, holder.v, None, None, False, 0.0, eps), x)
+
+
+def test_folded_weights_beyond_fp16_range_are_reported():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(100.0)
+        model[1].weight.fill_(1000.0)  # s = 1000 / sqrt(1 + 1e-5): weights 1e5 > 65504
+    result = bnrt.fold(model, (torch.randn(2, 2),))
+    assert list(result.fp16_overflow) == ["0"] and result.fp16_overflow["0"] == pytest.approx(1e5, rel=1e-4)
+
+
+def test_sync_batchnorm_left_in_the_model_becomes_plain_batchnorm():
+    model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.ReLU(), nn.SyncBatchNorm(3)).eval()
+    randomise_bn(model[2].double(), torch.Generator().manual_seed(0))
+    model[2].float()
+    x = torch.randn(2, 2, 5)
+    result = bnrt.fold(model, (x,))
+    assert result.decisions[0].status == "skipped"
+    assert type(result.model[2]) is nn.BatchNorm1d and type(model[2]) is nn.SyncBatchNorm
+    with torch.no_grad():
+        assert torch.equal(result.model(x), model(x))
+
+
+def test_convert_sync_batchnorm_by_input_rank():
+    from bnrt.fold import convert_sync_batchnorm
+
+    model = nn.Sequential(nn.SyncBatchNorm(3), nn.Unflatten(2, (2, 2)), nn.SyncBatchNorm(3)).eval()
+    x = torch.randn(2, 3, 4)
+    plain = convert_sync_batchnorm(model, (x,))
+    assert [type(m) for m in plain] == [nn.BatchNorm1d, nn.Unflatten, nn.BatchNorm2d]
+    assert [type(m) for m in model] == [nn.SyncBatchNorm, nn.Unflatten, nn.SyncBatchNorm]
+    with torch.no_grad():
+        assert torch.equal(plain(x), model(x))

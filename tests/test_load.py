@@ -158,3 +158,21 @@ def test_load_folded_into_users_class(tmp_path, example):
     assert again.source_format == "folded" and again.input_shapes == [(1, 1, 8, 8)]
     with torch.no_grad():
         assert torch.equal(again.model(x), model(x))
+
+
+def test_functional_batch_norm_round_trip_through_the_folded_checkpoint(tmp_path):
+    from bnrt.export import count_ops
+    from tests.test_fold_rules import FunctionalBN
+
+    torch.manual_seed(0)
+    model = FunctionalBN().eval()
+    save_checkpoint(tmp_path / "f.pt", model, "tests.test_fold_rules:FunctionalBN", (1, 3, 6, 6))
+    outcome = bnrt.fold_file(tmp_path / "f.pt", tmp_path / "out", exporter="torchscript")
+    assert outcome.passed and outcome.onnx_batchnorm_nodes == 0
+    assert outcome.report["decisions"][0]["kind"] == "functional"
+    reloaded = bnrt.load_folded(FunctionalBN(), tmp_path / "out" / "f.folded.pt")
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), outcome.result.model(x))
+        assert float((reloaded(x) - model(x)).abs().max()) < 1e-5
+    assert count_ops(__import__("onnx").load(str(tmp_path / "out" / "f.onnx")), "BatchNormalization") == 0

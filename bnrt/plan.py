@@ -286,11 +286,13 @@ def _backward(cap: Capture, bn_node: torch.fx.Node) -> tuple[Rule, torch.fx.Node
     where = _replay(cap, node, chain, rule.channel_axis)
     channels = cap.shape(node)[rule.channel_axis]
     bn_pos = torch.arange(where.shape[1]).reshape([1, -1] + [1] * (where.dim() - 2)).expand(where.shape)
-    pairs = torch.unique(torch.stack([where.reshape(-1), bn_pos.reshape(-1)]), dim=1)
-    if pairs.shape[1] != channels:
+    channel, pos = where.reshape(-1), bn_pos.reshape(-1)
+    lowest = torch.full((channels,), where.shape[1]).scatter_reduce(0, channel, pos, "amin")
+    highest = torch.full((channels,), -1).scatter_reduce(0, channel, pos, "amax")
+    if bool((lowest != highest).any()):
         via = f" through {', '.join(n.name for n in chain)}" if chain else ""
         raise _NotFoldable(f"channels of '{node.target}' do not map one-to-one onto BN channels{via}")
-    return rule, node, chain, _identity_or(pairs[1])
+    return rule, node, chain, _identity_or(lowest)
 
 
 def _forward(cap: Capture, bn_node: torch.fx.Node) -> list[tuple[Rule, torch.fx.Node, list, tuple | None]]:

@@ -202,6 +202,8 @@ REFUSALS = [
      (2, 3, 4, 4), "no running statistics"),
     ("after nonlinearity", lambda: nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.BatchNorm2d(3)),
      (2, 3, 4, 4), "input comes from ReLU '1': no fold rule; forward: output feeds the model output"),
+    ("bn -> nonlinearity -> layer", lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 1)),
+     (2, 3, 4, 4), "input comes from ReLU '0': no fold rule; forward: output feeds ReLU '2', not a layer it can fold into"),
     ("graph input", lambda: nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()), (2, 3, 4, 4),
      "input comes from a graph input"),
     ("custom forward", lambda: nn.Sequential(ScaledConv(3, 3, 1), nn.BatchNorm2d(3)), (2, 3, 4, 4),

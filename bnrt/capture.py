@@ -12,8 +12,13 @@ Refuses (``CaptureError``) a model neither tracer can capture, naming both reaso
 
 from __future__ import annotations
 
+import io
+import logging
+import warnings
 from collections import Counter, defaultdict
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.fx
@@ -71,6 +76,20 @@ class Capture:
         for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
             others.update(o for o in self.owners.get(id(tensor), []) if o != name)
         return sorted(others)
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the warnings and log records torch's tracers and exporters print to stderr; bnrt
+    reports what matters in one line of its own."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _fails_on(model: nn.Module, example_inputs, exc: Exception) -> InputError:
@@ -147,7 +166,8 @@ def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Captu
         except Exception as exc:
             raise _fails_on(model, example_inputs, exc) from exc
         try:
-            graph, tracer = _export_graph(model, example_inputs), "torch.export"
+            with quiet():
+                graph, tracer = _export_graph(model, example_inputs), "torch.export"
         except Exception as exc:
             raise CaptureError(
                 f"cannot capture a graph of {type(model).__name__}: torch.fx: {type(fx_exc).__name__}: "

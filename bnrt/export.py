@@ -8,14 +8,13 @@ before it is renamed into place.
 from __future__ import annotations
 
 import inspect
-import logging
-import warnings
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 
+from .capture import quiet
 from .errors import InputError, first_line
 from .save import atomic_path
 
@@ -70,11 +69,7 @@ def export_onnx(
     in_names, out_names = names
     args = _batch_of_two(example_inputs) if dynamic_batch else example_inputs
     path = Path(path)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx_logger = logging.getLogger("torch.onnx")
-        level = onnx_logger.level
-        onnx_logger.setLevel(logging.ERROR)
+    with atomic_path(path) as tmp, quiet():
         try:
             if exporter == "dynamo":
                 dims = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
@@ -92,8 +87,6 @@ def export_onnx(
             raise
         except Exception as exc:
             raise InputError(f"ONNX export ({exporter}) of {type(model).__name__} failed: {first_line(exc)}") from exc
-        finally:
-            onnx_logger.setLevel(level)
         for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, str(value)

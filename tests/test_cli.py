@@ -111,6 +111,12 @@ def _marker_pickle(tmp_path):
     return tmp_path / "evil.pt"
 
 
+def _untraceable(tmp_path):
+    from .test_fold import DataDependent
+
+    return save_checkpoint(tmp_path / "dd.pt", DataDependent(), "tests.test_fold:DataDependent", (1, 3, 4, 4))
+
+
 BAD_INPUTS = [
     ("missing file", lambda p: p / "absent.pt", [], ["absent.pt: no such file"]),
     ("not a checkpoint", _text, [], ["notes.pt: not a torch checkpoint"]),
@@ -124,6 +130,8 @@ BAD_INPUTS = [
      ["model DigitsNet fails on inputs of shape (2, 3, 8, 8)"]),
     ("data shape mismatch", lambda p: EXAMPLE, ["--data", "{npz}"],
      ["digits_test.npz: input 'x' has per-sample shape (1, 8, 8), but the input shape is (1, 1, 8, 9)"]),
+    ("no graph can be captured", _untraceable, [],
+     ["cannot capture a graph of DataDependent: torch.fx: TraceError", "; torch.export: "]),
     ("cuda on a cpu machine", lambda p: EXAMPLE, ["--provider", "cuda"], ["--provider cuda: CUDAExecutionProvider"]),
 ]
 

@@ -7,13 +7,16 @@ import argparse
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .data import DISTRIBUTIONS
 from .errors import BnrtError, InputError, first_line
 from .export import DEFAULT_OPSET, EXPORTERS
+from .pipeline import InputSpec
 from .run import PROVIDERS
-from .verify import DEFAULT_ATOL, DEFAULT_RTOL
+from .verify import DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, Tolerances
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -26,14 +29,65 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint: a dict with a state_dict (and arch, input_shape) or, with --trust-pickle, a pickled nn.Module")
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range like -1,1") from None
+    return lo, hi
+
+
+def _tolerance(text: str) -> tuple[str | None, float]:
+    name, sep, value = text.rpartition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a tolerance like 1e-4 or logits:1e-3") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a tolerance cannot be negative")
+    return (name if sep else None), number
+
+
+def tolerances_from(args: argparse.Namespace) -> Tolerances:
+    """``--atol``/``--rtol`` values: a bare number is the default, ``NAME:X`` overrides one output."""
+    defaults = {"atol": DEFAULT_ATOL, "rtol": DEFAULT_RTOL}
+    per_output: dict[str, list] = {}
+    for i, key in enumerate(("atol", "rtol")):
+        for name, value in getattr(args, key) or []:
+            if name is None:
+                defaults[key] = value
+            else:
+                per_output.setdefault(name, [None, None])[i] = value
+    return Tolerances(defaults["atol"], defaults["rtol"], {k: tuple(v) for k, v in per_output.items()})
+
+
+def inputs_from(args: argparse.Namespace) -> InputSpec:
+    if args.samples <= 0:
+        raise InputError(f"--samples {args.samples}: must be positive")
+    return InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range)
+
+
+def _model_args(p: argparse.ArgumentParser, what: str = "model") -> None:
     p.add_argument("--input-shape", type=_shape, action="append", metavar="SHAPE",
                    help="input shape with batch, e.g. 1,3,224,224; repeat for several inputs")
     p.add_argument("--arch", metavar="MOD:NAME", help="architecture class or factory (overrides the checkpoint's arch)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a full nn.Module: runs code from the file, use only for files you trust")
-    p.add_argument("--data", metavar="FILE", help=".npz/.npy inputs (and labels under 'y') to check on")
+    p.add_argument("--data", metavar="FILE", help=".npz/.npy inputs (and integer labels under 'y') to check on")
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("check")
+    g.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu", help="ORT provider for ONNX (default cpu)")
+    g.add_argument("--samples", type=int, default=64, help="random samples when no --data (default 64)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    g.add_argument("--dist", choices=DISTRIBUTIONS, default="normal", help="random input distribution (default normal)")
+    g.add_argument("--val-range", type=_pair, metavar="LO,HI", help="range of random values, e.g. 0,1")
+    g.add_argument("--atol", type=_tolerance, action="append", metavar="[OUTPUT:]X",
+                   help=f"absolute tolerance (default {DEFAULT_ATOL:g}); OUTPUT:X for one output; repeatable")
+    g.add_argument("--rtol", type=_tolerance, action="append", metavar="[OUTPUT:]X",
+                   help=f"relative tolerance (default {DEFAULT_RTOL:g}); OUTPUT:X for one output; repeatable")
+    g.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help=f"k of top-k agreement (default {DEFAULT_TOP_K})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,18 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fold = sub.add_parser("fold", help="fold BatchNorm, export ONNX, check equivalence")
+    fold.add_argument("model", help="checkpoint: a dict with a state_dict (and arch, input_shape) or, with --trust-pickle, a pickled nn.Module")
     _model_args(fold)
     fold.add_argument("-o", "--output-dir", metavar="DIR", help="output folder (default: the model's folder)")
-    fold.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu", help="ORT provider for the check")
     fold.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     fold.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     fold.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="torch ONNX exporter (default dynamo)")
-    fold.add_argument("--samples", type=int, default=64, help="random samples when no --data (default 64)")
-    fold.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    fold.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
-    fold.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL:g})")
+    _check_args(fold)
+
+    chk = sub.add_parser("check", help="compare two models (torch checkpoints or ONNX files) on the same inputs")
+    chk.add_argument("reference", help="reference model: .pt checkpoint or .onnx")
+    chk.add_argument("candidate", help="candidate model: .pt checkpoint or .onnx")
+    _model_args(chk)
+    _check_args(chk)
+    chk.add_argument("--reference-provider", choices=sorted(PROVIDERS), default="cpu",
+                     help="ORT provider when the reference is ONNX (default cpu)")
+    chk.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"samples per run (default {DEFAULT_BATCH})")
+    chk.add_argument("--save-inputs", metavar="FILE.npz", help="write the inputs used to FILE.npz")
+    chk.add_argument("--json", metavar="FILE", help="write the report (schema bnrt.check/1) to FILE")
+    chk.add_argument("--plot", metavar="FILE.png", help="write error histograms per output (needs matplotlib)")
+    chk.add_argument("--no-localise", action="store_true", help="do not look for the first divergent module")
 
     insp = sub.add_parser("inspect", help="list BatchNorms and what fold would do; writes nothing")
+    insp.add_argument("model", help="checkpoint")
     _model_args(insp)
     return parser
 
@@ -63,14 +128,12 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from .pipeline import fold_file
     from .report import check_table, decision_table
 
-    if args.samples <= 0:
-        raise InputError(f"--samples {args.samples}: must be positive")
     start = time.perf_counter()
     outcome = fold_file(
         args.model, args.output_dir, input_shapes=args.input_shape, arch=args.arch,
-        trust_pickle=args.trust_pickle, data=args.data, provider=args.provider, run_check=not args.no_check,
-        opset=args.opset, exporter=args.exporter, samples=args.samples, seed=args.seed,
-        atol=args.atol, rtol=args.rtol,
+        trust_pickle=args.trust_pickle, inputs=inputs_from(args), provider=args.provider,
+        run_check=not args.no_check, opset=args.opset, exporter=args.exporter,
+        tolerances=tolerances_from(args), top_k=args.top_k,
     )
     print(decision_table(outcome.result.decisions))
     print(f"BatchNormalization nodes in ONNX: {outcome.onnx_batchnorm_nodes}")
@@ -88,6 +151,30 @@ def cmd_fold(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .pipeline import check_files
+    from .report import check_table, plot_errors
+    from .save import write_json
+
+    if args.batch_size <= 0 or args.top_k <= 0:
+        raise InputError("--batch-size and --top-k must be positive")
+    for out in (args.json, args.plot, args.save_inputs):
+        if out and Path(out).resolve() in (Path(args.reference).resolve(), Path(args.candidate).resolve()):
+            raise InputError(f"{out}: would overwrite a model being checked")
+    report = check_files(
+        args.reference, args.candidate, provider=args.provider, reference_provider=args.reference_provider,
+        arch=args.arch, trust_pickle=args.trust_pickle, input_shapes=args.input_shape, inputs=inputs_from(args),
+        tolerances=tolerances_from(args), top_k=args.top_k, batch_size=args.batch_size,
+        save_inputs=args.save_inputs, localisation=not args.no_localise,
+    )
+    print(check_table(report))
+    if args.json:
+        write_json(Path(args.json), report.to_json())
+    if args.plot:
+        plot_errors(report, report.errors, Path(args.plot))
+    return 0 if report.passed else 1
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .pipeline import inspect_file
     from .report import decision_table
@@ -99,7 +186,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fold": cmd_fold, "inspect": cmd_inspect}
+COMMANDS = {"fold": cmd_fold, "check": cmd_check, "inspect": cmd_inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,5 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a model's own code can raise anything; never show a bare traceback
         if args.debug:
             traceback.print_exc()
-        print(f"bnrt: error: {args.model}: {type(exc).__name__}: {first_line(exc)} (--debug shows the traceback)", file=sys.stderr)
+        subject = getattr(args, "model", None) or getattr(args, "candidate", "")
+        print(f"bnrt: error: {subject}: {type(exc).__name__}: {first_line(exc)} (--debug shows the traceback)",
+              file=sys.stderr)
         return 2

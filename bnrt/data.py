@@ -32,11 +32,39 @@ class Dataset:
         return [(1, *x.shape[1:]) for x in self.inputs]
 
 
-def random_inputs(shapes: list[tuple[int, ...]], count: int, seed: int = 0) -> Dataset:
-    """``count`` samples per input from a standard normal, float32, reproducible by ``seed``."""
+DISTRIBUTIONS = ("normal", "uniform")
+
+
+def random_inputs(shapes: list[tuple[int, ...]], count: int, seed: int = 0, distribution: str = "normal",
+                  val_range: tuple[float, float] | None = None, dtypes: list[np.dtype] | None = None) -> Dataset:
+    """``count`` reproducible samples per input (``seed``), float32 unless ``dtypes`` says otherwise.
+
+    ``normal``: N(0, 1), or with ``val_range`` (lo, hi) N((lo + hi)/2, (hi − lo)/6) clipped to it.
+    ``uniform``: U(lo, hi), default U(0, 1). Integer inputs take uniform integers in [lo, hi)
+    (default [0, 10)).
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise InputError(f"--dist {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
+    if val_range is not None and not val_range[0] < val_range[1]:
+        raise InputError(f"--val-range {val_range[0]:g},{val_range[1]:g}: the low end must be below the high end")
     rng = np.random.default_rng(seed)
-    inputs = [rng.standard_normal((count, *s[1:])).astype(np.float32) for s in shapes]
-    return Dataset(inputs, None, f"random normal, seed {seed}")
+    inputs = []
+    for i, shape in enumerate(shapes):
+        size = (count, *shape[1:])
+        dtype = np.dtype(dtypes[i]) if dtypes else np.dtype(np.float32)
+        if dtype.kind in "iub":
+            lo, hi = val_range or (0, 10)
+            inputs.append(rng.integers(int(lo), int(hi), size=size).astype(dtype))
+        elif distribution == "uniform":
+            lo, hi = val_range or (0.0, 1.0)
+            inputs.append(rng.uniform(lo, hi, size=size).astype(dtype))
+        elif val_range is None:
+            inputs.append(rng.standard_normal(size).astype(dtype))
+        else:
+            lo, hi = val_range
+            inputs.append(np.clip(rng.normal((lo + hi) / 2, (hi - lo) / 6, size=size), lo, hi).astype(dtype))
+    where = f"{distribution}{'' if val_range is None else f' in [{val_range[0]:g}, {val_range[1]:g}]'}"
+    return Dataset(inputs, None, f"random {where}, seed {seed}")
 
 
 def load_data(path: str | Path, input_names: list[str]) -> Dataset:

@@ -49,6 +49,7 @@ class Loaded:
     arch: str | None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     source_format: str = "state_dict"
+    structure: dict[str, Any] | None = None
 
 
 def file_sha256(path: Path) -> str:
@@ -243,7 +244,8 @@ def load_model(
     if folded:
         apply_folded_structure(model, folded, where)
     _load_state(model, state, where)
-    return Loaded(model.eval(), path, sha, shapes, arch_name, kwargs, "folded" if folded else "state_dict")
+    return Loaded(model.eval(), path, sha, shapes, arch_name, kwargs, "folded" if folded else "state_dict",
+                  folded or None)
 
 
 def _class_path(obj: Any) -> str:

@@ -1,17 +1,19 @@
-"""The whole conversion, load -> capture -> plan -> fold -> export -> run -> verify, as one call.
-
-``fold_file`` is what ``bnrt fold`` runs; the CLI only parses flags and prints.
+"""The whole conversion, load -> capture -> plan -> fold -> export -> run -> verify, as one call
+(``fold_file``, what ``bnrt fold`` runs), and the equivalence check of two model files
+(``check_files``, what ``bnrt check`` runs). The CLI only parses flags and prints.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,12 +24,14 @@ from .errors import InputError
 from .export import DEFAULT_OPSET, count_ops, export_onnx, input_names, output_names
 from .fold import FoldResult, apply
 from .load import FOLDED_KEY, Loaded, load_model
+from .localise import FOLDS_KEY, first_divergence, folds_of, onnx_folds, onnx_taps, torch_taps
 from .plan import Decision, plan
 from .run import Session, resolve_provider
-from .save import ensure_dir, publish, staging, write_json, write_torch
-from .verify import DEFAULT_ATOL, DEFAULT_RTOL, CheckReport, check, flatten_outputs, torch_runner
+from .save import atomic_path, ensure_dir, publish, staging, write_json, write_torch
+from .verify import DEFAULT_BATCH, DEFAULT_TOP_K, CheckReport, Runner, Tolerances, check, flatten_outputs, torch_runner
 
 DEFAULT_SAMPLES = 64
+LOCALISE_SAMPLES = 8
 
 
 @dataclass
@@ -47,6 +51,21 @@ class FoldOutcome:
         return self.check is None or self.check.passed
 
 
+@dataclass
+class Side:
+    """One model taking part in a check: how to run it, what inputs it takes, its intermediate
+    outputs ("taps", for localisation) and the folds bnrt recorded in it."""
+
+    label: str
+    runner: Runner
+    input_names: list[str]
+    input_shapes: list[tuple[int | None, ...] | None]
+    input_dtypes: list[np.dtype]
+    output_names: list[str]
+    taps: Callable[[list[np.ndarray]], dict[str, np.ndarray]]
+    folds: list[dict]
+
+
 def required_inputs(model: nn.Module) -> int:
     """Number of positional ``forward`` parameters without a default (at least 1)."""
     try:
@@ -57,34 +76,140 @@ def required_inputs(model: nn.Module) -> int:
                       for p in params))
 
 
-def model_inputs(
-    loaded: Loaded,
-    input_shapes: list[tuple[int, ...]] | None,
-    data_path: str | os.PathLike | None,
-    samples: int,
-    seed: int,
-) -> tuple[Dataset, list[str]]:
-    """The data to check on, and the model's input names. Shapes come from the command line, the
-    checkpoint or the data file; the data must fit the shapes when both are given."""
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def torch_side(label: str, loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = None) -> Side:
+    model = loaded.model
     shapes = input_shapes or loaded.input_shapes
-    count = len(shapes) if shapes else required_inputs(loaded.model)
-    names = input_names(loaded.model, count)
-    if data_path is not None:
-        data = load_data(data_path, names)
-        if shapes:
-            for name, given, got in zip(names, shapes, data.shapes()):
-                if tuple(given[1:]) != tuple(got[1:]):
-                    raise InputError(f"{data_path}: input {name!r} has per-sample shape {tuple(got[1:])}, "
-                                     f"but the input shape is {tuple(given)}")
-        return data, names
-    if not shapes:
-        raise InputError(f"{loaded.path}: no input shape; pass --input-shape (e.g. 1,3,224,224) or --data, "
-                         "or store 'input_shape' in the checkpoint")
-    return random_inputs(shapes, samples, seed), names
+    count = len(shapes) if shapes else required_inputs(model)
+    folds = (loaded.structure or {}).get("folds", [])
+    return Side(label, torch_runner(model), input_names(model, count), list(shapes) if shapes else [None] * count,
+                [np.dtype(np.float32)] * count, [], lambda xs: torch_taps(model, xs), folds)
 
 
-def example_from(data: Dataset) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(x[:2].copy()) for x in data.inputs)
+def onnx_side(label: str, path: Path, provider: str) -> Side:
+    session = Session(path, provider=provider)
+    inputs = session.session.get_inputs()
+    shapes = [tuple(d if isinstance(d, int) else None for d in i.shape) for i in inputs]
+    dtypes = [np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in inputs]
+    return Side(label, session.run, session.input_names, shapes, dtypes, session.output_names,
+                lambda xs: onnx_taps(path, xs, provider), onnx_folds(path))
+
+
+def open_side(path: str | os.PathLike, *, label: str, provider: str = "cpu", arch: str | None = None,
+              trust_pickle: bool = False, input_shapes: list[tuple[int, ...]] | None = None) -> Side:
+    """A torch checkpoint (original or folded) or, for ``.onnx`` files, an ORT session."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        return onnx_side(f"{label} onnx {provider}", path, provider)
+    return torch_side(f"{label} torch", load_model(path, arch=arch, trust_pickle=trust_pickle), input_shapes)
+
+
+def _merge_inputs(ref: Side, cand: Side, ref_path, cand_path) -> tuple[list[str], list[tuple | None], list[np.dtype]]:
+    """The inputs both sides take; ``InputError`` when names, count or shapes disagree."""
+    if len(ref.input_names) != len(cand.input_names):
+        raise InputError(f"{cand_path}: takes {len(cand.input_names)} input(s) ({', '.join(cand.input_names)}), "
+                         f"{ref_path} takes {len(ref.input_names)} ({', '.join(ref.input_names)})")
+    if ref.input_names != cand.input_names:
+        raise InputError(f"{cand_path}: input names {', '.join(cand.input_names)} differ from {ref_path}'s "
+                         f"{', '.join(ref.input_names)}")
+    shapes = []
+    for name, a, b in zip(ref.input_names, ref.input_shapes, cand.input_shapes):
+        if a is not None and b is not None:
+            if len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a[1:], b[1:])):
+                raise InputError(f"{cand_path}: input {name!r} has shape {_fmt(b)}, {ref_path} expects {_fmt(a)}")
+        known = a if a is not None and all(d is not None for d in a[1:]) else b
+        shapes.append(known)
+    dtypes = [b if a == np.float32 else a for a, b in zip(ref.input_dtypes, cand.input_dtypes)]
+    return ref.input_names, shapes, dtypes
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How to make check inputs: a data file, or seeded random samples of a distribution."""
+
+    data: str | os.PathLike | None = None
+    samples: int = DEFAULT_SAMPLES
+    seed: int = 0
+    distribution: str = "normal"
+    val_range: tuple[float, float] | None = None
+
+
+def make_inputs(spec: InputSpec, names: list[str], shapes: list[tuple | None], dtypes: list[np.dtype] | None = None,
+                where: str = "model") -> Dataset:
+    """The check data: ``spec.data`` (validated against ``shapes``) or random samples."""
+    if spec.data is not None:
+        data = load_data(spec.data, names)
+        for name, given, got in zip(names, shapes, data.shapes()):
+            if given is not None and (len(given) != len(got) or any(
+                    d is not None and d != g for d, g in zip(given[1:], got[1:]))):
+                raise InputError(f"{spec.data}: input {name!r} has per-sample shape {tuple(got[1:])}, "
+                                 f"but the input shape is {_fmt(given)}")
+        return data
+    missing = [n for n, s in zip(names, shapes) if s is None or any(d is None for d in s[1:])]
+    if missing:
+        raise InputError(f"{where}: no input shape for {', '.join(missing)}; pass --input-shape (e.g. 1,3,224,224) "
+                         "or --data, or store 'input_shape' in the checkpoint")
+    return random_inputs([tuple(s) for s in shapes], spec.samples, spec.seed, spec.distribution, spec.val_range,
+                         dtypes)
+
+
+def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict], tolerances: Tolerances):
+    """First divergent module between two sides, on the first few samples."""
+    head = [x[:LOCALISE_SAMPLES] for x in data.inputs]
+    return first_divergence(reference.taps(head), candidate.taps(head), folds, *tolerances.of(""))
+
+
+def check_files(
+    reference: str | os.PathLike,
+    candidate: str | os.PathLike,
+    *,
+    provider: str = "cpu",
+    reference_provider: str = "cpu",
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    input_shapes: list[tuple[int, ...]] | None = None,
+    inputs: InputSpec = InputSpec(),
+    tolerances: Tolerances = Tolerances(),
+    top_k: int = DEFAULT_TOP_K,
+    batch_size: int = DEFAULT_BATCH,
+    save_inputs: str | os.PathLike | None = None,
+    localisation: bool = True,
+) -> CheckReport:
+    """Compare ``candidate`` with ``reference``; each a torch checkpoint or an ONNX file run on ORT
+    (``provider`` for the candidate, ``reference_provider`` for the reference). When they differ,
+    the report names the first module whose output diverges (``Comparison.divergence``)."""
+    ref = open_side(reference, label="reference", provider=reference_provider, arch=arch,
+                    trust_pickle=trust_pickle, input_shapes=input_shapes)
+    cand = open_side(candidate, label="candidate", provider=provider, arch=arch,
+                     trust_pickle=trust_pickle, input_shapes=input_shapes)
+    names, shapes, dtypes = _merge_inputs(ref, cand, reference, candidate)
+    data = make_inputs(inputs, names, shapes, dtypes, str(reference))
+    if save_inputs is not None:
+        save_dataset(data, names, Path(save_inputs))
+    outs = ref.output_names or cand.output_names or output_names(len(ref.runner([x[:1] for x in data.inputs])))
+    report = check((ref.label, ref.runner), [(cand.label, cand.runner)], data, outs,
+                   tolerances=tolerances, top_k=top_k, batch_size=batch_size)
+    if localisation and not report.passed:
+        report.comparisons[0].divergence = localise(ref, cand, data, ref.folds + cand.folds, tolerances)
+    return report
+
+
+def save_dataset(data: Dataset, names: list[str], path: Path) -> None:
+    arrays = dict(zip(names, data.inputs))
+    if data.labels is not None:
+        arrays["y"] = data.labels
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
 
 def fold_file(
@@ -94,23 +219,21 @@ def fold_file(
     input_shapes: list[tuple[int, ...]] | None = None,
     arch: str | None = None,
     trust_pickle: bool = False,
-    data: str | os.PathLike | None = None,
+    inputs: InputSpec = InputSpec(),
     provider: str = "cpu",
     run_check: bool = True,
     opset: int = DEFAULT_OPSET,
     exporter: str = "dynamo",
-    samples: int = DEFAULT_SAMPLES,
-    seed: int = 0,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    tolerances: Tolerances = Tolerances(),
+    top_k: int = DEFAULT_TOP_K,
 ) -> FoldOutcome:
     """Fold the checkpoint at ``path`` and write ``<stem>.folded.pt``, ``<stem>.onnx`` and
     ``<stem>.report.json`` into ``out_dir`` (default: the checkpoint's folder).
 
     Unless ``run_check`` is False, the original torch model is compared with the folded torch model
-    and with the ONNX file on ORT (``provider``), on ``data`` or on ``samples`` seeded random inputs.
-    When the check fails only the report is written. Raises ``InputError`` (and subclasses) for bad
-    input before anything is written.
+    and with the ONNX file on ORT (``provider``), on ``inputs`` (a data file or seeded random
+    samples). When the check fails only the report is written. Raises ``InputError`` (and
+    subclasses) for bad input before anything is written.
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -131,8 +254,10 @@ def fold_file(
     for name in names.values():
         if (out / name).resolve() == src.resolve():
             raise InputError(f"{src}: output {out / name} would overwrite the input; choose another -o folder")
-    dataset, in_names = model_inputs(loaded, input_shapes, data, samples, seed)
-    example = example_from(dataset)
+    original = torch_side("torch", loaded, input_shapes)
+    dataset = make_inputs(inputs, original.input_names, original.input_shapes, where=str(src))
+    in_names = original.input_names
+    example = tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs)
     lap("load")
 
     cap = capture(loaded.model, example)
@@ -141,25 +266,23 @@ def fold_file(
     result = apply(loaded.model, decisions, cap)
     result.tracer = cap.tracer
     lap("fold")
+    folds = folds_of(decisions)
     with torch.no_grad():
         out_count = len(flatten_outputs(result.model(*example)))
     out_names = output_names(out_count)
     ensure_dir(out)
     with staging(out) as stage:
-        summary = {
-            "bn_total": len(decisions),
-            "folded": len(result.folded),
-            "skipped": len(result.skipped),
-            "fp16_overflow": result.fp16_overflow,
-        }
+        summary = {"bn_total": len(decisions), "folded": len(result.folded), "skipped": len(result.skipped),
+                   "fp16_overflow": result.fp16_overflow}
         metadata = {"bnrt_version": __version__, "source_sha256": loaded.sha256,
-                    "bn_folded": str(summary["folded"]), "bn_total": str(summary["bn_total"])}
+                    "bn_folded": str(summary["folded"]), "bn_total": str(summary["bn_total"]),
+                    FOLDS_KEY: json.dumps(folds)}
         proto = export_onnx(result.model, example, stage / names["onnx"], names=(in_names, out_names),
                             opset=opset, metadata=metadata, exporter=exporter)
         summary["batchnorm_nodes_in_onnx"] = count_ops(proto, "BatchNormalization")
         lap("export")
         write_torch(stage / names["folded"], {
-            FOLDED_KEY: result.structure(),
+            FOLDED_KEY: {**result.structure(), "folds": folds},
             "state_dict": result.structured.state_dict(),
             "arch": loaded.arch,
             "arch_kwargs": loaded.arch_kwargs,
@@ -170,12 +293,18 @@ def fold_file(
         lap("save")
         report_check = None
         if run_check:
-            session = Session(stage / names["onnx"], provider=provider)
-            report_check = check(
-                ("torch", torch_runner(loaded.model)),
-                [("torch folded", torch_runner(result.model)), (f"onnx {provider}", session.run)],
-                dataset, out_names, atol=atol, rtol=rtol,
-            )
+            onnx_path = stage / names["onnx"]
+            session = Session(onnx_path, provider=provider)
+            folded_side = Side("torch folded", torch_runner(result.model), in_names, [], [], out_names,
+                               lambda xs: torch_taps(result.model, xs), folds)
+            onnx_run = Side(f"onnx {provider}", session.run, in_names, [], [], out_names,
+                            lambda xs: onnx_taps(onnx_path, xs, provider), folds)
+            report_check = check((original.label, original.runner),
+                                 [(folded_side.label, folded_side.runner), (onnx_run.label, onnx_run.runner)],
+                                 dataset, out_names, tolerances=tolerances, top_k=top_k)
+            for comparison, side in zip(report_check.comparisons, (folded_side, onnx_run)):
+                if not comparison.passed:
+                    comparison.divergence = localise(original, side, dataset, folds, tolerances)
             lap("check")
         report = {
             "bnrt_version": __version__,
@@ -211,6 +340,6 @@ def inspect_file(
 ) -> tuple[Loaded, list[Decision]]:
     """Load and plan only: the BatchNorm inventory with each decision. Writes nothing."""
     loaded = load_model(path, arch=arch, trust_pickle=trust_pickle)
-    dataset, _ = model_inputs(loaded, input_shapes, data, 2, 0)
-    return loaded, plan(capture(loaded.model, example_from(dataset)))
-
+    side = torch_side("torch", loaded, input_shapes)
+    dataset = make_inputs(InputSpec(data=data, samples=2), side.input_names, side.input_shapes, where=str(path))
+    return loaded, plan(capture(loaded.model, tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs)))

@@ -1,7 +1,13 @@
-"""Human-readable tables for decisions and checks (the JSON report is built by the pipeline)."""
+"""Human-readable tables for decisions and checks (the JSON report is built by the pipeline), and
+the optional error histogram plot."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
 from .plan import Decision
 from .verify import CheckReport
 
@@ -25,23 +31,62 @@ def decision_table(decisions: list[Decision]) -> str:
     return _table(["batchnorm", "status", "rule", "into", "reason"], rows) + "\n" + summary
 
 
-def _num(x: float) -> str:
-    return f"{x:.3g}" if x != float("inf") else "inf"
+def _num(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    if pct:
+        return f"{100 * x:.2f}%"
+    return f"{x:.3g}" if np.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
 def check_table(report: CheckReport) -> str:
-    """One row per compared output, then accuracy per runner when labels were given."""
+    """One row per compared output, the first divergent module of failed comparisons, then
+    accuracy per runner when labels were given."""
     rows = []
     for comp in report.comparisons:
         for o in comp.outputs:
-            top1 = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%"
-            rows.append([comp.reference, comp.candidate, o.name, _num(o.max_abs), _num(o.max_rel),
-                         _num(o.mean_abs), top1, "ok" if o.passed else "FAIL"])
+            rows.append([comp.reference, comp.candidate, o.name, _num(o.max_abs), _num(o.max_rel), _num(o.mean_abs),
+                         f"{o.cosine:.8f}", "identical" if o.sqnr_db is None else f"{o.sqnr_db:.1f}",
+                         _num(o.top1_agreement, True), _num(o.topk_agreement, True),
+                         f"{o.atol:g}/{o.rtol:g}", "ok" if o.passed else f"FAIL{': ' + o.problem if o.problem else ''}"])
     lines = [
-        f"check on {report.source} ({report.samples} samples), pass if |diff| <= {report.atol:g} + {report.rtol:g}*|ref|",
-        _table(["reference", "candidate", "output", "max_abs", "max_rel", "mean_abs", "top1_agree", "result"], rows),
+        f"check on {report.source} ({report.samples} samples)",
+        _table(["reference", "candidate", "output", "max_abs", "max_rel", "mean_abs", "cosine", "sqnr_db",
+                "top1_agree", f"top{report.top_k}_agree", "atol/rtol", "result"], rows),
     ]
+    for comp in report.comparisons:
+        if comp.divergence is not None:
+            d = comp.divergence
+            where = f"'{d.layer}' (seen at its folded BatchNorm '{d.module}')" if d.layer else f"'{d.module}'"
+            lines.append(f"{comp.candidate}: first divergent module {where}, max abs error {d.max_abs:.3g}")
+        elif not comp.passed:
+            lines.append(f"{comp.candidate}: no single module diverges beyond tolerance on the first samples")
     if report.accuracy:
         lines.append("accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in report.accuracy.items()))
     lines.append("check passed" if report.passed else "check FAILED: outputs differ beyond tolerance")
     return "\n".join(lines)
+
+
+def plot_errors(report: CheckReport, errors: dict[tuple[str, str], np.ndarray], path: Path) -> None:
+    """Histogram of log10 |candidate − reference| per compared output, one panel each, to ``path``."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise InputError("--plot needs matplotlib: pip install 'bnrt[plot]'") from exc
+    from .save import atomic_path
+
+    keys = list(errors)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.6 * len(keys)), squeeze=False)
+    for ax, (candidate, output) in zip(axes[:, 0], keys):
+        diff = errors[(candidate, output)].ravel()
+        logs = np.log10(np.maximum(diff, 1e-12))
+        ax.hist(logs, bins=60, color="#3b6ea8")
+        ax.set_title(f"{candidate} vs reference: {output}")
+        ax.set_xlabel("log10 |candidate − reference| (exact matches at −12)")
+        ax.set_ylabel("elements")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)

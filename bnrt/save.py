@@ -6,6 +6,7 @@ A failed or interrupted write leaves no partial file behind and never touches an
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -41,9 +42,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def json_safe(data: Any) -> Any:
+    """``data`` with NaN and ±Inf floats replaced by None: strict JSON has no such numbers."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    return data
+
+
 def write_json(path: Path, data: Any) -> None:
+    """Strict JSON (non-finite numbers become null), written atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
 
 
 def write_torch(path: Path, data: Any) -> None:

@@ -1,9 +1,16 @@
 """Verify stage: run a reference and candidates on the same inputs and compare their outputs.
 
-Metrics per output: max abs error, max rel error (``|c - r| / max(|r|, 1e-3·max|r|)``: the floor
-keeps near-zero references from dominating), mean abs error, and top-1 agreement for 2-D logits.
-An output passes when every element satisfies ``|c - r| <= atol + rtol·|r|`` (numpy's allclose)
-and no NaN/Inf appears in the candidate where the reference is finite.
+Metrics per output (all computed in float64):
+- ``max_abs``: max |c − r|; ``mean_abs``: mean |c − r|;
+- ``max_rel``: max |c − r| / max(|r|, 1e-3·max|r|) (the floor keeps near-zero references from
+  dominating);
+- ``cosine``: cosine similarity of the flattened outputs (1 when both are all zero);
+- ``sqnr_db``: 10·log10(Σ r² / Σ (c − r)²), signal-to-quantisation-noise ratio (None: identical);
+- ``top1_agreement`` / ``topk_agreement`` for 2-D logits (N, classes > 1): the fraction of samples
+  whose argmax agrees, and the mean overlap |topk(r) ∩ topk(c)| / k.
+An output passes when every element satisfies ``|c − r| <= atol + rtol·|r|`` (numpy's allclose)
+and no NaN/Inf appears in the candidate where the reference is finite. With labels, accuracy
+(argmax of the first output) is reported per runner.
 """
 
 from __future__ import annotations
@@ -19,20 +26,51 @@ from .data import Dataset
 
 Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 
+SCHEMA = "bnrt.check/1"
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
+DEFAULT_TOP_K = 5
 REL_FLOOR = 1e-3
 DEFAULT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Default ``atol``/``rtol`` and per-output overrides ``{name: (atol or None, rtol or None)}``."""
+
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+    per_output: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+    def of(self, name: str) -> tuple[float, float]:
+        atol, rtol = self.per_output.get(name, (None, None))
+        return (self.atol if atol is None else atol, self.rtol if rtol is None else rtol)
 
 
 @dataclass
 class OutputMetrics:
     name: str
+    shape: list[int]
     max_abs: float
     max_rel: float
     mean_abs: float
+    cosine: float
+    sqnr_db: float | None
     top1_agreement: float | None
+    topk_agreement: float | None
+    atol: float
+    rtol: float
     passed: bool
+    problem: str | None = None
+
+
+@dataclass
+class Divergence:
+    """The first module, in execution order, whose output differs beyond tolerance."""
+
+    module: str
+    max_abs: float
+    layer: str | None = None
 
 
 @dataclass
@@ -40,6 +78,7 @@ class Comparison:
     reference: str
     candidate: str
     outputs: list[OutputMetrics]
+    divergence: Divergence | None = None
 
     @property
     def passed(self) -> bool:
@@ -49,22 +88,22 @@ class Comparison:
 @dataclass
 class CheckReport:
     """Comparisons of each candidate against the reference, and accuracy per runner when the data
-    has labels (of the first output, by argmax)."""
+    has labels. ``to_json`` gives the documented, versioned schema (``bnrt.check/1``)."""
 
     samples: int
     source: str
-    atol: float
-    rtol: float
+    top_k: int
     comparisons: list[Comparison]
     accuracy: dict[str, float] = field(default_factory=dict)
+    errors: dict[tuple[str, str], np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.comparisons)
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out["passed"] = self.passed
+        out = {"schema": SCHEMA, **asdict(self), "passed": self.passed}
+        del out["errors"]
         for comp, data in zip(self.comparisons, out["comparisons"]):
             data["passed"] = comp.passed
         return out
@@ -97,27 +136,49 @@ def run_batched(runner: Runner, data: Dataset, batch_size: int = DEFAULT_BATCH) 
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
-def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float) -> OutputMetrics:
-    """Metrics of ``cand`` against ``ref`` (computed in float64)."""
+def _topk_overlap(r: np.ndarray, c: np.ndarray, k: int) -> float:
+    k = min(k, r.shape[1])
+    top_r = np.argsort(-r, axis=1, kind="stable")[:, :k]
+    top_c = np.argsort(-c, axis=1, kind="stable")[:, :k]
+    hits = (top_r[:, :, None] == top_c[:, None, :]).any(axis=2).sum(axis=1)
+    return float(np.mean(hits / k))
+
+
+def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float,
+                   top_k: int = DEFAULT_TOP_K) -> OutputMetrics:
+    """Metrics of ``cand`` against ``ref``."""
+    def failed(problem: str) -> OutputMetrics:
+        inf = float("inf")
+        return OutputMetrics(name, list(ref.shape), inf, inf, inf, 0.0, None, None, None, atol, rtol, False, problem)
+
     if ref.shape != cand.shape:
-        return OutputMetrics(name, float("inf"), float("inf"), float("inf"), None, False)
+        return failed(f"shape {list(cand.shape)} differs from the reference's {list(ref.shape)}")
     r, c = ref.astype(np.float64), cand.astype(np.float64)
-    diff = np.abs(c - r)
     finite = np.isfinite(r)
+    if (finite & ~np.isfinite(c)).any():
+        return failed("NaN or Inf where the reference is finite")
+    r, c = np.where(finite, r, 0.0), np.where(finite, c, 0.0)
+    diff = np.abs(c - r)
+    scale = np.abs(r)
     if r.size == 0:
-        return OutputMetrics(name, 0.0, 0.0, 0.0, None, True)
-    bad = finite & ~np.isfinite(c)
-    diff = np.where(finite, diff, 0.0)
-    scale = np.abs(np.where(finite, r, 0.0))
+        return OutputMetrics(name, list(ref.shape), 0.0, 0.0, 0.0, 1.0, None, None, None, atol, rtol, True)
     floor = max(REL_FLOOR * float(scale.max()), np.finfo(np.float64).tiny)
-    rel = diff / np.maximum(scale, floor)
-    top1 = None
+    norm_r, norm_c = float(np.linalg.norm(r)), float(np.linalg.norm(c))
+    if norm_r == 0.0 and norm_c == 0.0:
+        cosine = 1.0
+    elif norm_r == 0.0 or norm_c == 0.0:
+        cosine = 0.0
+    else:
+        cosine = float(np.dot(r.ravel(), c.ravel()) / (norm_r * norm_c))
+    noise = float(np.sum(diff ** 2))
+    sqnr = None if noise == 0.0 else (10.0 * np.log10(float(np.sum(r ** 2)) / noise) if norm_r else float("-inf"))
+    top1 = topk = None
     if r.ndim == 2 and r.shape[1] > 1:
         top1 = float(np.mean(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
-    passed = bool(not bad.any() and np.all(diff <= atol + rtol * scale))
-    if bad.any():
-        return OutputMetrics(name, float("inf"), float("inf"), float("inf"), top1, False)
-    return OutputMetrics(name, float(diff.max()), float(rel.max()), float(diff.mean()), top1, passed)
+        topk = _topk_overlap(r, c, top_k)
+    passed = bool(np.all(diff <= atol + rtol * scale))
+    return OutputMetrics(name, list(ref.shape), float(diff.max()), float((diff / np.maximum(scale, floor)).max()),
+                         float(diff.mean()), cosine, sqnr, top1, topk, atol, rtol, passed)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -130,24 +191,26 @@ def check(
     data: Dataset,
     output_names: list[str],
     *,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    tolerances: Tolerances = Tolerances(),
+    top_k: int = DEFAULT_TOP_K,
     batch_size: int = DEFAULT_BATCH,
 ) -> CheckReport:
     """Run ``reference`` and every candidate (label, runner) on ``data`` and compare outputs."""
     ref_label, ref_runner = reference
     ref_out = run_batched(ref_runner, data, batch_size)
-    comparisons, acc = [], {}
+    comparisons, acc, errors = [], {}, {}
     if data.labels is not None:
         acc[ref_label] = accuracy(ref_out[0], data.labels)
     for label, runner in candidates:
         out = run_batched(runner, data, batch_size)
         if len(out) != len(ref_out):
-            metrics = [OutputMetrics(f"({len(out)} outputs vs {len(ref_out)})", float("inf"),
-                                     float("inf"), float("inf"), None, False)]
+            metrics = [compare_output("(outputs)", np.zeros(len(ref_out)), np.zeros(len(out)), *tolerances.of(""))]
         else:
-            metrics = [compare_output(n, r, c, atol, rtol) for n, r, c in zip(output_names, ref_out, out)]
+            metrics = [compare_output(n, r, c, *tolerances.of(n), top_k=top_k)
+                       for n, r, c in zip(output_names, ref_out, out)]
+            errors.update({(label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(output_names, ref_out, out)
+                           if r.shape == c.shape})
         comparisons.append(Comparison(ref_label, label, metrics))
         if data.labels is not None and out:
             acc[label] = accuracy(out[0], data.labels)
-    return CheckReport(data.size, data.source, atol, rtol, comparisons, acc)
+    return CheckReport(data.size, data.source, top_k, comparisons, acc, errors)

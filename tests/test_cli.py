@@ -123,7 +123,7 @@ BAD_INPUTS = [
     ("truncated", _truncated, [], ["cut.pt: truncated or corrupt torch checkpoint"]),
     ("pickle without flag", _pickled, [], ["pickled.pt: holds pickled Python objects", "--trust-pickle"]),
     ("code in pickle", _marker_pickle, [], ["evil.pt: holds pickled Python objects (Unsupported operand 149)", "--trust-pickle"]),
-    ("no input shape", _state_dict_no_shape, [], ["noshape.pt: no input shape; pass --input-shape"]),
+    ("no input shape", _state_dict_no_shape, [], ["noshape.pt: no input shape for x; pass --input-shape"]),
     ("arch does not resolve", lambda p: EXAMPLE, ["--arch", "models.nowhere:Net"],
      ["--arch 'models.nowhere:Net': cannot import 'models.nowhere'"]),
     ("input shape mismatch", lambda p: EXAMPLE, ["--input-shape", "1,3,8,8"],

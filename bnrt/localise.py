@@ -1,0 +1,121 @@
+"""Where two models part ways: intermediate outputs ("taps") of torch modules and of ONNX values
+that map to torch modules, and the first module whose output diverges beyond tolerance.
+
+A folded layer and its BatchNorm compute different intermediate values by design (a conv folded
+with the BN after it outputs what the BN used to output); the folds recorded by bnrt (folded
+checkpoint, ONNX metadata ``bnrt_folds``) name these partners so that they are not compared.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .run import resolve_provider
+from .verify import Divergence
+
+FOLDS_KEY = "bnrt_folds"
+
+
+def folds_of(decisions: Iterable) -> list[dict]:
+    """The folded decisions as plain data: ``[{"bn", "into", "direction"}]``."""
+    return [{"bn": d.bn, "into": list(d.into), "direction": d.direction} for d in decisions if d.folded]
+
+
+def partners(folds: Iterable[dict]) -> tuple[set[str], dict[str, str]]:
+    """Modules whose outputs differ by design after folding, and for each folded BN the layer it
+    went into (to name the layer when the divergence shows at the BN)."""
+    skip, layer_of = set(), {}
+    for f in folds:
+        if f["direction"] == "backward":
+            skip.update(f["into"])
+            layer_of[f["bn"]] = f["into"][0]
+        else:
+            skip.add(f["bn"])
+    return skip, layer_of
+
+
+def torch_taps(model: nn.Module, inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Output of every submodule called exactly once, in the order the calls finished."""
+    taps: dict[str, np.ndarray] = {}
+    calls: Counter = Counter()
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_module, _args, out, name=name):
+            calls[name] += 1
+            if isinstance(out, torch.Tensor):
+                taps[name] = out.detach().cpu().numpy().copy()  # copy: an in-place op may follow
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            model(*(torch.from_numpy(np.asarray(x)) for x in inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {k: v for k, v in taps.items() if calls[k] == 1}
+
+
+def onnx_module_values(model: onnx.ModelProto) -> dict[str, str]:
+    """Module path -> ONNX value holding that module's output, from the name scopes the torch
+    exporter records on each node (the last node inside a module's scope produces its output)."""
+    last: dict[str, str] = {}
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        for path in scopes[1:-1]:
+            last[path] = node.output[0]
+    return last
+
+
+def onnx_taps(path: str | Path, inputs: Sequence[np.ndarray], provider: str = "cpu") -> dict[str, np.ndarray]:
+    """Values of ``onnx_module_values`` computed by ORT on ``inputs``, keyed by module path."""
+    model = onnx.load(str(path))
+    values = onnx_module_values(model)
+    inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    present = {o.name for o in model.graph.output}
+    for value in dict.fromkeys(values.values()):
+        if value not in present and value in inferred:
+            model.graph.output.append(inferred[value])
+    session = ort.InferenceSession(model.SerializeToString(), providers=[resolve_provider(provider)])
+    feeds = dict(zip([i.name for i in session.get_inputs()], inputs))
+    names = [o.name for o in session.get_outputs()]
+    results = dict(zip(names, session.run(names, feeds)))
+    return {module: results[value] for module, value in values.items() if value in results}
+
+
+def onnx_folds(path: str | Path) -> list[dict]:
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return json.loads(meta.get(FOLDS_KEY, "[]"))
+
+
+def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], folds: Iterable[dict],
+                     atol: float, rtol: float) -> Divergence | None:
+    """The first module of ``reference`` (execution order) whose output in ``candidate`` differs
+    beyond ``atol + rtol·|ref|``, skipping fold partners; None when all agree."""
+    skip, layer_of = partners(folds)
+    for name, ref in reference.items():
+        # an ONNX graph has no node for a folded BN: its output is the layer's output there
+        cand = candidate.get(name, candidate.get(layer_of.get(name, "")))
+        if name in skip or cand is None or cand.shape != ref.shape:
+            continue
+        r, c = ref.astype(np.float64), cand.astype(np.float64)
+        diff = np.abs(c - r)
+        if not np.all(diff <= atol + rtol * np.abs(r)) or not np.isfinite(c[np.isfinite(r)]).all():
+            return Divergence(name, float(np.nanmax(diff)), layer_of.get(name))
+    return None

@@ -1,0 +1,180 @@
+"""`bnrt check` and the verify metrics as a product: numbers, tolerances, localisation, schema."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import bnrt
+from bnrt.data import random_inputs
+from bnrt.errors import InputError
+from bnrt.pipeline import InputSpec, check_files
+from bnrt.verify import Tolerances, compare_output
+from models.digits import digits_split
+
+from .conftest import EXAMPLE, assert_one_line_error, run_cli
+
+SCHEMA = json.loads((Path(bnrt.__file__).parent / "schemas" / "check-1.schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def folded(tmp_path_factory):
+    """The example folded once with the dynamo exporter (its ONNX carries module name scopes)."""
+    out = tmp_path_factory.mktemp("folded")
+    _, _, x, y = digits_split()
+    np.savez(out / "digits.npz", x=x, y=y)
+    outcome = bnrt.fold_file(EXAMPLE, out, inputs=InputSpec(data=out / "digits.npz"))
+    assert outcome.passed
+    return out
+
+
+def test_cosine_sqnr_and_topk_by_hand():
+    ref = np.array([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    cand = np.array([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    m = compare_output("y", ref, cand, atol=0.0, rtol=0.0, top_k=2)
+    # dot = 9+2+2+0 + 14 = 27; |r| = |c| = sqrt(28)
+    assert m.cosine == pytest.approx(27 / 28)
+    # signal 28, noise 1 + 1 = 2
+    assert m.sqnr_db == pytest.approx(10 * np.log10(28 / 2))
+    assert m.top1_agreement == 1.0
+    # sample 0: top2 {0,1} vs {0,2} -> 1/2; sample 1: {3,2} vs {3,2} -> 1
+    assert m.topk_agreement == pytest.approx(0.75)
+    assert m.shape == [2, 4] and not m.passed
+
+
+def test_identical_outputs_have_no_sqnr_and_cosine_one():
+    x = np.arange(6.0).reshape(2, 3)
+    m = compare_output("y", x, x.copy(), 0.0, 0.0)
+    assert (m.max_abs, m.cosine, m.sqnr_db, m.passed) == (0.0, 1.0, None, True)
+
+
+def test_per_output_tolerances():
+    tol = Tolerances(1e-4, 1e-3, {"logits": (1e-2, None), "emb": (None, 0.5)})
+    assert tol.of("logits") == (1e-2, 1e-3)
+    assert tol.of("emb") == (1e-4, 0.5)
+    assert tol.of("other") == (1e-4, 1e-3)
+
+
+def test_random_input_distributions():
+    u = random_inputs([(1, 1000)], 4, seed=1, distribution="uniform", val_range=(-2.0, 3.0)).inputs[0]
+    assert u.min() >= -2.0 and u.max() < 3.0 and u.dtype == np.float32 and u.mean() == pytest.approx(0.5, abs=0.1)
+    n = random_inputs([(1, 1000)], 4, seed=1, val_range=(0.0, 6.0)).inputs[0]
+    assert n.min() >= 0.0 and n.max() <= 6.0 and n.mean() == pytest.approx(3.0, abs=0.1)
+    i = random_inputs([(1, 50)], 4, seed=1, dtypes=[np.dtype(np.int64)], val_range=(2, 5)).inputs[0]
+    assert i.dtype == np.int64 and set(np.unique(i)) == {2, 3, 4}
+    with pytest.raises(InputError, match="the low end must be below the high end"):
+        random_inputs([(1, 2)], 1, val_range=(1.0, 1.0))
+
+
+def test_check_cli_passes_and_json_validates(tmp_path, folded):
+    proc = run_cli("check", str(EXAMPLE), str(folded / "digits_cnn.onnx"), "--data", str(folded / "digits.npz"),
+                   "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png"),
+                   "--atol", "output:1e-3", "--top-k", "3")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    out = report["comparisons"][0]["outputs"][0]
+    assert report["passed"] and report["samples"] == 360 and report["top_k"] == 3
+    assert (out["atol"], out["rtol"]) == (1e-3, 1e-3)
+    assert out["cosine"] > 0.999999 and out["sqnr_db"] > 100 and out["top1_agreement"] == 1.0
+    assert report["accuracy"]["reference torch"] == report["accuracy"]["candidate onnx cpu"]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "check passed" in proc.stdout
+
+
+def _corrupt_checkpoint(src: Path, dst: Path) -> None:
+    ckpt = torch.load(src, weights_only=True)
+    ckpt["state_dict"]["block.body.1.0.weight"][3] *= 1.01
+    torch.save(ckpt, dst)
+
+
+def _corrupt_onnx(src: Path, dst: Path) -> None:
+    model = onnx.load(str(src))
+    for init in model.graph.initializer:
+        if init.name == "block.body.1.0.weight":
+            array = numpy_helper.to_array(init).copy()
+            array[3] *= 1.01
+            init.CopyFrom(numpy_helper.from_array(array, init.name))
+    onnx.save(model, str(dst))
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_corrupted_fold_is_caught_and_the_layer_named(tmp_path, folded, kind):
+    if kind == "torch":
+        bad = tmp_path / "bad.folded.pt"
+        _corrupt_checkpoint(folded / "digits_cnn.folded.pt", bad)
+    else:
+        bad = tmp_path / "bad.onnx"
+        _corrupt_onnx(folded / "digits_cnn.onnx", bad)
+    proc = run_cli("check", str(EXAMPLE), str(bad), "--data", str(folded / "digits.npz"), "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 1, proc.stderr
+    assert "first divergent module 'block.body.1.0' (seen at its folded BatchNorm 'block.body.1.1')" in proc.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    assert report["comparisons"][0]["divergence"]["layer"] == "block.body.1.0"
+    assert report["passed"] is False
+
+
+def test_fold_names_the_layer_when_its_own_check_fails(tmp_path):
+    proc = run_cli("fold", str(EXAMPLE), "-o", str(tmp_path), "--atol", "0", "--rtol", "0", "--exporter", "torchscript")
+    assert proc.returncode == 1
+    report = json.loads((tmp_path / "digits_cnn.report.json").read_text())
+    jsonschema.validate(report["check"], SCHEMA)
+    divergence = report["check"]["comparisons"][0]["divergence"]
+    assert divergence is not None and divergence["module"] == "stem.1"  # first place float rounding shows
+
+
+def test_save_inputs_reproduces_the_report(tmp_path, folded):
+    first = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", inputs=InputSpec(samples=16, seed=7),
+                        save_inputs=tmp_path / "in.npz")
+    saved = np.load(tmp_path / "in.npz")
+    assert saved.files == ["x"] and saved["x"].shape == (16, 1, 8, 8)
+    again = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", inputs=InputSpec(data=tmp_path / "in.npz"))
+    assert again.comparisons[0].outputs[0].max_abs == first.comparisons[0].outputs[0].max_abs
+
+
+def test_two_onnx_files_and_torch_vs_torch(folded):
+    report = check_files(folded / "digits_cnn.onnx", folded / "digits_cnn.onnx", inputs=InputSpec(samples=8))
+    assert report.passed and report.comparisons[0].outputs[0].max_abs == 0.0
+    report = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", inputs=InputSpec(samples=8, distribution="uniform"))
+    assert report.passed and report.source == "random uniform, seed 0"
+
+
+def _other_model_onnx(path: Path, channels: int, name: str = "x") -> Path:
+    model = torch.nn.Sequential(torch.nn.Conv2d(channels, 2, 1), torch.nn.Flatten(), torch.nn.Linear(128, 10))
+    bnrt.export_onnx(model.eval(), (torch.randn(2, channels, 8, 8),), path, names=([name], ["output"]),
+                     exporter="torchscript")
+    return path
+
+
+@pytest.mark.parametrize("case", ["shape", "name", "data"])
+def test_mismatched_sides_and_bad_data_are_one_line_exit_2(tmp_path, case):
+    args = [str(EXAMPLE)]
+    if case == "shape":
+        args.append(str(_other_model_onnx(tmp_path / "c.onnx", 3)))
+        fragment = "input 'x' has shape (N, 3, 8, 8), "
+    elif case == "name":
+        args.append(str(_other_model_onnx(tmp_path / "c.onnx", 1, "image")))
+        fragment = "input names image differ from"
+    else:
+        (tmp_path / "d.npz").write_bytes(b"junk")
+        args += [str(EXAMPLE), "--data", str(tmp_path / "d.npz")]
+        fragment = "d.npz: not a readable .npz or .npy file"
+    proc = run_cli("check", *args, "--json", str(tmp_path / "r.json"))
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_report_json_never_holds_non_finite_numbers(tmp_path):
+    from bnrt.save import write_json
+
+    write_json(tmp_path / "r.json", {"a": float("inf"), "b": [float("nan"), 1.0]})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [None, 1.0]}

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fold = sub.add_parser("fold", help="fold BatchNorm, export ONNX, check equivalence")
-    fold.add_argument("model", help="checkpoint: a dict with a state_dict (and arch, input_shape) or, with --trust-pickle, a pickled nn.Module")
+    fold.add_argument("model", help="checkpoint (a dict with a state_dict, arch, input_shape; or with --trust-pickle a "
+                                    "pickled nn.Module) or an .onnx file")
     _model_args(fold)
     fold.add_argument("-o", "--output-dir", metavar="DIR", help="output folder (default: the model's folder)")
     fold.add_argument("--no-check", action="store_true", help="skip the equivalence check")
@@ -136,7 +137,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
         tolerances=tolerances_from(args), top_k=args.top_k,
     )
     print(decision_table(outcome.result.decisions))
-    print(f"BatchNormalization nodes in ONNX: {outcome.onnx_batchnorm_nodes}")
+    print(f"BatchNormalization nodes in {'the folded ONNX' if str(args.model).lower().endswith('.onnx') else 'ONNX'}: "
+          f"{outcome.onnx_batchnorm_nodes}")
     for layer, largest in outcome.result.fp16_overflow.items():
         print(f"warning: folded weights of '{layer}' reach {largest:.3g}, beyond float16's range (65504)")
     if outcome.check is not None:
@@ -181,7 +183,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     loaded, decisions = inspect_file(args.model, input_shapes=args.input_shape, arch=args.arch,
                                      trust_pickle=args.trust_pickle, data=args.data)
-    print(f"{loaded.path}  arch {loaded.arch}  sha256 {loaded.sha256[:12]}")
+    if loaded is not None:
+        print(f"{loaded.path}  arch {loaded.arch}  sha256 {loaded.sha256[:12]}")
     print(decision_table(decisions))
     return 0
 

@@ -139,7 +139,7 @@ def _torch_load(path: Path, *, weights_only: bool) -> Any:
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a checkpoint file")
     if path.suffix.lower() == ".onnx":
-        raise InputError(f"{path}: ONNX input is not supported by this command; pass a PyTorch checkpoint")
+        raise InputError(f"{path}: an ONNX file, where a PyTorch checkpoint is needed")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file, not a torch checkpoint")
     is_zip = is_pickle = False

@@ -9,11 +9,12 @@ import inspect
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -23,7 +24,8 @@ from .data import Dataset, load_data, random_inputs
 from .errors import InputError
 from .export import DEFAULT_OPSET, count_ops, export_onnx, input_names, output_names
 from .fold import FoldResult, apply
-from .load import FOLDED_KEY, Loaded, load_model
+from .load import FOLDED_KEY, Loaded, file_sha256, load_model
+from .onnxfold import fold_onnx, load_onnx
 from .localise import FOLDS_KEY, first_divergence, folds_of, onnx_folds, onnx_taps, torch_taps
 from .plan import Decision, plan
 from .run import Session, resolve_provider
@@ -64,6 +66,7 @@ class Side:
     output_names: list[str]
     taps: Callable[[list[np.ndarray]], dict[str, np.ndarray]]
     folds: list[dict]
+    fixed_batch: int | None = None
 
 
 def required_inputs(model: nn.Module) -> int:
@@ -94,8 +97,20 @@ def onnx_side(label: str, path: Path, provider: str) -> Side:
     inputs = session.session.get_inputs()
     shapes = [tuple(d if isinstance(d, int) else None for d in i.shape) for i in inputs]
     dtypes = [np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in inputs]
+    fixed = shapes[0][0] if shapes and shapes[0] else None
     return Side(label, session.run, session.input_names, shapes, dtypes, session.output_names,
-                lambda xs: onnx_taps(path, xs, provider), onnx_folds(path))
+                lambda xs: onnx_taps(path, xs, provider), onnx_folds(path), fixed)
+
+
+def batching(sides: list[Side], spec: "InputSpec", batch_size: int) -> tuple["InputSpec", int]:
+    """Sample count and batch size that fit sides whose ONNX batch dimension is fixed."""
+    fixed = {s.fixed_batch for s in sides if s.fixed_batch}
+    if len(fixed) > 1:
+        raise InputError(f"the models have different fixed batch sizes {sorted(fixed)}")
+    if not fixed:
+        return spec, batch_size
+    batch = fixed.pop()
+    return replace(spec, samples=max(batch, spec.samples // batch * batch)), batch
 
 
 def open_side(path: str | os.PathLike, *, label: str, provider: str = "cpu", arch: str | None = None,
@@ -192,6 +207,7 @@ def check_files(
     cand = open_side(candidate, label="candidate", provider=provider, arch=arch,
                      trust_pickle=trust_pickle, input_shapes=input_shapes)
     names, shapes, dtypes = _merge_inputs(ref, cand, reference, candidate)
+    inputs, batch_size = batching([ref, cand], inputs, batch_size)
     data = make_inputs(inputs, names, shapes, dtypes, str(reference))
     if save_inputs is not None:
         save_dataset(data, names, Path(save_inputs))
@@ -228,7 +244,8 @@ def fold_file(
     top_k: int = DEFAULT_TOP_K,
 ) -> FoldOutcome:
     """Fold the checkpoint at ``path`` and write ``<stem>.folded.pt``, ``<stem>.onnx`` and
-    ``<stem>.report.json`` into ``out_dir`` (default: the checkpoint's folder).
+    ``<stem>.report.json`` into ``out_dir`` (default: the checkpoint's folder). An ``.onnx`` file
+    is folded as a graph instead (``<stem>.folded.onnx`` and the report; ``fold_onnx_file``).
 
     Unless ``run_check`` is False, the original torch model is compared with the folded torch model
     and with the ONNX file on ORT (``provider``), on ``inputs`` (a data file or seeded random
@@ -247,8 +264,11 @@ def fold_file(
     src = Path(path)
     if run_check:
         resolve_provider(provider)
-    loaded = load_model(src, arch=arch, trust_pickle=trust_pickle)
     out = Path(out_dir) if out_dir is not None else src.parent
+    if src.suffix.lower() == ".onnx":
+        return fold_onnx_file(src, out, inputs=inputs, provider=provider, run_check=run_check,
+                              tolerances=tolerances, top_k=top_k)
+    loaded = load_model(src, arch=arch, trust_pickle=trust_pickle)
     stem = src.name.rsplit(".", 1)[0] if "." in src.name else src.name
     names = {"folded": f"{stem}.folded.pt", "onnx": f"{stem}.onnx", "report": f"{stem}.report.json"}
     for name in names.values():
@@ -330,6 +350,73 @@ def fold_file(
                        summary["batchnorm_nodes_in_onnx"])
 
 
+def fold_onnx_file(
+    src: Path,
+    out: Path,
+    *,
+    inputs: InputSpec,
+    provider: str,
+    run_check: bool,
+    tolerances: Tolerances,
+    top_k: int,
+) -> FoldOutcome:
+    """``fold_file`` for an ONNX input: ``<stem>.folded.onnx`` and ``<stem>.report.json``, the
+    folded graph checked against the original, both on ORT."""
+    clock = time.perf_counter()
+    model = load_onnx(src)
+    sha = file_sha256(src)
+    result = fold_onnx(model, str(src))
+    fold_s = time.perf_counter() - clock
+    stem = src.name[: -len(".onnx")] if src.name.lower().endswith(".onnx") else src.name
+    names = {"folded": f"{stem}.folded.onnx", "report": f"{stem}.report.json"}
+    for name in names.values():
+        if (out / name).resolve() == src.resolve():
+            raise InputError(f"{src}: output {out / name} would overwrite the input; choose another -o folder")
+    folds = folds_of(result.decisions)
+    meta = {p.key: p for p in result.model.metadata_props}
+    for key, value in {"bnrt_version": __version__, "source_sha256": sha, "bn_folded": str(len(result.folded)),
+                       "bn_total": str(len(result.decisions)), FOLDS_KEY: json.dumps(folds)}.items():
+        entry = meta.get(key) or result.model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(result.model, full_check=True)
+    ensure_dir(out)
+    with staging(out) as stage:
+        with atomic_path(stage / names["folded"]) as tmp:
+            onnx.save(result.model, str(tmp))
+        report_check = None
+        if run_check:
+            original = onnx_side(f"onnx {provider}", src, provider)
+            folded = onnx_side(f"onnx folded {provider}", stage / names["folded"], provider)
+            spec, batch_size = batching([original], inputs, DEFAULT_BATCH)
+            data = make_inputs(spec, original.input_names, original.input_shapes, original.input_dtypes, str(src))
+            report_check = check((original.label, original.runner), [(folded.label, folded.runner)], data,
+                                 original.output_names, tolerances=tolerances, top_k=top_k, batch_size=batch_size)
+            if not report_check.passed:
+                report_check.comparisons[0].divergence = localise(original, folded, data, folds, tolerances)
+        summary = {"bn_total": len(result.decisions), "folded": len(result.folded), "skipped": len(result.skipped),
+                   "fp16_overflow": result.fp16_overflow,
+                   "batchnorm_nodes_in_onnx": count_ops(result.model, "BatchNormalization")}
+        report = {
+            "bnrt_version": __version__,
+            "source": {"path": str(src), "sha256": sha, "format": "onnx", "arch": None},
+            "input_names": [i.name for i in result.model.graph.input if i.name not in
+                            {init.name for init in result.model.graph.initializer}],
+            "output_names": [o.name for o in result.model.graph.output],
+            "opset": next((o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")), None),
+            "tracer": "onnx graph",
+            "summary": summary,
+            "decisions": [d.to_json() for d in result.decisions],
+            "check": report_check.to_json() if report_check else None,
+            "timings_s": {"fold": round(fold_s, 4), "total": round(time.perf_counter() - clock, 4)},
+            "outputs": {k: str(out / v) for k, v in names.items()},
+        }
+        passed = report_check is None or report_check.passed
+        write_json(stage / names["report"], report)
+        written = publish(stage, list(names.values()) if passed else [names["report"]], out)
+    return FoldOutcome(result, report_check, report, written if passed else [], out / names["report"],
+                       summary["batchnorm_nodes_in_onnx"])
+
+
 def inspect_file(
     path: str | os.PathLike,
     *,
@@ -337,8 +424,11 @@ def inspect_file(
     arch: str | None = None,
     trust_pickle: bool = False,
     data: str | os.PathLike | None = None,
-) -> tuple[Loaded, list[Decision]]:
-    """Load and plan only: the BatchNorm inventory with each decision. Writes nothing."""
+) -> tuple[Loaded | None, list[Decision]]:
+    """Load and plan only: the BatchNorm inventory with each decision. Writes nothing. For an
+    ``.onnx`` file, the decisions of the graph folder (and no ``Loaded``)."""
+    if Path(path).suffix.lower() == ".onnx":
+        return None, fold_onnx(load_onnx(path), str(path)).decisions
     loaded = load_model(path, arch=arch, trust_pickle=trust_pickle)
     side = torch_side("torch", loaded, input_shapes)
     dataset = make_inputs(InputSpec(data=data, samples=2), side.input_names, side.input_shapes, where=str(path))

@@ -7,7 +7,9 @@ ONNX, the folded float32 model's max abs / max rel error against the unfolded fl
 ONNX on ORT CPU against the unfolded model, the error ratio (folded float32 vs a float64 reference,
 divided by the unfolded float32 model's own error against it), the worst ULP distance of folded
 weights and biases from the exact fold (float64, rounded once) for bnrt and for torch.fx's
-``fuse`` (conv -> BN only), and bnrt's fold time (capture + plan + fold, after a warm-up).
+``fuse`` (conv -> BN only), bnrt's fold time (capture + plan + fold, after a warm-up), and the
+BatchNormalization nodes the TorchScript exporter leaves in the unfolded model's ONNX before and
+after ``bnrt fold model.onnx``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 import bnrt
+from bnrt.capture import quiet
 from bnrt.export import count_ops, export_onnx, input_names, output_names
+from bnrt.onnxfold import fold_onnx
 from bnrt.run import Session
 from bnrt.save import atomic_path
 from models.zoo import ZOO, build
@@ -84,6 +89,7 @@ def report_model(name: str, samples: int, workdir: Path) -> dict:
     proto = export_onnx(result.model, (x[:2],), onnx_path, names=names)
     (ort_out,) = Session(onnx_path).run([x.numpy()])
     reasons = collections.Counter(d.reason.split(";")[0] for d in result.skipped)
+    ts_before, ts_after = torchscript_bn_counts(model, x, workdir, name)
     return {
         "model": name,
         "bn": len(result.decisions),
@@ -97,20 +103,34 @@ def report_model(name: str, samples: int, workdir: Path) -> dict:
         "ulp_bnrt": ulp,
         "ulp_fx": fx_fuse_ulp(model, exact, result.decisions),
         "fold_s": fold_s,
+        "ts_bn": (ts_before, ts_after),
         "params": sum(p.numel() for p in model.parameters()),
     }
 
 
+def torchscript_bn_counts(model: nn.Module, x: torch.Tensor, workdir: Path, name: str) -> tuple[int, int]:
+    """BatchNormalization nodes in the TorchScript exporter's ONNX of the unfolded model, before and
+    after bnrt's ONNX folder (the exporter fuses plain conv -> BN itself)."""
+    path = workdir / f"{name}.ts.onnx"
+    with quiet():
+        torch.onnx.export(model, (x[:2],), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    proto = onnx.load(str(path))
+    return count_ops(proto, "BatchNormalization"), count_ops(fold_onnx(proto).model, "BatchNormalization")
+
+
 def markdown(rows: list[dict]) -> str:
     head = ("| model | params | BN | folded | skipped | BN nodes in ONNX | folded vs torch max abs / rel | "
-            "ORT vs torch max abs / rel | error ratio vs fp64 | max ULP bnrt (w / b) | max ULP fx fuse (w / b) | fold ms |")
-    lines = [head, "|" + "---|" * 12]
+            "ORT vs torch max abs / rel | error ratio vs fp64 | max ULP bnrt (w / b) | max ULP fx fuse (w / b) | fold ms | "
+            "TorchScript ONNX BN nodes: before → after `bnrt fold x.onnx` |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         ulp = {k: "-" if r[k] is None else f"{r[k][0]:.2f} / {r[k][1]:.2f}" for k in ("ulp_bnrt", "ulp_fx")}
         lines.append(
             f"| {r['model']} | {r['params']:,} | {r['bn']} | {r['folded']} | {r['skipped']} | {r['bn_nodes_onnx']} | "
             f"{r['torch_err'][0]:.2e} / {r['torch_err'][1]:.2e} | {r['ort_err'][0]:.2e} / {r['ort_err'][1]:.2e} | "
-            f"{r['error_ratio']:.2f} | {ulp['ulp_bnrt']} | {ulp['ulp_fx']} | {1000 * r['fold_s']:.0f} |")
+            f"{r['error_ratio']:.2f} | {ulp['ulp_bnrt']} | {ulp['ulp_fx']} | {1000 * r['fold_s']:.0f} | "
+            f"{r['ts_bn'][0]} → {r['ts_bn'][1]} |")
     lines.append("")
     lines.append("Skipped BatchNorms by reason:")
     lines.append("")

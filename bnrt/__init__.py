@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .calibrate import calibrate  # noqa: E402
 from .errors import BnrtError, CaptureError, CheckFailed, HealthError, InputError  # noqa: E402
 from .export import export_onnx  # noqa: E402
 from .fold import FoldResult, fold  # noqa: E402
@@ -12,5 +13,5 @@ from .verify import CheckReport, check  # noqa: E402
 
 __all__ = [
     "BnrtError", "CaptureError", "CheckFailed", "CheckReport", "FoldResult", "HealthError", "InputError",
-    "InputSpec", "Session", "check", "check_files", "export_onnx", "fold", "fold_file", "load_folded", "load_model",
+    "InputSpec", "Session", "calibrate", "check", "check_files", "export_onnx", "fold", "fold_file", "load_folded", "load_model",
 ]

@@ -119,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--plot", metavar="FILE.png", help="write error histograms per output (needs matplotlib)")
     chk.add_argument("--no-localise", action="store_true", help="do not look for the first divergent module")
 
+    cal = sub.add_parser("calibrate", help="recompute BatchNorm running statistics over a dataset")
+    cal.add_argument("model", help="checkpoint")
+    cal.add_argument("--data", required=True, metavar="FILE", help=".npz/.npy inputs to calibrate on")
+    cal.add_argument("-o", "--output", required=True, metavar="FILE.pt", help="calibrated checkpoint to write")
+    cal.add_argument("--mode", choices=("fast", "exact"), default="fast",
+                     help="fast: one pass, exact pooled statistics; exact: BN by BN, earlier ones in force (default fast)")
+    cal.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
+    cal.add_argument("--arch", metavar="MOD:NAME", help="architecture class or factory")
+    cal.add_argument("--trust-pickle", action="store_true", help="allow unpickling a full nn.Module")
+    cal.add_argument("--no-residuals", action="store_true", help="skip the residual measurement pass")
+
     insp = sub.add_parser("inspect", help="list BatchNorms and what fold would do; writes nothing")
     insp.add_argument("model", help="checkpoint")
     _model_args(insp)
@@ -177,6 +188,33 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _progress(stage: str, i: int, total: int | None) -> None:
+    sys.stderr.write(f"\rcalibrate {stage}: batch {i}" + (f"/{total}" if total else "") + " " * 8)
+    sys.stderr.flush()
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .pipeline import calibrate_file
+
+    start = time.perf_counter()
+    outcome = calibrate_file(args.model, args.data, args.output, mode=args.mode, batch_size=args.batch_size,
+                             arch=args.arch, trust_pickle=args.trust_pickle,
+                             progress=_progress if sys.stderr.isatty() else None, measure=not args.no_residuals)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    if outcome.rank != 0:
+        return 0
+    r = outcome.report
+    print(f"calibrated {len(r.bn)} BatchNorm ({r.mode}) on {r.samples} samples in {r.batches} batches, "
+          f"{r.passes} pass(es), {time.perf_counter() - start:.2f} s")
+    if outcome.residuals:
+        worst_mean = max(v[0] for v in outcome.residuals.values())
+        worst_var = max(v[1] for v in outcome.residuals.values())
+        print(f"residuals over the data (standardised BN inputs): max |mean| {worst_mean:.3g}, max |var - 1| {worst_var:.3g}")
+    print(f"wrote {outcome.written}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .pipeline import inspect_file
     from .report import decision_table
@@ -189,7 +227,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fold": cmd_fold, "check": cmd_check, "inspect": cmd_inspect}
+COMMANDS = {"fold": cmd_fold, "check": cmd_check, "calibrate": cmd_calibrate, "inspect": cmd_inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -433,3 +433,79 @@ def inspect_file(
     side = torch_side("torch", loaded, input_shapes)
     dataset = make_inputs(InputSpec(data=data, samples=2), side.input_names, side.input_shapes, where=str(path))
     return loaded, plan(capture(loaded.model, tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs)))
+
+
+@dataclass
+class CalibrationOutcome:
+    report: "CalibrationReport"
+    residuals: dict[str, tuple[float, float]]
+    written: Path | None
+    rank: int = 0
+
+
+def calibrate_file(
+    path: str | os.PathLike,
+    data: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    mode: str = "fast",
+    batch_size: int = 64,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    progress=None,
+    measure: bool = True,
+) -> CalibrationOutcome:
+    """Recalibrate the BatchNorm statistics of the checkpoint at ``path`` over ``data`` and write a
+    checkpoint (state_dict, arch, arch_kwargs, input_shape, and a ``bnrt_calibration`` entry) to
+    ``output``. Under torchrun (WORLD_SIZE > 1) each rank takes its shard of the data, the ranks
+    pool their statistics over a gloo process group and rank 0 writes the file."""
+    from .calibrate import batches_of, calibrate, residuals
+
+    src, out = Path(path), Path(output)
+    if out.resolve() == src.resolve():
+        raise InputError(f"{src}: -o would overwrite the input; write the calibrated model elsewhere")
+    if batch_size <= 0:
+        raise InputError(f"--batch-size {batch_size}: must be positive")
+    loaded = load_model(src, arch=arch, trust_pickle=trust_pickle)
+    side = torch_side("torch", loaded)
+    dataset = load_data(data, side.input_names)
+    group, rank, world = _process_group()
+    try:
+        shard = np.array_split(np.arange(dataset.size), world)[rank]
+        arrays = [x[shard] for x in dataset.inputs]
+        batches = batches_of(arrays, batch_size)
+        report = calibrate(loaded.model, batches, mode=mode, process_group=group, progress=progress, where=str(data))
+        report.samples = dataset.size if group is not None else report.samples
+        found = residuals(loaded.model, batches(), where=str(data)) if measure and group is None else {}
+    finally:
+        if group is not None:  # a gloo group left open aborts the process at exit
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+    written = None
+    if rank == 0:
+        ensure_dir(out.parent if str(out.parent) else Path("."))
+        write_torch(out, {
+            "state_dict": loaded.model.state_dict(),
+            "arch": loaded.arch,
+            "arch_kwargs": loaded.arch_kwargs,
+            "input_shape": [list(s) for s in dataset.shapes()],
+            "bnrt_calibration": {"mode": mode, "samples": report.samples, "batch_size": batch_size,
+                                 "data_sha256": file_sha256(Path(data)), "source_sha256": loaded.sha256,
+                                 "world_size": world},
+        })
+        written = out
+    return CalibrationOutcome(report, found, written, rank)
+
+
+def _process_group():
+    """(group, rank, world size): a gloo group when launched by torchrun with WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None, 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.group.WORLD, dist.get_rank(), dist.get_world_size()

@@ -48,3 +48,11 @@ def test_training_script_updates_batchnorm_statistics():
     assert not torch.equal(model.stem[1].running_mean, fresh.stem[1].running_mean)
     assert int(model.fc_bn.num_batches_tracked) == 46  # 2 epochs of ceil(1437 / 64) batches
     assert acc > 0.9
+
+
+def test_reference_batchnorm_agrees_with_torch_on_the_trained_example():
+    from tools.train_digits import reference_agreement
+
+    agreement = reference_agreement(bnrt.load_model(EXAMPLE).model)
+    assert set(agreement) == {"output", "grad_input", "running_mean", "running_var"}
+    assert max(agreement.values()) < 1e-5

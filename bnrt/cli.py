@@ -130,6 +130,32 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--trust-pickle", action="store_true", help="allow unpickling a full nn.Module")
     cal.add_argument("--no-residuals", action="store_true", help="skip the residual measurement pass")
 
+    run = sub.add_parser("run", help="run an ONNX model on inputs from a file")
+    run.add_argument("model", help=".onnx file")
+    run.add_argument("--input", required=True, metavar="FILE", help=".npy (one input) or .npz (arrays named like the inputs)")
+    run.add_argument("-o", "--output", required=True, metavar="FILE.npz", help="outputs, named like the model's outputs")
+    run.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
+    run.add_argument("--threads", type=int, default=0, help="intra-op threads (default: ORT's)")
+
+    srv = sub.add_parser("serve", help="serve ONNX models over the KServe v2 HTTP protocol")
+    srv.add_argument("model", help=".onnx file or Triton-style repository (REPO/NAME/VERSION/model.onnx)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    srv.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
+    srv.add_argument("--threads", type=int, default=0, help="intra-op threads per model (default: ORT's)")
+    srv.add_argument("--max-batch", type=int, default=32, help="samples merged into one run (default 32)")
+    srv.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for more requests up to this long (default 2)")
+    srv.add_argument("--max-queue", type=int, default=256, help="requests in flight per model before 503 (default 256)")
+    srv.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
+
+    tri = sub.add_parser("triton", help="write a Triton model repository for an ONNX model")
+    tri.add_argument("model", help=".onnx file")
+    tri.add_argument("-o", "--output", required=True, metavar="REPO", help="repository folder")
+    tri.add_argument("--name", help="model name (default: the file's stem)")
+    tri.add_argument("--max-batch", type=int, default=8, help="max_batch_size when the batch axis is dynamic (default 8; 0: no batching)")
+    tri.add_argument("--gpu", action="store_true", help="instance_group kind KIND_GPU (default KIND_CPU)")
+    tri.add_argument("--instances", type=int, default=1, help="instances of the model (default 1)")
+
     insp = sub.add_parser("inspect", help="list BatchNorms and what fold would do; writes nothing")
     insp.add_argument("model", help="checkpoint")
     _model_args(insp)
@@ -215,6 +241,50 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import load_data
+    from .run import Session
+    from .save import atomic_path
+
+    if Path(args.output).resolve() in (Path(args.model).resolve(), Path(args.input).resolve()):
+        raise InputError(f"{args.output}: would overwrite an input file")
+    session = Session(args.model, args.provider, args.threads)
+    data = load_data(args.input, session.input_names)
+    feeds = dict(zip(session.input_names, data.inputs))
+    try:
+        outputs = session.run_dict(feeds)
+    except InputError as exc:
+        raise InputError(f"{args.input}: {exc}") from exc
+    with atomic_path(Path(args.output)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **outputs)
+    for name, array in outputs.items():
+        print(f"{name}: {array.dtype} {tuple(array.shape)}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, provider=args.provider, threads=args.threads,
+          max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
+          max_request_bytes=int(args.max_request_mb * (1 << 20)), announce=lambda m: print(m, flush=True))
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from .triton import write_repository
+
+    target = write_repository(args.model, args.output, name=args.name, max_batch=args.max_batch, gpu=args.gpu,
+                              instances=args.instances)
+    print((target / "config.pbtxt").read_text().rstrip())
+    print(f"wrote {target}/config.pbtxt and {target}/1/model.onnx")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .pipeline import inspect_file
     from .report import decision_table
@@ -227,7 +297,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fold": cmd_fold, "check": cmd_check, "calibrate": cmd_calibrate, "inspect": cmd_inspect}
+COMMANDS = {"fold": cmd_fold, "check": cmd_check, "calibrate": cmd_calibrate, "run": cmd_run, "serve": cmd_serve,
+            "triton": cmd_triton, "inspect": cmd_inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

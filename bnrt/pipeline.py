@@ -79,10 +79,6 @@ def required_inputs(model: nn.Module) -> int:
                       for p in params))
 
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
-
-
 def torch_side(label: str, loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = None) -> Side:
     model = loaded.model
     shapes = input_shapes or loaded.input_shapes
@@ -94,9 +90,8 @@ def torch_side(label: str, loaded: Loaded, input_shapes: list[tuple[int, ...]] |
 
 def onnx_side(label: str, path: Path, provider: str) -> Side:
     session = Session(path, provider=provider)
-    inputs = session.session.get_inputs()
-    shapes = [tuple(d if isinstance(d, int) else None for d in i.shape) for i in inputs]
-    dtypes = [np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in inputs]
+    shapes = [spec.shape for spec in session.inputs]
+    dtypes = [spec.dtype for spec in session.inputs]
     fixed = shapes[0][0] if shapes and shapes[0] else None
     return Side(label, session.run, session.input_names, shapes, dtypes, session.output_names,
                 lambda xs: onnx_taps(path, xs, provider), onnx_folds(path), fixed)

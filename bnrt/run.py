@@ -2,11 +2,13 @@
 
 Providers are asked for by short name (``cpu``, ``cuda``). A provider that is not available, or a
 session that silently fell back to another provider, is an error: bnrt never runs on the CPU when
-CUDA was asked for.
+CUDA was asked for. Inputs are validated against the model (name, dtype, shape) with errors that
+name the input, what it expects and what it got. On CUDA, runs go through IO binding.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +18,18 @@ import onnxruntime as ort
 from .errors import InputError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+NUMPY_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+}
 
 
 def resolve_provider(short: str) -> str:
@@ -31,20 +45,44 @@ def resolve_provider(short: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: name, numpy dtype and shape (None for a symbolic dimension)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        dims = ", ".join("N" if d is None else str(d) for d in self.shape)
+        return f"{self.dtype.name} ({dims})"
+
+
+def _spec(arg) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in (arg.shape or []))
+    return TensorSpec(arg.name, np.dtype(NUMPY_TYPES.get(arg.type, np.float32)), shape)
+
+
 class Session:
     """An ORT session on exactly the requested provider.
 
-    ``path``: an ONNX file. ``provider``: ``cpu`` or ``cuda``. ``threads``: intra-op threads
-    (0 = ORT's default). Raises ``InputError`` when the file cannot be loaded or the provider is
-    unavailable or was not taken by the session.
+    ``path``: an ONNX file. ``provider``: ``cpu`` or ``cuda``. ``threads``: intra-op threads and
+    ``inter_threads``: inter-op threads (0 = ORT's default). ``optimization``: graph optimisation
+    level (disable, basic, extended, all). Raises ``InputError`` when the file cannot be loaded or
+    the provider is unavailable or was not taken by the session.
     """
 
-    def __init__(self, path: str | Path, provider: str = "cpu", threads: int = 0) -> None:
+    def __init__(self, path: str | Path, provider: str = "cpu", threads: int = 0, inter_threads: int = 0,
+                 optimization: str = "all") -> None:
         self.path = Path(path)
         self.provider = provider
         wanted = resolve_provider(provider)
+        if optimization not in OPTIMIZATION:
+            raise InputError(f"optimization {optimization!r}: choose one of {', '.join(OPTIMIZATION)}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.inter_op_num_threads = inter_threads
+        options.graph_optimization_level = OPTIMIZATION[optimization]
         options.log_severity_level = 3
         chain = [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
         try:
@@ -55,12 +93,49 @@ class Session:
             raise InputError(
                 f"{self.path}: onnxruntime fell back to {self.session.get_providers()[0]} instead of {wanted}"
             )
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.inputs = [_spec(i) for i in self.session.get_inputs()]
+        self.outputs = [_spec(o) for o in self.session.get_outputs()]
+        self.input_names = [i.name for i in self.inputs]
+        self.output_names = [o.name for o in self.outputs]
+
+    def validate(self, feeds: dict[str, np.ndarray]) -> None:
+        """``InputError`` naming the input when ``feeds`` lacks one, has an unknown one, or one has
+        the wrong dtype or shape."""
+        unknown = sorted(set(feeds) - set(self.input_names))
+        if unknown:
+            raise InputError(f"unknown input {unknown[0]!r}; the model's inputs are {', '.join(self.input_names)}")
+        for spec in self.inputs:
+            if spec.name not in feeds:
+                raise InputError(f"missing input {spec.name!r}: expects {spec.describe()}")
+            array = feeds[spec.name]
+            if array.dtype != spec.dtype:
+                raise InputError(f"input {spec.name!r} expects {spec.describe()}, got {array.dtype.name} {tuple(array.shape)}")
+            if array.ndim != len(spec.shape) or any(d is not None and d != a for d, a in zip(spec.shape, array.shape)):
+                raise InputError(f"input {spec.name!r} expects {spec.describe()}, got {array.dtype.name} {tuple(array.shape)}")
+
+    def run_dict(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validated run: output name -> array."""
+        self.validate(feeds)
+        if self.provider == "cuda":
+            return dict(zip(self.output_names, self._run_bound(feeds)))
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """IO binding: inputs copied to the device once, outputs allocated there and copied back."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Outputs for positional ``inputs`` (in the order of the model's inputs)."""
         if len(inputs) != len(self.input_names):
             raise InputError(f"{self.path}: expects {len(self.input_names)} input(s) "
                              f"({', '.join(self.input_names)}), got {len(inputs)}")
-        return self.session.run(None, dict(zip(self.input_names, inputs)))
+        feeds = dict(zip(self.input_names, inputs))
+        if self.provider == "cuda":
+            return self._run_bound(feeds)
+        return self.session.run(None, feeds)

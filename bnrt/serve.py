@@ -1,0 +1,423 @@
+"""Deploy stage, served: ``bnrt serve`` speaks the KServe v2 / Open Inference Protocol over HTTP
+on Starlette + uvicorn, with Triton's binary tensor extension, so that the stock
+``tritonclient.http`` client works with ``binary_data`` True or False.
+
+Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``
+(metadata), ``…/ready``, ``POST …/infer``. Errors are ``{"error": "…"}`` with 400 (bad request),
+404 (unknown model), 413 (request too large) or 503 (queue full).
+
+Dynamic batching: requests for a model whose batch axis is dynamic are merged, up to
+``max_batch`` samples or ``max_delay_ms`` after the first one arrived, into one ORT run; each
+request gets its own slice of the outputs back. Requests with different per-sample shapes or
+dtypes are never merged. At most ``max_queue`` requests per model are in flight; more get 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError
+from .run import Session
+
+KSERVE_TYPES = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}
+DATATYPE_OF = {np.dtype(v): k for k, v in KSERVE_TYPES.items()}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class RequestError(Exception):
+    """A request the server refuses: ``status`` and a message for ``{"error": …}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ServedModel:
+    name: str
+    version: str
+    session: Session
+    batching: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        specs = self.session.inputs + self.session.outputs
+        self.batching = all(s.shape and s.shape[0] is None for s in specs)
+
+    def metadata(self) -> dict:
+        def tensor(spec):
+            return {"name": spec.name, "datatype": DATATYPE_OF.get(spec.dtype, "FP32"),
+                    "shape": [-1 if d is None else d for d in spec.shape]}
+        return {"name": self.name, "versions": [self.version], "platform": "onnxruntime_onnx",
+                "inputs": [tensor(s) for s in self.session.inputs],
+                "outputs": [tensor(s) for s in self.session.outputs]}
+
+
+def discover(path: str | os.PathLike, provider: str = "cpu", threads: int = 0) -> dict[str, dict[str, ServedModel]]:
+    """Models to serve: one ONNX file (named by its stem, version 1) or a Triton-style repository
+    ``REPO/NAME/VERSION/model.onnx``. Returns name -> version -> ServedModel."""
+    path = Path(path)
+    if path.is_file():
+        return {path.stem: {"1": ServedModel(path.stem, "1", Session(path, provider, threads))}}
+    if not path.is_dir():
+        raise InputError(f"{path}: no such ONNX file or model repository")
+    models: dict[str, dict[str, ServedModel]] = {}
+    for onnx_file in sorted(path.glob("*/*/model.onnx")):
+        version, name = onnx_file.parent.name, onnx_file.parent.parent.name
+        if version.isdigit():
+            models.setdefault(name, {})[version] = ServedModel(name, version, Session(onnx_file, provider, threads))
+    if not models:
+        raise InputError(f"{path}: no models found (expected REPO/NAME/VERSION/model.onnx)")
+    return models
+
+
+# --- request and response bodies ------------------------------------------------------------------
+
+def parse_request(body: bytes, header_length: str | None, model: ServedModel) -> tuple[dict, dict[str, np.ndarray]]:
+    """The JSON header and the input arrays of an infer request (JSON data or binary tensors)."""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise RequestError(400, f"{HEADER_LENGTH} is not an integer") from None
+        if not 0 <= n <= len(body):
+            raise RequestError(400, f"{HEADER_LENGTH} {n} is outside the body ({len(body)} bytes)")
+        head, binary = body[:n], memoryview(body)[n:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        request = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"malformed JSON: {exc}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise RequestError(400, "the request must be a JSON object with an 'inputs' list")
+    feeds, offset = {}, 0
+    for item in request["inputs"]:
+        if not isinstance(item, dict):
+            raise RequestError(400, "each input must be a JSON object")
+        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise RequestError(400, f"input {name!r} needs a name, a datatype and a shape of non-negative integers")
+        if datatype not in KSERVE_TYPES:
+            raise RequestError(400, f"input {name!r}: datatype {datatype!r} is not supported")
+        dtype = np.dtype(KSERVE_TYPES[datatype])
+        count = int(np.prod(shape, dtype=np.int64))
+        params = item.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
+                raise RequestError(400, f"input {name!r}: binary_data_size {size} does not fit shape {shape} "
+                                        f"of {datatype} or the body")
+            array = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        else:
+            data = item.get("data")
+            if data is None:
+                raise RequestError(400, f"input {name!r} has no data")
+            try:
+                array = np.asarray(data, dtype=dtype)
+            except (TypeError, ValueError, OverflowError):
+                raise RequestError(400, f"input {name!r}: data is not {datatype}") from None
+            if array.size != count:
+                raise RequestError(400, f"input {name!r}: {array.size} values for shape {shape}")
+            array = array.reshape(shape)
+        if name in feeds:
+            raise RequestError(400, f"input {name!r} given twice")
+        feeds[name] = array
+    try:
+        model.session.validate(feeds)
+    except InputError as exc:
+        raise RequestError(400, str(exc)) from None
+    return request, feeds
+
+
+def build_response(request: dict, model: ServedModel, outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
+    """Response body and, when any output goes as binary data, the JSON header's length."""
+    wanted = request.get("outputs")
+    params = request.get("parameters") if isinstance(request.get("parameters"), dict) else {}
+    default_binary = bool(params.get("binary_data_output", False))
+    if wanted is None:
+        selection = [(name, default_binary) for name in outputs]
+    else:
+        if not isinstance(wanted, list):
+            raise RequestError(400, "'outputs' must be a list")
+        selection = []
+        for item in wanted:
+            name = item.get("name") if isinstance(item, dict) else None
+            if name not in outputs:
+                raise RequestError(400, f"unknown output {name!r}; the model's outputs are {', '.join(outputs)}")
+            p = item.get("parameters") or {}
+            selection.append((name, bool(p.get("binary_data", default_binary)) if isinstance(p, dict) else default_binary))
+    entries, blobs = [], []
+    for name, binary in selection:
+        array = np.ascontiguousarray(outputs[name])
+        entry = {"name": name, "datatype": DATATYPE_OF[array.dtype], "shape": list(array.shape)}
+        if binary:
+            blob = array.tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = array.ravel().tolist()
+        entries.append(entry)
+    response = {"model_name": model.name, "model_version": model.version, "outputs": entries}
+    if "id" in request:
+        response["id"] = request["id"]
+    head = json.dumps(response).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)
+
+
+# --- dynamic batching -----------------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    feeds: dict[str, np.ndarray]
+    future: asyncio.Future
+
+    @property
+    def size(self) -> int:
+        return int(next(iter(self.feeds.values())).shape[0]) if self.feeds else 1
+
+    @property
+    def signature(self) -> tuple:
+        return tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(self.feeds.items()))
+
+
+class Batcher:
+    """Merges requests for one model into ORT runs (see module doc). ``submit`` awaits the
+    request's own outputs; raises ``RequestError(503)`` when ``max_queue`` requests are in flight."""
+
+    def __init__(self, model: ServedModel, max_batch: int, max_delay_ms: float, max_queue: int):
+        self.model, self.max_batch, self.max_delay = model, max_batch, max_delay_ms / 1000
+        self.max_queue = max_queue
+        self.in_flight = 0
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.held: deque[_Pending] = deque()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.in_flight >= self.max_queue:
+            raise RequestError(503, f"model {self.model.name!r} has {self.in_flight} requests queued; retry later")
+        self.in_flight += 1
+        try:
+            pending = _Pending(feeds, asyncio.get_running_loop().create_future())
+            await self.queue.put(pending)
+            return await pending.future
+        finally:
+            self.in_flight -= 1
+
+    async def _next(self, timeout: float | None) -> _Pending | None:
+        if self.held:
+            return self.held.popleft()
+        try:
+            return await (asyncio.wait_for(self.queue.get(), timeout) if timeout is not None else self.queue.get())
+        except asyncio.TimeoutError:
+            return None
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next(None)
+            batch, total = [first], first.size
+            if self.model.batching:
+                deadline = loop.time() + self.max_delay
+                postponed = []
+                while total < self.max_batch:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0 and self.queue.empty() and not self.held:
+                        break
+                    item = await self._next(max(remaining, 0))
+                    if item is None:
+                        break
+                    if item.signature != first.signature or total + item.size > self.max_batch:
+                        postponed.append(item)
+                        if total + item.size > self.max_batch:
+                            break
+                        continue
+                    batch.append(item)
+                    total += item.size
+                self.held.extendleft(reversed(postponed))
+            await self._run(batch)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        if len(batch) == 1:
+            feeds = batch[0].feeds
+        else:
+            feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
+        try:
+            outputs = await loop.run_in_executor(None, self.model.session.run_dict, feeds)
+        except Exception as exc:  # an ORT failure fails the requests of this batch, not the server
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(RequestError(400, f"inference failed: {exc}"))
+            return
+        start = 0
+        for p in batch:
+            n = p.size
+            if not p.future.done():
+                p.future.set_result({k: v[start:start + n] if len(batch) > 1 else v for k, v in outputs.items()})
+            start += n
+
+
+# --- the ASGI application -------------------------------------------------------------------------
+
+def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32, max_delay_ms: float = 2.0,
+               max_queue: int = 256, max_request_bytes: int = 64 << 20):
+    """The Starlette application serving ``models`` (see ``discover``)."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    batchers = {(m.name, m.version): Batcher(m, max_batch, max_delay_ms, max_queue)
+                for versions in models.values() for m in versions.values()}
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def find(request: Request) -> ServedModel:
+        name = request.path_params["name"]
+        version = request.path_params.get("version")
+        versions = models.get(name)
+        if not versions:
+            raise RequestError(404, f"unknown model {name!r}")
+        if version is None or version == "":
+            return versions[max(versions, key=int)]
+        if version not in versions:
+            raise RequestError(404, f"model {name!r} has no version {version!r}")
+        return versions[version]
+
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse({"name": "bnrt", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def live(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def model_metadata(request: Request) -> Response:
+        try:
+            model = find(request)
+        except RequestError as exc:
+            return error(exc.status, str(exc))
+        meta = model.metadata()
+        meta["versions"] = sorted(models[model.name], key=int)
+        return JSONResponse(meta)
+
+    async def model_ready(request: Request) -> Response:
+        try:
+            find(request)
+        except RequestError as exc:
+            return error(exc.status, str(exc))
+        return Response(status_code=200)
+
+    async def infer(request: Request) -> Response:
+        try:
+            model = find(request)
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
+                raise RequestError(413, f"request of {declared} bytes exceeds the limit of {max_request_bytes}")
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_request_bytes:
+                    raise RequestError(413, f"request exceeds the limit of {max_request_bytes} bytes")
+                chunks.append(chunk)
+            body = b"".join(chunks)
+            parsed, feeds = parse_request(body, request.headers.get(HEADER_LENGTH), model)
+            if model.batching and not all(a.shape[0] for a in feeds.values()):
+                raise RequestError(400, "empty batch")
+            outputs = await batchers[(model.name, model.version)].submit(feeds)
+            payload, head_length = build_response(parsed, model, outputs)
+        except RequestError as exc:
+            return error(exc.status, str(exc))
+        if head_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head_length)})
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for b in batchers.values():
+            b.start()
+        yield
+        for b in batchers.values():
+            await b.stop()
+
+    routes = [
+        Route("/v2", server_metadata),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", live),
+        Route("/v2/models/{name}", model_metadata),
+        Route("/v2/models/{name}/versions/{version}", model_metadata),
+        Route("/v2/models/{name}/ready", model_ready),
+        Route("/v2/models/{name}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, provider: str = "cpu",
+          threads: int = 0, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
+          max_request_bytes: int = 64 << 20, announce=print) -> None:
+    """Serve the model(s) at ``path`` until SIGINT/SIGTERM (uvicorn's handlers shut down cleanly)."""
+    import uvicorn
+
+    for value, flag in ((max_batch, "--max-batch"), (max_queue, "--max-queue"), (max_request_bytes, "--max-request-mb")):
+        if value <= 0:
+            raise InputError(f"{flag} must be positive")
+    if max_delay_ms < 0:
+        raise InputError("--max-delay-ms cannot be negative")
+    models = discover(path, provider, threads)
+    app = create_app(models, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                     max_request_bytes=max_request_bytes)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it, Nagle and
+    # delayed ACKs hold every response (header and body are two writes) for 40 ms
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    names = ", ".join(f"{n} (v{', v'.join(sorted(v, key=int))})" for n, v in models.items())
+    announce(f"serving {names} at http://{host}:{port} (KServe v2; Ctrl-C stops)")
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that
+    # was in place before it: a no-op one here, so that a requested stop exits with status 0
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,99 @@
+"""Deploy stage, for Triton: a model repository ``REPO/NAME/config.pbtxt`` + ``REPO/NAME/1/model.onnx``.
+
+The config is a ``ModelConfig`` message of Triton's own schema (``model_config_pb2``, shipped by
+``tritonclient[grpc]``) written with protobuf's text format, derived from the ONNX inputs and
+outputs: names, ``TYPE_*`` data types, dims with -1 for dynamic axes; with ``max_batch_size`` > 0
+the batch axis is left out of dims (Triton adds it) and dynamic batching is on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .run import Session
+
+TRITON_TYPES = {
+    np.dtype(np.float32): "TYPE_FP32", np.dtype(np.float64): "TYPE_FP64", np.dtype(np.float16): "TYPE_FP16",
+    np.dtype(np.int64): "TYPE_INT64", np.dtype(np.int32): "TYPE_INT32", np.dtype(np.int16): "TYPE_INT16",
+    np.dtype(np.int8): "TYPE_INT8", np.dtype(np.uint8): "TYPE_UINT8", np.dtype(np.uint16): "TYPE_UINT16",
+    np.dtype(np.uint32): "TYPE_UINT32", np.dtype(np.uint64): "TYPE_UINT64", np.dtype(np.bool_): "TYPE_BOOL",
+}
+
+
+def model_config_pb2():
+    try:
+        from tritonclient.grpc import model_config_pb2 as schema
+    except ImportError as exc:
+        raise InputError("bnrt triton needs Triton's model-config schema: pip install 'bnrt[triton]'") from exc
+    return schema
+
+
+def build_config(session: Session, name: str, max_batch: int = 8, gpu: bool = False, instances: int = 1):
+    """The ``ModelConfig`` message for ``session``'s model. ``max_batch`` is used only when every
+    input and output has a dynamic first axis; otherwise the model is not batched (0)."""
+    schema = model_config_pb2()
+    specs = session.inputs + session.outputs
+    batched = max_batch > 0 and all(s.shape and s.shape[0] is None for s in specs)
+    config = schema.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime",
+                                max_batch_size=max_batch if batched else 0)
+
+    def dims(spec):
+        shape = spec.shape[1:] if batched else spec.shape
+        return [-1 if d is None else d for d in shape]
+
+    for spec, field in [(s, config.input) for s in session.inputs] + [(s, config.output) for s in session.outputs]:
+        if spec.dtype not in TRITON_TYPES:
+            raise InputError(f"{session.path}: tensor {spec.name!r} has dtype {spec.dtype}, which Triton's "
+                             "ONNX backend does not take")
+        entry = field.add()
+        entry.name = spec.name
+        entry.data_type = schema.DataType.Value(TRITON_TYPES[spec.dtype])
+        entry.dims.extend(dims(spec))
+    group = config.instance_group.add()
+    group.count = instances
+    group.kind = schema.ModelInstanceGroup.KIND_GPU if gpu else schema.ModelInstanceGroup.KIND_CPU
+    if batched:
+        config.dynamic_batching.SetInParent()
+    return config
+
+
+def write_repository(onnx_path: str | os.PathLike, repo: str | os.PathLike, *, name: str | None = None,
+                     max_batch: int = 8, gpu: bool = False, instances: int = 1) -> Path:
+    """Write ``repo/NAME`` (config.pbtxt, 1/model.onnx) for the ONNX file; returns the model
+    folder. The folder is built beside its final place and renamed in, so it is never partial;
+    an existing ``repo/NAME`` is an error."""
+    from google.protobuf import text_format
+
+    src = Path(onnx_path)
+    if instances <= 0 or max_batch < 0:
+        raise InputError("--instances must be positive and --max-batch not negative")
+    session = Session(src, "cpu")
+    name = name or src.name.split(".")[0]
+    if not name or "/" in name or name in (".", ".."):
+        raise InputError(f"--name {name!r} is not a model name")
+    repo = Path(repo)
+    target = repo / name
+    if target.exists():
+        raise InputError(f"{target}: already exists; remove it or choose another --name")
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    except OSError as exc:
+        raise InputError(f"{repo}: cannot write the repository ({exc.strerror})") from exc
+    try:
+        (stage / "1").mkdir()
+        shutil.copyfile(src, stage / "1" / "model.onnx")
+        config = build_config(session, name, max_batch, gpu, instances)
+        (stage / "config.pbtxt").write_text(text_format.MessageToString(config))
+        stage.chmod(0o755)
+        os.replace(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,248 @@
+"""`bnrt serve` as a subprocess on 127.0.0.1, driven by the stock tritonclient.http client; `bnrt
+run`; `bnrt triton` parsed back against Triton's model-config schema."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as httpclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
+
+import bnrt
+from bnrt.run import Session
+
+from .conftest import EXAMPLE, ROOT, assert_one_line_error, run_cli
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+class Server:
+    def __init__(self, target: Path, *flags: str):
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen([sys.executable, "-m", "bnrt", "serve", str(target), "--port", "0", *flags],
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert found, (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
+        self.port = int(found.group(1))
+        self.url = f"127.0.0.1:{self.port}"
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpclient.InferenceServerClient(self.url).is_server_ready():
+                    return
+            except Exception:
+                time.sleep(0.1)
+        raise AssertionError("server did not become ready")
+
+    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        return response.status, data
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        finally:
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model")
+    outcome = bnrt.fold_file(EXAMPLE, out, run_check=False, exporter="torchscript")
+    assert outcome.onnx_batchnorm_nodes == 0
+    return out / "digits_cnn.onnx"
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model):
+    srv = Server(onnx_model, "--max-delay-ms", "5", "--max-request-mb", "1")
+    yield srv
+    assert srv.stop() == 0
+
+
+def _infer(url: str, x: np.ndarray, binary: bool, model: str = "digits_cnn") -> np.ndarray:
+    client = httpclient.InferenceServerClient(url)
+    inp = httpclient.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    out = httpclient.InferRequestedOutput("output", binary_data=binary)
+    return client.infer(model, [inp], outputs=[out]).as_numpy("output")
+
+
+def test_metadata_health_and_readiness(server):
+    client = httpclient.InferenceServerClient(server.url)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("digits_cnn") and client.is_model_ready("digits_cnn", "1")
+    assert not client.is_model_ready("nope")
+    meta = client.get_model_metadata("digits_cnn")
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]
+    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_outputs_equal_in_process_ort(server, onnx_model, binary):
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    expected = Session(onnx_model).run([x])[0]
+    np.testing.assert_allclose(_infer(server.url, x, binary), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_concurrent_clients_get_their_own_results(server, onnx_model):
+    rng = np.random.default_rng(1)
+    inputs = [rng.random((1 + i % 3, 1, 8, 8), dtype=np.float32) for i in range(48)]
+    session = Session(onnx_model)
+    expected = [session.run([x])[0] for x in inputs]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda ix: _infer(server.url, inputs[ix], ix % 2 == 0), range(len(inputs))))
+    for got, want in zip(results, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _json_request(shape, datatype="FP32", name="x", count=None):
+    n = int(np.prod(shape)) if count is None else count
+    return json.dumps({"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": [0.5] * n}]}).encode()
+
+
+@pytest.mark.parametrize("case,status,fragment", [
+    ("wrong shape", 400, "input 'x' expects float32 (N, 1, 8, 8), got float32 (1, 1, 8, 9)"),
+    ("wrong dtype", 400, "input 'x' expects float32 (N, 1, 8, 8), got float64 (1, 1, 8, 8)"),
+    ("wrong name", 400, "unknown input 'image'"),
+    ("malformed json", 400, "malformed JSON"),
+    ("too few values", 400, "input 'x': 3 values for shape [1, 1, 8, 8]"),
+    ("unknown model", 404, "unknown model 'nope'"),
+    ("unknown version", 404, "model 'digits_cnn' has no version '7'"),
+    ("oversize", 413, "exceeds the limit of 1048576"),
+    ("bad binary size", 400, "binary_data_size"),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, case, status, fragment):
+    path = "/v2/models/digits_cnn/infer"
+    headers = {"Content-Type": "application/json"}
+    body = {
+        "wrong shape": lambda: _json_request([1, 1, 8, 9]),
+        "wrong dtype": lambda: _json_request([1, 1, 8, 8], "FP64"),
+        "wrong name": lambda: _json_request([1, 1, 8, 8], name="image"),
+        "malformed json": lambda: b'{"inputs": [',
+        "too few values": lambda: _json_request([1, 1, 8, 8], count=3),
+        "unknown model": lambda: _json_request([1, 1, 8, 8]),
+        "unknown version": lambda: _json_request([1, 1, 8, 8]),
+        "oversize": lambda: b"x" * (2 << 20),
+        "bad binary size": lambda: None,
+    }[case]()
+    if case == "unknown model":
+        path = "/v2/models/nope/infer"
+    elif case == "unknown version":
+        path = "/v2/models/digits_cnn/versions/7/infer"
+    elif case == "bad binary size":
+        head = json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 100}}]}).encode()
+        body = head + b"\0" * 100
+        headers["Inference-Header-Content-Length"] = str(len(head))
+    code, data = server.raw("POST", path, body, headers)
+    assert code == status
+    assert fragment in json.loads(data)["error"]
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    assert _infer(server.url, x, True).shape == (1, 10)
+
+
+def test_full_queue_answers_503_not_a_hang(onnx_model):
+    srv = Server(onnx_model, "--max-queue", "2", "--max-delay-ms", "1500", "--max-batch", "64")
+    try:
+        body = _json_request([1, 1, 8, 8])
+        with ThreadPoolExecutor(6) as pool:
+            codes = sorted(pool.map(lambda _: srv.raw("POST", "/v2/models/digits_cnn/infer", body,
+                                                        {"Content-Type": "application/json"})[0], range(6)))
+        assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) <= {200, 503}
+        assert _infer(srv.url, np.zeros((1, 1, 8, 8), np.float32), False).shape == (1, 10)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_triton_repository_round_trip_and_serving_it(tmp_path, onnx_model):
+    proc = run_cli("triton", str(onnx_model), "-o", str(tmp_path / "repo"), "--name", "digits", "--max-batch", "16",
+                   "--instances", "2")
+    assert proc.returncode == 0, proc.stderr
+    config = text_format.Parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.platform, config.backend, config.max_batch_size) == (
+        "digits", "onnxruntime_onnx", "onnxruntime", 16)
+    assert [(i.name, model_config_pb2.DataType.Name(i.data_type), list(i.dims)) for i in config.input] == [
+        ("x", "TYPE_FP32", [1, 8, 8])]
+    assert [(o.name, model_config_pb2.DataType.Name(o.data_type), list(o.dims)) for o in config.output] == [
+        ("output", "TYPE_FP32", [10])]
+    assert config.instance_group[0].count == 2
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert config.HasField("dynamic_batching")
+    assert (tmp_path / "repo" / "digits" / "1" / "model.onnx").read_bytes() == onnx_model.read_bytes()
+    again = run_cli("triton", str(onnx_model), "-o", str(tmp_path / "repo"), "--name", "digits")
+    assert_one_line_error(again, "digits: already exists")
+    srv = Server(tmp_path / "repo")
+    try:
+        x = np.random.default_rng(2).random((3, 1, 8, 8), dtype=np.float32)
+        np.testing.assert_allclose(_infer(srv.url, x, True, "digits"), Session(onnx_model).run([x])[0], rtol=1e-5, atol=1e-6)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_fixed_batch_model_is_not_batched_in_triton_config(tmp_path):
+    import torch
+
+    model = torch.nn.Linear(3, 2).eval()
+    bnrt.export_onnx(model, (torch.randn(2, 3),), tmp_path / "fixed.onnx", names=(["x"], ["y"]), dynamic_batch=False,
+                     exporter="torchscript")
+    from bnrt.triton import build_config
+
+    config = build_config(Session(tmp_path / "fixed.onnx"), "fixed", max_batch=8, gpu=True)
+    assert config.max_batch_size == 0 and list(config.input[0].dims) == [2, 3]
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert not config.HasField("dynamic_batching")
+
+
+def test_bnrt_run_writes_named_outputs(tmp_path, onnx_model):
+    x = np.random.default_rng(3).random((4, 1, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    proc = run_cli("run", str(onnx_model), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "out.npz"))
+    assert proc.returncode == 0, proc.stderr
+    out = np.load(tmp_path / "out.npz")
+    assert out.files == ["output"]
+    np.testing.assert_allclose(out["output"], Session(onnx_model).run([x])[0], rtol=1e-6)
+    np.save(tmp_path / "bad.npy", np.zeros((4, 1, 8, 9), np.float32))
+    bad = run_cli("run", str(onnx_model), "--input", str(tmp_path / "bad.npy"), "-o", str(tmp_path / "o2.npz"))
+    assert_one_line_error(bad, "bad.npy: input 'x' expects float32 (N, 1, 8, 8), got float32 (4, 1, 8, 9)")
+    assert not (tmp_path / "o2.npz").exists()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
+def test_serving_on_cuda_without_cuda_is_refused(onnx_model):
+    proc = run_cli("serve", str(onnx_model), "--provider", "cuda", "--port", "0")
+    assert_one_line_error(proc, "--provider cuda: CUDAExecutionProvider is not available")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device")
+def test_cuda_io_binding_matches_cpu(onnx_model):
+    x = np.random.default_rng(4).random((2, 1, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(Session(onnx_model, "cuda").run([x])[0], Session(onnx_model).run([x])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_port_in_use_is_one_line(onnx_model, server):
+    proc = run_cli("serve", str(onnx_model), "--port", str(server.port))
+    assert_one_line_error(proc, f"cannot listen on 127.0.0.1:{server.port}")

@@ -1,0 +1,151 @@
+"""Serving throughput and latency of `bnrt serve` against in-process onnxruntime, side by side.
+
+    python -m tools.bench_serve [MODEL.onnx ...] [--requests 600] [-o docs/SERVING.md]
+
+Starts `bnrt serve` on 127.0.0.1 (a free port), then for 1, 8 and 32 concurrent clients (threads,
+each with its own tritonclient.http client, batch-1 requests, binary tensors) measures requests/s
+and p50/p99 latency. In-process ORT runs the same model at batch 1…256 in the same process as the
+clients; the best samples/s is the reference. Without MODEL, the bundled digits example and the zoo's
+ResNet are folded and exported first. Server, clients and the in-process run share this machine's
+cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import bnrt
+from bnrt.run import Session
+from bnrt.save import atomic_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def in_process(model: Path, seconds: float = 1.5) -> dict[int, float]:
+    session = Session(model)
+    spec = session.inputs[0]
+    rates = {}
+    for batch in (1, 8, 32, 128, 256):
+        x = np.random.default_rng(0).random((batch, *spec.shape[1:]), dtype=np.float32)
+        session.run([x])
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            session.run([x])
+            n += batch
+        rates[batch] = n / (time.perf_counter() - start)
+    return rates
+
+
+def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "bnrt", "serve", str(model), "--port", "0", *flags],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    port = re.search(r":(\d+) ", proc.stdout.readline()).group(1)
+    import tritonclient.http as httpclient
+
+    for _ in range(300):
+        try:
+            if httpclient.InferenceServerClient(f"127.0.0.1:{port}").is_server_ready():
+                break
+        except Exception:
+            time.sleep(0.1)
+    return proc, f"127.0.0.1:{port}"
+
+
+def load(url: str, name: str, shape: tuple[int, ...], clients: int, requests: int) -> dict:
+    import tritonclient.http as httpclient
+
+    x = np.random.default_rng(1).random((1, *shape), dtype=np.float32)
+    per_client = max(1, requests // clients)
+    latencies: list[float] = []
+
+    def client_loop(_):
+        client = httpclient.InferenceServerClient(url)
+        inp = httpclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        out = [httpclient.InferRequestedOutput("output", binary_data=True)]
+        mine = []
+        for _ in range(per_client):
+            t = time.perf_counter()
+            client.infer(name, [inp], outputs=out)
+            mine.append(time.perf_counter() - t)
+        return mine
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for mine in pool.map(client_loop, range(clients)):
+            latencies.extend(mine)
+    wall = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {"clients": clients, "requests": len(latencies), "rps": len(latencies) / wall,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def bench(model: Path, requests: int, max_delay_ms: float) -> str:
+    name = model.stem
+    shape = Session(model).inputs[0].shape[1:]
+    rates = in_process(model)
+    proc, url = start_server(model, "--max-delay-ms", str(max_delay_ms))
+    try:
+        rows = [load(url, name, shape, c, requests) for c in (1, 8, 32)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    best_batch = max(rates, key=rates.get)
+    lines = [f"### {name}", "", "| clients | requests | requests/s | p50 ms | p99 ms | / in-process ORT best |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['rps'] / rates[best_batch]:.3f} |")
+    lines += ["", "In-process ORT, samples/s by batch: " + ", ".join(f"{b}: {v:.0f}" for b, v in rates.items())
+              + f" (best: batch {best_batch})", ""]
+    return "\n".join(lines)
+
+
+def default_models(tmp: Path) -> list[Path]:
+    import torch
+
+    from models.zoo import build
+
+    bnrt.fold_file(ROOT / "models" / "digits_cnn.pt", tmp, run_check=False, exporter="torchscript")
+    resnet = bnrt.fold(build("resnet"), (torch.randn(2, 3, 32, 32),)).model
+    bnrt.export_onnx(resnet, (torch.randn(2, 3, 32, 32),), tmp / "resnet.onnx", names=(["x"], ["output"]),
+                     exporter="torchscript")
+    return [tmp / "digits_cnn.onnx", tmp / "resnet.onnx"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*")
+    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--max-delay-ms", type=float, default=2.0)
+    parser.add_argument("-o", "--output", default="docs/SERVING.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [Path(m) for m in args.models] or default_models(Path(tmp))
+        table = "\n".join(bench(m, args.requests, args.max_delay_ms) for m in models)
+    print(table)
+    doc = (f"# Serving benchmark\n\nGenerated by `python -m tools.bench_serve` (onnxruntime {ort.__version__}, "
+           f"{os.cpu_count()} cores, dynamic batching with --max-delay-ms {args.max_delay_ms}).\n\n"
+           + __doc__.split("\n\n", 2)[2] + "\n" + table)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text(doc)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

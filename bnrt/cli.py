@@ -156,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     tri.add_argument("--gpu", action="store_true", help="instance_group kind KIND_GPU (default KIND_CPU)")
     tri.add_argument("--instances", type=int, default=1, help="instances of the model (default 1)")
 
+    ben = sub.add_parser("bench", help="latency and throughput of every deployment path, side by side")
+    ben.add_argument("model", help="checkpoint")
+    _model_args(ben)
+    ben.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
+    ben.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads (default 1)")
+    ben.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
+    ben.add_argument("--iterations", type=int, default=20, help="timed calls per variant per round (default 20)")
+    ben.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    ben.add_argument("--plot", metavar="FILE.png", help="write a latency chart (needs matplotlib)")
+
     insp = sub.add_parser("inspect", help="list BatchNorms and what fold would do; writes nothing")
     insp.add_argument("model", help="checkpoint")
     _model_args(insp)
@@ -285,6 +295,33 @@ def cmd_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_model, markdown, plot
+    from .pipeline import make_inputs, torch_side, InputSpec as Spec
+    from .load import load_model
+    from .save import write_json
+
+    try:
+        batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise InputError(f"--batch-sizes {args.batch_sizes!r}: expected integers like 1,8,32") from None
+    if not batches or min(batches) <= 0 or args.threads <= 0 or args.repeats <= 0 or args.iterations <= 0:
+        raise InputError("--batch-sizes, --threads, --repeats and --iterations must be positive")
+    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+    side = torch_side("torch", loaded, args.input_shape)
+    data = make_inputs(Spec(data=args.data, samples=2), side.input_names, side.input_shapes, where=args.model)
+    if len(data.inputs) != 1:
+        raise InputError(f"{args.model}: bnrt bench handles single-input models")
+    report = bench_model(loaded.model, data.shapes()[0], name=Path(args.model).stem, batch_sizes=batches,
+                         threads=args.threads, repeats=args.repeats, iterations=args.iterations)
+    print(markdown(report))
+    if args.json:
+        write_json(Path(args.json), report.to_json())
+    if args.plot:
+        plot([report], Path(args.plot))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .pipeline import inspect_file
     from .report import decision_table
@@ -298,7 +335,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"fold": cmd_fold, "check": cmd_check, "calibrate": cmd_calibrate, "run": cmd_run, "serve": cmd_serve,
-            "triton": cmd_triton, "inspect": cmd_inspect}
+            "triton": cmd_triton, "bench": cmd_bench, "inspect": cmd_inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

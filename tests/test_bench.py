@@ -1,0 +1,49 @@
+"""Smoke tests of the benchmark: structure of the report on a tiny model, no timing assertions."""
+
+import json
+
+import torch
+from torch import nn
+
+from bnrt.bench import bench_model, bn_free, markdown
+
+from .conftest import EXAMPLE, run_cli
+
+VARIANTS = ["torch eager", "torch eager, bnrt folded", "torch.fx fuse", "ORT, torch.onnx.export (cpu)",
+            "ORT, bnrt (cpu)", "ORT, BN-free limit (cpu)"]
+
+
+def test_bench_report_structure_on_a_tiny_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    report = bench_model(model.eval(), (1, 3, 6, 6), name="tiny", batch_sizes=(1, 4), repeats=1, iterations=2, cuda=False)
+    assert [(r.variant, r.batch) for r in report.rows] == [(v, b) for b in (1, 4) for v in VARIANTS]
+    for r in report.rows:
+        assert 0 < r.p50_ms <= r.p90_ms <= r.p99_ms
+        assert r.throughput > 0
+    assert report.environment["threads"] == 1 and report.unavailable == {}
+    table = markdown(report)
+    assert table.count("\n| ") == 2 + len(report.rows) - 1
+    assert report.ratio("ORT, bnrt (cpu)", "ORT, bnrt (cpu)", 4) == 1.0
+
+
+def test_bn_free_replaces_every_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
+    free = bn_free(model)
+    assert [type(m) for m in free.modules()].count(nn.Identity) == 2
+    assert isinstance(model[1], nn.BatchNorm2d)
+
+
+def test_torch_fx_fuse_failure_is_reported_not_fatal():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False))
+    report = bench_model(model.eval(), (1, 3), name="affine-free", batch_sizes=(2,), repeats=1, iterations=1, cuda=False)
+    assert "torch.fx fuse" in report.unavailable
+    assert "torch.fx fuse" not in {r.variant for r in report.rows}
+
+
+def test_bench_cli_smoke(tmp_path):
+    proc = run_cli("bench", str(EXAMPLE), "--batch-sizes", "1,2", "--repeats", "1", "--iterations", "2",
+                   "--json", str(tmp_path / "b.json"))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["model"] == "digits_cnn" and len(data["rows"]) == 2 * len(VARIANTS)
+    assert "| ORT, bnrt (cpu) | 1 |" in proc.stdout

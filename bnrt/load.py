@@ -22,6 +22,7 @@ import pickle
 import re
 import sys
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -165,7 +166,17 @@ def _torch_load(path: Path, *, weights_only: bool) -> Any:
         raise InputError(f"{path}: not a torch checkpoint ({first_line(exc)})") from exc
     except Exception as exc:  # torch.load surfaces many error types for corrupt archives
         what = "truncated or corrupt torch checkpoint" if is_zip or isinstance(exc, EOFError) else "not a torch checkpoint"
+        if is_zip and _readable_zip(path):
+            what = "a zip archive but not a torch checkpoint"
         raise InputError(f"{path}: {what} ({type(exc).__name__}: {first_line(exc)})") from exc
+
+
+def _readable_zip(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
 
 
 def _after(text: str, marker: str) -> str:

@@ -294,6 +294,7 @@ def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
@@ -381,7 +382,11 @@ def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32
         Route("/v2/models/{name}/infer", infer, methods=["POST"]),
         Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    async def http_error(request: Request, exc) -> Response:
+        # unmatched paths and methods also answer in the protocol's error shape
+        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
 
 def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, provider: str = "cpu",

@@ -1,0 +1,179 @@
+"""A corpus of bad inputs across every command: each gets exit code 2, one line on stderr naming
+the file and the problem, no traceback, and leaves no output file behind."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import bnrt
+
+from .conftest import EXAMPLE, assert_one_line_error, run_cli
+
+
+def _state(tmp: Path, name: str, mutate) -> Path:
+    ckpt = torch.load(EXAMPLE, weights_only=True)
+    mutate(ckpt)
+    torch.save(ckpt, tmp / name)
+    return tmp / name
+
+
+def _cycle_onnx(tmp: Path) -> Path:
+    nodes = [helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Add", ["x", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(tmp / "cycle.onnx"))
+    return tmp / "cycle.onnx"
+
+
+def _missing_initializer_onnx(tmp: Path) -> Path:
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"]),
+             helper.make_node("BatchNormalization", ["h", "s", "b", "m", "v"], ["y"])]
+    inits = [numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")] + [
+        numpy_helper.from_array(np.ones(2, np.float32), n) for n in ("s", "b", "m")]  # "v" is missing
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp / "noinit.onnx"))
+    return tmp / "noinit.onnx"
+
+
+def _folded_onnx(tmp: Path) -> Path:
+    bnrt.fold_file(EXAMPLE, tmp / "good", run_check=False, exporter="torchscript")
+    return tmp / "good" / "digits_cnn.onnx"
+
+
+def _truncated(tmp: Path, src: Path, name: str) -> Path:
+    data = src.read_bytes()
+    (tmp / name).write_bytes(data[: len(data) // 2])
+    return tmp / name
+
+
+def _zip(tmp: Path) -> Path:
+    with zipfile.ZipFile(tmp / "notes.pt", "w") as z:
+        z.writestr("readme.txt", "not a model")
+    return tmp / "notes.pt"
+
+
+def _npz(tmp: Path, name: str, **arrays) -> Path:
+    np.savez(tmp / name, **arrays)
+    return tmp / name
+
+
+def _file(tmp: Path, name: str, data: bytes) -> Path:
+    (tmp / name).write_bytes(data)
+    return tmp / name
+
+
+def _pickled_function_arch(tmp: Path, arch: str) -> Path:
+    torch.save({"state_dict": torch.load(EXAMPLE, weights_only=True)["state_dict"], "arch": arch,
+                "input_shape": [1, 1, 8, 8]}, tmp / "arch.pt")
+    return tmp / "arch.pt"
+
+
+def _pickled_module(tmp: Path) -> Path:
+    torch.save(bnrt.load_model(EXAMPLE).model, tmp / "module.pt")
+    return tmp / "module.pt"
+
+
+def _digits_npz(tmp: Path) -> Path:
+    return _npz(tmp, "digits.npz", x=np.zeros((4, 1, 8, 8), np.float32))
+
+
+# (id, argv builder, fragments of the one error line, paths that must not exist afterwards)
+CORPUS = [
+    ("fold truncated checkpoint", lambda t: ["fold", _truncated(t, EXAMPLE, "cut.pt"), "-o", t / "o"],
+     ["cut.pt: truncated or corrupt torch checkpoint"], ["o"]),
+    ("fold random bytes", lambda t: ["fold", _file(t, "rand.pt", bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))), "-o", t / "o"],
+     ["rand.pt: not a torch checkpoint"], ["o"]),
+    ("fold zip that is not a torch archive", lambda t: ["fold", _zip(t), "-o", t / "o"],
+     ["notes.pt: a zip archive but not a torch checkpoint"], ["o"]),
+    ("fold NaN running_var", lambda t: ["fold", _state(t, "nan.pt", lambda c: c["state_dict"]["stem.1.running_var"].__setitem__(0, float("nan"))), "-o", t / "o"],
+     ["BatchNorm 'stem.1': running_var holds NaN or Inf"], ["o"]),
+    ("fold Inf running_mean", lambda t: ["fold", _state(t, "inf.pt", lambda c: c["state_dict"]["fc_bn.running_mean"].__setitem__(3, float("inf"))), "-o", t / "o"],
+     ["BatchNorm 'fc_bn': running_mean holds NaN or Inf"], ["o"]),
+    ("fold negative running_var", lambda t: ["fold", _state(t, "neg.pt", lambda c: c["state_dict"]["depthwise.1.running_var"].__setitem__(2, -1.0)), "-o", t / "o"],
+     ["BatchNorm 'depthwise.1': running_var is negative"], ["o"]),
+    ("fold mismatched --input-shape", lambda t: ["fold", EXAMPLE, "--input-shape", "1,2,8,8", "-o", t / "o"],
+     ["model DigitsNet fails on inputs of shape (2, 2, 8, 8)"], ["o"]),
+    ("fold unwritable output folder", lambda t: ["fold", EXAMPLE, "-o", _file(t, "plain", b"x") / "sub"],
+     ["cannot create output folder"], []),
+    ("fold pickled module without --trust-pickle", lambda t: ["fold", _pickled_module(t), "-o", t / "o"],
+     ["module.pt: holds pickled Python objects", "--trust-pickle"], ["o"]),
+    ("fold arch naming a function", lambda t: ["fold", _pickled_function_arch(t, "os:getcwd"), "-o", t / "o"],
+     ["arch 'os:getcwd' is not an nn.Module subclass"], ["o"]),
+    ("fold arch naming a non-Module class", lambda t: ["fold", _pickled_function_arch(t, "collections:OrderedDict"), "-o", t / "o"],
+     ["arch 'collections:OrderedDict' is not an nn.Module subclass"], ["o"]),
+    ("fold ONNX with a cycle", lambda t: ["fold", _cycle_onnx(t), "-o", t / "o"],
+     ["cycle.onnx: invalid ONNX graph"], ["o"]),
+    ("fold ONNX with a missing initializer", lambda t: ["fold", _missing_initializer_onnx(t), "-o", t / "o"],
+     ["noinit.onnx: invalid ONNX graph"], ["o"]),
+    ("inspect a directory", lambda t: ["inspect", t], ["is a directory, expected a checkpoint file"], []),
+    ("inspect data with strings", lambda t: ["inspect", EXAMPLE, "--data", _npz(t, "s.npz", x=np.array(["a", "b"]))],
+     ["s.npz: array 'x' has dtype <U1, expected numbers"], []),
+    ("check data of the wrong shape", lambda t: ["check", EXAMPLE, EXAMPLE, "--data", _npz(t, "w.npz", x=np.zeros((2, 1, 4, 4), np.float32)), "--json", t / "r.json"],
+     ["w.npz: input 'x' has per-sample shape (1, 4, 4)"], ["r.json"]),
+    ("check a missing candidate", lambda t: ["check", EXAMPLE, t / "absent.onnx", "--json", t / "r.json"],
+     ["absent.onnx: no such file"], ["r.json"]),
+    ("check a truncated ONNX", lambda t: ["check", EXAMPLE, _truncated(t, _folded_onnx(t), "cut.onnx"), "--json", t / "r.json"],
+     ["cut.onnx: onnxruntime cannot load it"], ["r.json"]),
+    ("calibrate data that does not fit", lambda t: ["calibrate", EXAMPLE, "--data", _npz(t, "c.npz", x=np.zeros((3, 8, 8), np.float32)), "-o", t / "c.pt"],
+     ["c.npz: the model cannot run on a batch of shape (3, 8, 8)"], ["c.pt"]),
+    ("calibrate output equal to the input", lambda t: ["calibrate", EXAMPLE, "--data", _digits_npz(t), "-o", EXAMPLE],
+     ["-o would overwrite the input"], []),
+    ("calibrate a data file that is not numpy", lambda t: ["calibrate", EXAMPLE, "--data", _file(t, "d.npz", b"text"), "-o", t / "c.pt"],
+     ["d.npz: not a readable .npz or .npy file"], ["c.pt"]),
+    ("run integer data on a float model", lambda t: ["run", _folded_onnx(t), "--input", _npz(t, "i.npz", x=np.zeros((2, 1, 8, 8), np.int64)), "-o", t / "out.npz"],
+     ["i.npz: input 'x' expects float32 (N, 1, 8, 8), got int64 (2, 1, 8, 8)"], ["out.npz"]),
+    ("run output equal to the input", lambda t: ["run", _folded_onnx(t), "--input", _digits_npz(t), "-o", t / "digits.npz"],
+     ["digits.npz: would overwrite an input file"], []),
+    ("run a truncated ONNX", lambda t: ["run", _truncated(t, _folded_onnx(t), "cut.onnx"), "--input", _digits_npz(t), "-o", t / "out.npz"],
+     ["cut.onnx: onnxruntime cannot load it"], ["out.npz"]),
+    ("serve a missing path", lambda t: ["serve", t / "nothing", "--port", "0"], ["nothing: no such ONNX file or model repository"], []),
+    ("serve an empty repository", lambda t: ["serve", t, "--port", "0"], ["no models found (expected REPO/NAME/VERSION/model.onnx)"], []),
+    ("serve random bytes", lambda t: ["serve", _file(t, "r.onnx", b"\x00garbage" * 50), "--port", "0"], ["r.onnx: onnxruntime cannot load it"], []),
+    ("triton on a file that is not ONNX", lambda t: ["triton", _file(t, "n.onnx", b"nope"), "-o", t / "repo"], ["n.onnx: onnxruntime cannot load it"], ["repo"]),
+    ("triton into a path under a file", lambda t: ["triton", _folded_onnx(t), "-o", _file(t, "f", b"x") / "repo"], ["cannot write the repository"], []),
+]
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c[0] for c in CORPUS])
+def test_bad_input(tmp_path, case):
+    _, argv, fragments, absent = case
+    args = [str(a) for a in argv(tmp_path)]
+    before = {p for p in tmp_path.rglob("*")}
+    proc = run_cli(*args)
+    assert_one_line_error(proc, *fragments)
+    for name in absent:
+        assert not (tmp_path / name).exists() or not any((tmp_path / name).iterdir())
+    leftovers = {p for p in tmp_path.rglob("*") if p not in before}
+    assert not [p for p in leftovers if p.name.startswith(".")], leftovers  # no temp files left behind
+
+
+def test_corpus_size():
+    assert len(CORPUS) >= 20
+
+
+def test_unpickling_code_never_runs_without_trust(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    for name, payload in (("a.pt", {"state_dict": Evil()}), ("b.pt", Evil())):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(payload, f)
+        for command in (["fold", str(tmp_path / name)], ["inspect", str(tmp_path / name)],
+                        ["check", str(tmp_path / name), str(tmp_path / name)]):
+            proc = run_cli(*command)
+            assert_one_line_error(proc, f"{name}: holds pickled Python objects", "--trust-pickle")
+    assert not marker.exists()

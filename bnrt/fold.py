@@ -20,14 +20,14 @@ import torch.fx
 from torch import nn
 
 from .capture import Capture, capture
-from .plan import Decision, plan, rule_for, statistics, to_f64
+from .plan import Decision, DecisionSet, plan, rule_for, statistics, to_f64
 from .structure import set_identity_statistics, set_submodule
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
 @dataclass
-class FoldResult:
+class FoldResult(DecisionSet):
     """``model``: the folded model to run and export (same train/eval mode as the input).
     ``structured``: the same weights in the user's module structure (equal to ``model`` unless a
     functional BN was folded). ``decisions``: one per BatchNorm. ``bias_added``: layers that had
@@ -43,14 +43,6 @@ class FoldResult:
     def __post_init__(self) -> None:
         if self.structured is None:
             self.structured = self.model
-
-    @property
-    def folded(self) -> list[Decision]:
-        return [d for d in self.decisions if d.folded]
-
-    @property
-    def skipped(self) -> list[Decision]:
-        return [d for d in self.decisions if not d.folded]
 
     def structure(self) -> dict[str, list]:
         """What ``bnrt.structure.apply_folded_structure`` needs to rebuild the folded model from

@@ -45,6 +45,14 @@ def fold_backward(weight, bias, s, t) -> tuple[np.ndarray, np.ndarray]:
     return w * _channel_view(s, w.ndim, 0), s * b + t
 
 
+def _grouped(w: np.ndarray, groups: int, per_group_rows: int, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` viewed as ``[g, per_group_rows, n, k...]`` and ``v`` (length g·n) viewed to broadcast
+    along axis 2: the channel layout both grouped folds scale."""
+    k = w.shape[2:]
+    n = w.shape[1]
+    return w.reshape(groups, per_group_rows, n, *k), v.reshape(groups, 1, n, *([1] * len(k)))
+
+
 def fold_convtranspose_backward(weight, bias, s, t, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """ConvTranspose -> BN. ``weight`` is ``[Cin, Cout/g, k...]``; output channel
     ``gi * Cout/g + j`` of group ``gi`` is ``weight[gi * Cin/g : (gi+1) * Cin/g, j]``, so the weight
@@ -54,11 +62,9 @@ def fold_convtranspose_backward(weight, bias, s, t, groups: int) -> tuple[np.nda
     cin, cout_g = w.shape[0], w.shape[1]
     if cin % groups or cout_g * groups != s.shape[0]:
         raise ValueError(f"weight {w.shape} with groups={groups} does not give {s.shape[0]} output channels")
-    k = w.shape[2:]
-    view = w.reshape(groups, cin // groups, cout_g, *k)
-    scaled = view * s.reshape(groups, 1, cout_g, *([1] * len(k)))
+    view, scale = _grouped(w, groups, cin // groups, s)
     b = np.zeros_like(s) if bias is None else _f64(bias)
-    return scaled.reshape(w.shape), s * b + t
+    return (view * scale).reshape(w.shape), s * b + t
 
 
 def fold_forward_linear(weight, bias, s, t) -> tuple[np.ndarray, np.ndarray]:
@@ -79,9 +85,7 @@ def fold_forward_conv(weight, bias, s, t, groups: int) -> tuple[np.ndarray, np.n
     cout, cin_g = w.shape[0], w.shape[1]
     if cout % groups or cin_g * groups != s.shape[0]:
         raise ValueError(f"weight {w.shape} with groups={groups} does not take {s.shape[0]} input channels")
-    k = w.shape[2:]
-    view = w.reshape(groups, cout // groups, cin_g, *k)
-    scaled = view * s.reshape(groups, 1, cin_g, *([1] * len(k)))
-    shift = (view * t.reshape(groups, 1, cin_g, *([1] * len(k)))).reshape(cout, -1).sum(axis=1)
+    view, scale = _grouped(w, groups, cout // groups, s)
+    _, shift_by = _grouped(w, groups, cout // groups, t)
     b = np.zeros(cout) if bias is None else _f64(bias)
-    return scaled.reshape(w.shape), b + shift
+    return (view * scale).reshape(w.shape), b + (view * shift_by).reshape(cout, -1).sum(axis=1)

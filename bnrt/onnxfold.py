@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 
 from . import foldmath
 from .errors import HealthError, InputError, first_line
-from .plan import NEAR_DEAD_SCALE, Decision
+from .plan import NEAR_DEAD_SCALE, Decision, DecisionSet
 
 FP16_MAX = 65504.0
 _CHAIN_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
@@ -35,21 +35,13 @@ class _NotFoldable(Exception):
 
 
 @dataclass
-class OnnxFoldResult:
+class OnnxFoldResult(DecisionSet):
     """``model``: the folded copy. ``decisions``: one per BatchNormalization node, graph order.
     ``fp16_overflow``: layers whose folded weights exceed float16's range."""
 
     model: onnx.ModelProto
     decisions: list[Decision]
     fp16_overflow: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def folded(self) -> list[Decision]:
-        return [d for d in self.decisions if d.folded]
-
-    @property
-    def skipped(self) -> list[Decision]:
-        return [d for d in self.decisions if not d.folded]
 
 
 class _Graph:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .calibrate import CalibrationReport
 from .capture import capture
 from .data import Dataset, load_data, random_inputs
 from .errors import InputError
@@ -432,7 +433,7 @@ def inspect_file(
 
 @dataclass
 class CalibrationOutcome:
-    report: "CalibrationReport"
+    report: CalibrationReport
     residuals: dict[str, tuple[float, float]]
     written: Path | None
     rank: int = 0

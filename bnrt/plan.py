@@ -84,6 +84,20 @@ class Decision:
                 "warnings": list(self.warnings)}
 
 
+class DecisionSet:
+    """Mixin for results that hold ``decisions``: the folded and the skipped ones."""
+
+    decisions: list[Decision]
+
+    @property
+    def folded(self) -> list[Decision]:
+        return [d for d in self.decisions if d.folded]
+
+    @property
+    def skipped(self) -> list[Decision]:
+        return [d for d in self.decisions if not d.folded]
+
+
 @dataclass(frozen=True)
 class Rule:
     """One fold placement. ``channel_axis`` is the layer's channel axis in the activation it shares

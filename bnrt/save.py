@@ -59,6 +59,13 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
 
 
+def write_text(path: Path, text: str) -> None:
+    """``text`` to ``path`` (its folder created if needed), written atomically."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
 def write_torch(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         torch.save(data, tmp)

@@ -2,7 +2,6 @@
 
 import json
 
-import torch
 from torch import nn
 
 from bnrt.bench import bench_model, bn_free, markdown

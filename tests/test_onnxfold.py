@@ -13,10 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 import bnrt
-from bnrt.errors import HealthError, InputError
+from bnrt.errors import HealthError
 from bnrt.export import count_ops
 from bnrt.onnxfold import fold_onnx
 from models.zoo import ZOO, build

@@ -10,14 +10,13 @@ docs/benchmarks.png. See bnrt/bench.py for the method.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
 from bnrt.bench import bench_model, environment, markdown, pipeline_cost, plot
-from bnrt.save import atomic_path, write_json
+from bnrt.save import write_json, write_text
 from models.zoo import ZOO, build
 
 
@@ -71,8 +70,7 @@ def main() -> None:
             + f"; {args.repeats} interleaved rounds × {args.iterations} calls per variant and batch.\n\n"
             + "\n".join(headline) + "\n\n![median latency](benchmarks.png)\n\n## Per model\n\n"
             + "\n".join(markdown(r) for r in reports))
-    with atomic_path(docs / "BENCHMARKS.md") as tmp:
-        tmp.write_text(text)
+    write_text(docs / "BENCHMARKS.md", text)
     print("\n".join(headline))
     print(f"\nwrote {docs / 'BENCHMARKS.md'}, benchmarks.json, benchmarks.png")
 

@@ -32,7 +32,7 @@ from bnrt.capture import quiet
 from bnrt.export import count_ops, export_onnx, input_names, output_names
 from bnrt.onnxfold import fold_onnx
 from bnrt.run import Session
-from bnrt.save import atomic_path
+from bnrt.save import write_text
 from models.zoo import ZOO, build
 
 
@@ -164,11 +164,8 @@ def main() -> None:
         "- *fx fuse*: `torch.fx.experimental.optimization.fuse` on the same model (conv → BN only).\n\n"
         + "\n".join(f"- **{n}**: {ZOO[n].description}" for n in args.models) + "\n\n" + table + "\n"
     )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.write_text(doc)
-    print(f"\nwrote {out}")
+    write_text(Path(args.output), doc)
+    print(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,19 @@ def test_bench_cli_smoke(tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["model"] == "digits_cnn" and len(data["rows"]) == 2 * len(VARIANTS)
     assert "| ORT, bnrt (cpu) | 1 |" in proc.stdout
+
+
+def test_tools_bench_regenerates_the_docs(tmp_path, monkeypatch):
+    import sys
+
+    from tools import bench
+
+    monkeypatch.setattr(sys, "argv", ["bench", "--models", "tabular", "--batch-sizes", "1", "--repeats", "1",
+                                      "--iterations", "1", "--docs", str(tmp_path)])
+    bench.main()
+    data = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert [r["model"] for r in data["reports"]] == ["tabular"]
+    assert set(data["pipeline_cost_s"]) == {"bnrt fold", "torch.fx fuse + torch.onnx.export"}
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "bnrt ONNX / BN-free limit" in text and "| tabular |" in text
+    assert (tmp_path / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"

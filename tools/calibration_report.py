@@ -1,12 +1,14 @@
 """Recalibrate every zoo model three ways and report residuals and cost side by side.
 
-    python -m tools.calibration_report [-o docs/CALIBRATION.md] [--samples 512] [--batch-size 64]
+    python -m tools.calibration_report [-o docs/CALIBRATION.md] [--json docs/calibration.json]
+                                       [--samples 512] [--batch-size 64]
 
 Each model gets non-trivial statistics (models.zoo.build), then the data shifts (x·1.7 + 0.4) so
 that the old statistics are wrong. Residuals: max over BNs and channels of |mean| and |var − 1| of
 the BN inputs standardised with the new running statistics (bnrt.calibrate.residuals). Cost: wall
 time of bnrt's ``fast`` and ``exact`` modes and of torch.optim.swa_utils.update_bn, and the
 throughput ratio plain eval forward / calibration over the same batches (median of 3 runs).
+Per-BN residuals of every mode go to docs/calibration.json.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 from bnrt.calibrate import batches_of, calibrate, residuals
-from bnrt.save import write_text
+from bnrt.save import write_json, write_text
 from models.zoo import ZOO, build
 
 
@@ -52,11 +54,13 @@ def report_model(name: str, samples: int, batch_size: int) -> dict:
         calibrate(calibrated, batches, mode=mode)
         found = residuals(calibrated, batches())
         row[mode] = (max(v[0] for v in found.values()), max(v[1] for v in found.values()))
+        row[f"{mode}_per_bn"] = found
     swa = copy.deepcopy(model)
     row["update_bn_s"] = timed(lambda: update_bn((b for (b,) in batches()), copy.deepcopy(model)))
     update_bn((b for (b,) in batches()), swa)
     found = residuals(swa, batches())
     row["update_bn"] = (max(v[0] for v in found.values()), max(v[1] for v in found.values()))
+    row["update_bn_per_bn"] = found
     row["bn"] = len(found)
     return row
 
@@ -75,6 +79,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", default="docs/CALIBRATION.md")
+    parser.add_argument("--json", default="docs/calibration.json", help="per-BN residuals of every mode")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("models", nargs="*", default=[n for n in ZOO if n != "preact"] + ["preact"])
@@ -86,6 +91,9 @@ def main() -> None:
            f"{torch.get_num_threads()} threads, {args.samples} samples, batches of {args.batch_size}).\n\n"
            + __doc__.split("\n\n", 2)[2] + "\n" + table + "\n")
     write_text(Path(args.output), doc)
+    write_json(Path(args.json), {r["model"]: {mode: {bn: {"abs_mean": v[0], "abs_var_minus_1": v[1]}
+                                                    for bn, v in r[f"{mode}_per_bn"].items()}
+                                             for mode in ("update_bn", "fast", "exact")} for r in rows})
     print(f"\nwrote {args.output}")
 
 

@@ -297,8 +297,8 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_model, markdown, plot
-    from .pipeline import make_inputs, torch_side, InputSpec as Spec
     from .load import load_model
+    from .pipeline import make_inputs, torch_side
     from .save import write_json
 
     try:
@@ -309,7 +309,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InputError("--batch-sizes, --threads, --repeats and --iterations must be positive")
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     side = torch_side("torch", loaded, args.input_shape)
-    data = make_inputs(Spec(data=args.data, samples=2), side.input_names, side.input_shapes, where=args.model)
+    data = make_inputs(InputSpec(data=args.data, samples=2), side.input_names, side.input_shapes, where=args.model)
     if len(data.inputs) != 1:
         raise InputError(f"{args.model}: bnrt bench handles single-input models")
     report = bench_model(loaded.model, data.shapes()[0], name=Path(args.model).stem, batch_sizes=batches,

@@ -179,6 +179,25 @@ def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict],
     return first_divergence(reference.taps(head), candidate.taps(head), folds, *tolerances.of(""))
 
 
+def compare_sides(reference: Side, candidates: list[Side], data: Dataset, output_names: list[str], folds: list[dict],
+                  tolerances: Tolerances, top_k: int = DEFAULT_TOP_K, batch_size: int = DEFAULT_BATCH,
+                  localisation: bool = True) -> CheckReport:
+    """``check`` of the candidates against the reference; each failed comparison names its first
+    divergent module."""
+    report = check((reference.label, reference.runner), [(c.label, c.runner) for c in candidates], data,
+                   output_names, tolerances=tolerances, top_k=top_k, batch_size=batch_size)
+    for comparison, side in zip(report.comparisons, candidates):
+        if localisation and not comparison.passed:
+            comparison.divergence = localise(reference, side, data, folds, tolerances)
+    return report
+
+
+def _refuse_overwrite(src: Path, out: Path, names) -> None:
+    for name in names:
+        if (out / name).resolve() == src.resolve():
+            raise InputError(f"{src}: output {out / name} would overwrite the input; choose another -o folder")
+
+
 def check_files(
     reference: str | os.PathLike,
     candidate: str | os.PathLike,
@@ -208,11 +227,7 @@ def check_files(
     if save_inputs is not None:
         save_dataset(data, names, Path(save_inputs))
     outs = ref.output_names or cand.output_names or output_names(len(ref.runner([x[:1] for x in data.inputs])))
-    report = check((ref.label, ref.runner), [(cand.label, cand.runner)], data, outs,
-                   tolerances=tolerances, top_k=top_k, batch_size=batch_size)
-    if localisation and not report.passed:
-        report.comparisons[0].divergence = localise(ref, cand, data, ref.folds + cand.folds, tolerances)
-    return report
+    return compare_sides(ref, [cand], data, outs, ref.folds + cand.folds, tolerances, top_k, batch_size, localisation)
 
 
 def save_dataset(data: Dataset, names: list[str], path: Path) -> None:
@@ -267,9 +282,7 @@ def fold_file(
     loaded = load_model(src, arch=arch, trust_pickle=trust_pickle)
     stem = src.name.rsplit(".", 1)[0] if "." in src.name else src.name
     names = {"folded": f"{stem}.folded.pt", "onnx": f"{stem}.onnx", "report": f"{stem}.report.json"}
-    for name in names.values():
-        if (out / name).resolve() == src.resolve():
-            raise InputError(f"{src}: output {out / name} would overwrite the input; choose another -o folder")
+    _refuse_overwrite(src, out, names.values())
     original = torch_side("torch", loaded, input_shapes)
     dataset = make_inputs(inputs, original.input_names, original.input_shapes, where=str(src))
     in_names = original.input_names
@@ -315,12 +328,7 @@ def fold_file(
                                lambda xs: torch_taps(result.model, xs), folds)
             onnx_run = Side(f"onnx {provider}", session.run, in_names, [], [], out_names,
                             lambda xs: onnx_taps(onnx_path, xs, provider), folds)
-            report_check = check((original.label, original.runner),
-                                 [(folded_side.label, folded_side.runner), (onnx_run.label, onnx_run.runner)],
-                                 dataset, out_names, tolerances=tolerances, top_k=top_k)
-            for comparison, side in zip(report_check.comparisons, (folded_side, onnx_run)):
-                if not comparison.passed:
-                    comparison.divergence = localise(original, side, dataset, folds, tolerances)
+            report_check = compare_sides(original, [folded_side, onnx_run], dataset, out_names, folds, tolerances, top_k)
             lap("check")
         report = {
             "bnrt_version": __version__,
@@ -365,9 +373,7 @@ def fold_onnx_file(
     fold_s = time.perf_counter() - clock
     stem = src.name[: -len(".onnx")] if src.name.lower().endswith(".onnx") else src.name
     names = {"folded": f"{stem}.folded.onnx", "report": f"{stem}.report.json"}
-    for name in names.values():
-        if (out / name).resolve() == src.resolve():
-            raise InputError(f"{src}: output {out / name} would overwrite the input; choose another -o folder")
+    _refuse_overwrite(src, out, names.values())
     folds = folds_of(result.decisions)
     meta = {p.key: p for p in result.model.metadata_props}
     for key, value in {"bnrt_version": __version__, "source_sha256": sha, "bn_folded": str(len(result.folded)),
@@ -385,10 +391,8 @@ def fold_onnx_file(
             folded = onnx_side(f"onnx folded {provider}", stage / names["folded"], provider)
             spec, batch_size = batching([original], inputs, DEFAULT_BATCH)
             data = make_inputs(spec, original.input_names, original.input_shapes, original.input_dtypes, str(src))
-            report_check = check((original.label, original.runner), [(folded.label, folded.runner)], data,
-                                 original.output_names, tolerances=tolerances, top_k=top_k, batch_size=batch_size)
-            if not report_check.passed:
-                report_check.comparisons[0].divergence = localise(original, folded, data, folds, tolerances)
+            report_check = compare_sides(original, [folded], data, original.output_names, folds, tolerances, top_k,
+                                         batch_size)
         summary = {"bn_total": len(result.decisions), "folded": len(result.folded), "skipped": len(result.skipped),
                    "fp16_overflow": result.fp16_overflow,
                    "batchnorm_nodes_in_onnx": count_ops(result.model, "BatchNormalization")}

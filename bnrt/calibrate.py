@@ -202,6 +202,17 @@ def _pass(model, fresh, hooks, progress, stage, where, report, count_samples=Fal
     return seen
 
 
+def _total(group, count: int) -> int:
+    """``count`` summed over the ranks of ``group`` (itself without a group)."""
+    if group is None:
+        return count
+    import torch.distributed as dist
+
+    value = torch.tensor([count], dtype=torch.float64)
+    dist.all_reduce(value, group=group)
+    return int(value.item())
+
+
 def _fast(model, bns, order, fresh, group, progress, where, report) -> None:
     moments = {name: _Moments() for name in order}
     model.eval()
@@ -214,7 +225,7 @@ def _fast(model, bns, order, fresh, group, progress, where, report) -> None:
         bn.running_var.copy_(var)
 
     hooks = [(bns[name], lambda m, args, acc=moments[name]: hook(m, args, acc)) for name in order]
-    report.batches = _pass(model, fresh, hooks, progress, "fast", where, report, count_samples=True)
+    report.batches = _total(group, _pass(model, fresh, hooks, progress, "fast", where, report, count_samples=True))
     for name in order:
         if group is not None:
             moments[name].all_reduce(group)
@@ -230,8 +241,8 @@ def _exact(model, bns, order, fresh, group, progress, where, report) -> None:
             acc.add(args[0])
             raise _Stop  # later layers are not needed for this BN
 
-        batches = _pass(model, fresh, [(bns[name], hook)], progress, f"exact {k + 1}/{len(order)} {name}", where,
-                        report, count_samples=(k == 0))
+        batches = _total(group, _pass(model, fresh, [(bns[name], hook)], progress,
+                                      f"exact {k + 1}/{len(order)} {name}", where, report, count_samples=(k == 0)))
         if group is not None:
             acc.all_reduce(group)
         _set_statistics(bns[name], acc, batches, name)

@@ -138,3 +138,5 @@ def test_two_processes_under_torchrun_equal_one_process(tmp_path, mode):
                 for k in keys)
     assert worst < 1e-6
     assert torch.load(tmp_path / "two.pt", weights_only=True)["bnrt_calibration"]["world_size"] == 2
+    assert all(torch.equal(one[k], two[k]) for k in one if k.endswith("num_batches_tracked"))
+    assert "calibrated 20 BatchNorm" in dist.stdout and "on 96 samples in 6 batches" in dist.stdout

@@ -36,32 +36,32 @@ class _Stop(Exception):
 
 @dataclass
 class _Moments:
-    """Per-channel count, mean and M2 (sum of squared deviations), float64, merged batch by batch."""
+    """Per-channel count, mean and M2 (sum of squared deviations), float64 numpy, merged batch by
+    batch."""
 
     count: int = 0
-    mean: torch.Tensor | None = None
-    m2: torch.Tensor | None = None
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+    _shift: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merge a batch (N, C, ...) in; returns its (mean, biased var) in float64.
+        """Merge a batch (N, C, ...) in; returns its (mean, biased var) as float64 tensors.
 
-        Shifted sums: d = x − shift with the shift close to the mean (the pooled mean so far, or a
-        sample of this batch); Σd and Σd² per batch in the input's dtype (torch's pairwise
+        Shifted sums: d = x − shift with the shift close to the mean (the pooled mean so far, or
+        this batch's first sample); Σd and Σd² per batch in the input's dtype (torch's pairwise
         reductions), pooled across batches in float64 with Chan's merge. Shifting keeps the sums
-        free of the cancellation of E[x²] − E[x]² when |mean| ≫ std."""
+        free of the cancellation of E[x²] − E[x]² when |mean| ≫ std. Few tensor operations per
+        call: the hook runs once per BN per batch."""
         x = x.detach()
         dims = (0,) + tuple(range(2, x.dim()))
         n = x.numel() // x.shape[1]
-        if self.count:
-            shift = self.mean.to(x.dtype)
-        else:
-            shift = x[0].reshape(x.shape[1], -1)[:, 0].clone()
-        d = x - shift.reshape((1, -1) + (1,) * (x.dim() - 2))
-        s1 = d.sum(dim=dims).to(torch.float64)
-        s2 = (d * d).sum(dim=dims).to(torch.float64)
+        if self._shift is None or self._shift.dtype != x.dtype:
+            self._shift = x[0].reshape(x.shape[1], -1)[:, 0].clone()
+        d = x - self._shift.reshape((1, -1) + (1,) * (x.dim() - 2))
+        s1, s2 = torch.stack((d.sum(dim=dims), (d * d).sum(dim=dims))).to(torch.float64).numpy()
         mean_d = s1 / n
-        mean = shift.to(torch.float64) + mean_d
-        m2 = (s2 - s1 * mean_d).clamp_min(0)
+        mean = self._shift.to(torch.float64).numpy() + mean_d
+        m2 = np.maximum(s2 - s1 * mean_d, 0.0)
         if self.count == 0:
             self.count, self.mean, self.m2 = n, mean, m2
         else:
@@ -70,7 +70,8 @@ class _Moments:
             self.mean = self.mean + delta * (n / total)
             self.m2 = self.m2 + m2 + delta ** 2 * (self.count * n / total)
             self.count = total
-        return mean, m2 / n
+        self._shift = torch.from_numpy(self.mean).to(x.dtype)  # the next batch shifts by the pooled mean
+        return torch.from_numpy(mean), torch.from_numpy(m2 / n)
 
     def all_reduce(self, group) -> None:
         """Pool the moments of every rank of ``group`` (exactly: global mean first, then each
@@ -81,15 +82,15 @@ class _Moments:
         sizes = torch.tensor([float(self.count), float(c)], dtype=torch.float64)
         dist.all_reduce(sizes, group=group)
         channels = int(sizes[1].item()) // dist.get_world_size(group)
-        mean = self.mean if self.mean is not None else torch.zeros(channels, dtype=torch.float64)
-        m2 = self.m2 if self.m2 is not None else torch.zeros(channels, dtype=torch.float64)
+        mean = torch.from_numpy(self.mean) if self.mean is not None else torch.zeros(channels, dtype=torch.float64)
+        m2 = torch.from_numpy(self.m2) if self.m2 is not None else torch.zeros(channels, dtype=torch.float64)
         total = sizes[0]
         sums = mean * self.count
         dist.all_reduce(sums, group=group)
         global_mean = sums / total
         corrected = m2 + self.count * (mean - global_mean) ** 2
         dist.all_reduce(corrected, group=group)
-        self.count, self.mean, self.m2 = int(total.item()), global_mean, corrected
+        self.count, self.mean, self.m2 = int(total.item()), global_mean.numpy(), corrected.numpy()
 
 
 @dataclass
@@ -117,8 +118,8 @@ def _set_statistics(bn: _BatchNorm, moments: _Moments, batches: int, name: str) 
     if moments.count < 2:
         raise InputError(f"BatchNorm '{name}' saw {moments.count} value(s) per channel; calibration needs at least 2")
     with torch.no_grad():
-        bn.running_mean.copy_(moments.mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_((moments.m2 / (moments.count - 1)).to(bn.running_var.dtype))
+        bn.running_mean.copy_(torch.from_numpy(moments.mean))
+        bn.running_var.copy_(torch.from_numpy(moments.m2 / (moments.count - 1)))
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.fill_(batches)
 
@@ -276,7 +277,7 @@ def residuals(model: nn.Module, batches: Iterable, where: str = "data") -> dict[
     out = {}
     for name, m in moments.items():
         if m.count > 1:
-            out[name] = (float(m.mean.abs().max()), float((m.m2 / (m.count - 1) - 1).abs().max()))
+            out[name] = (float(np.abs(m.mean).max()), float(np.abs(m.m2 / (m.count - 1) - 1).max()))
     return out
 
 

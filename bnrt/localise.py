@@ -68,18 +68,44 @@ def torch_taps(model: nn.Module, inputs: Sequence[np.ndarray]) -> dict[str, np.n
     return {k: v for k, v in taps.items() if calls[k] == 1}
 
 
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    """Module scopes of a node, outermost first: the dynamo exporter's ``name_scopes`` metadata
+    (full paths), else the TorchScript exporter's node name ``/stem/stem.0/Conv`` (segments that
+    ``resolve_scope`` turns into paths; marked with a leading "/")."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    if "pkg.torch.onnx.name_scopes" in meta:
+        try:
+            return list(ast.literal_eval(meta["pkg.torch.onnx.name_scopes"]))[1:-1]
+        except (ValueError, SyntaxError):
+            return []
+    parts = node.name.split("/")
+    if len(parts) < 3 or parts[0]:
+        return []
+    return ["/" + "/".join(parts[1:i + 1]) for i in range(1, len(parts) - 1)]
+
+
+def resolve_scope(key: str, known: set[str]) -> str | None:
+    """A module path for a TorchScript-exporter scope key ``/block/body/body.0`` (its segments
+    are named relative to varying ancestors), checked against the module names ``known``."""
+    if not key.startswith("/"):
+        return key
+    path = ""
+    segments = key[1:].split("/")
+    for seg in segments:
+        options = [f"{path}.{seg}" if path else seg, f"{segments[0]}.{seg}", seg]
+        path = next((o for o in options if o in known), None)
+        if path is None:
+            return None
+    return path
+
+
 def onnx_module_values(model: onnx.ModelProto) -> dict[str, str]:
-    """Module path -> ONNX value holding that module's output, from the name scopes the torch
-    exporter records on each node (the last node inside a module's scope produces its output)."""
+    """Module scope -> ONNX value holding that module's output (the last node inside a module's
+    scope produces its output)."""
     last: dict[str, str] = {}
     for node in model.graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        try:
-            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
-        except (ValueError, SyntaxError):
-            continue
-        for path in scopes[1:-1]:
-            last[path] = node.output[0]
+        for scope in _scopes(node):
+            last[scope] = node.output[0]
     return last
 
 
@@ -109,6 +135,8 @@ def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.n
     """The first module of ``reference`` (execution order) whose output in ``candidate`` differs
     beyond ``atol + rtol·|ref|``, skipping fold partners; None when all agree."""
     skip, layer_of = partners(folds)
+    known = set(reference)
+    candidate = {resolve_scope(k, known) or k: v for k, v in candidate.items()}
     for name, ref in reference.items():
         # an ONNX graph has no node for a folded BN: its output is the layer's output there
         cand = candidate.get(name, candidate.get(layer_of.get(name, "")))

@@ -105,14 +105,18 @@ def _corrupt_onnx(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
-@pytest.mark.parametrize("kind", ["torch", "onnx"])
+@pytest.mark.parametrize("kind", ["torch", "onnx", "torchscript onnx"])
 def test_corrupted_fold_is_caught_and_the_layer_named(tmp_path, folded, kind):
     if kind == "torch":
         bad = tmp_path / "bad.folded.pt"
         _corrupt_checkpoint(folded / "digits_cnn.folded.pt", bad)
-    else:
+    elif kind == "onnx":
         bad = tmp_path / "bad.onnx"
         _corrupt_onnx(folded / "digits_cnn.onnx", bad)
+    else:  # node names like /block/body/body.1/body.1.0/Conv instead of name-scope metadata
+        bnrt.fold_file(EXAMPLE, tmp_path / "ts", run_check=False, exporter="torchscript")
+        bad = tmp_path / "bad.onnx"
+        _corrupt_onnx(tmp_path / "ts" / "digits_cnn.onnx", bad)
     proc = run_cli("check", str(EXAMPLE), str(bad), "--data", str(folded / "digits.npz"), "--json", str(tmp_path / "r.json"))
     assert proc.returncode == 1, proc.stderr
     assert "first divergent module 'block.body.1.0' (seen at its folded BatchNorm 'block.body.1.1')" in proc.stdout
@@ -120,6 +124,17 @@ def test_corrupted_fold_is_caught_and_the_layer_named(tmp_path, folded, kind):
     jsonschema.validate(report, SCHEMA)
     assert report["comparisons"][0]["divergence"]["layer"] == "block.body.1.0"
     assert report["passed"] is False
+
+
+def test_torchscript_scope_names_resolve_to_module_paths():
+    from bnrt.localise import resolve_scope
+
+    known = {"stem", "stem.0", "block", "block.body", "block.body.0", "block.body.0.0", "block.act", "fc"}
+    assert resolve_scope("/stem/stem.0", known) == "stem.0"
+    assert resolve_scope("/block/body/body.0/body.0.0", known) == "block.body.0.0"
+    assert resolve_scope("/block/act", known) == "block.act"
+    assert resolve_scope("/nope", known) is None
+    assert resolve_scope("block.body", known) == "block.body"
 
 
 def test_fold_names_the_layer_when_its_own_check_fails(tmp_path):

@@ -70,15 +70,18 @@ def discover(path: str | os.PathLike, provider: str = "cpu", threads: int = 0) -
     """Models to serve: one ONNX file (named by its stem, version 1) or a Triton-style repository
     ``REPO/NAME/VERSION/model.onnx``. Returns name -> version -> ServedModel."""
     path = Path(path)
+    def session(file: Path) -> Session:
+        return Session(file, provider, threads, spinning=False)
+
     if path.is_file():
-        return {path.stem: {"1": ServedModel(path.stem, "1", Session(path, provider, threads))}}
+        return {path.stem: {"1": ServedModel(path.stem, "1", session(path))}}
     if not path.is_dir():
         raise InputError(f"{path}: no such ONNX file or model repository")
     models: dict[str, dict[str, ServedModel]] = {}
     for onnx_file in sorted(path.glob("*/*/model.onnx")):
         version, name = onnx_file.parent.name, onnx_file.parent.parent.name
         if version.isdigit():
-            models.setdefault(name, {})[version] = ServedModel(name, version, Session(onnx_file, provider, threads))
+            models.setdefault(name, {})[version] = ServedModel(name, version, session(onnx_file))
     if not models:
         raise InputError(f"{path}: no models found (expected REPO/NAME/VERSION/model.onnx)")
     return models

@@ -14,7 +14,8 @@ from . import __version__
 from .data import DISTRIBUTIONS
 from .errors import BnrtError, InputError, first_line
 from .export import DEFAULT_OPSET, EXPORTERS
-from .pipeline import InputSpec
+from .calibrate import MODES
+from .pipeline import DEFAULT_SAMPLES, InputSpec
 from .run import PROVIDERS
 from .verify import DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, Tolerances
 
@@ -67,19 +68,24 @@ def inputs_from(args: argparse.Namespace) -> InputSpec:
     return InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range)
 
 
-def _model_args(p: argparse.ArgumentParser, what: str = "model") -> None:
-    p.add_argument("--input-shape", type=_shape, action="append", metavar="SHAPE",
-                   help="input shape with batch, e.g. 1,3,224,224; repeat for several inputs")
+def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", metavar="MOD:NAME", help="architecture class or factory (overrides the checkpoint's arch)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a full nn.Module: runs code from the file, use only for files you trust")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", type=_shape, action="append", metavar="SHAPE",
+                   help="input shape with batch, e.g. 1,3,224,224; repeat for several inputs")
+    _load_args(p)
     p.add_argument("--data", metavar="FILE", help=".npz/.npy inputs (and integer labels under 'y') to check on")
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("check")
     g.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu", help="ORT provider for ONNX (default cpu)")
-    g.add_argument("--samples", type=int, default=64, help="random samples when no --data (default 64)")
+    g.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                   help=f"random samples when no --data (default {DEFAULT_SAMPLES})")
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     g.add_argument("--dist", choices=DISTRIBUTIONS, default="normal", help="random input distribution (default normal)")
     g.add_argument("--val-range", type=_pair, metavar="LO,HI", help="range of random values, e.g. 0,1")
@@ -123,11 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("model", help="checkpoint")
     cal.add_argument("--data", required=True, metavar="FILE", help=".npz/.npy inputs to calibrate on")
     cal.add_argument("-o", "--output", required=True, metavar="FILE.pt", help="calibrated checkpoint to write")
-    cal.add_argument("--mode", choices=("fast", "exact"), default="fast",
+    cal.add_argument("--mode", choices=MODES, default="fast",
                      help="fast: one pass, exact pooled statistics; exact: BN by BN, earlier ones in force (default fast)")
     cal.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
-    cal.add_argument("--arch", metavar="MOD:NAME", help="architecture class or factory")
-    cal.add_argument("--trust-pickle", action="store_true", help="allow unpickling a full nn.Module")
+    _load_args(cal)
     cal.add_argument("--no-residuals", action="store_true", help="skip the residual measurement pass")
 
     run = sub.add_parser("run", help="run an ONNX model on inputs from a file")

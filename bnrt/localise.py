@@ -125,9 +125,9 @@ def onnx_taps(path: str | Path, inputs: Sequence[np.ndarray], provider: str = "c
     return {module: results[value] for module, value in values.items() if value in results}
 
 
-def onnx_folds(path: str | Path) -> list[dict]:
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return json.loads(meta.get(FOLDS_KEY, "[]"))
+def folds_in(metadata: dict[str, str]) -> list[dict]:
+    """The folds bnrt recorded in an ONNX file's metadata (empty for other files)."""
+    return json.loads(metadata.get(FOLDS_KEY, "[]"))
 
 
 def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], folds: Iterable[dict],

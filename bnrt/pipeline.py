@@ -27,7 +27,7 @@ from .export import DEFAULT_OPSET, count_ops, export_onnx, input_names, output_n
 from .fold import FoldResult, apply
 from .load import FOLDED_KEY, Loaded, file_sha256, load_model
 from .onnxfold import fold_onnx, load_onnx
-from .localise import FOLDS_KEY, first_divergence, folds_of, onnx_folds, onnx_taps, torch_taps
+from .localise import FOLDS_KEY, first_divergence, folds_in, folds_of, onnx_taps, torch_taps
 from .plan import Decision, plan
 from .run import Session, resolve_provider
 from .save import atomic_path, ensure_dir, publish, staging, write_json, write_torch
@@ -95,7 +95,8 @@ def onnx_side(label: str, path: Path, provider: str) -> Side:
     dtypes = [spec.dtype for spec in session.inputs]
     fixed = shapes[0][0] if shapes and shapes[0] else None
     return Side(label, session.run, session.input_names, shapes, dtypes, session.output_names,
-                lambda xs: onnx_taps(path, xs, provider), onnx_folds(path), fixed)
+                lambda xs: onnx_taps(path, xs, provider),
+                folds_in(session.session.get_modelmeta().custom_metadata_map), fixed)
 
 
 def batching(sides: list[Side], spec: "InputSpec", batch_size: int) -> tuple["InputSpec", int]:

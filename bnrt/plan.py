@@ -154,13 +154,17 @@ class Statistics:
         )
 
 
+def _functional_statistics(root: nn.Module, f: dict) -> Statistics:
+    """The tensors an ``F.batch_norm`` call reads, from the paths recorded in ``f``."""
+    return Statistics(tensor_at(root, f["mean"]), tensor_at(root, f["var"]),
+                      tensor_at(root, f["weight"]) if f["weight"] else None,
+                      tensor_at(root, f["bias"]) if f["bias"] else None, f["eps"])
+
+
 def statistics(root: nn.Module, decision: "Decision") -> Statistics:
     """The statistics a decision folds, read from ``root`` (the model or its folded copy)."""
     if decision.functional:
-        f = decision.functional
-        return Statistics(tensor_at(root, f["mean"]), tensor_at(root, f["var"]),
-                          tensor_at(root, f["weight"]) if f["weight"] else None,
-                          tensor_at(root, f["bias"]) if f["bias"] else None, f["eps"])
+        return _functional_statistics(root, decision.functional)
     bn = root.get_submodule(decision.bn)
     return Statistics(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
@@ -391,10 +395,7 @@ def _decide_functional(cap: Capture, node: torch.fx.Node) -> Decision:
     functional = {"node": node.name, "eps": float(a["eps"]),
                   **{k: (None if v is None else v.target) for k, v in
                      zip(("mean", "var", "weight", "bias"), tensors.values())}}
-    root = cap.modules[""]
-    stats = Statistics(tensor_at(root, functional["mean"]), tensor_at(root, functional["var"]),
-                       tensor_at(root, functional["weight"]) if functional["weight"] else None,
-                       tensor_at(root, functional["bias"]) if functional["bias"] else None, functional["eps"])
+    stats = _functional_statistics(cap.modules[""], functional)
     return _fold_or_skip(cap, name, node, _health(name, stats), functional)
 
 

@@ -19,11 +19,11 @@ import torch
 import torch.fx
 from torch import nn
 
+from . import engine
 from .capture import Capture, capture
-from .plan import Decision, DecisionSet, plan, rule_for, statistics, to_f64
+from .decision import Decision, DecisionSet
 from .structure import set_identity_statistics, set_submodule
-
-FP16_MAX = float(torch.finfo(torch.float16).max)
+from .torchgraph import plan, statistics, to_f64
 
 
 @dataclass
@@ -109,32 +109,25 @@ def apply(model: nn.Module, decisions: list[Decision], cap: Capture | None = Non
     the decisions came from), SyncBatchNorms left in the model become plain BatchNorms; ``cap`` is
     required when a functional BN is folded."""
     folded_model = copy.deepcopy(model)
-    exact: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def read(target):
+        layer = folded_model.get_submodule(target.layer)
+        return to_f64(layer.weight), None if layer.bias is None else to_f64(layer.bias)
+
+    exact = engine.fold_weights(decisions, read, lambda d: statistics(folded_model, d).scale_shift())
     for decision in decisions:
-        if not decision.folded:
-            continue
-        s, t = statistics(folded_model, decision).scale_shift()
-        for layer_name, mapping in zip(decision.into, decision.maps or (None,) * len(decision.into)):
-            layer = folded_model.get_submodule(layer_name)
-            weight, bias = exact.get(layer_name) or (
-                to_f64(layer.weight), None if layer.bias is None else to_f64(layer.bias))
-            index = slice(None) if mapping is None else np.asarray(mapping)
-            exact[layer_name] = rule_for(layer, decision.direction).fold(weight, bias, s[index], t[index], layer)
-        if decision.functional:
+        if decision.folded and decision.functional:
             set_identity_statistics(folded_model, decision.functional)
-        else:
+        elif decision.folded:
             set_submodule(folded_model, decision.bn, nn.Identity())
-    bias_added, overflow = [], {}
+    bias_added = []
     with torch.no_grad():
-        for layer_name, (weight, bias) in exact.items():
+        for layer_name, (_, weight, bias) in exact.items():
             layer = folded_model.get_submodule(layer_name)
             if layer.bias is None:
                 bias_added.append(layer_name)
             _set_param(layer, "bias", bias, layer.weight if layer.bias is None else layer.bias)
             _set_param(layer, "weight", weight, layer.weight)
-            largest = max(float(np.abs(weight).max(initial=0)), float(np.abs(bias).max(initial=0)))
-            if largest > FP16_MAX:
-                overflow[layer_name] = largest
     if cap is not None:
         _sync_to_batchnorm(folded_model, cap)
     functional = {d.functional["node"] for d in decisions if d.folded and d.functional}
@@ -144,7 +137,8 @@ def apply(model: nn.Module, decisions: list[Decision], cap: Capture | None = Non
             raise ValueError("folding a functional batch_norm needs the capture")
         runnable = _without_nodes(folded_model, cap.graph, functional)
         runnable.train(folded_model.training)
-    return FoldResult(runnable, decisions, bias_added, structured=folded_model, fp16_overflow=overflow)
+    return FoldResult(runnable, decisions, bias_added, structured=folded_model,
+                      fp16_overflow=engine.fp16_overflow(exact))
 
 
 def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> FoldResult:

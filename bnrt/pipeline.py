@@ -28,7 +28,8 @@ from .fold import FoldResult, apply
 from .load import FOLDED_KEY, Loaded, file_sha256, load_model
 from .onnxfold import fold_onnx, load_onnx
 from .localise import FOLDS_KEY, first_divergence, folds_in, folds_of, onnx_taps, torch_taps
-from .plan import Decision, plan
+from .decision import Decision
+from .torchgraph import plan
 from .run import Session, resolve_provider
 from .save import atomic_path, ensure_dir, publish, staging, write_json, write_torch
 from .verify import DEFAULT_BATCH, DEFAULT_TOP_K, CheckReport, Runner, Tolerances, check, flatten_outputs, torch_runner

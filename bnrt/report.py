@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .plan import Decision
+from .decision import Decision
 from .verify import CheckReport
 
 

@@ -161,7 +161,8 @@ def test_bn_conv_forward_only_without_zero_padding(pads, mode, folds):
         assert_folds(model, {"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)}, 1)
     else:
         d = fold_onnx(model).decisions[0]
-        assert d.status == "skipped" and "forward: Conv 'conv' pads with zeros" in d.reason
+        assert d.codes == ("no-layer-before", "zero-padding"), d.reason
+        assert d.refusals[1].subject == "conv" and "forward: 'conv' pads with zeros" in d.reason
 
 
 def test_through_flatten_reshape_and_transpose():
@@ -211,14 +212,14 @@ def _conv_bn(rng, **bn_attrs):
     return inits, helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), bn_attrs
 
 
-@pytest.mark.parametrize("case,reason", [
-    ("training", "in training mode (training_mode=1 or running-statistics outputs)"),
-    ("extra outputs", "in training mode (training_mode=1 or running-statistics outputs)"),
-    ("non-constant", "scale, bias, mean or variance is not a constant"),
-    ("second consumer", "output of 'conv' has another consumer"),
-    ("graph output", "output of 'conv' is a graph output"),
+@pytest.mark.parametrize("case,codes,reason", [
+    ("training", ("training-mode",), "in training mode (training_mode=1 or running-statistics outputs)"),
+    ("extra outputs", ("training-mode",), "in training mode (training_mode=1 or running-statistics outputs)"),
+    ("non-constant", ("not-constant",), "scale, bias, mean or variance is not a constant"),
+    ("second consumer", ("shared-output", "no-layer-after"), "output of 'conv' also feeds Relu '"),
+    ("graph output", ("shared-output", "no-layer-after"), "output of 'conv' also feeds the model output"),
 ])
-def test_refusals(case, reason):
+def test_refusals(case, codes, reason):
     rng = np.random.default_rng(4)
     inits, conv, _ = _conv_bn(rng)
     outputs = [helper.make_tensor_value_info("y", F32, [2, 4, 4, 4])]
@@ -244,7 +245,7 @@ def test_refusals(case, reason):
     model.ir_version = 8
     result = fold_onnx(model)
     d = result.decisions[0]
-    assert d.status == "skipped" and d.reason.startswith(reason), d.reason
+    assert d.status == "skipped" and d.codes == codes and d.reason.startswith(reason), d.reason
     assert count_ops(result.model, "BatchNormalization") == 1
 
 

@@ -1,0 +1,259 @@
+"""The torch backend of the fold engine: a ``GraphView`` over a ``Capture`` (torch.fx graph, or
+torch.export's collapsed to module calls), and the torch plan (``plan(cap)``).
+
+BatchNorms are ``_BatchNorm`` modules (module order) and ``F.batch_norm`` calls (graph order).
+Layers are Conv/ConvTranspose/Linear modules whose forward is their class's own, without
+parametrizations or hooks, called once, with parameters used by nobody else. Pass-through ops are
+pure view ops (flatten, reshape, view, transpose, permute, squeeze, unsqueeze, ...), ``nn.Identity``
+and ``nn.Flatten``/``nn.Unflatten``; their channel map is replayed on a tensor of channel indices.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+
+from . import engine
+from .capture import SHAPE_KEY, VALUE_KEY, Capture
+from .decision import Decision, NotFoldable
+from .engine import BnSite, BnStats, Layer
+from .structure import tensor_at
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# kind, op label, the classes whose forward a module must keep
+_LAYERS: tuple[tuple[str, str, tuple[type[nn.Module], ...]], ...] = (
+    ("conv-transpose", "convtranspose", (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)),
+    ("conv", "conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
+    ("linear", "linear", (nn.Linear,)),
+)
+
+_aten = torch.ops.aten
+_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+                   torch.unsqueeze, torch.movedim, torch.swapaxes, torch.swapdims,
+                   _aten.flatten.using_ints, _aten.view.default, _aten.reshape.default, _aten.transpose.int,
+                   _aten.permute.default, _aten.squeeze.dim, _aten.squeeze.dims, _aten.unsqueeze.default,
+                   _aten.movedim.int, _aten.contiguous.default, _aten._unsafe_view.default}
+_VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "squeeze",
+                 "unsqueeze", "movedim", "swapaxes", "swapdims"}
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
+
+_FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+
+
+def to_f64(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().double().numpy()
+
+
+def _f64_or_none(tensor: torch.Tensor | None) -> np.ndarray | None:
+    return None if tensor is None else to_f64(tensor)
+
+
+def module_stats(name: str, bn: _BatchNorm) -> BnStats:
+    return BnStats(to_f64(bn.running_mean), to_f64(bn.running_var), _f64_or_none(bn.weight), _f64_or_none(bn.bias),
+                   bn.eps, f"BatchNorm '{name}'")
+
+
+def functional_stats(root: nn.Module, name: str, f: dict) -> BnStats:
+    """The tensors an ``F.batch_norm`` call reads, from the paths recorded in ``f``."""
+    def at(key):
+        return to_f64(tensor_at(root, f[key])) if f[key] else None
+
+    return BnStats(at("mean"), at("var"), at("weight"), at("bias"), f["eps"], f"BatchNorm '{name}'")
+
+
+def statistics(root: nn.Module, decision: Decision) -> BnStats:
+    """The statistics a decision folds, read from ``root`` (the model or its folded copy)."""
+    if decision.functional:
+        return functional_stats(root, decision.bn, decision.functional)
+    return module_stats(decision.bn, root.get_submodule(decision.bn))
+
+
+def _standard(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> str | None:
+    """Why ``module`` cannot be trusted to compute what its base class computes, or None."""
+    if not any(type(module).forward is base.forward for base in bases if isinstance(module, base)):
+        return f"{type(module).__name__} overrides forward"
+    if parametrize.is_parametrized(module):
+        return "has parametrizations"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "has forward hooks"
+    return None
+
+
+class TorchView:
+    """``engine.GraphView`` over a capture."""
+
+    def __init__(self, cap: Capture):
+        self.cap = cap
+        self.folded: set[torch.fx.Node] = set()
+        self.calls: dict[torch.fx.Node, dict] = {}
+        self.baked = next((n.target for n in cap.graph.nodes
+                           if n.op == "get_attr" and n.target.startswith("_tensor_constant")), None)
+
+    # --- BatchNorms ---
+    def batchnorms(self) -> list[BnSite]:
+        nodes = {n.target: n for n in self.cap.graph.nodes if isinstance(self.cap.module_of(n), _BatchNorm)}
+        sites = [BnSite(name, nodes.get(name), None, module)
+                 for name, module in self.cap.modules.items() if isinstance(module, _BatchNorm)]
+        sites += [BnSite(f"{n.name} (F.batch_norm)", n, self._functional(n)) for n in self.cap.graph.nodes
+                  if n.op == "call_function" and n.target in _FUNCTIONAL_BN]
+        return sites
+
+    def _functional(self, node: torch.fx.Node) -> dict:
+        """The tensor paths of an ``F.batch_norm`` call (None where an argument is not a parameter
+        or buffer); its bound arguments are kept for ``bn_stats``' checks."""
+        paths = {"node": node.name}
+        if node.target is F.batch_norm:
+            bound = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
+            bound.apply_defaults()
+            self.calls[node] = a = bound.arguments
+            paths["eps"] = float(a["eps"])
+            for key, arg in zip(("mean", "var", "weight", "bias"),
+                                (a["running_mean"], a["running_var"], a["weight"], a["bias"])):
+                paths[key] = arg.target if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" else None
+        return paths
+
+    def bn_stats(self, bn: BnSite) -> BnStats:
+        if bn.functional is None:
+            if bn.module.running_mean is None or bn.module.running_var is None:
+                raise NotFoldable("no-running-stats", "no running statistics (track_running_stats=False): "
+                                                      "normalises with batch statistics")
+            return module_stats(bn.name, bn.module)
+        a = self.calls.get(bn.node)
+        if a is None:
+            raise NotFoldable("unsupported-bn", f"{bn.node.target} is folded only in a torch.fx capture of F.batch_norm")
+        if a["training"] is not False:
+            raise NotFoldable("training-mode", "called with training=True (or a traced flag): uses batch statistics")
+        for key in ("running_mean", "running_var", "weight", "bias"):
+            arg = a[key]
+            if arg is None and key in ("running_mean", "running_var"):
+                raise NotFoldable("no-running-stats", "no running statistics: normalises with batch statistics")
+            if arg is not None and (not isinstance(arg, torch.fx.Node) or arg.op != "get_attr"):
+                raise NotFoldable("not-constant", f"{key} is computed in forward, not a parameter or buffer")
+            if arg is not None and (len(arg.users) > 1 or sum(
+                    n.op == "get_attr" and n.target == arg.target for n in self.cap.graph.nodes) > 1):
+                raise NotFoldable("shared-parameters", f"{key} '{arg.target}' is also read elsewhere in forward",
+                                  bn.name, arg.target)
+        if self.baked:
+            raise NotFoldable("not-constant", f"forward computes tensor '{self.baked}' at trace time, which may read "
+                                              "the statistics: resetting them could change it")
+        return functional_stats(self.cap.modules[""], bn.name, bn.functional)
+
+    def check_bn(self, bn: BnSite) -> None:
+        if bn.functional is not None:
+            return
+        if bn.module.training:
+            raise NotFoldable("training-mode", "in training mode: call model.eval() before folding")
+        if bn.node is None:
+            raise NotFoldable("not-called", "not called in forward")
+        reason = _standard(bn.module, _BN_TYPES)
+        if reason:
+            raise NotFoldable("custom-forward", reason, bn.name)
+        self._single_use(bn.name)
+
+    def mark_folded(self, bn: BnSite) -> None:
+        self.folded.add(bn.node)
+
+    # --- graph ---
+    def input_of(self, node: Any) -> Any:
+        return node.args[0] if isinstance(node, torch.fx.Node) and node.args else None
+
+    def users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        return list(node.users)
+
+    def is_graph_input(self, node: Any) -> bool:
+        return isinstance(node, torch.fx.Node) and node.op == "placeholder"
+
+    def is_passthrough(self, node: Any) -> bool:
+        if not isinstance(node, torch.fx.Node) or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return False
+        if node in self.folded:
+            return True
+        if node.op == "call_function":
+            return node.target in _VIEW_FUNCTIONS
+        if node.op == "call_method":
+            return node.target in _VIEW_METHODS
+        return node.op == "call_module" and isinstance(self.cap.module_of(node), _VIEW_MODULES)
+
+    def replay(self, node: torch.fx.Node, index: np.ndarray) -> np.ndarray:
+        if node in self.folded:
+            return index
+        source = torch.from_numpy(index)
+
+        def arg(a: torch.fx.Node):
+            if a is node.args[0]:
+                return source
+            if VALUE_KEY in a.meta:
+                return a.meta[VALUE_KEY]
+            if SHAPE_KEY in a.meta:  # a tensor read for its shape only (reshape_as, view_as)
+                return torch.empty(a.meta[SHAPE_KEY])
+            raise NotFoldable("unknown-shape", f"cannot follow the shape argument '{a.name}' of a view op", node.name)
+
+        args = torch.fx.node.map_arg(node.args, arg)
+        kwargs = torch.fx.node.map_arg(node.kwargs, arg)
+        if node.op == "call_function":
+            out = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            out = self.cap.module_of(node)(*args, **kwargs)
+        return out.numpy()
+
+    def shape(self, node: torch.fx.Node) -> tuple[int, ...] | None:
+        return self.cap.shape(node)
+
+    def layer(self, node: Any) -> Layer | None:
+        module = self.cap.module_of(node) if isinstance(node, torch.fx.Node) else None
+        for kind, op, bases in _LAYERS:
+            if isinstance(module, bases):
+                zero_padded = kind == "conv" and module.padding_mode == "zeros" and any(
+                    module._reversed_padding_repeated_twice)
+                return Layer(node, node.target, kind, op, getattr(module, "groups", 1), zero_padded, data=bases)
+        return None
+
+    def check_layer(self, layer: Layer) -> None:
+        reason = _standard(self.cap.modules[layer.name], layer.data)
+        if reason:
+            raise NotFoldable("custom-forward", f"'{layer.name}' {reason}", layer.name)
+        self._single_use(layer.name)
+
+    def _single_use(self, name: str) -> None:
+        cap = self.cap
+        if cap.call_counts[name] > 1:
+            raise NotFoldable("reused-layer", f"'{name}' is called {cap.call_counts[name]} times", name)
+        if cap.direct_uses[name]:
+            raise NotFoldable("shared-parameters", f"parameters of '{name}' are read directly in forward", name)
+        shared = cap.shared_with(name)
+        if shared:
+            raise NotFoldable("shared-parameters", f"parameters of '{name}' are shared with '{shared[0]}'", name,
+                              shared[0])
+
+    def name(self, node: Any) -> str:
+        return node.name if isinstance(node, torch.fx.Node) else repr(node)
+
+    def describe(self, node: Any) -> str:
+        if not isinstance(node, torch.fx.Node):
+            return repr(node)
+        if node.op == "placeholder":
+            return "a graph input"
+        if node.op == "output":
+            return "the model output"
+        module = self.cap.module_of(node)
+        if module is not None:
+            return f"{type(module).__name__} '{node.target}'"
+        return f"'{node.name}'"
+
+
+def plan(cap: Capture) -> list[Decision]:
+    """One decision per BatchNorm of the captured model: modules in module order, then functional
+    ``F.batch_norm`` calls in graph order."""
+    return engine.plan(TorchView(cap))
+

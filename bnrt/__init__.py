@@ -7,7 +7,9 @@ from .errors import BnrtError, CaptureError, CheckFailed, HealthError, InputErro
 from .export import export_onnx  # noqa: E402
 from .fold import FoldResult, fold  # noqa: E402
 from .load import load_folded, load_model  # noqa: E402
-from .pipeline import InputSpec, check_files, fold_file  # noqa: E402
+from .data import InputSpec  # noqa: E402
+from .pipeline import fold_file  # noqa: E402
+from .sides import check_files  # noqa: E402
 from .run import Session  # noqa: E402
 from .verify import CheckReport, check  # noqa: E402
 

@@ -16,7 +16,9 @@ shard and the ranks all-reduce count and sum (for the global mean), then the mea
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -24,7 +26,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .artifacts import calibrated_checkpoint
+from .data import load_data
 from .errors import InputError, first_line
+from .export import model_input_names
+from .load import file_sha256, load_model
+from .save import ensure_dir, write_torch
 
 MODES = ("fast", "exact")
 Progress = Callable[[str, int, int | None], None]
@@ -289,3 +296,73 @@ def batches_of(arrays: Sequence[np.ndarray], batch_size: int) -> Callable[[], It
         for start in range(0, n, batch_size):
             yield tuple(torch.from_numpy(a[start:start + batch_size]) for a in arrays)
     return gen
+
+
+@dataclass
+class CalibrationOutcome:
+    """What ``calibrate_file`` did: the report, the residuals measured after it, the file written
+    (None on ranks other than 0)."""
+
+    report: CalibrationReport
+    residuals: dict[str, tuple[float, float]]
+    written: Path | None
+    rank: int = 0
+
+
+def calibrate_file(
+    path: str | os.PathLike,
+    data: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    mode: str = "fast",
+    batch_size: int = 64,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    progress=None,
+    measure: bool = True,
+) -> CalibrationOutcome:
+    """Recalibrate the BatchNorm statistics of the checkpoint at ``path`` over ``data`` and write a
+    checkpoint (state_dict, arch, arch_kwargs, input_shape, and a ``bnrt_calibration`` entry) to
+    ``output``. Under torchrun (WORLD_SIZE > 1) each rank takes its shard of the data, the ranks
+    pool their statistics over a gloo process group and rank 0 writes the file."""
+    src, out = Path(path), Path(output)
+    if out.resolve() == src.resolve():
+        raise InputError(f"{src}: -o would overwrite the input; write the calibrated model elsewhere")
+    if batch_size <= 0:
+        raise InputError(f"--batch-size {batch_size}: must be positive")
+    loaded = load_model(src, arch=arch, trust_pickle=trust_pickle)
+    dataset = load_data(data, model_input_names(loaded.model, loaded.input_shapes))
+    group, rank, world = _process_group()
+    try:
+        shard = np.array_split(np.arange(dataset.size), world)[rank]
+        arrays = [x[shard] for x in dataset.inputs]
+        batches = batches_of(arrays, batch_size)
+        report = calibrate(loaded.model, batches, mode=mode, process_group=group, progress=progress, where=str(data))
+        report.samples = dataset.size if group is not None else report.samples
+        found = residuals(loaded.model, batches(), where=str(data)) if measure and group is None else {}
+    finally:
+        if group is not None:  # a gloo group left open aborts the process at exit
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+    written = None
+    if rank == 0:
+        ensure_dir(out.parent if str(out.parent) else Path("."))
+        write_torch(out, calibrated_checkpoint(loaded.model.state_dict(), loaded, dataset.shapes(), {
+            "mode": mode, "samples": report.samples, "batch_size": batch_size,
+            "data_sha256": file_sha256(Path(data)), "source_sha256": loaded.sha256, "world_size": world}))
+        written = out
+    return CalibrationOutcome(report, found, written, rank)
+
+
+def _process_group():
+    """(group, rank, world size): a gloo group when launched by torchrun with WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None, 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.group.WORLD, dist.get_rank(), dist.get_world_size()

@@ -15,7 +15,7 @@ from .data import DISTRIBUTIONS
 from .errors import BnrtError, InputError, first_line
 from .export import DEFAULT_OPSET, EXPORTERS
 from .calibrate import MODES
-from .pipeline import DEFAULT_SAMPLES, InputSpec
+from .data import DEFAULT_SAMPLES, InputSpec
 from .run import PROVIDERS
 from .verify import DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, Tolerances
 
@@ -206,7 +206,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .pipeline import check_files
+    from .sides import check_files
     from .report import check_table, plot_errors
     from .save import write_json
 
@@ -235,7 +235,7 @@ def _progress(stage: str, i: int, total: int | None) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .pipeline import calibrate_file
+    from .calibrate import calibrate_file
 
     start = time.perf_counter()
     outcome = calibrate_file(args.model, args.data, args.output, mode=args.mode, batch_size=args.batch_size,
@@ -303,7 +303,7 @@ def cmd_triton(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_model, markdown, plot
     from .load import load_model
-    from .pipeline import make_inputs, torch_side
+    from .sides import example_data
     from .save import write_json
 
     try:
@@ -313,8 +313,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not batches or min(batches) <= 0 or args.threads <= 0 or args.repeats <= 0 or args.iterations <= 0:
         raise InputError("--batch-sizes, --threads, --repeats and --iterations must be positive")
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
-    side = torch_side("torch", loaded, args.input_shape)
-    data = make_inputs(InputSpec(data=args.data, samples=2), side.input_names, side.input_shapes, where=args.model)
+    data = example_data(loaded, args.input_shape, args.data, args.model)
     if len(data.inputs) != 1:
         raise InputError(f"{args.model}: bnrt bench handles single-input models")
     report = bench_model(loaded.model, data.shapes()[0], name=Path(args.model).stem, batch_sizes=batches,

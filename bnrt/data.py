@@ -7,6 +7,7 @@ are never loaded.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, first_line
+from .save import atomic_path
 
 LABEL_KEYS = ("y", "labels", "label", "targets")
+DEFAULT_SAMPLES = 64
 
 
 @dataclass
@@ -115,3 +118,47 @@ def load_data(path: str | Path, input_names: list[str]) -> Dataset:
                 f"{path}: labels must be integers of shape ({inputs[0].shape[0]},), got {labels.dtype} {labels.shape}"
             )
     return Dataset(inputs, labels, str(path))
+
+
+def fmt_shape(shape) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How to make check inputs: a data file, or seeded random samples of a distribution."""
+
+    data: str | os.PathLike | None = None
+    samples: int = DEFAULT_SAMPLES
+    seed: int = 0
+    distribution: str = "normal"
+    val_range: tuple[float, float] | None = None
+
+
+def make_inputs(spec: InputSpec, names: list[str], shapes: list[tuple | None], dtypes: list[np.dtype] | None = None,
+                where: str = "model") -> Dataset:
+    """The check data: ``spec.data`` (validated against ``shapes``) or random samples."""
+    if spec.data is not None:
+        data = load_data(spec.data, names)
+        for name, given, got in zip(names, shapes, data.shapes()):
+            if given is not None and (len(given) != len(got) or any(
+                    d is not None and d != g for d, g in zip(given[1:], got[1:]))):
+                raise InputError(f"{spec.data}: input {name!r} has per-sample shape {tuple(got[1:])}, "
+                                 f"but the input shape is {fmt_shape(given)}")
+        return data
+    missing = [n for n, s in zip(names, shapes) if s is None or any(d is None for d in s[1:])]
+    if missing:
+        raise InputError(f"{where}: no input shape for {', '.join(missing)}; pass --input-shape (e.g. 1,3,224,224) "
+                         "or --data, or store 'input_shape' in the checkpoint")
+    return random_inputs([tuple(s) for s in shapes], spec.samples, spec.seed, spec.distribution, spec.val_range,
+                         dtypes)
+
+
+def save_dataset(data: Dataset, names: list[str], path: Path) -> None:
+    """The inputs (and labels under ``y``) as an .npz that ``load_data`` reads back."""
+    arrays = dict(zip(names, data.inputs))
+    if data.labels is not None:
+        arrays["y"] = data.labels
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)

@@ -34,6 +34,22 @@ def input_names(model: nn.Module, count: int) -> list[str]:
     return params[:count]
 
 
+def required_inputs(model: nn.Module) -> int:
+    """Number of positional ``forward`` parameters without a default (at least 1)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    return max(1, sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                      for p in params))
+
+
+def model_input_names(model: nn.Module, shapes: list | None = None) -> list[str]:
+    """Names of the inputs ``model`` takes: one per shape in ``shapes``, else one per required
+    ``forward`` parameter."""
+    return input_names(model, len(shapes) if shapes else required_inputs(model))
+
+
 def output_names(count: int) -> list[str]:
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 

@@ -30,12 +30,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .artifacts import FOLDED_KEY
 from .errors import InputError, first_line
 from .structure import apply_folded_structure
 
 Shape = tuple[int, ...]
 
-FOLDED_KEY = "bnrt_folded"
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
 

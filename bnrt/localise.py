@@ -9,7 +9,6 @@ checkpoint, ONNX metadata ``bnrt_folds``) name these partners so that they are n
 from __future__ import annotations
 
 import ast
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -22,14 +21,6 @@ from torch import nn
 
 from .run import resolve_provider
 from .verify import Divergence
-
-FOLDS_KEY = "bnrt_folds"
-
-
-def folds_of(decisions: Iterable) -> list[dict]:
-    """The folded decisions as plain data: ``[{"bn", "into", "direction"}]``."""
-    return [{"bn": d.bn, "into": list(d.into), "direction": d.direction} for d in decisions if d.folded]
-
 
 def partners(folds: Iterable[dict]) -> tuple[set[str], dict[str, str]]:
     """Modules whose outputs differ by design after folding, and for each folded BN the layer it
@@ -123,11 +114,6 @@ def onnx_taps(path: str | Path, inputs: Sequence[np.ndarray], provider: str = "c
     names = [o.name for o in session.get_outputs()]
     results = dict(zip(names, session.run(names, feeds)))
     return {module: results[value] for module, value in values.items() if value in results}
-
-
-def folds_in(metadata: dict[str, str]) -> list[dict]:
-    """The folds bnrt recorded in an ONNX file's metadata (empty for other files)."""
-    return json.loads(metadata.get(FOLDS_KEY, "[]"))
 
 
 def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], folds: Iterable[dict],

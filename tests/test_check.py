@@ -15,7 +15,8 @@ from onnx import numpy_helper
 import bnrt
 from bnrt.data import random_inputs
 from bnrt.errors import InputError
-from bnrt.pipeline import InputSpec, check_files
+from bnrt.data import InputSpec
+from bnrt.sides import check_files
 from bnrt.verify import Tolerances, compare_output
 from models.digits import digits_split
 

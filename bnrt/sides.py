@@ -1,0 +1,161 @@
+"""The check's sides: a model taking part in an equivalence check (torch checkpoint or ONNX file on
+ORT), how its inputs are matched with the other side's, and ``check_files`` (what ``bnrt check``
+runs): both sides on the same inputs, the first divergent module named when they differ.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .artifacts import folds_in
+from .data import Dataset, InputSpec, fmt_shape, make_inputs, save_dataset
+from .errors import InputError
+from .export import model_input_names, output_names
+from .load import Loaded, load_model
+from .localise import first_divergence, onnx_taps, torch_taps
+from .run import Session
+from .verify import DEFAULT_BATCH, DEFAULT_TOP_K, CheckReport, Runner, Tolerances, check, torch_runner
+
+LOCALISE_SAMPLES = 8
+
+
+@dataclass
+class Side:
+    """One model taking part in a check: how to run it, what inputs it takes, its intermediate
+    outputs ("taps", for localisation) and the folds bnrt recorded in it."""
+
+    label: str
+    runner: Runner
+    input_names: list[str]
+    input_shapes: list[tuple[int | None, ...] | None]
+    input_dtypes: list[np.dtype]
+    output_names: list[str]
+    taps: Callable[[list[np.ndarray]], dict[str, np.ndarray]]
+    folds: list[dict]
+    fixed_batch: int | None = None
+
+
+def torch_side(label: str, loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = None) -> Side:
+    model = loaded.model
+    shapes = input_shapes or loaded.input_shapes
+    names = model_input_names(model, shapes)
+    folds = (loaded.structure or {}).get("folds", [])
+    return Side(label, torch_runner(model), names, list(shapes) if shapes else [None] * len(names),
+                [np.dtype(np.float32)] * len(names), [], lambda xs: torch_taps(model, xs), folds)
+
+
+def example_data(loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = None,
+                 data: str | os.PathLike | None = None, where: str = "model") -> Dataset:
+    """Two samples a loaded model runs on (from ``data``, else random of its input shapes), to trace
+    or benchmark it."""
+    side = torch_side("torch", loaded, input_shapes)
+    return make_inputs(InputSpec(data=data, samples=2), side.input_names, side.input_shapes, where=where)
+
+
+def onnx_side(label: str, path: Path, provider: str) -> Side:
+    session = Session(path, provider=provider)
+    shapes = [spec.shape for spec in session.inputs]
+    dtypes = [spec.dtype for spec in session.inputs]
+    fixed = shapes[0][0] if shapes and shapes[0] else None
+    return Side(label, session.run, session.input_names, shapes, dtypes, session.output_names,
+                lambda xs: onnx_taps(path, xs, provider),
+                folds_in(session.session.get_modelmeta().custom_metadata_map), fixed)
+
+
+def batching(sides: list[Side], spec: InputSpec, batch_size: int) -> tuple[InputSpec, int]:
+    """Sample count and batch size that fit sides whose ONNX batch dimension is fixed."""
+    fixed = {s.fixed_batch for s in sides if s.fixed_batch}
+    if len(fixed) > 1:
+        raise InputError(f"the models have different fixed batch sizes {sorted(fixed)}")
+    if not fixed:
+        return spec, batch_size
+    batch = fixed.pop()
+    return replace(spec, samples=max(batch, spec.samples // batch * batch)), batch
+
+
+def open_side(path: str | os.PathLike, *, label: str, provider: str = "cpu", arch: str | None = None,
+              trust_pickle: bool = False, input_shapes: list[tuple[int, ...]] | None = None) -> Side:
+    """A torch checkpoint (original or folded) or, for ``.onnx`` files, an ORT session."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        return onnx_side(f"{label} onnx {provider}", path, provider)
+    return torch_side(f"{label} torch", load_model(path, arch=arch, trust_pickle=trust_pickle), input_shapes)
+
+
+def _merge_inputs(ref: Side, cand: Side, ref_path, cand_path) -> tuple[list[str], list[tuple | None], list[np.dtype]]:
+    """The inputs both sides take; ``InputError`` when names, count or shapes disagree."""
+    if len(ref.input_names) != len(cand.input_names):
+        raise InputError(f"{cand_path}: takes {len(cand.input_names)} input(s) ({', '.join(cand.input_names)}), "
+                         f"{ref_path} takes {len(ref.input_names)} ({', '.join(ref.input_names)})")
+    if ref.input_names != cand.input_names:
+        raise InputError(f"{cand_path}: input names {', '.join(cand.input_names)} differ from {ref_path}'s "
+                         f"{', '.join(ref.input_names)}")
+    shapes = []
+    for name, a, b in zip(ref.input_names, ref.input_shapes, cand.input_shapes):
+        if a is not None and b is not None:
+            if len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a[1:], b[1:])):
+                raise InputError(f"{cand_path}: input {name!r} has shape {fmt_shape(b)}, {ref_path} expects {fmt_shape(a)}")
+        known = a if a is not None and all(d is not None for d in a[1:]) else b
+        shapes.append(known)
+    dtypes = [b if a == np.float32 else a for a, b in zip(ref.input_dtypes, cand.input_dtypes)]
+    return ref.input_names, shapes, dtypes
+
+
+def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict], tolerances: Tolerances):
+    """First divergent module between two sides, on the first few samples."""
+    head = [x[:LOCALISE_SAMPLES] for x in data.inputs]
+    return first_divergence(reference.taps(head), candidate.taps(head), folds, *tolerances.of(""))
+
+
+def compare_sides(reference: Side, candidates: list[Side], data: Dataset, output_names: list[str], folds: list[dict],
+                  tolerances: Tolerances, top_k: int = DEFAULT_TOP_K, batch_size: int = DEFAULT_BATCH,
+                  localisation: bool = True) -> CheckReport:
+    """``check`` of the candidates against the reference; each failed comparison names its first
+    divergent module."""
+    report = check((reference.label, reference.runner), [(c.label, c.runner) for c in candidates], data,
+                   output_names, tolerances=tolerances, top_k=top_k, batch_size=batch_size)
+    for comparison, side in zip(report.comparisons, candidates):
+        if localisation and not comparison.passed:
+            comparison.divergence = localise(reference, side, data, folds, tolerances)
+    return report
+
+
+def check_files(
+    reference: str | os.PathLike,
+    candidate: str | os.PathLike,
+    *,
+    provider: str = "cpu",
+    reference_provider: str = "cpu",
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    input_shapes: list[tuple[int, ...]] | None = None,
+    inputs: InputSpec = InputSpec(),
+    tolerances: Tolerances = Tolerances(),
+    top_k: int = DEFAULT_TOP_K,
+    batch_size: int = DEFAULT_BATCH,
+    save_inputs: str | os.PathLike | None = None,
+    localisation: bool = True,
+) -> CheckReport:
+    """Compare ``candidate`` with ``reference``; each a torch checkpoint or an ONNX file run on ORT
+    (``provider`` for the candidate, ``reference_provider`` for the reference). When they differ,
+    the report names the first module whose output diverges (``Comparison.divergence``)."""
+    ref = open_side(reference, label="reference", provider=reference_provider, arch=arch,
+                    trust_pickle=trust_pickle, input_shapes=input_shapes)
+    cand = open_side(candidate, label="candidate", provider=provider, arch=arch,
+                     trust_pickle=trust_pickle, input_shapes=input_shapes)
+    names, shapes, dtypes = _merge_inputs(ref, cand, reference, candidate)
+    inputs, batch_size = batching([ref, cand], inputs, batch_size)
+    data = make_inputs(inputs, names, shapes, dtypes, str(reference))
+    if save_inputs is not None:
+        save_dataset(data, names, Path(save_inputs))
+    outs = ref.output_names or cand.output_names or output_names(len(ref.runner([x[:1] for x in data.inputs])))
+    return compare_sides(ref, [cand], data, outs, ref.folds + cand.folds, tolerances, top_k, batch_size, localisation)
+
+

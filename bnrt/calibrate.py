@@ -28,10 +28,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .artifacts import calibrated_checkpoint
 from .data import load_data
-from .errors import InputError, first_line
+from .errors import InputError, OptionError, first_line
 from .export import model_input_names
-from .load import file_sha256, load_model
-from .save import ensure_dir, write_torch
+from .load import ModelSource, file_sha256
+from .save import ensure_dir, refuse_overwrite, write_torch
 
 MODES = ("fast", "exact")
 Progress = Callable[[str, int, int | None], None]
@@ -173,7 +173,7 @@ def calibrate(
     The model is left in eval mode.
     """
     if mode not in MODES:
-        raise InputError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+        raise OptionError(f"`mode` {mode!r}: choose one of {', '.join(MODES)}")
     fresh = batches if callable(batches) else (lambda: batches)
     bns = _batchnorms(model)
     if not bns:
@@ -310,27 +310,24 @@ class CalibrationOutcome:
 
 
 def calibrate_file(
-    path: str | os.PathLike,
+    source: ModelSource | str | os.PathLike,
     data: str | os.PathLike,
     output: str | os.PathLike,
     *,
     mode: str = "fast",
     batch_size: int = 64,
-    arch: str | None = None,
-    trust_pickle: bool = False,
-    progress=None,
+    progress: Progress | None = None,
     measure: bool = True,
 ) -> CalibrationOutcome:
     """Recalibrate the BatchNorm statistics of the checkpoint at ``path`` over ``data`` and write a
     checkpoint (state_dict, arch, arch_kwargs, input_shape, and a ``bnrt_calibration`` entry) to
     ``output``. Under torchrun (WORLD_SIZE > 1) each rank takes its shard of the data, the ranks
     pool their statistics over a gloo process group and rank 0 writes the file."""
-    src, out = Path(path), Path(output)
-    if out.resolve() == src.resolve():
-        raise InputError(f"{src}: -o would overwrite the input; write the calibrated model elsewhere")
+    source, out = ModelSource.of(source), Path(output)
+    refuse_overwrite([out], [source.path, data])
     if batch_size <= 0:
-        raise InputError(f"--batch-size {batch_size}: must be positive")
-    loaded = load_model(src, arch=arch, trust_pickle=trust_pickle)
+        raise OptionError(f"`batch_size` {batch_size}: must be positive")
+    loaded = source.load()
     dataset = load_data(data, model_input_names(loaded.model, loaded.input_shapes))
     group, rank, world = _process_group()
     try:

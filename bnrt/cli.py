@@ -12,10 +12,13 @@ from typing import Sequence
 
 from . import __version__
 from .data import DISTRIBUTIONS
-from .errors import BnrtError, InputError, first_line
+from .errors import BnrtError, InputError, OptionError, first_line
 from .export import DEFAULT_OPSET, EXPORTERS
 from .calibrate import MODES
 from .data import DEFAULT_SAMPLES, InputSpec
+from .load import ModelSource
+from .save import refuse_overwrite
+from .sides import CheckOptions
 from .run import PROVIDERS
 from .verify import DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, Tolerances
 
@@ -62,26 +65,45 @@ def tolerances_from(args: argparse.Namespace) -> Tolerances:
     return Tolerances(defaults["atol"], defaults["rtol"], {k: tuple(v) for k, v in per_output.items()})
 
 
-def inputs_from(args: argparse.Namespace) -> InputSpec:
-    if args.samples <= 0:
-        raise InputError(f"--samples {args.samples}: must be positive")
-    return InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range)
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise InputError(f"--{name.replace('_', '-')} {value}: must be positive")
 
 
-def _load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", metavar="MOD:NAME", help="architecture class or factory (overrides the checkpoint's arch)")
-    p.add_argument("--trust-pickle", action="store_true",
+# Argument groups: each adds its flags and builds the library object they describe.
+
+def _source_args(p: argparse.ArgumentParser, shapes: bool = True) -> None:
+    """Model source flags -> ``ModelSource`` (``source_from``)."""
+    g = p.add_argument_group("model source")
+    if shapes:
+        g.add_argument("--input-shape", type=_shape, action="append", metavar="SHAPE",
+                       help="input shape with batch, e.g. 1,3,224,224; repeat for several inputs")
+    g.add_argument("--arch", metavar="MOD:NAME", help="architecture class or factory (overrides the checkpoint's arch)")
+    g.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a full nn.Module: runs code from the file, use only for files you trust")
 
 
+def source_from(args: argparse.Namespace, path: str) -> ModelSource:
+    return ModelSource(Path(path), args.arch, args.trust_pickle, getattr(args, "input_shape", None))
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-shape", type=_shape, action="append", metavar="SHAPE",
-                   help="input shape with batch, e.g. 1,3,224,224; repeat for several inputs")
-    _load_args(p)
+    _source_args(p)
     p.add_argument("--data", metavar="FILE", help=".npz/.npy inputs (and integer labels under 'y') to check on")
 
 
+def check_from(args: argparse.Namespace) -> CheckOptions:
+    """Check flags -> ``CheckOptions``."""
+    _positive(args, "samples", "top_k", "batch_size")
+    return CheckOptions(InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range), args.provider,
+                        tolerances_from(args), args.top_k, getattr(args, "batch_size", DEFAULT_BATCH),
+                        not getattr(args, "no_localise", False))
+
+
 def _check_args(p: argparse.ArgumentParser) -> None:
+    """Check flags -> ``CheckOptions`` (``check_from``)."""
     g = p.add_argument_group("check")
     g.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu", help="ORT provider for ONNX (default cpu)")
     g.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
@@ -132,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--mode", choices=MODES, default="fast",
                      help="fast: one pass, exact pooled statistics; exact: BN by BN, earlier ones in force (default fast)")
     cal.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
-    _load_args(cal)
+    _source_args(cal, shapes=False)
     cal.add_argument("--no-residuals", action="store_true", help="skip the residual measurement pass")
 
     run = sub.add_parser("run", help="run an ONNX model on inputs from a file")
@@ -182,12 +204,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from .report import check_table, decision_table
 
     start = time.perf_counter()
-    outcome = fold_file(
-        args.model, args.output_dir, input_shapes=args.input_shape, arch=args.arch,
-        trust_pickle=args.trust_pickle, inputs=inputs_from(args), provider=args.provider,
-        run_check=not args.no_check, opset=args.opset, exporter=args.exporter,
-        tolerances=tolerances_from(args), top_k=args.top_k,
-    )
+    outcome = fold_file(source_from(args, args.model), args.output_dir,
+                        check=None if args.no_check else check_from(args), opset=args.opset, exporter=args.exporter)
     print(decision_table(outcome.result.decisions))
     print(f"BatchNormalization nodes in {'the folded ONNX' if str(args.model).lower().endswith('.onnx') else 'ONNX'}: "
           f"{outcome.onnx_batchnorm_nodes}")
@@ -210,17 +228,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .report import check_table, plot_errors
     from .save import write_json
 
-    if args.batch_size <= 0 or args.top_k <= 0:
-        raise InputError("--batch-size and --top-k must be positive")
-    for out in (args.json, args.plot, args.save_inputs):
-        if out and Path(out).resolve() in (Path(args.reference).resolve(), Path(args.candidate).resolve()):
-            raise InputError(f"{out}: would overwrite a model being checked")
-    report = check_files(
-        args.reference, args.candidate, provider=args.provider, reference_provider=args.reference_provider,
-        arch=args.arch, trust_pickle=args.trust_pickle, input_shapes=args.input_shape, inputs=inputs_from(args),
-        tolerances=tolerances_from(args), top_k=args.top_k, batch_size=args.batch_size,
-        save_inputs=args.save_inputs, localisation=not args.no_localise,
-    )
+    refuse_overwrite([args.json, args.plot, args.save_inputs], [args.reference, args.candidate])
+    report = check_files(source_from(args, args.reference), source_from(args, args.candidate), check_from(args),
+                         reference_provider=args.reference_provider, save_inputs=args.save_inputs)
     print(check_table(report))
     if args.json:
         write_json(Path(args.json), report.to_json())
@@ -238,9 +248,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_file
 
     start = time.perf_counter()
-    outcome = calibrate_file(args.model, args.data, args.output, mode=args.mode, batch_size=args.batch_size,
-                             arch=args.arch, trust_pickle=args.trust_pickle,
-                             progress=_progress if sys.stderr.isatty() else None, measure=not args.no_residuals)
+    outcome = calibrate_file(source_from(args, args.model), args.data, args.output, mode=args.mode,
+                             batch_size=args.batch_size, progress=_progress if sys.stderr.isatty() else None,
+                             measure=not args.no_residuals)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     if outcome.rank != 0:
@@ -263,8 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .run import Session
     from .save import atomic_path
 
-    if Path(args.output).resolve() in (Path(args.model).resolve(), Path(args.input).resolve()):
-        raise InputError(f"{args.output}: would overwrite an input file")
+    refuse_overwrite([args.output], [args.model, args.input])
     session = Session(args.model, args.provider, args.threads)
     data = load_data(args.input, session.input_names)
     feeds = dict(zip(session.input_names, data.inputs))
@@ -302,7 +311,6 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_model, markdown, plot
-    from .load import load_model
     from .sides import example_data
     from .save import write_json
 
@@ -312,7 +320,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-sizes {args.batch_sizes!r}: expected integers like 1,8,32") from None
     if not batches or min(batches) <= 0 or args.threads <= 0 or args.repeats <= 0 or args.iterations <= 0:
         raise InputError("--batch-sizes, --threads, --repeats and --iterations must be positive")
-    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+    refuse_overwrite([args.json, args.plot], [args.model])
+    loaded = source_from(args, args.model).load()
     data = example_data(loaded, args.input_shape, args.data, args.model)
     if len(data.inputs) != 1:
         raise InputError(f"{args.model}: bnrt bench handles single-input models")
@@ -330,8 +339,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .pipeline import inspect_file
     from .report import decision_table
 
-    loaded, decisions = inspect_file(args.model, input_shapes=args.input_shape, arch=args.arch,
-                                     trust_pickle=args.trust_pickle, data=args.data)
+    loaded, decisions = inspect_file(source_from(args, args.model), data=args.data)
     if loaded is not None:
         print(f"{loaded.path}  arch {loaded.arch}  sha256 {loaded.sha256[:12]}")
     print(decision_table(decisions))
@@ -349,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BnrtError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"bnrt: error: {exc}", file=sys.stderr)
+        print(f"bnrt: error: {exc.as_flag() if isinstance(exc, OptionError) else exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("bnrt: interrupted", file=sys.stderr)

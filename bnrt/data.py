@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, first_line
+from .errors import InputError, OptionError, first_line
 from .save import atomic_path
 
 LABEL_KEYS = ("y", "labels", "label", "targets")
@@ -47,9 +47,9 @@ def random_inputs(shapes: list[tuple[int, ...]], count: int, seed: int = 0, dist
     (default [0, 10)).
     """
     if distribution not in DISTRIBUTIONS:
-        raise InputError(f"--dist {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
+        raise OptionError(f"`dist` {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
     if val_range is not None and not val_range[0] < val_range[1]:
-        raise InputError(f"--val-range {val_range[0]:g},{val_range[1]:g}: the low end must be below the high end")
+        raise OptionError(f"`val_range` {val_range[0]:g},{val_range[1]:g}: the low end must be below the high end")
     rng = np.random.default_rng(seed)
     inputs = []
     for i, shape in enumerate(shapes):
@@ -148,8 +148,8 @@ def make_inputs(spec: InputSpec, names: list[str], shapes: list[tuple | None], d
         return data
     missing = [n for n, s in zip(names, shapes) if s is None or any(d is None for d in s[1:])]
     if missing:
-        raise InputError(f"{where}: no input shape for {', '.join(missing)}; pass --input-shape (e.g. 1,3,224,224) "
-                         "or --data, or store 'input_shape' in the checkpoint")
+        raise OptionError(f"{where}: no input shape for {', '.join(missing)}; pass `input_shape` (e.g. 1,3,224,224) "
+                          "or `data`, or store 'input_shape' in the checkpoint")
     return random_inputs([tuple(s) for s in shapes], spec.samples, spec.seed, spec.distribution, spec.val_range,
                          dtypes)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class BnrtError(Exception):
     """Base of bnrt's user-facing errors; the message names the file, layer or field at fault."""
@@ -11,6 +13,22 @@ class BnrtError(Exception):
 
 class InputError(BnrtError):
     """A file, flag or model that bnrt cannot use (exit code 2)."""
+
+
+class OptionError(InputError):
+    """A bad value of an option of a library call. The message writes option names in backticks
+    (``"`provider` 'x': choose one of cpu, cuda"``): the library's message shows the parameter
+    name (``provider``), the CLI's the flag (``--provider``), so library errors never name flags."""
+
+    _OPTION = re.compile(r"`(\w+)`")
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self._OPTION.sub(r"\1", template))
+
+    def as_flag(self) -> str:
+        """The message with each option written as its command-line flag."""
+        return self._OPTION.sub(lambda m: "--" + m.group(1).replace("_", "-"), self.template)
 
 
 class CaptureError(InputError):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .capture import quiet
-from .errors import InputError, first_line
+from .errors import InputError, OptionError, first_line
 from .save import atomic_path
 
 DEFAULT_OPSET = 18  # ORT >= 1.14 runs it (Triton's ORT backends included); --opset raises it
@@ -77,11 +77,11 @@ def export_onnx(
     Raises ``InputError`` for an opset the installed onnx does not know or an exporter failure.
     """
     if exporter not in EXPORTERS:
-        raise InputError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+        raise OptionError(f"`exporter` {exporter!r}: choose one of {', '.join(EXPORTERS)}")
     if not 7 <= opset <= onnx.defs.onnx_opset_version():
-        raise InputError(f"--opset {opset}: the installed onnx supports opsets 7 to {onnx.defs.onnx_opset_version()}")
+        raise OptionError(f"`opset` {opset}: the installed onnx supports opsets 7 to {onnx.defs.onnx_opset_version()}")
     if exporter == "dynamo" and opset < 18:
-        raise InputError(f"--opset {opset}: the dynamo exporter needs opset 18 or newer (use --exporter torchscript)")
+        raise OptionError(f"`opset` {opset}: the dynamo exporter needs opset 18 or newer (use `exporter` torchscript)")
     in_names, out_names = names
     args = _batch_of_two(example_inputs) if dynamic_batch else example_inputs
     path = Path(path)

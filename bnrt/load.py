@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .artifacts import FOLDED_KEY
-from .errors import InputError, first_line
+from .errors import InputError, OptionError, first_line
 from .structure import apply_folded_structure
 
 Shape = tuple[int, ...]
@@ -51,6 +51,27 @@ class Loaded:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     source_format: str = "state_dict"
     structure: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from and what bnrt may run to read it: ``arch`` overrides the
+    checkpoint's architecture ("module:Name", or a class or factory), ``trust_pickle`` allows
+    unpickling a full ``nn.Module`` (runs code from the file), ``input_shapes`` (with batch)
+    override the checkpoint's ``input_shape``."""
+
+    path: Path
+    arch: str | Callable[..., nn.Module] | None = None
+    trust_pickle: bool = False
+    input_shapes: list[Shape] | None = None
+
+    @classmethod
+    def of(cls, source: "ModelSource | str | os.PathLike") -> "ModelSource":
+        """``source`` itself, or a source for the path with the defaults."""
+        return source if isinstance(source, ModelSource) else cls(Path(source))
+
+    def load(self) -> Loaded:
+        return load_model(self.path, arch=self.arch, trust_pickle=self.trust_pickle)
 
 
 def file_sha256(path: Path) -> str:
@@ -83,28 +104,28 @@ def resolve_arch(spec: str, *, from_file: str | None = None) -> Callable[..., nn
     The current directory is importable, as with ``python -m``. ``from_file`` names the checkpoint
     the string came from; such a string must name an ``nn.Module`` subclass.
     """
-    where = f"{from_file}: arch {spec!r}" if from_file else f"--arch {spec!r}"
+    where = f"{from_file}: arch {spec!r}" if from_file else f"`arch` {spec!r}"
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise InputError(f"{where}: expected MODULE:NAME, e.g. models.digits:DigitsNet")
+        raise OptionError(f"{where}: expected MODULE:NAME, e.g. models.digits:DigitsNet")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # an import can fail in any way the imported code chooses
-        raise InputError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from exc
+        raise OptionError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise InputError(f"{where}: {module_name!r} has no attribute {attr!r}")
+            raise OptionError(f"{where}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     is_module_class = isinstance(obj, type) and issubclass(obj, nn.Module)
     if from_file and not is_module_class:
-        raise InputError(
+        raise OptionError(
             f"{where} is not an nn.Module subclass; refusing to call it "
-            "(a factory function is accepted only on the command line with --arch)"
+            "(a factory function is accepted only when passed as `arch`)"
         )
     if not is_module_class and not callable(obj):
-        raise InputError(f"{where} is neither an nn.Module subclass nor callable")
+        raise OptionError(f"{where} is neither an nn.Module subclass nor callable")
     return obj
 
 
@@ -249,7 +270,7 @@ def load_model(
         factory = resolve_arch(file_arch, from_file=where)
         arch_name = file_arch
     else:
-        raise InputError(f"{where}: the checkpoint names no architecture; pass --arch MODULE:NAME")
+        raise OptionError(f"{where}: the checkpoint names no architecture; pass `arch` MODULE:NAME")
     model = build(factory, kwargs, where)
     folded = ckpt.get(FOLDED_KEY) if state is not ckpt else None
     if folded:

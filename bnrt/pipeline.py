@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,16 @@ from .artifacts import (artifact_names, fold_report, folded_checkpoint, folds_of
 from .capture import capture
 from .data import InputSpec, make_inputs
 from .decision import Decision, DecisionSet
-from .errors import InputError
 from .export import DEFAULT_OPSET, count_ops, export_onnx, output_names
 from .fold import FoldResult, apply
-from .load import Loaded, file_sha256, load_model
+from .load import Loaded, ModelSource, file_sha256
 from .localise import onnx_taps, torch_taps
 from .onnxfold import OnnxFoldResult, fold_onnx, load_onnx
 from .run import Session, resolve_provider
-from .save import atomic_path, ensure_dir, publish, staging, write_json, write_torch
-from .sides import Side, batching, compare_sides, example_data, onnx_side, torch_side
+from .save import atomic_path, ensure_dir, publish, refuse_overwrite, staging, write_json, write_torch
+from .sides import CheckOptions, Side, batching, compare_sides, example_data, onnx_side, torch_side
 from .torchgraph import plan
-from .verify import DEFAULT_BATCH, DEFAULT_TOP_K, CheckReport, Tolerances, flatten_outputs, torch_runner
+from .verify import CheckReport, flatten_outputs, torch_runner
 
 
 @dataclass
@@ -63,13 +62,6 @@ class _Clock:
         self.last = now
 
 
-def refuse_overwrite(src: Path, out: Path, names) -> None:
-    """``InputError`` when writing ``names`` into ``out`` would replace the input ``src``."""
-    for name in names:
-        if (out / name).resolve() == src.resolve():
-            raise InputError(f"{src}: output {out / name} would overwrite the input; choose another -o folder")
-
-
 def _finish(stage: Path, out: Path, names: dict[str, str], report: dict[str, Any], result: DecisionSet,
             check: CheckReport | None) -> FoldOutcome:
     """Write the report and publish the artifacts (only the report when the check failed)."""
@@ -81,41 +73,35 @@ def _finish(stage: Path, out: Path, names: dict[str, str], report: dict[str, Any
 
 
 def fold_file(
-    path: str | os.PathLike,
+    source: ModelSource | str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
     *,
-    input_shapes: list[tuple[int, ...]] | None = None,
-    arch: str | None = None,
-    trust_pickle: bool = False,
-    inputs: InputSpec = InputSpec(),
-    provider: str = "cpu",
-    run_check: bool = True,
+    check: CheckOptions | None = CheckOptions(),
     opset: int = DEFAULT_OPSET,
     exporter: str = "dynamo",
-    tolerances: Tolerances = Tolerances(),
-    top_k: int = DEFAULT_TOP_K,
 ) -> FoldOutcome:
-    """Fold the checkpoint at ``path`` and write ``<stem>.folded.pt``, ``<stem>.onnx`` and
+    """Fold the checkpoint ``source`` and write ``<stem>.folded.pt``, ``<stem>.onnx`` and
     ``<stem>.report.json`` into ``out_dir`` (default: the checkpoint's folder). An ``.onnx`` file
     is folded as a graph instead (``<stem>.folded.onnx`` and the report; ``fold_onnx_file``).
 
-    Unless ``run_check`` is False, the original torch model is compared with the folded torch model
-    and with the ONNX file on ORT (``provider``), on ``inputs`` (a data file or seeded random
-    samples). When the check fails only the report is written. Raises ``InputError`` (and
+    Unless ``check`` is None, the original torch model is compared with the folded torch model and
+    with the ONNX file on ORT (``check.provider``), on ``check.inputs`` (a data file or seeded
+    random samples). When the check fails only the report is written. Raises ``InputError`` (and
     subclasses) for bad input before anything is written.
     """
     clock = _Clock()
-    src = Path(path)
-    if run_check:
-        resolve_provider(provider)
+    source = ModelSource.of(source)
+    src = source.path
+    if check is not None:
+        resolve_provider(check.provider)
     out = Path(out_dir) if out_dir is not None else src.parent
-    if src.suffix.lower() == ".onnx":
-        return fold_onnx_file(src, out, inputs=inputs, provider=provider, run_check=run_check,
-                              tolerances=tolerances, top_k=top_k)
-    loaded = load_model(src, arch=arch, trust_pickle=trust_pickle)
     names = artifact_names(src)
-    refuse_overwrite(src, out, names.values())
-    original = torch_side("torch", loaded, input_shapes)
+    refuse_overwrite([out / n for n in names.values()], [src])
+    if src.suffix.lower() == ".onnx":
+        return fold_onnx_file(src, out, check)
+    loaded = source.load()
+    original = torch_side("torch", loaded, source.input_shapes)
+    inputs = check.inputs if check is not None else InputSpec(samples=2)
     dataset = make_inputs(inputs, original.input_names, original.input_shapes, where=str(src))
     in_names = original.input_names
     example = tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs)
@@ -138,14 +124,14 @@ def fold_file(
         write_torch(stage / names["folded"], folded_checkpoint(result, loaded, dataset.shapes()))
         clock.lap("save")
         report_check = None
-        if run_check:
-            onnx_path = stage / names["onnx"]
+        if check is not None:
+            onnx_path, provider = stage / names["onnx"], check.provider
             session = Session(onnx_path, provider=provider)
             folded_side = Side("torch folded", torch_runner(result.model), in_names, [], [], out_names,
                                lambda xs: torch_taps(result.model, xs), folds)
             onnx_run = Side(f"onnx {provider}", session.run, in_names, [], [], out_names,
                             lambda xs: onnx_taps(onnx_path, xs, provider), folds)
-            report_check = compare_sides(original, [folded_side, onnx_run], dataset, out_names, folds, tolerances, top_k)
+            report_check = compare_sides(original, [folded_side, onnx_run], dataset, out_names, folds, check)
             clock.lap("check")
         report = fold_report(
             source={"path": str(src), "sha256": loaded.sha256, "format": loaded.source_format, "arch": loaded.arch},
@@ -157,16 +143,7 @@ def fold_file(
         return _finish(stage, out, names, report, result, report_check)
 
 
-def fold_onnx_file(
-    src: Path,
-    out: Path,
-    *,
-    inputs: InputSpec,
-    provider: str,
-    run_check: bool,
-    tolerances: Tolerances,
-    top_k: int,
-) -> FoldOutcome:
+def fold_onnx_file(src: Path, out: Path, check: CheckOptions | None = CheckOptions()) -> FoldOutcome:
     """``fold_file`` for an ONNX input: ``<stem>.folded.onnx`` and ``<stem>.report.json``, the
     folded graph checked against the original, both on ORT."""
     clock = _Clock()
@@ -176,7 +153,6 @@ def fold_onnx_file(
     result = fold_onnx(model, str(src))
     clock.lap("fold")
     names = artifact_names(src)
-    refuse_overwrite(src, out, names.values())
     set_onnx_metadata(result.model, onnx_metadata(sha, result.decisions))
     onnx.checker.check_model(result.model, full_check=True)
     ensure_dir(out)
@@ -185,13 +161,14 @@ def fold_onnx_file(
             onnx.save(result.model, str(tmp))
         clock.lap("save")
         report_check = None
+        provider = check.provider if check is not None else "cpu"
         original = onnx_side(f"onnx {provider}", src, provider)
-        if run_check:
+        if check is not None:
             folded = onnx_side(f"onnx folded {provider}", stage / names["folded"], provider)
-            spec, batch_size = batching([original], inputs, DEFAULT_BATCH)
+            spec, batch_size = batching([original], check.inputs, check.batch_size)
             data = make_inputs(spec, original.input_names, original.input_shapes, original.input_dtypes, str(src))
             report_check = compare_sides(original, [folded], data, original.output_names, folds_of(result.decisions),
-                                         tolerances, top_k, batch_size)
+                                         replace(check, batch_size=batch_size))
             clock.lap("check")
         report = fold_report(
             source={"path": str(src), "sha256": sha, "format": "onnx", "arch": None},
@@ -205,20 +182,16 @@ def fold_onnx_file(
         return _finish(stage, out, names, report, result, report_check)
 
 
-def inspect_file(
-    path: str | os.PathLike,
-    *,
-    input_shapes: list[tuple[int, ...]] | None = None,
-    arch: str | None = None,
-    trust_pickle: bool = False,
-    data: str | os.PathLike | None = None,
-) -> tuple[Loaded | None, list[Decision]]:
+def inspect_file(source: ModelSource | str | os.PathLike, *,
+                 data: str | os.PathLike | None = None) -> tuple[Loaded | None, list[Decision]]:
     """Load and plan only: the BatchNorm inventory with each decision. Writes nothing. For an
-    ``.onnx`` file, the decisions of the graph folder (and no ``Loaded``)."""
-    if Path(path).suffix.lower() == ".onnx":
-        return None, fold_onnx(load_onnx(path), str(path)).decisions
-    loaded = load_model(path, arch=arch, trust_pickle=trust_pickle)
-    dataset = example_data(loaded, input_shapes, data, str(path))
+    ``.onnx`` file, the decisions of the graph folder (and no ``Loaded``). ``data``: inputs to
+    trace with (default: random ones of the input shapes)."""
+    source = ModelSource.of(source)
+    if source.path.suffix.lower() == ".onnx":
+        return None, fold_onnx(load_onnx(source.path), str(source.path)).decisions
+    loaded = source.load()
+    dataset = example_data(loaded, source.input_shapes, data, str(source.path))
     return loaded, plan(capture(loaded.model, tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs)))
 
 

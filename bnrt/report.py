@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import OptionError
 from .decision import Decision
 from .verify import CheckReport
 
@@ -74,7 +74,7 @@ def plot_errors(report: CheckReport, errors: dict[tuple[str, str], np.ndarray], 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise InputError("--plot needs matplotlib: pip install 'bnrt[plot]'") from exc
+        raise OptionError("`plot` needs matplotlib: pip install 'bnrt[plot]'") from exc
     from .save import atomic_path
 
     keys = list(errors)

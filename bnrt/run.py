@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .errors import InputError, first_line
+from .errors import InputError, OptionError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPTIMIZATION = {
@@ -35,13 +35,11 @@ NUMPY_TYPES = {
 def resolve_provider(short: str) -> str:
     """ORT's provider name for ``short``; ``InputError`` if unknown or not available here."""
     if short not in PROVIDERS:
-        raise InputError(f"--provider {short!r}: choose one of {', '.join(PROVIDERS)}")
+        raise OptionError(f"`provider` {short!r}: choose one of {', '.join(PROVIDERS)}")
     name = PROVIDERS[short]
     if name not in ort.get_available_providers():
-        raise InputError(
-            f"--provider {short}: {name} is not available in this onnxruntime build "
-            f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a CUDA machine"
-        )
+        raise OptionError(f"`provider` {short}: {name} is not available in this onnxruntime build (available: "
+                          f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a CUDA machine")
     return name
 
 

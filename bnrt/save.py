@@ -11,7 +11,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -51,6 +51,18 @@ def json_safe(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [json_safe(v) for v in data]
     return data
+
+
+def refuse_overwrite(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike]) -> None:
+    """The one overwrite policy of every command: ``InputError`` when an output path is one of the
+    files being read. bnrt never writes over its input."""
+    sources = [Path(p) for p in inputs]
+    for out in outputs:
+        if out is None:
+            continue
+        hit = next((src for src in sources if Path(out).resolve() == src.resolve()), None)
+        if hit is not None:
+            raise InputError(f"{out}: would overwrite the input {hit}; write the output elsewhere")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, OptionError
 from .run import Session
 
 KSERVE_TYPES = {
@@ -398,11 +398,11 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
     """Serve the model(s) at ``path`` until SIGINT/SIGTERM (uvicorn's handlers shut down cleanly)."""
     import uvicorn
 
-    for value, flag in ((max_batch, "--max-batch"), (max_queue, "--max-queue"), (max_request_bytes, "--max-request-mb")):
+    for value, option in ((max_batch, "max_batch"), (max_queue, "max_queue"), (max_request_bytes, "max_request_mb")):
         if value <= 0:
-            raise InputError(f"{flag} must be positive")
+            raise OptionError(f"`{option}` must be positive")
     if max_delay_ms < 0:
-        raise InputError("--max-delay-ms cannot be negative")
+        raise OptionError("`max_delay_ms` cannot be negative")
     models = discover(path, provider, threads)
     app = create_app(models, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                      max_request_bytes=max_request_bytes)

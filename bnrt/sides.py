@@ -16,12 +16,26 @@ from .artifacts import folds_in
 from .data import Dataset, InputSpec, fmt_shape, make_inputs, save_dataset
 from .errors import InputError
 from .export import model_input_names, output_names
-from .load import Loaded, load_model
+from .load import Loaded, ModelSource
 from .localise import first_divergence, onnx_taps, torch_taps
 from .run import Session
+from .save import refuse_overwrite
 from .verify import DEFAULT_BATCH, DEFAULT_TOP_K, CheckReport, Runner, Tolerances, check, torch_runner
 
 LOCALISE_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How a check runs: its inputs, the ORT provider of ONNX candidates, tolerances, top-k, batch
+    size, and whether a failed comparison is localised to its first divergent module."""
+
+    inputs: InputSpec = InputSpec()
+    provider: str = "cpu"
+    tolerances: Tolerances = Tolerances()
+    top_k: int = DEFAULT_TOP_K
+    batch_size: int = DEFAULT_BATCH
+    localise: bool = True
 
 
 @dataclass
@@ -78,15 +92,14 @@ def batching(sides: list[Side], spec: InputSpec, batch_size: int) -> tuple[Input
     return replace(spec, samples=max(batch, spec.samples // batch * batch)), batch
 
 
-def open_side(path: str | os.PathLike, *, label: str, provider: str = "cpu", arch: str | None = None,
-              trust_pickle: bool = False, input_shapes: list[tuple[int, ...]] | None = None) -> Side:
+def open_side(source: ModelSource, *, label: str, provider: str = "cpu") -> Side:
     """A torch checkpoint (original or folded) or, for ``.onnx`` files, an ORT session."""
-    path = Path(path)
+    path = source.path
     if path.suffix.lower() == ".onnx":
         if not path.is_file():
             raise InputError(f"{path}: no such file")
         return onnx_side(f"{label} onnx {provider}", path, provider)
-    return torch_side(f"{label} torch", load_model(path, arch=arch, trust_pickle=trust_pickle), input_shapes)
+    return torch_side(f"{label} torch", source.load(), source.input_shapes)
 
 
 def _merge_inputs(ref: Side, cand: Side, ref_path, cand_path) -> tuple[list[str], list[tuple | None], list[np.dtype]]:
@@ -115,47 +128,37 @@ def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict],
 
 
 def compare_sides(reference: Side, candidates: list[Side], data: Dataset, output_names: list[str], folds: list[dict],
-                  tolerances: Tolerances, top_k: int = DEFAULT_TOP_K, batch_size: int = DEFAULT_BATCH,
-                  localisation: bool = True) -> CheckReport:
+                  options: CheckOptions = CheckOptions()) -> CheckReport:
     """``check`` of the candidates against the reference; each failed comparison names its first
-    divergent module."""
+    divergent module (unless ``options.localise`` is False)."""
     report = check((reference.label, reference.runner), [(c.label, c.runner) for c in candidates], data,
-                   output_names, tolerances=tolerances, top_k=top_k, batch_size=batch_size)
+                   output_names, tolerances=options.tolerances, top_k=options.top_k, batch_size=options.batch_size)
     for comparison, side in zip(report.comparisons, candidates):
-        if localisation and not comparison.passed:
-            comparison.divergence = localise(reference, side, data, folds, tolerances)
+        if options.localise and not comparison.passed:
+            comparison.divergence = localise(reference, side, data, folds, options.tolerances)
     return report
 
 
 def check_files(
-    reference: str | os.PathLike,
-    candidate: str | os.PathLike,
+    reference: ModelSource | str | os.PathLike,
+    candidate: ModelSource | str | os.PathLike,
+    options: CheckOptions = CheckOptions(),
     *,
-    provider: str = "cpu",
     reference_provider: str = "cpu",
-    arch: str | None = None,
-    trust_pickle: bool = False,
-    input_shapes: list[tuple[int, ...]] | None = None,
-    inputs: InputSpec = InputSpec(),
-    tolerances: Tolerances = Tolerances(),
-    top_k: int = DEFAULT_TOP_K,
-    batch_size: int = DEFAULT_BATCH,
     save_inputs: str | os.PathLike | None = None,
-    localisation: bool = True,
 ) -> CheckReport:
     """Compare ``candidate`` with ``reference``; each a torch checkpoint or an ONNX file run on ORT
-    (``provider`` for the candidate, ``reference_provider`` for the reference). When they differ,
-    the report names the first module whose output diverges (``Comparison.divergence``)."""
-    ref = open_side(reference, label="reference", provider=reference_provider, arch=arch,
-                    trust_pickle=trust_pickle, input_shapes=input_shapes)
-    cand = open_side(candidate, label="candidate", provider=provider, arch=arch,
-                     trust_pickle=trust_pickle, input_shapes=input_shapes)
-    names, shapes, dtypes = _merge_inputs(ref, cand, reference, candidate)
-    inputs, batch_size = batching([ref, cand], inputs, batch_size)
-    data = make_inputs(inputs, names, shapes, dtypes, str(reference))
+    (``options.provider`` for the candidate, ``reference_provider`` for the reference). When they
+    differ, the report names the first module whose output diverges (``Comparison.divergence``).
+    ``save_inputs`` writes the inputs used to an .npz."""
+    reference, candidate = ModelSource.of(reference), ModelSource.of(candidate)
+    refuse_overwrite([save_inputs], [reference.path, candidate.path])
+    ref = open_side(reference, label="reference", provider=reference_provider)
+    cand = open_side(candidate, label="candidate", provider=options.provider)
+    names, shapes, dtypes = _merge_inputs(ref, cand, reference.path, candidate.path)
+    inputs, batch_size = batching([ref, cand], options.inputs, options.batch_size)
+    data = make_inputs(inputs, names, shapes, dtypes, str(reference.path))
     if save_inputs is not None:
         save_dataset(data, names, Path(save_inputs))
     outs = ref.output_names or cand.output_names or output_names(len(ref.runner([x[:1] for x in data.inputs])))
-    return compare_sides(ref, [cand], data, outs, ref.folds + cand.folds, tolerances, top_k, batch_size, localisation)
-
-
+    return compare_sides(ref, [cand], data, outs, ref.folds + cand.folds, replace(options, batch_size=batch_size))

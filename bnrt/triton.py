@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, OptionError
 from .run import Session
 
 TRITON_TYPES = {
@@ -72,11 +72,11 @@ def write_repository(onnx_path: str | os.PathLike, repo: str | os.PathLike, *, n
 
     src = Path(onnx_path)
     if instances <= 0 or max_batch < 0:
-        raise InputError("--instances must be positive and --max-batch not negative")
+        raise OptionError("`instances` must be positive and `max_batch` not negative")
     session = Session(src, "cpu")
     name = name or src.name.split(".")[0]
     if not name or "/" in name or name in (".", ".."):
-        raise InputError(f"--name {name!r} is not a model name")
+        raise OptionError(f"`name` {name!r} is not a model name")
     repo = Path(repo)
     target = repo / name
     if target.exists():

@@ -102,7 +102,7 @@ def test_cli_calibrate_bad_data_is_one_line(tmp_path):
     assert_one_line_error(proc, "d.npz: the model cannot run on a batch of shape (4, 3, 8, 8)")
     assert not (tmp_path / "c.pt").exists()
     proc = run_cli("calibrate", str(EXAMPLE), "--data", str(tmp_path / "d.npz"), "-o", str(EXAMPLE))
-    assert_one_line_error(proc, "-o would overwrite the input")
+    assert_one_line_error(proc, f"{EXAMPLE}: would overwrite the input {EXAMPLE}")
 
 
 def _free_port() -> int:

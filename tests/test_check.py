@@ -16,7 +16,7 @@ import bnrt
 from bnrt.data import random_inputs
 from bnrt.errors import InputError
 from bnrt.data import InputSpec
-from bnrt.sides import check_files
+from bnrt.sides import CheckOptions, check_files
 from bnrt.verify import Tolerances, compare_output
 from models.digits import digits_split
 
@@ -31,7 +31,7 @@ def folded(tmp_path_factory):
     out = tmp_path_factory.mktemp("folded")
     _, _, x, y = digits_split()
     np.savez(out / "digits.npz", x=x, y=y)
-    outcome = bnrt.fold_file(EXAMPLE, out, inputs=InputSpec(data=out / "digits.npz"))
+    outcome = bnrt.fold_file(EXAMPLE, out, check=CheckOptions(InputSpec(data=out / "digits.npz")))
     assert outcome.passed
     return out
 
@@ -115,7 +115,7 @@ def test_corrupted_fold_is_caught_and_the_layer_named(tmp_path, folded, kind):
         bad = tmp_path / "bad.onnx"
         _corrupt_onnx(folded / "digits_cnn.onnx", bad)
     else:  # node names like /block/body/body.1/body.1.0/Conv instead of name-scope metadata
-        bnrt.fold_file(EXAMPLE, tmp_path / "ts", run_check=False, exporter="torchscript")
+        bnrt.fold_file(EXAMPLE, tmp_path / "ts", check=None, exporter="torchscript")
         bad = tmp_path / "bad.onnx"
         _corrupt_onnx(tmp_path / "ts" / "digits_cnn.onnx", bad)
     proc = run_cli("check", str(EXAMPLE), str(bad), "--data", str(folded / "digits.npz"), "--json", str(tmp_path / "r.json"))
@@ -148,18 +148,18 @@ def test_fold_names_the_layer_when_its_own_check_fails(tmp_path):
 
 
 def test_save_inputs_reproduces_the_report(tmp_path, folded):
-    first = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", inputs=InputSpec(samples=16, seed=7),
+    first = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", CheckOptions(InputSpec(samples=16, seed=7)),
                         save_inputs=tmp_path / "in.npz")
     saved = np.load(tmp_path / "in.npz")
     assert saved.files == ["x"] and saved["x"].shape == (16, 1, 8, 8)
-    again = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", inputs=InputSpec(data=tmp_path / "in.npz"))
+    again = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", CheckOptions(InputSpec(data=tmp_path / "in.npz")))
     assert again.comparisons[0].outputs[0].max_abs == first.comparisons[0].outputs[0].max_abs
 
 
 def test_two_onnx_files_and_torch_vs_torch(folded):
-    report = check_files(folded / "digits_cnn.onnx", folded / "digits_cnn.onnx", inputs=InputSpec(samples=8))
+    report = check_files(folded / "digits_cnn.onnx", folded / "digits_cnn.onnx", CheckOptions(InputSpec(samples=8)))
     assert report.passed and report.comparisons[0].outputs[0].max_abs == 0.0
-    report = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", inputs=InputSpec(samples=8, distribution="uniform"))
+    report = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", CheckOptions(InputSpec(samples=8, distribution="uniform")))
     assert report.passed and report.source == "random uniform, seed 0"
 
 

@@ -47,7 +47,7 @@ def _missing_initializer_onnx(tmp: Path) -> Path:
 
 
 def _folded_onnx(tmp: Path) -> Path:
-    bnrt.fold_file(EXAMPLE, tmp / "good", run_check=False, exporter="torchscript")
+    bnrt.fold_file(EXAMPLE, tmp / "good", check=None, exporter="torchscript")
     return tmp / "good" / "digits_cnn.onnx"
 
 
@@ -128,13 +128,13 @@ CORPUS = [
     ("calibrate data that does not fit", lambda t: ["calibrate", EXAMPLE, "--data", _npz(t, "c.npz", x=np.zeros((3, 8, 8), np.float32)), "-o", t / "c.pt"],
      ["c.npz: the model cannot run on a batch of shape (3, 8, 8)"], ["c.pt"]),
     ("calibrate output equal to the input", lambda t: ["calibrate", EXAMPLE, "--data", _digits_npz(t), "-o", EXAMPLE],
-     ["-o would overwrite the input"], []),
+     ["would overwrite the input"], []),
     ("calibrate a data file that is not numpy", lambda t: ["calibrate", EXAMPLE, "--data", _file(t, "d.npz", b"text"), "-o", t / "c.pt"],
      ["d.npz: not a readable .npz or .npy file"], ["c.pt"]),
     ("run integer data on a float model", lambda t: ["run", _folded_onnx(t), "--input", _npz(t, "i.npz", x=np.zeros((2, 1, 8, 8), np.int64)), "-o", t / "out.npz"],
      ["i.npz: input 'x' expects float32 (N, 1, 8, 8), got int64 (2, 1, 8, 8)"], ["out.npz"]),
     ("run output equal to the input", lambda t: ["run", _folded_onnx(t), "--input", _digits_npz(t), "-o", t / "digits.npz"],
-     ["digits.npz: would overwrite an input file"], []),
+     ["digits.npz: would overwrite the input"], []),
     ("run a truncated ONNX", lambda t: ["run", _truncated(t, _folded_onnx(t), "cut.onnx"), "--input", _digits_npz(t), "-o", t / "out.npz"],
      ["cut.onnx: onnxruntime cannot load it"], ["out.npz"]),
     ("serve a missing path", lambda t: ["serve", t / "nothing", "--port", "0"], ["nothing: no such ONNX file or model repository"], []),

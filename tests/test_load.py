@@ -59,7 +59,7 @@ def test_state_dict_layouts(tmp_path, layout):
 
 def test_plain_state_dict_without_arch_says_what_to_pass(tmp_path):
     torch.save(DigitsNet().state_dict(), tmp_path / "m.pt")
-    with pytest.raises(InputError, match=r"m.pt: the checkpoint names no architecture; pass --arch MODULE:NAME"):
+    with pytest.raises(InputError, match=r"m.pt: the checkpoint names no architecture; pass arch MODULE:NAME"):
         load_model(tmp_path / "m.pt")
 
 
@@ -146,7 +146,7 @@ def test_missing_and_directory(tmp_path):
 
 
 def test_load_folded_into_users_class(tmp_path, example):
-    outcome = bnrt.fold_file(example, tmp_path, run_check=False, exporter="torchscript")
+    outcome = bnrt.fold_file(example, tmp_path, check=None, exporter="torchscript")
     original = load_model(example).model
     model = bnrt.load_folded(DigitsNet(), tmp_path / "digits_cnn.folded.pt")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())

@@ -32,7 +32,7 @@ def test_cpu_session_runs_and_reports_names(linear_onnx):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
 def test_cuda_without_cuda_is_an_error_not_a_cpu_run(linear_onnx):
-    with pytest.raises(InputError, match=r"--provider cuda: CUDAExecutionProvider is not available"):
+    with pytest.raises(InputError, match=r"^provider cuda: CUDAExecutionProvider is not available"):
         Session(linear_onnx[0], "cuda")
 
 
@@ -43,8 +43,9 @@ def test_cuda_session_runs_on_cuda(linear_onnx):
 
 
 def test_unknown_provider_and_bad_file(tmp_path, linear_onnx):
-    with pytest.raises(InputError, match="--provider 'tpu': choose one of cpu, cuda"):
+    with pytest.raises(InputError, match="^provider 'tpu': choose one of cpu, cuda") as err:
         resolve_provider("tpu")
+    assert err.value.as_flag() == "--provider 'tpu': choose one of cpu, cuda"  # what the CLI prints
     (tmp_path / "bad.onnx").write_bytes(b"garbage")
     with pytest.raises(InputError, match=r"bad.onnx: onnxruntime cannot load it"):
         Session(tmp_path / "bad.onnx")

@@ -68,7 +68,7 @@ class Server:
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model")
-    outcome = bnrt.fold_file(EXAMPLE, out, run_check=False, exporter="torchscript")
+    outcome = bnrt.fold_file(EXAMPLE, out, check=None, exporter="torchscript")
     assert outcome.onnx_batchnorm_nodes == 0
     return out / "digits_cnn.onnx"
 

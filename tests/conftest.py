@@ -1,12 +1,29 @@
+"""Shared helpers and fixtures: the CLI as a user runs it, fold assertions for torch models and
+hand-built ONNX graphs, the serving subprocess."""
+
 from __future__ import annotations
 
+import http.client
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
+import tritonclient.http as httpclient
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import bnrt
+from bnrt.export import count_ops
+from bnrt.onnxfold import fold_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "models" / "digits_cnn.pt"
@@ -42,3 +59,128 @@ def save_checkpoint(path: Path, model: torch.nn.Module, arch: str | None, input_
 @pytest.fixture
 def example() -> Path:
     return EXAMPLE
+
+
+# --- folding torch models -------------------------------------------------------------------------
+
+def randomise_bn(bn: nn.modules.batchnorm._BatchNorm, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        c = bn.num_features
+        bn.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) * 2 + 0.05)
+        if bn.affine:
+            bn.weight.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+            bn.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+
+
+def assert_folds_exactly(model: nn.Module, x: torch.Tensor, expected_folded: int, tol: float = 1e-10):
+    model = model.double().eval()
+    x = x.double()
+    result = bnrt.fold(model, (x,))
+    assert [d.status for d in result.decisions].count("folded") == expected_folded, result.decisions
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in result.model.modules())
+    with torch.no_grad():
+        ref, got = model(x), result.model(x)
+    scale = max(1.0, float(ref.abs().max()))
+    assert float((ref - got).abs().max()) <= tol * scale
+    return result
+
+
+# --- folding hand-built ONNX graphs ---------------------------------------------------------------
+
+F32 = TensorProto.FLOAT
+
+
+def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def bn_params(c: int, rng, prefix="bn") -> list[onnx.TensorProto]:
+    return [numpy_helper.from_array(a.astype(np.float32), f"{prefix}.{n}") for n, a in [
+        ("scale", rng.standard_normal(c)), ("bias", rng.standard_normal(c)),
+        ("mean", rng.standard_normal(c)), ("var", rng.random(c) + 0.1)]]
+
+
+def bn_node(x: str, y: str, prefix="bn", **attrs) -> onnx.NodeProto:
+    return helper.make_node("BatchNormalization", [x] + [f"{prefix}.{n}" for n in ("scale", "bias", "mean", "var")],
+                            [y], name=prefix, **attrs)
+
+
+def typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give graph outputs the types shape inference finds (the checker wants a shape on them)."""
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    inferred = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
+    for out in model.graph.output:
+        if out.name in inferred:
+            out.CopyFrom(inferred[out.name])
+    return model
+
+
+def onnx_graph(nodes, inits, x_shape, y_name="y", opset=18, inputs=None):
+    graph = helper.make_graph(nodes, "g", inputs or [helper.make_tensor_value_info("x", F32, x_shape)],
+                              [helper.make_tensor_value_info(y_name, F32, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 10)
+    return typed_outputs(model) if opset <= onnx.defs.onnx_opset_version() else model
+
+
+def assert_onnx_folds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], folded: int, tol: float = 1e-4):
+    result = fold_onnx(model)
+    assert sum(d.folded for d in result.decisions) == folded, result.decisions
+    onnx.checker.check_model(result.model, full_check=True)
+    assert count_ops(result.model, "BatchNormalization") == count_ops(model, "BatchNormalization") - folded
+    before, after = run_onnx(model, feeds), run_onnx(result.model, feeds)
+    for a, b in zip(before, after):
+        assert a.shape == b.shape
+        assert float(np.abs(a - b).max()) <= tol * max(1.0, float(np.abs(a).max()))
+    assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
+    assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
+    assert result.model.opset_import == model.opset_import
+    return result
+
+
+# --- serving ---------------------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, target: Path, *flags: str):
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen([sys.executable, "-m", "bnrt", "serve", str(target), "--port", "0", *flags],
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert found, (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
+        self.port = int(found.group(1))
+        self.url = f"127.0.0.1:{self.port}"
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpclient.InferenceServerClient(self.url).is_server_ready():
+                    return
+            except Exception:
+                time.sleep(0.1)
+        raise AssertionError("server did not become ready")
+
+    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        return response.status, data
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        finally:
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model")
+    outcome = bnrt.fold_file(EXAMPLE, out, check=None, exporter="torchscript")
+    assert outcome.onnx_batchnorm_nodes == 0
+    return out / "digits_cnn.onnx"
+

@@ -12,30 +12,9 @@ from torch import nn
 import bnrt
 from bnrt.errors import CaptureError, HealthError
 
+from .conftest import assert_folds_exactly, randomise_bn
+
 CONV = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
-
-
-def randomise_bn(bn: nn.modules.batchnorm._BatchNorm, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        c = bn.num_features
-        bn.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
-        bn.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) * 2 + 0.05)
-        if bn.affine:
-            bn.weight.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
-            bn.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
-
-
-def assert_folds_exactly(model: nn.Module, x: torch.Tensor, expected_folded: int, tol: float = 1e-10):
-    model = model.double().eval()
-    x = x.double()
-    result = bnrt.fold(model, (x,))
-    assert [d.status for d in result.decisions].count("folded") == expected_folded, result.decisions
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in result.model.modules())
-    with torch.no_grad():
-        ref, got = model(x), result.model(x)
-    scale = max(1.0, float(ref.abs().max()))
-    assert float((ref - got).abs().max()) <= tol * scale
-    return result
 
 
 @settings(max_examples=400, deadline=None)

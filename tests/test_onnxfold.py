@@ -7,12 +7,11 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import bnrt
 from bnrt.errors import HealthError
@@ -20,57 +19,8 @@ from bnrt.export import count_ops
 from bnrt.onnxfold import fold_onnx
 from models.zoo import ZOO, build
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import F32, assert_one_line_error, assert_onnx_folds, bn_node, bn_params, onnx_graph, run_cli
 
-F32 = TensorProto.FLOAT
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
-def _bn_params(c: int, rng, prefix="bn") -> list[onnx.TensorProto]:
-    return [numpy_helper.from_array(a.astype(np.float32), f"{prefix}.{n}") for n, a in [
-        ("scale", rng.standard_normal(c)), ("bias", rng.standard_normal(c)),
-        ("mean", rng.standard_normal(c)), ("var", rng.random(c) + 0.1)]]
-
-
-def _bn_node(x: str, y: str, prefix="bn", **attrs) -> onnx.NodeProto:
-    return helper.make_node("BatchNormalization", [x] + [f"{prefix}.{n}" for n in ("scale", "bias", "mean", "var")],
-                            [y], name=prefix, **attrs)
-
-
-def _typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give graph outputs the types shape inference finds (the checker wants a shape on them)."""
-    graph = onnx.shape_inference.infer_shapes(model).graph
-    inferred = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
-    for out in model.graph.output:
-        if out.name in inferred:
-            out.CopyFrom(inferred[out.name])
-    return model
-
-
-def _model(nodes, inits, x_shape, y_name="y", opset=18, inputs=None):
-    graph = helper.make_graph(nodes, "g", inputs or [helper.make_tensor_value_info("x", F32, x_shape)],
-                              [helper.make_tensor_value_info(y_name, F32, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = min(model.ir_version, 10)
-    return _typed_outputs(model) if opset <= onnx.defs.onnx_opset_version() else model
-
-
-def assert_folds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], folded: int, tol: float = 1e-4):
-    result = fold_onnx(model)
-    assert sum(d.folded for d in result.decisions) == folded, result.decisions
-    onnx.checker.check_model(result.model, full_check=True)
-    assert count_ops(result.model, "BatchNormalization") == count_ops(model, "BatchNormalization") - folded
-    before, after = _run(model, feeds), _run(result.model, feeds)
-    for a, b in zip(before, after):
-        assert a.shape == b.shape
-        assert float(np.abs(a - b).max()) <= tol * max(1.0, float(np.abs(a).max()))
-    assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
-    assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
-    assert result.model.opset_import == model.opset_import
-    return result
 
 
 @settings(max_examples=60, deadline=None)
@@ -81,15 +31,15 @@ def test_conv_and_convtranspose_bn(rank, groups, cin_g, cout_g, kernel, stride, 
     rng = np.random.default_rng(seed)
     cin, cout = groups * cin_g, groups * cout_g
     w_shape = (cin, cout_g, *[kernel] * rank) if transpose else (cout, cin_g, *[kernel] * rank)
-    inits = [numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "w")] + _bn_params(cout, rng)
+    inits = [numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "w")] + bn_params(cout, rng)
     inputs = ["x", "w"]
     if bias:
         inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "b"))
         inputs.append("b")
     layer = helper.make_node("ConvTranspose" if transpose else "Conv", inputs, ["h"], name="layer",
                              group=groups, strides=[stride] * rank)
-    model = _model([layer, _bn_node("h", "y")], inits, [2, cin, *[5] * rank], opset=opset)
-    result = assert_folds(model, {"x": rng.standard_normal((2, cin, *[5] * rank)).astype(np.float32)}, 1)
+    model = onnx_graph([layer, bn_node("h", "y")], inits, [2, cin, *[5] * rank], opset=opset)
+    result = assert_onnx_folds(model, {"x": rng.standard_normal((2, cin, *[5] * rank)).astype(np.float32)}, 1)
     assert result.decisions[0].rule == ("convtranspose->bn" if transpose else "conv->bn")
 
 
@@ -103,7 +53,7 @@ def test_gemm_bn_backward_and_forward(trans_a, trans_b, alpha, beta, c, forward,
     if forward:
         trans_a = False  # a BN on the input of a transposed Gemm is refused (tested below)
     b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
-    inits = [numpy_helper.from_array(b, "B")] + _bn_params(k if forward else n, rng)
+    inits = [numpy_helper.from_array(b, "B")] + bn_params(k if forward else n, rng)
     ins = ["a", "B"]
     c_shapes = {"vector": (n,), "row": (1, n), "full": (m, n)}
     if c != "none":
@@ -113,11 +63,11 @@ def test_gemm_bn_backward_and_forward(trans_a, trans_b, alpha, beta, c, forward,
     gemm = helper.make_node("Gemm", ins, ["g"] if not forward else ["y"], name="gemm", transA=int(trans_a),
                             transB=int(trans_b), alpha=alpha, beta=beta)
     if forward:
-        nodes = [helper.make_node("Relu", ["x"], ["r"]), _bn_node("r", "a"), gemm]
+        nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "a"), gemm]
     else:
-        nodes = [helper.make_node("Identity", ["x"], ["a"]), gemm, _bn_node("g", "y")]
-    model = _model(nodes, inits, list(a_shape))
-    result = assert_folds(model, {"x": rng.standard_normal(a_shape).astype(np.float32)}, 1)
+        nodes = [helper.make_node("Identity", ["x"], ["a"]), gemm, bn_node("g", "y")]
+    model = onnx_graph(nodes, inits, list(a_shape))
+    result = assert_onnx_folds(model, {"x": rng.standard_normal(a_shape).astype(np.float32)}, 1)
     assert result.decisions[0].rule == ("bn->gemm" if forward else "gemm->bn")
 
 
@@ -126,11 +76,11 @@ def test_gemm_bn_backward_and_forward(trans_a, trans_b, alpha, beta, c, forward,
 def test_matmul_bn(with_add, forward):
     rng = np.random.default_rng(0)
     k, n = 5, 3
-    inits = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")] + _bn_params(k if forward else n, rng)
+    inits = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")] + bn_params(k if forward else n, rng)
     nodes = []
     src = "x"
     if forward:
-        nodes += [helper.make_node("Relu", ["x"], ["r"]), _bn_node("r", "xn")]
+        nodes += [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "xn")]
         src = "xn"
     nodes.append(helper.make_node("MatMul", [src, "W"], ["mm"], name="mm"))
     last = "mm"
@@ -141,9 +91,9 @@ def test_matmul_bn(with_add, forward):
     if forward:
         nodes.append(helper.make_node("Identity", [last], ["y"]))
     else:
-        nodes.append(_bn_node(last, "y"))
-    model = _model(nodes, inits, [4, k])
-    result = assert_folds(model, {"x": rng.standard_normal((4, k)).astype(np.float32)}, 1)
+        nodes.append(bn_node(last, "y"))
+    model = onnx_graph(nodes, inits, [4, k])
+    result = assert_onnx_folds(model, {"x": rng.standard_normal((4, k)).astype(np.float32)}, 1)
     assert result.decisions[0].rule == ("bn->matmul" if forward else "matmul->bn")
     assert count_ops(result.model, "Add") == 1  # the existing Add, or one added for the folded bias
 
@@ -152,13 +102,13 @@ def test_matmul_bn(with_add, forward):
                                              (None, "VALID", True), (None, "SAME_UPPER", False)])
 def test_bn_conv_forward_only_without_zero_padding(pads, mode, folds):
     rng = np.random.default_rng(1)
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")] + _bn_params(3, rng)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")] + bn_params(3, rng)
     attrs = {"auto_pad": mode, **({"pads": pads} if pads else {})}
-    nodes = [helper.make_node("Relu", ["x"], ["r"]), _bn_node("r", "n"),
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "n"),
              helper.make_node("Conv", ["n", "w"], ["y"], name="conv", **attrs)]
-    model = _model(nodes, inits, [2, 3, 6, 6])
+    model = onnx_graph(nodes, inits, [2, 3, 6, 6])
     if folds:
-        assert_folds(model, {"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)}, 1)
+        assert_onnx_folds(model, {"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)}, 1)
     else:
         d = fold_onnx(model).decisions[0]
         assert d.codes == ("no-layer-before", "zero-padding"), d.reason
@@ -168,47 +118,47 @@ def test_bn_conv_forward_only_without_zero_padding(pads, mode, folds):
 def test_through_flatten_reshape_and_transpose():
     rng = np.random.default_rng(2)
     # BN2d -> Flatten -> Gemm (forward, channel repeated over H*W)
-    inits = [numpy_helper.from_array(rng.standard_normal((6, 3 * 2 * 2)).astype(np.float32), "B")] + _bn_params(3, rng)
-    nodes = [helper.make_node("Relu", ["x"], ["r"]), _bn_node("r", "n"),
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3 * 2 * 2)).astype(np.float32), "B")] + bn_params(3, rng)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "n"),
              helper.make_node("Flatten", ["n"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "B"], ["y"], name="gemm", transB=1)]
-    result = assert_folds(_model(nodes, inits, [2, 3, 2, 2]), {"x": rng.standard_normal((2, 3, 2, 2)).astype(np.float32)}, 1)
+    result = assert_onnx_folds(onnx_graph(nodes, inits, [2, 3, 2, 2]), {"x": rng.standard_normal((2, 3, 2, 2)).astype(np.float32)}, 1)
     assert result.decisions[0].through == ("flat",)
     # MatMul on (N, L, C) -> Transpose to (N, C, L) -> BN (backward)
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "W")] + _bn_params(5, rng)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "W")] + bn_params(5, rng)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
-             helper.make_node("Transpose", ["h"], ["t"], name="tr", perm=[0, 2, 1]), _bn_node("t", "y")]
-    assert_folds(_model(nodes, inits, [2, 7, 4]), {"x": rng.standard_normal((2, 7, 4)).astype(np.float32)}, 1)
+             helper.make_node("Transpose", ["h"], ["t"], name="tr", perm=[0, 2, 1]), bn_node("t", "y")]
+    assert_onnx_folds(onnx_graph(nodes, inits, [2, 7, 4]), {"x": rng.standard_normal((2, 7, 4)).astype(np.float32)}, 1)
     # MatMul on (N, L, C) -> Reshape to (N*L, C) -> BN (backward)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "W"),
-             numpy_helper.from_array(np.array([-1, 5], np.int64), "shape")] + _bn_params(5, rng)
+             numpy_helper.from_array(np.array([-1, 5], np.int64), "shape")] + bn_params(5, rng)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
-             helper.make_node("Reshape", ["h", "shape"], ["t"], name="rs"), _bn_node("t", "y")]
-    assert_folds(_model(nodes, inits, [2, 7, 4]), {"x": rng.standard_normal((2, 7, 4)).astype(np.float32)}, 1)
+             helper.make_node("Reshape", ["h", "shape"], ["t"], name="rs"), bn_node("t", "y")]
+    assert_onnx_folds(onnx_graph(nodes, inits, [2, 7, 4]), {"x": rng.standard_normal((2, 7, 4)).astype(np.float32)}, 1)
     # ... but a BN over the sequence axis of a MatMul is refused
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "W")] + _bn_params(7, rng)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), _bn_node("h", "y")]
-    d = fold_onnx(_model(nodes, inits, [2, 7, 4])).decisions[0]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "W")] + bn_params(7, rng)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), bn_node("h", "y")]
+    d = fold_onnx(onnx_graph(nodes, inits, [2, 7, 4])).decisions[0]
     assert d.status == "skipped" and d.reason.startswith("channels of 'mm' do not map one-to-one onto BN channels")
 
 
 def test_parameters_from_constant_nodes_and_identity():
     rng = np.random.default_rng(3)
     w = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
-    params = _bn_params(4, rng)
+    params = bn_params(4, rng)
     nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w"))]
     nodes += [helper.make_node("Constant", [], [p.name], value=p) for p in params[:2]]
     nodes += [helper.make_node("Identity", ["m0"], ["bn.mean"]), helper.make_node("Identity", ["v0"], ["bn.var"])]
     inits = [numpy_helper.from_array(numpy_helper.to_array(params[2]), "m0"),
              numpy_helper.from_array(numpy_helper.to_array(params[3]), "v0")]
-    nodes += [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), _bn_node("h", "y")]
-    result = assert_folds(_model(nodes, inits, [1, 3, 4, 4]), {"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)}, 1)
+    nodes += [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), bn_node("h", "y")]
+    result = assert_onnx_folds(onnx_graph(nodes, inits, [1, 3, 4, 4]), {"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)}, 1)
     assert [n.op_type for n in result.model.graph.node] == ["Conv"]  # unused Constant/Identity pruned
     assert len(result.model.graph.initializer) == 2
 
 
 def _conv_bn(rng, **bn_attrs):
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "w")] + _bn_params(4, rng)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "w")] + bn_params(4, rng)
     return inits, helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), bn_attrs
 
 
@@ -224,11 +174,11 @@ def test_refusals(case, codes, reason):
     inits, conv, _ = _conv_bn(rng)
     outputs = [helper.make_tensor_value_info("y", F32, [2, 4, 4, 4])]
     inputs = [helper.make_tensor_value_info("x", F32, [2, 3, 4, 4])]
-    bn = _bn_node("h", "y")
+    bn = bn_node("h", "y")
     extra = []
     opset = 18
     if case == "training":
-        bn = _bn_node("h", "y", training_mode=1)
+        bn = bn_node("h", "y", training_mode=1)
     elif case == "extra outputs":
         opset = 9
         bn = helper.make_node("BatchNormalization", list(bn.input), ["y", "rm", "rv", "sm", "sv"], name="bn")
@@ -254,13 +204,13 @@ def test_negative_variance_is_a_health_error():
     inits, conv, _ = _conv_bn(rng)
     inits[-1] = numpy_helper.from_array(np.array([1, -1, 1, 1], np.float32), "bn.var")
     with pytest.raises(HealthError, match="BatchNormalization 'bn': var is negative"):
-        fold_onnx(_model([conv, _bn_node("h", "y")], inits, [2, 3, 4, 4]))
+        fold_onnx(onnx_graph([conv, bn_node("h", "y")], inits, [2, 3, 4, 4]))
 
 
 def test_external_data_model(tmp_path):
     rng = np.random.default_rng(6)
     inits, conv, _ = _conv_bn(rng)
-    model = _model([conv, _bn_node("h", "y")], inits, [2, 3, 4, 4])
+    model = onnx_graph([conv, bn_node("h", "y")], inits, [2, 3, 4, 4])
     onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="ext.data", size_threshold=0)
     assert (tmp_path / "ext.data").exists()
@@ -285,14 +235,14 @@ def test_torch_exporters_zoo_models(tmp_path, exporter, name):
     original = onnx.load(str(path))
     feeds = {"x": torch.randn(3, *ZOO[name].input_shape[1:]).numpy()}
     before = count_ops(original, "BatchNormalization")
-    result = assert_folds(original, feeds, before if name != "preact" else 0)
+    result = assert_onnx_folds(original, feeds, before if name != "preact" else 0)
     assert count_ops(result.model, "BatchNormalization") == 0
 
 
 def test_cli_fold_onnx_writes_folded_onnx_and_report(tmp_path):
     rng = np.random.default_rng(7)
     inits, conv, _ = _conv_bn(rng)
-    model = _model([conv, _bn_node("h", "y")], inits, ["N", 3, 4, 4])
+    model = onnx_graph([conv, bn_node("h", "y")], inits, ["N", 3, 4, 4])
     model.metadata_props.add(key="author", value="me")
     onnx.save(model, str(tmp_path / "m.onnx"))
     proc = run_cli("fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"))
@@ -316,10 +266,10 @@ def test_bad_onnx_inputs_are_one_line_exit_2(tmp_path, case, fragment):
     else:
         rng = np.random.default_rng(8)
         inits, conv, _ = _conv_bn(rng)
-        nodes = [conv, _bn_node("h", "y")]
+        nodes = [conv, bn_node("h", "y")]
         if case == "invalid graph":
             nodes.append(helper.make_node("Relu", ["undefined_value"], ["z"]))
-        model = _model(nodes, inits, [2, 3, 4, 4], opset=99 if case == "unknown opset" else 18)
+        model = onnx_graph(nodes, inits, [2, 3, 4, 4], opset=99 if case == "unknown opset" else 18)
         onnx.save(model, str(path))
     proc = run_cli("fold", str(path), "-o", str(tmp_path / "out"))
     assert_one_line_error(proc, "bad.onnx: " + fragment)

@@ -3,16 +3,8 @@ run`; `bnrt triton` parsed back against Triton's model-config schema."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -24,53 +16,9 @@ from tritonclient.grpc import model_config_pb2
 import bnrt
 from bnrt.run import Session
 
-from .conftest import EXAMPLE, ROOT, assert_one_line_error, run_cli
+from .conftest import Server, assert_one_line_error, run_cli
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
-
-
-class Server:
-    def __init__(self, target: Path, *flags: str):
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, "-m", "bnrt", "serve", str(target), "--port", "0", *flags],
-                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert found, (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
-        self.port = int(found.group(1))
-        self.url = f"127.0.0.1:{self.port}"
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if httpclient.InferenceServerClient(self.url).is_server_ready():
-                    return
-            except Exception:
-                time.sleep(0.1)
-        raise AssertionError("server did not become ready")
-
-    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        data = response.read()
-        conn.close()
-        return response.status, data
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        finally:
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-
-
-@pytest.fixture(scope="module")
-def onnx_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("model")
-    outcome = bnrt.fold_file(EXAMPLE, out, check=None, exporter="torchscript")
-    assert outcome.onnx_batchnorm_nodes == 0
-    return out / "digits_cnn.onnx"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tools.load_test import load_test, valid_body
 
-from .test_serve import Server, onnx_model  # noqa: F401  (the module-scoped model fixture)
+from .conftest import Server
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -40,7 +40,7 @@ headers = st.dictionaries(
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(onnx_model):  # noqa: F811
+def fuzz_server(onnx_model):
     srv = Server(onnx_model, "--max-delay-ms", "1")
     yield srv
     assert srv.stop() == 0

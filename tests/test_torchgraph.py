@@ -10,7 +10,7 @@ from torch import nn
 
 import bnrt
 
-from .test_fold import assert_folds_exactly, randomise_bn
+from .conftest import assert_folds_exactly, randomise_bn
 
 CONVT = {1: (nn.ConvTranspose1d, nn.BatchNorm1d), 2: (nn.ConvTranspose2d, nn.BatchNorm2d),
          3: (nn.ConvTranspose3d, nn.BatchNorm3d)}

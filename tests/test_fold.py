@@ -171,30 +171,30 @@ def _weight_normed():
     return nn.Sequential(conv, nn.BatchNorm2d(3))
 
 
-REFUSALS = [
-    ("called twice", CalledTwice, (2, 3, 4, 4), "'conv' is called 2 times"),
-    ("second consumer", SecondConsumer, (2, 3, 4, 4), "output of 'conv' also feeds 'add'"),
-    ("tied weights", TiedWeights, (2, 4), "parameters of 'a' are shared with 'b'"),
-    ("direct weight use", DirectWeightUse, (2, 3, 4, 4), "parameters of 'conv' are read directly in forward"),
-    ("bn called twice", BnCalledTwice, (2, 3, 4, 4), "'bn' is called 2 times"),
+REFUSALS = [  # (case, model, input shape, reason, refusal codes: backward, forward or the BN's own)
+    ("called twice", CalledTwice, (2, 3, 4, 4), "'conv' is called 2 times", ('reused-layer', 'no-layer-after')),
+    ("second consumer", SecondConsumer, (2, 3, 4, 4), "output of 'conv' also feeds 'add'", ('shared-output', 'no-layer-after')),
+    ("tied weights", TiedWeights, (2, 4), "parameters of 'a' are shared with 'b'", ('shared-parameters', 'no-layer-after')),
+    ("direct weight use", DirectWeightUse, (2, 3, 4, 4), "parameters of 'conv' are read directly in forward", ('shared-parameters', 'no-layer-after')),
+    ("bn called twice", BnCalledTwice, (2, 3, 4, 4), "'bn' is called 2 times", ('reused-layer',)),
     ("no running stats", lambda: nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)),
-     (2, 3, 4, 4), "no running statistics"),
+     (2, 3, 4, 4), "no running statistics", ('no-running-stats',)),
     ("after nonlinearity", lambda: nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.BatchNorm2d(3)),
-     (2, 3, 4, 4), "input comes from ReLU '1': no fold rule; forward: output feeds the model output"),
+     (2, 3, 4, 4), "input comes from ReLU '1': no fold rule; forward: output feeds the model output", ('no-layer-before', 'no-layer-after')),
     ("bn -> nonlinearity -> layer", lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 1)),
-     (2, 3, 4, 4), "input comes from ReLU '0': no fold rule; forward: output feeds ReLU '2', not a layer it can fold into"),
+     (2, 3, 4, 4), "input comes from ReLU '0': no fold rule; forward: output feeds ReLU '2', not a layer it can fold into", ('no-layer-before', 'no-layer-after')),
     ("graph input", lambda: nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()), (2, 3, 4, 4),
-     "input comes from a graph input"),
+     "input comes from a graph input", ('graph-input', 'no-layer-after')),
     ("custom forward", lambda: nn.Sequential(ScaledConv(3, 3, 1), nn.BatchNorm2d(3)), (2, 3, 4, 4),
-     "input comes from 'sub': no fold rule; forward: output feeds the model output"),
-    ("parametrized", _weight_normed, (2, 3, 4, 4), "'0' has parametrizations"),
-    ("linear on sequence", LinearOnSequence, (2, 6, 4), "channels of 'fc' do not map one-to-one onto BN channels"),
+     "input comes from 'sub': no fold rule; forward: output feeds the model output", ('no-layer-before', 'no-layer-after')),
+    ("parametrized", _weight_normed, (2, 3, 4, 4), "'0' has parametrizations", ('custom-forward', 'no-layer-after')),
+    ("linear on sequence", LinearOnSequence, (2, 6, 4), "channels of 'fc' do not map one-to-one onto BN channels", ('channel-map', 'no-layer-after')),
 ]
 
 
 @pytest.mark.parametrize("case", REFUSALS, ids=[c[0] for c in REFUSALS])
 def test_refusal_keeps_bn_and_outputs(case):
-    _, factory, shape, reason = case
+    _, factory, shape, reason, codes = case
     torch.manual_seed(0)
     model = factory().eval()
     for m in model.modules():
@@ -205,6 +205,8 @@ def test_refusal_keeps_bn_and_outputs(case):
     result = bnrt.fold(model, (x,))
     skipped = [d for d in result.decisions if d.status == "skipped"]
     assert len(skipped) == 1 and skipped[0].reason is not None and reason in skipped[0].reason, result.decisions
+    assert skipped[0].codes == codes
+    assert [r.direction for r in skipped[0].refusals] == (["backward", "forward"] if len(codes) == 2 else [None])
     assert isinstance(result.model.get_submodule(skipped[0].bn), nn.modules.batchnorm._BatchNorm)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=0)

@@ -88,7 +88,7 @@ def report_model(name: str, samples: int, workdir: Path) -> dict:
     names = (input_names(result.model, 1), output_names(1))
     proto = export_onnx(result.model, (x[:2],), onnx_path, names=names)
     (ort_out,) = Session(onnx_path).run([x.numpy()])
-    reasons = collections.Counter(d.reason.split(";")[0] for d in result.skipped)
+    reasons = collections.Counter(" / ".join(d.codes) for d in result.skipped)
     ts_before, ts_after = torchscript_bn_counts(model, x, workdir, name)
     return {
         "model": name,
@@ -132,7 +132,7 @@ def markdown(rows: list[dict]) -> str:
             f"{r['error_ratio']:.2f} | {ulp['ulp_bnrt']} | {ulp['ulp_fx']} | {1000 * r['fold_s']:.0f} | "
             f"{r['ts_bn'][0]} → {r['ts_bn'][1]} |")
     lines.append("")
-    lines.append("Skipped BatchNorms by reason:")
+    lines.append("Skipped BatchNorms by refusal code (backward / forward, or the BN's own; `bnrt/decision.py` CODES):")
     lines.append("")
     for r in rows:
         for reason, count in r["reasons"].items():

@@ -65,6 +65,9 @@ class ModelSource:
     trust_pickle: bool = False
     input_shapes: list[Shape] | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
     @classmethod
     def of(cls, source: "ModelSource | str | os.PathLike") -> "ModelSource":
         """``source`` itself, or a source for the path with the defaults."""

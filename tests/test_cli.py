@@ -15,6 +15,7 @@ from bnrt.export import count_ops
 from models.digits import DigitsNet, digits_split
 
 from .conftest import EXAMPLE, assert_one_line_error, run_cli, save_checkpoint
+from .nets import DataDependent
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +113,8 @@ def _marker_pickle(tmp_path):
 
 
 def _untraceable(tmp_path):
-    from .test_fold import DataDependent
 
-    return save_checkpoint(tmp_path / "dd.pt", DataDependent(), "tests.test_fold:DataDependent", (1, 3, 4, 4))
+    return save_checkpoint(tmp_path / "dd.pt", DataDependent(), "tests.nets:DataDependent", (1, 3, 4, 4))
 
 
 BAD_INPUTS = [

@@ -13,6 +13,7 @@ import bnrt
 from bnrt.errors import CaptureError, HealthError
 
 from .conftest import assert_folds_exactly, randomise_bn
+from .nets import DataDependent
 
 CONV = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
 
@@ -248,18 +249,6 @@ def test_near_dead_channel_is_reported():
     result = bnrt.fold(model, (torch.randn(2, 3, 4, 4),))
     assert result.decisions[0].status == "folded"
     assert result.decisions[0].warnings == ("1 near-dead channel(s) with |gamma/sigma| > 1000 (max 3.16e+03), e.g. channel 2",)
-
-
-class DataDependent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 1)
-        self.bn = nn.BatchNorm2d(3)
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return self.bn(self.conv(x))
-        return x
 
 
 def test_model_neither_tracer_captures_is_a_capture_error_naming_both():

@@ -13,6 +13,7 @@ from bnrt.load import load_model, resolve_arch
 from models.digits import DigitsNet
 
 from .conftest import save_checkpoint
+from .nets import FunctionalBN
 
 
 class Marker:
@@ -162,11 +163,10 @@ def test_load_folded_into_users_class(tmp_path, example):
 
 def test_functional_batch_norm_round_trip_through_the_folded_checkpoint(tmp_path):
     from bnrt.export import count_ops
-    from tests.test_fold_rules import FunctionalBN
 
     torch.manual_seed(0)
     model = FunctionalBN().eval()
-    save_checkpoint(tmp_path / "f.pt", model, "tests.test_fold_rules:FunctionalBN", (1, 3, 6, 6))
+    save_checkpoint(tmp_path / "f.pt", model, "tests.nets:FunctionalBN", (1, 3, 6, 6))
     outcome = bnrt.fold_file(tmp_path / "f.pt", tmp_path / "out", exporter="torchscript")
     assert outcome.passed and outcome.onnx_batchnorm_nodes == 0
     assert outcome.report["decisions"][0]["kind"] == "functional"

@@ -11,6 +11,7 @@ from torch import nn
 import bnrt
 
 from .conftest import assert_folds_exactly, randomise_bn
+from .nets import FunctionalBN
 
 CONVT = {1: (nn.ConvTranspose1d, nn.BatchNorm1d), 2: (nn.ConvTranspose2d, nn.BatchNorm2d),
          3: (nn.ConvTranspose3d, nn.BatchNorm3d)}
@@ -189,28 +190,6 @@ def test_sync_batchnorm_in_eval_folds_like_batchnorm():
     randomise_bn(model[1], torch.Generator().manual_seed(0))
     result = assert_folds_exactly(model, torch.randn(2, 3, 6, 6, dtype=torch.float64), 1)
     assert result.decisions[0].rule == "conv->bn"
-
-
-class FunctionalBN(nn.Module):
-    """Statistics held as buffers/parameters, normalisation by F.batch_norm."""
-
-    def __init__(self, training: bool = False, leak: str | None = None):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.register_buffer("mean", torch.randn(4))
-        self.register_buffer("var", torch.rand(4) + 0.5)
-        self.gamma = nn.Parameter(torch.rand(4) + 0.5)
-        self.beta = nn.Parameter(torch.randn(4))
-        self.training_flag, self.leak = training, leak
-
-    def forward(self, x):
-        y = nn.functional.batch_norm(self.conv(x), self.mean, self.var, self.gamma, self.beta,
-                                     self.training_flag, 0.1, 1e-3)
-        if self.leak == "constant":
-            return y + self.mean.sum()  # torch.fx bakes this into a tensor constant at trace time
-        if self.leak == "proxy":
-            return y + self.mean  # (N, 4, 4, 4) + (4,): a second graph use of the buffer
-        return y
 
 
 def test_functional_batch_norm_is_folded_out_of_the_graph():

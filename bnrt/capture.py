@@ -97,8 +97,27 @@ def _fails_on(model: nn.Module, example_inputs, exc: Exception) -> InputError:
     return InputError(f"model {type(model).__name__} fails on inputs of shape {shapes}: {first_line(exc)}")
 
 
+def is_frozen_batchnorm(module: nn.Module | None) -> bool:
+    """A frozen BatchNorm (torchvision's ``FrozenBatchNorm2d``, detectron2's): per-channel
+    ``weight``, ``bias``, ``running_mean``, ``running_var`` buffers and ``eps``, computing BatchNorm in
+    eval, with no parameters."""
+    if module is None or not type(module).__name__.endswith("FrozenBatchNorm2d"):
+        return False
+    buffers = dict(module.named_buffers(recurse=False))
+    return (all(k in buffers for k in ("weight", "bias", "running_mean", "running_var"))
+            and isinstance(getattr(module, "eps", None), float) and not list(module.parameters(recurse=False)))
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer with frozen BatchNorms kept as module calls (they are BNs to fold, not
+    arithmetic to trace through)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_frozen_batchnorm(m) or super().is_leaf_module(m, qualname)
+
+
 def _collapsible(module: nn.Module | None) -> bool:
-    return isinstance(module, (_BatchNorm, nn.modules.conv._ConvNd, nn.Linear))
+    return isinstance(module, (_BatchNorm, nn.modules.conv._ConvNd, nn.Linear)) or is_frozen_batchnorm(module)
 
 
 def _export_graph(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.fx.Graph:
@@ -158,7 +177,7 @@ def _export_graph(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
 def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capture:
     """Trace ``model`` and record the shapes ``example_inputs`` take through it."""
     try:
-        graph, tracer = torch.fx.symbolic_trace(model).graph, "torch.fx"
+        graph, tracer = _Tracer().trace(model), "torch.fx"
     except Exception as fx_exc:
         try:
             with torch.no_grad():

@@ -2,8 +2,8 @@
 
 BatchNorms are ``BatchNormalization`` nodes (graph order). Layers are Conv, ConvTranspose, Gemm
 and MatMul nodes with constant weights (a MatMul with the Add of a constant bias after it is one
-layer). Pass-through ops are Reshape, Flatten, Transpose, Squeeze, Unsqueeze and Identity, their
-channel maps replayed with numpy; Reshape target shapes computed in the graph
+layer). Pass-through ops are Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity and Dropout
+in inference (no training_mode, mask unused), their channel maps replayed with numpy; Reshape target shapes computed in the graph
 (``Shape -> Gather -> Concat``) come from one ORT run of the model on zeros. ``Shape`` and
 ``Size`` read only metadata and are not uses of a value.
 """
@@ -159,12 +159,22 @@ class OnnxView:
         return isinstance(node, GraphValue)
 
     def is_passthrough(self, node) -> bool:
-        return isinstance(node, onnx.NodeProto) and (
-            node.op_type in _PASSTHROUGH_OPS or any(node is f for f in self.folded))
+        if not isinstance(node, onnx.NodeProto):
+            return False
+        if node.op_type == "Dropout":
+            return self._dropout_off(node)
+        return node.op_type in _PASSTHROUGH_OPS or any(node is f for f in self.folded)
+
+    def _dropout_off(self, node: onnx.NodeProto) -> bool:
+        """A Dropout in inference: no ``training_mode`` (or a constant false one), mask unused."""
+        training = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        mask_used = len(node.output) > 1 and bool(node.output[1]) and (
+            node.output[1] in self.consumers or node.output[1] in self.outputs)
+        return not mask_used and (training is None or not bool(np.asarray(training).any()))
 
     def replay(self, node: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
         op = node.op_type
-        if op in ("Identity", "BatchNormalization"):
+        if op in ("Identity", "Dropout", "BatchNormalization"):
             return x
         if op == "Flatten":
             axis = attr(node, "axis", 1) % max(x.ndim, 1)

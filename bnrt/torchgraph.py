@@ -10,6 +10,7 @@ and ``nn.Flatten``/``nn.Unflatten``; their channel map is replayed on a tensor o
 
 from __future__ import annotations
 
+import builtins
 import inspect
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from . import engine
-from .capture import SHAPE_KEY, VALUE_KEY, Capture
+from .capture import SHAPE_KEY, VALUE_KEY, Capture, is_frozen_batchnorm
 from .decision import Decision, NotFoldable
 from .engine import BnSite, BnStats, Layer
 from .structure import tensor_at
@@ -42,8 +43,21 @@ _VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute,
                    _aten.permute.default, _aten.squeeze.dim, _aten.squeeze.dims, _aten.unsqueeze.default,
                    _aten.movedim.int, _aten.contiguous.default, _aten._unsafe_view.default}
 _VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "squeeze",
-                 "unsqueeze", "movedim", "swapaxes", "swapdims"}
+                 "unsqueeze", "movedim", "swapaxes", "swapdims", "view_as", "reshape_as"}
 _VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                      _aten.dropout.default}
+
+# Reads of a tensor's metadata only (folding changes values, never shapes, dtypes or devices).
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
+_METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "element_size", "stride",
+                     "is_contiguous", "is_floating_point", "is_complex", "new_zeros", "new_ones", "new_empty",
+                     "new_full", "new_tensor"}
+_SECOND_OPERAND_METADATA = {"reshape_as", "view_as", "expand_as", "type_as"}
+_METADATA_FUNCTIONS = {builtins.getattr, builtins.len, torch.numel, torch.zeros_like, torch.ones_like,
+                       torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
+                       _aten.sym_size.int, _aten.sym_numel.default, _aten.sym_stride.int}
 
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
@@ -77,6 +91,20 @@ def statistics(root: nn.Module, decision: Decision) -> BnStats:
     return module_stats(decision.bn, root.get_submodule(decision.bn))
 
 
+def reads_metadata_only(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """Whether ``user`` reads only the shape, dtype or device of ``node``'s output."""
+    args = user.args
+    if user.op == "call_function" and user.target is builtins.getattr:
+        return len(args) > 1 and args[1] in _METADATA_ATTRS
+    if user.op == "call_function":
+        return user.target in _METADATA_FUNCTIONS and args[:1] == (node,) and node not in args[1:]
+    if user.op == "call_method" and user.target in _METADATA_METHODS:
+        return args[:1] == (node,) and node not in args[1:] and node not in user.kwargs.values()
+    if user.op == "call_method" and user.target in _SECOND_OPERAND_METADATA:
+        return len(args) > 1 and args[1] is node and args[0] is not node
+    return False
+
+
 def _standard(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> str | None:
     """Why ``module`` cannot be trusted to compute what its base class computes, or None."""
     if not any(type(module).forward is base.forward for base in bases if isinstance(module, base)):
@@ -86,6 +114,26 @@ def _standard(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> str | No
     if module._forward_hooks or module._forward_pre_hooks:
         return "has forward hooks"
     return None
+
+
+def is_batchnorm(module: nn.Module | None) -> bool:
+    return isinstance(module, _BatchNorm) or is_frozen_batchnorm(module)
+
+
+def _not_called() -> None:
+    raise NotFoldable("not-called", "not called in forward")
+
+
+def _dropout_off(node: torch.fx.Node) -> bool:
+    """An ``F.dropout``-family call traced with ``training=False`` (an identity)."""
+    if node.target is _aten.dropout.default:
+        return (node.args[2] if len(node.args) > 2 else node.kwargs.get("train")) is False
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return False
+    bound.apply_defaults()
+    return bound.arguments.get("training") is False
 
 
 class TorchView:
@@ -100,12 +148,24 @@ class TorchView:
 
     # --- BatchNorms ---
     def batchnorms(self) -> list[BnSite]:
-        nodes = {n.target: n for n in self.cap.graph.nodes if isinstance(self.cap.module_of(n), _BatchNorm)}
-        sites = [BnSite(name, nodes.get(name), None, module)
-                 for name, module in self.cap.modules.items() if isinstance(module, _BatchNorm)]
-        sites += [BnSite(f"{n.name} (F.batch_norm)", n, self._functional(n)) for n in self.cap.graph.nodes
-                  if n.op == "call_function" and n.target in _FUNCTIONAL_BN]
-        return sites
+        """BatchNorm and frozen-BatchNorm modules in module order, then ``F.batch_norm`` calls in
+        graph order. A BN module whose forward was traced through (a subclass adding an activation,
+        as timm's ``BatchNormAct2d``) is one site: its ``F.batch_norm`` call, under the module's name."""
+        cap = self.cap
+        nodes = {n.target: n for n in cap.graph.nodes if is_batchnorm(cap.module_of(n))}
+        calls = {n: self._functional(n) for n in cap.graph.nodes
+                 if n.op == "call_function" and n.target in _FUNCTIONAL_BN}
+        inside = {f["mean"].rpartition(".")[0]: n for n, f in calls.items() if f.get("mean")}
+        sites = []
+        for name, module in cap.modules.items():
+            if not is_batchnorm(module):
+                continue
+            call = inside.get(name)
+            if name not in nodes and call is not None and calls[call]["mean"] == f"{name}.running_mean":
+                sites.append(BnSite(name, call, calls.pop(call)))
+            else:
+                sites.append(BnSite(name, nodes.get(name), None, module))
+        return sites + [BnSite(f"{n.name} (F.batch_norm)", n, f) for n, f in calls.items()]
 
     def _functional(self, node: torch.fx.Node) -> dict:
         """The tensor paths of an ``F.batch_norm`` call (None where an argument is not a parameter
@@ -150,10 +210,12 @@ class TorchView:
     def check_bn(self, bn: BnSite) -> None:
         if bn.functional is not None:
             return
+        if is_frozen_batchnorm(bn.module):
+            return self._single_use(bn.name) if bn.node is not None else _not_called()
         if bn.module.training:
             raise NotFoldable("training-mode", "in training mode: call model.eval() before folding")
         if bn.node is None:
-            raise NotFoldable("not-called", "not called in forward")
+            _not_called()
         reason = _standard(bn.module, _BN_TYPES)
         if reason:
             raise NotFoldable("custom-forward", reason, bn.name)
@@ -167,7 +229,7 @@ class TorchView:
         return node.args[0] if isinstance(node, torch.fx.Node) and node.args else None
 
     def users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
-        return list(node.users)
+        return [u for u in node.users if not reads_metadata_only(u, node)]
 
     def is_graph_input(self, node: Any) -> bool:
         return isinstance(node, torch.fx.Node) and node.op == "placeholder"
@@ -177,14 +239,18 @@ class TorchView:
             return False
         if node in self.folded:
             return True
+        if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+            return _dropout_off(node)
         if node.op == "call_function":
             return node.target in _VIEW_FUNCTIONS
         if node.op == "call_method":
             return node.target in _VIEW_METHODS
-        return node.op == "call_module" and isinstance(self.cap.module_of(node), _VIEW_MODULES)
+        module = self.cap.module_of(node)
+        return isinstance(module, _VIEW_MODULES) or (isinstance(module, _DROPOUT_MODULES) and not module.training)
 
     def replay(self, node: torch.fx.Node, index: np.ndarray) -> np.ndarray:
-        if node in self.folded:
+        if node in self.folded or node.target in _DROPOUT_FUNCTIONS or isinstance(
+                self.cap.module_of(node), _DROPOUT_MODULES):
             return index
         source = torch.from_numpy(index)
 

@@ -251,6 +251,68 @@ class Volume3d(nn.Module):
         return self.fc(self.features(x).mean((2, 3, 4)))
 
 
+# --- idioms of timm and torchvision ---------------------------------------------------------------
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm-style BatchNorm subclass with its activation: ``F.batch_norm`` in forward, a shape assert
+    (a metadata read of the input), then the activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "BatchNormAct2d expects a 4-D input")
+        if self.training:
+            x = super().forward(x)
+        else:
+            x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                         self.eps)
+        return self.act(self.drop(x))
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d: BatchNorm with fixed statistics, all buffers."""
+
+    def __init__(self, c, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (("weight", torch.ones(c)), ("bias", torch.zeros(c)), ("running_mean", torch.zeros(c)),
+                            ("running_var", torch.ones(c))):
+            self.register_buffer(name, value)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+class LinearNorm(nn.Module):
+    """LeViT's Linear -> flatten(0, 1) -> BatchNorm1d -> reshape_as(x)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class TimmStyle(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), FrozenBatchNorm2d(16)
+        self.conv, self.bn_act = nn.Conv2d(16, 32, 3, padding=1, bias=False), BatchNormAct2d(32)
+        self.proj = LinearNorm(32, 24)
+        self.head_bn, self.drop, self.head = nn.BatchNorm1d(24), nn.Dropout(0.2), nn.Linear(24, classes)
+
+    def forward(self, x):
+        y = self.bn_act(self.conv(torch.relu(self.stem_bn(self.stem(x)))))
+        tokens = self.proj(y.flatten(2).transpose(1, 2))
+        return self.head(self.drop(self.head_bn(tokens.mean(1))))
+
+
 @dataclass(frozen=True)
 class Entry:
     factory: Callable[[], nn.Module]
@@ -270,6 +332,7 @@ ZOO: dict[str, Entry] = {
     "preact": Entry(PreActNet, (1, 3, 16, 16), "pre-activation BN -> ReLU -> Conv"),
     "audio1d": Entry(AudioNet, (1, 1, 4000), "1-d conv net, strided, dilated, depthwise"),
     "volume3d": Entry(Volume3d, (1, 1, 16, 16, 16), "3-d conv net, grouped"),
+    "timm_style": Entry(TimmStyle, (1, 3, 16, 16), "frozen-BN stem, BatchNormAct2d, LeViT LinearNorm, Dropout -> head"),
 }
 
 
@@ -282,6 +345,12 @@ def build(name: str, seed: int = 0, batches: int = 3) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                c = m.weight.numel()
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_mean.copy_(torch.randn(c, generator=gen))
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = None
                 if m.affine:

@@ -274,3 +274,23 @@ def test_bad_onnx_inputs_are_one_line_exit_2(tmp_path, case, fragment):
     proc = run_cli("fold", str(path), "-o", str(tmp_path / "out"))
     assert_one_line_error(proc, "bad.onnx: " + fragment)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("training,folds", [(None, True), (False, True), (True, False)])
+def test_dropout_in_inference_passes_through_and_shape_reads_are_not_uses(training, folds):
+    """Conv -> Dropout -> BN, the conv's output also read by Shape (metadata only)."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "w")] + bn_params(4, rng)
+    drop_inputs = ["h"] if training is None else ["h", "ratio", "train"]
+    if training is not None:
+        inits += [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                  numpy_helper.from_array(np.array(training), "train")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"),
+             helper.make_node("Shape", ["h"], ["s"], name="shape"),
+             helper.make_node("Dropout", drop_inputs, ["d"], name="drop"), bn_node("d", "y")]
+    model = onnx_graph(nodes, inits, [2, 3, 4, 4])
+    if folds:
+        result = assert_onnx_folds(model, {"x": rng.standard_normal((2, 3, 4, 4)).astype(np.float32)}, 1)
+        assert (result.decisions[0].rule, result.decisions[0].through) == ("conv->bn", ("drop",))
+    else:
+        assert fold_onnx(model).decisions[0].codes == ("no-layer-before", "no-layer-after")

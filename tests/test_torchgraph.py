@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 
 import bnrt
@@ -271,3 +272,69 @@ def test_convert_sync_batchnorm_by_input_rank():
     assert [type(m) for m in model] == [nn.SyncBatchNorm, nn.Unflatten, nn.SyncBatchNorm]
     with torch.no_grad():
         assert torch.equal(plain(x), model(x))
+
+
+class MetadataReads(nn.Module):
+    """Conv output read for its shape, size, dtype and as reshape_as's template, then a BN."""
+
+    def __init__(self, value_use: bool = False):
+        super().__init__()
+        self.conv, self.bn, self.value_use = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), value_use
+
+    def forward(self, x):
+        h = self.conv(x)
+        n, c = h.shape[0], h.size(1)
+        y = self.bn(h).reshape_as(h) + h.new_zeros(n, c, 1, 1).to(h.dtype)
+        torch._assert(h.dim() == 4, "4-D")
+        return y + h if self.value_use else y
+
+
+@pytest.mark.parametrize("value_use", [False, True])
+def test_metadata_reads_are_not_uses_of_the_values(value_use):
+    model = MetadataReads(value_use).double()
+    randomise_bn(model.bn, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    if not value_use:
+        assert assert_folds_exactly(model, x, 1).decisions[0].rule == "conv->bn"
+        return
+    d = bnrt.fold(model.eval(), (x,)).decisions[0]
+    assert d.codes[0] == "shared-output" and d.refusals[0].subject == "conv" and "'add_1'" in d.reason
+
+
+class DropoutBetween(nn.Module):
+    def __init__(self, functional_training: bool | None):
+        super().__init__()
+        self.bn, self.drop, self.fc, self.functional_training = nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3), \
+            functional_training
+
+    def forward(self, x):
+        y = self.bn(torch.relu(x))
+        if self.functional_training is None:
+            return self.fc(self.drop(y))
+        return self.fc(F.dropout(y, 0.5, self.functional_training))
+
+
+@pytest.mark.parametrize("functional_training,folds", [(None, True), (False, True), (True, False)])
+def test_dropout_in_eval_passes_through(functional_training, folds):
+    model = DropoutBetween(functional_training).double()
+    randomise_bn(model.bn, torch.Generator().manual_seed(0))
+    x = torch.randn(4, 6, dtype=torch.float64)
+    if folds:
+        d = assert_folds_exactly(model, x, 1).decisions[0]
+        assert (d.rule, d.through) == ("bn->linear", ("drop",) if functional_training is None else ("dropout",))
+    else:
+        assert bnrt.fold(model.eval(), (x,)).decisions[0].codes == ("no-layer-before", "no-layer-after")
+
+
+def test_frozen_batchnorm_is_a_batchnorm_and_round_trips(tmp_path):
+    from models.zoo import FrozenBatchNorm2d
+
+    frozen = FrozenBatchNorm2d(4)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            getattr(frozen, name).copy_(torch.randn(4))
+        frozen.running_var.copy_(torch.rand(4) + 0.5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), frozen).double()
+    result = assert_folds_exactly(model, torch.randn(2, 3, 6, 6, dtype=torch.float64), 1)
+    assert (result.decisions[0].bn, result.decisions[0].rule) == ("1", "conv->bn")
+    assert isinstance(result.model[1], nn.Identity)

@@ -9,6 +9,7 @@ from models.zoo import ZOO, build
 EXPECTED = {  # model: (BatchNorms, folded)
     "resnet": (20, 20), "mobilenetv2": (14, 14), "mobilenetv3": (14, 14), "unet": (7, 7), "generator": (3, 3),
     "tabular": (3, 3), "token_mlp": (2, 2), "reid": (4, 4), "preact": (7, 3), "audio1d": (5, 5), "volume3d": (4, 4),
+    "timm_style": (4, 4),
 }
 
 
@@ -50,3 +51,13 @@ def test_forward_and_through_reshape_placements_in_the_zoo():
         ("bn1", ("fc1",), ("reshape",)), ("bn2", ("fc2",), ("transpose",))]
     reid = bnrt.fold(build("reid", batches=1), (torch.randn(2, 3, 64, 32),))
     assert reid.decisions[-1].bn == "neck" and reid.decisions[-1].rule == "bn->linear"
+
+
+def test_timm_and_torchvision_idioms_fold_with_one_decision_each():
+    result = bnrt.fold(build("timm_style", batches=1), (torch.randn(2, 3, 16, 16),))
+    assert [(d.bn, d.rule, d.into, d.direction, d.through, d.functional is not None) for d in result.decisions] == [
+        ("stem_bn", "conv->bn", ("stem",), "backward", (), False),            # frozen BN
+        ("bn_act", "conv->bn", ("conv",), "backward", (), True),              # BN subclass: its F.batch_norm call
+        ("proj.bn", "linear->bn", ("proj.linear",), "backward", ("flatten_1",), False),  # reshape_as reads the shape
+        ("head_bn", "bn->linear", ("head",), "forward", ("drop",), False),    # Dropout in eval passes through
+    ]

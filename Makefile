@@ -1,11 +1,15 @@
 # make demo: create .venv, install, fold the bundled example model on the digits test split.
 # make test: create .venv if needed, run the tests.
+# make zoo: create .venv-zoo (torch CUDA build, torchvision, timm; ~5.5 GB, not part of make test) and
+#           write docs/REAL_ZOO.md (bnrt on 40+ torchvision and timm architectures).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+ZOO_VENV ?= .venv-zoo
+ZOO_STAMP := $(ZOO_VENV)/.installed-stamp
 
-.PHONY: demo test venv clean train
+.PHONY: demo test venv clean train zoo
 
 venv: $(STAMP)
 
@@ -20,6 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
+
+$(ZOO_STAMP): pyproject.toml constraints-zoo.txt
+	test -x $(ZOO_VENV)/bin/python || $(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-zoo.txt -e . torchvision timm
+	touch $(ZOO_STAMP)
+
+zoo: $(ZOO_STAMP)
+	$(ZOO_VENV)/bin/python -m tools.real_zoo -o docs/REAL_ZOO.md
 
 train: $(STAMP)
 	$(PY) -m tools.train_digits -o models/digits_cnn.pt

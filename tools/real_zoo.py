@@ -1,0 +1,224 @@
+"""bnrt on architectures nobody here wrote: torchvision and timm models, random weights with
+randomised BatchNorm statistics. Runs in the zoo environment (``make zoo``: .venv-zoo with
+torchvision and timm), never in ``make test``.
+
+    python -m tools.real_zoo [-o docs/REAL_ZOO.md] [--samples 8] [--timeout 900] [NAME ...]
+
+Per model, in its own subprocess (a model that hangs or crashes costs one row): BatchNorm-like
+layers (bnrt's decisions), folded by bnrt, BN-like nodes left in bnrt's ONNX, left by
+``torch.onnx.export`` (dynamo) of the unfolded model alone and by torch.fx ``fuse``, kept BNs by
+refusal code, bnrt's check (torch unfolded vs folded vs ORT CPU, default tolerances), ORT's error
+against eager float32, and bnrt's fold time (capture + plan + fold). BN-like ONNX nodes are
+``BatchNormalization`` and a per-channel constant ``Mul`` straight after a Conv/Gemm/MatMul (what a
+frozen BN exports to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# (source, name, family, input size)
+MODELS: list[tuple[str, str, str, int]] = [
+    ("tv", "resnet50", "ResNet", 224), ("tv", "resnext50_32x4d", "ResNeXt", 224),
+    ("tv", "regnet_y_400mf", "RegNet", 224), ("tv", "efficientnet_b0", "EfficientNet", 224),
+    ("tv", "efficientnet_v2_s", "EfficientNetV2", 224), ("tv", "mobilenet_v2", "MobileNetV2", 224),
+    ("tv", "mobilenet_v3_large", "MobileNetV3", 224), ("tv", "densenet121", "DenseNet", 224),
+    ("tv", "inception_v3", "Inception", 299), ("tv", "googlenet", "Inception", 224),
+    ("tv", "shufflenet_v2_x1_0", "ShuffleNet", 224), ("tv", "mnasnet1_0", "MNASNet", 224),
+    ("tv", "vgg11_bn", "VGG", 224), ("tv", "resnet50_frozenbn", "detection backbone (FrozenBatchNorm2d)", 224),
+    ("timm", "resnet50d", "ResNet", 224), ("timm", "resnetv2_50", "ResNetV2 (pre-activation)", 224),
+    ("timm", "regnety_002", "RegNet", 224), ("timm", "efficientnet_b0", "EfficientNet", 224),
+    ("timm", "efficientnetv2_rw_t", "EfficientNetV2", 224), ("timm", "mobilenetv3_large_100", "MobileNetV3", 224),
+    ("timm", "mobilenetv4_conv_small", "MobileNetV4", 224), ("timm", "ghostnet_100", "GhostNet", 224),
+    ("timm", "ghostnetv2_100", "GhostNet", 224), ("timm", "repvgg_a0", "RepVGG", 224),
+    ("timm", "repvgg_b0", "RepVGG", 224), ("timm", "mobileone_s0", "MobileOne", 224),
+    ("timm", "mobileone_s1", "MobileOne", 224), ("timm", "fastvit_t8", "FastViT", 256),
+    ("timm", "fastvit_sa12", "FastViT", 256), ("timm", "levit_128s", "LeViT", 224),
+    ("timm", "levit_conv_128s", "LeViT", 224), ("timm", "efficientvit_b0", "EfficientViT (MIT)", 224),
+    ("timm", "efficientvit_m0", "EfficientViT (MSRA)", 224), ("timm", "mobilevit_xxs", "MobileViT", 256),
+    ("timm", "mobilevitv2_050", "MobileViT", 256), ("timm", "dla34", "DLA", 224),
+    ("timm", "hrnet_w18_small", "HRNet", 224), ("timm", "densenet121", "DenseNet", 224),
+    ("timm", "inception_v3", "Inception", 299), ("timm", "repvit_m0_9", "RepViT", 224),
+    ("timm", "repghostnet_050", "RepGhost", 224), ("timm", "tiny_vit_5m_224", "TinyViT", 224),
+    ("timm", "efficientformer_l1", "EfficientFormer", 224), ("timm", "cspresnet50", "CSPNet", 224),
+    ("timm", "rexnet_100", "ReXNet", 224), ("timm", "lcnet_050", "LCNet", 224),
+    ("timm", "dpn68", "DPN", 224), ("timm", "xception41", "Xception", 299),
+]
+
+
+def build(source: str, name: str):
+    import torch
+    from torch import nn
+
+    if source == "tv":
+        import torchvision
+        if name == "resnet50_frozenbn":
+            from torchvision.ops.misc import FrozenBatchNorm2d
+            model = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+        else:
+            model = torchvision.models.get_model(name, weights=None, **({"aux_logits": False, "init_weights": False}
+                                                                         if name in ("inception_v3", "googlenet") else {}))
+    else:
+        import timm
+        model = timm.create_model(name, pretrained=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            buffers = dict(m.named_buffers(recurse=False))
+            if "running_mean" in buffers and buffers["running_mean"] is not None and "running_var" in buffers:
+                c = buffers["running_mean"].numel()
+                buffers["running_mean"].copy_(torch.randn(c, generator=gen) * 0.1)
+                buffers["running_var"].copy_(torch.rand(c, generator=gen) + 0.5)
+                weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+                if isinstance(weight, torch.Tensor) and weight.shape == (c,):
+                    weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                if isinstance(bias, torch.Tensor) and bias.shape == (c,):
+                    bias.copy_(torch.randn(c, generator=gen) * 0.1)
+    return model.eval(), nn
+
+
+def bn_like_nodes(proto) -> int:
+    """BatchNormalization nodes, plus per-channel constant Muls straight after a Conv/Gemm/MatMul."""
+    from onnx import numpy_helper
+
+    from bnrt.export import count_ops
+
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    mul_after_layer = 0
+    for n in proto.graph.node:
+        if n.op_type != "Mul":
+            continue
+        values = [inits.get(i, consts.get(i)) for i in n.input]
+        data = [i for i, v in zip(n.input, values) if v is None]
+        const = next((v for v in values if v is not None), None)
+        if len(data) == 1 and const is not None and const.size > 1 and const.size == max(const.shape) and \
+                data[0] in producer and producer[data[0]].op_type in ("Conv", "Gemm", "MatMul"):
+            mul_after_layer += 1
+    return count_ops(proto, "BatchNormalization") + mul_after_layer
+
+
+def one(source: str, name: str, size: int, samples: int) -> dict:
+    """Everything measured on one model (run in a subprocess by ``main``)."""
+    import torch
+    from torch.fx.experimental.optimization import fuse
+
+    import bnrt
+    from bnrt.capture import quiet
+    from bnrt.data import random_inputs
+    from bnrt.export import export_onnx, output_names
+    from bnrt.run import Session
+    from bnrt.verify import check, flatten_outputs, torch_runner
+
+    torch.set_num_threads(2)
+    model, nn = build(source, name)
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    row = {"source": source, "name": name, "params": sum(p.numel() for p in model.parameters())}
+    start = time.perf_counter()
+    result = bnrt.fold(model, (example,))
+    row["fold_s"] = time.perf_counter() - start
+    row["bn"] = len(result.decisions)
+    row["folded"] = len(result.folded)
+    row["codes"] = dict(collections.Counter(" / ".join(d.codes) for d in result.skipped))
+    row["tracer"] = result.tracer
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.no_grad():
+            outs = len(flatten_outputs(result.model(example)))
+        start = time.perf_counter()
+        proto = export_onnx(result.model, (example,), Path(tmp) / "f.onnx", names=(["x"], output_names(outs)))
+        row["export_s"] = time.perf_counter() - start
+        row["bn_left_bnrt"] = bn_like_nodes(proto)
+        data = random_inputs([(1, 3, size, size)], samples, seed=2)
+        session = Session(Path(tmp) / "f.onnx")
+        report = check(("torch", torch_runner(model)), [("torch folded", torch_runner(result.model)),
+                                                       ("onnx cpu", session.run)], data, output_names(outs))
+        row["check"] = report.passed
+        onnx_cmp = report.comparisons[1].outputs[0]
+        row["ort_err"] = (onnx_cmp.max_abs, onnx_cmp.max_rel)
+        row["folded_err"] = report.comparisons[0].outputs[0].max_abs
+        try:
+            with quiet():
+                plain = torch.onnx.export(model, (example,), dynamo=True)
+            row["bn_left_dynamo"] = bn_like_nodes(plain.model_proto)
+        except Exception as exc:  # the exporter's own failure is a finding, not a crash of the report
+            row["bn_left_dynamo"] = f"error: {type(exc).__name__}"
+    try:
+        fused = fuse(model)
+        row["bn_left_fx"] = sum(1 for n in fused.graph.nodes if n.op == "call_module" and isinstance(
+            fused.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)) + sum(
+            1 for n in fused.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target))
+    except Exception as exc:
+        row["bn_left_fx"] = f"error: {type(exc).__name__}"
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| model | family | params | BN-like | folded by bnrt | left in bnrt's ONNX | left by dynamo export | "
+            "left by fx fuse | check | ORT vs eager max abs / rel | fold s | kept BNs by refusal code |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['source']}:{r['name']} | {r['family']} | | | | | | | error | | | {r['error']} |")
+            continue
+        codes = "; ".join(f"{n}× {c}" for c, n in r["codes"].items()) or "-"
+        lines.append(
+            f"| {r['source']}:{r['name']} | {r['family']} | {r['params'] / 1e6:.1f}M | {r['bn']} | {r['folded']} | "
+            f"{r['bn_left_bnrt']} | {r['bn_left_dynamo']} | {r['bn_left_fx']} | {'pass' if r['check'] else 'FAIL'} | "
+            f"{r['ort_err'][0]:.2e} / {r['ort_err'][1]:.2e} | {r['fold_s']:.2f} | {codes} |")
+    ok = [r for r in rows if "error" not in r]
+    lines += ["", f"{len(rows)} models ({len(ok)} measured): {sum(r['bn'] for r in ok)} BatchNorm-like layers, "
+                  f"{sum(r['folded'] for r in ok)} folded by bnrt; BN-like ONNX nodes left: bnrt "
+                  f"{sum(r['bn_left_bnrt'] for r in ok)}, dynamo export alone "
+                  f"{sum(r['bn_left_dynamo'] for r in ok if isinstance(r['bn_left_dynamo'], int))}; "
+                  f"checks passed {sum(r['check'] for r in ok)}/{len(ok)}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-o", "--output", default="docs/REAL_ZOO.md")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per model")
+    parser.add_argument("--one", nargs=3, metavar=("SOURCE", "NAME", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("models", nargs="*", help="names from MODELS (default: all)")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], args.one[1], int(args.one[2]), args.samples)))
+        return
+    chosen = [m for m in MODELS if not args.models or m[1] in args.models]
+    rows = []
+    for i, (source, name, family, size) in enumerate(chosen, 1):
+        print(f"[{i}/{len(chosen)}] {source}:{name}", file=sys.stderr, flush=True)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "tools.real_zoo", "--samples", str(args.samples), "--one",
+                                   source, name, str(size)], capture_output=True, text=True, timeout=args.timeout)
+            row = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {
+                "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:160]}
+        except subprocess.TimeoutExpired:
+            row = {"error": f"timed out after {args.timeout} s"}
+        rows.append({"source": source, "name": name, "family": family, **row})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    import torch
+
+    import bnrt
+    table = markdown(rows)
+    print(table)
+    doc = (f"# Real-model zoo\n\nGenerated by `make zoo` (`python -m tools.real_zoo`; torch {torch.__version__}, "
+           f"bnrt {bnrt.__version__}, random weights with randomised BatchNorm statistics, {args.samples} random "
+           "samples per check, 2 threads).\n\n" + table + "\n")
+    from bnrt.save import write_text
+    write_text(Path(args.output), doc)
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

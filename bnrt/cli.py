@@ -20,7 +20,7 @@ from .load import ModelSource
 from .save import refuse_overwrite
 from .sides import CheckOptions
 from .run import PROVIDERS
-from .verify import DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, Tolerances
+from .verify import DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, NOISE_FACTOR, Tolerances
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -53,8 +53,9 @@ def _tolerance(text: str) -> tuple[str | None, float]:
 
 
 def tolerances_from(args: argparse.Namespace) -> Tolerances:
-    """``--atol``/``--rtol`` values: a bare number is the default, ``NAME:X`` overrides one output."""
-    defaults = {"atol": DEFAULT_ATOL, "rtol": DEFAULT_RTOL}
+    """``--atol``/``--rtol`` values (a bare number for every output, ``NAME:X`` for one; none: the
+    noise-aware criterion) and ``--noise-factor``."""
+    defaults: dict[str, float | None] = {"atol": None, "rtol": None}
     per_output: dict[str, list] = {}
     for i, key in enumerate(("atol", "rtol")):
         for name, value in getattr(args, key) or []:
@@ -62,7 +63,10 @@ def tolerances_from(args: argparse.Namespace) -> Tolerances:
                 defaults[key] = value
             else:
                 per_output.setdefault(name, [None, None])[i] = value
-    return Tolerances(defaults["atol"], defaults["rtol"], {k: tuple(v) for k, v in per_output.items()})
+    if args.noise_factor <= 0:
+        raise InputError(f"--noise-factor {args.noise_factor}: must be positive")
+    return Tolerances(defaults["atol"], defaults["rtol"], {k: tuple(v) for k, v in per_output.items()},
+                      args.noise_factor)
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:
@@ -111,10 +115,15 @@ def _check_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     g.add_argument("--dist", choices=DISTRIBUTIONS, default="normal", help="random input distribution (default normal)")
     g.add_argument("--val-range", type=_pair, metavar="LO,HI", help="range of random values, e.g. 0,1")
+    g.add_argument("--noise-factor", type=float, default=NOISE_FACTOR,
+                   help=f"pass when the candidate's error against the float64 truth (torch) or the original graph "
+                        f"(ONNX) is within this factor of the measured float32 noise floor (default {NOISE_FACTOR:g})")
     g.add_argument("--atol", type=_tolerance, action="append", metavar="[OUTPUT:]X",
-                   help=f"absolute tolerance (default {DEFAULT_ATOL:g}); OUTPUT:X for one output; repeatable")
+                   help=f"fixed absolute tolerance instead of the noise floor (with --rtol: |c-r| <= atol + rtol*|r|; "
+                        f"default then {DEFAULT_ATOL:g}); OUTPUT:X for one output; repeatable")
     g.add_argument("--rtol", type=_tolerance, action="append", metavar="[OUTPUT:]X",
-                   help=f"relative tolerance (default {DEFAULT_RTOL:g}); OUTPUT:X for one output; repeatable")
+                   help=f"fixed relative tolerance instead of the noise floor (default then {DEFAULT_RTOL:g}); "
+                        "OUTPUT:X for one output; repeatable")
     g.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help=f"k of top-k agreement (default {DEFAULT_TOP_K})")
 
 
@@ -143,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ORT provider when the reference is ONNX (default cpu)")
     chk.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"samples per run (default {DEFAULT_BATCH})")
     chk.add_argument("--save-inputs", metavar="FILE.npz", help="write the inputs used to FILE.npz")
-    chk.add_argument("--json", metavar="FILE", help="write the report (schema bnrt.check/1) to FILE")
+    chk.add_argument("--json", metavar="FILE", help="write the report (schema bnrt.check/2) to FILE")
     chk.add_argument("--plot", metavar="FILE.png", help="write error histograms per output (needs matplotlib)")
     chk.add_argument("--no-localise", action="store_true", help="do not look for the first divergent module")
 

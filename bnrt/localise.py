@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .run import resolve_provider
-from .verify import Divergence
+from .verify import NOISE_FACTOR, Divergence, within_noise
 
 def partners(folds: Iterable[dict]) -> tuple[set[str], dict[str, str]]:
     """Modules whose outputs differ by design after folding, and for each folded BN the layer it
@@ -100,9 +100,15 @@ def onnx_module_values(model: onnx.ModelProto) -> dict[str, str]:
     return last
 
 
-def onnx_taps(path: str | Path, inputs: Sequence[np.ndarray], provider: str = "cpu") -> dict[str, np.ndarray]:
-    """Values of ``onnx_module_values`` computed by ORT on ``inputs``, keyed by module path."""
-    model = onnx.load(str(path))
+def onnx_taps(source: str | Path | onnx.ModelProto, inputs: Sequence[np.ndarray],
+              provider: str = "cpu") -> dict[str, np.ndarray]:
+    """Values of ``onnx_module_values`` computed by ORT on ``inputs``, keyed by module path; ``source``
+    is an ONNX file or a model."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+    else:
+        model = onnx.load(str(source))
     values = onnx_module_values(model)
     inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
     present = {o.name for o in model.graph.output}
@@ -117,12 +123,17 @@ def onnx_taps(path: str | Path, inputs: Sequence[np.ndarray], provider: str = "c
 
 
 def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], folds: Iterable[dict],
-                     atol: float, rtol: float) -> Divergence | None:
+                     fixed: tuple[float, float] | None, noise: tuple[dict, dict] | None = None,
+                     factor: float = NOISE_FACTOR) -> Divergence | None:
     """The first module of ``reference`` (execution order) whose output in ``candidate`` differs
-    beyond ``atol + rtol·|ref|``, skipping fold partners; None when all agree."""
+    beyond tolerance, skipping fold partners; None when all agree. With ``fixed`` = (atol, rtol):
+    ``|c − r| > atol + rtol·|r|``; else with ``noise`` = (anchor taps, noisy taps): the candidate's
+    error against the anchor there exceeds ``factor`` times the noise floor there (modules without
+    a noise tap are not judged)."""
     skip, layer_of = partners(folds)
     known = set(reference)
     candidate = {resolve_scope(k, known) or k: v for k, v in candidate.items()}
+    anchor, noisy = ({resolve_scope(k, known) or k: v for k, v in taps.items()} for taps in (noise or ({}, {})))
     for name, ref in reference.items():
         # an ONNX graph has no node for a folded BN: its output is the layer's output there
         cand = candidate.get(name, candidate.get(layer_of.get(name, "")))
@@ -130,6 +141,16 @@ def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.n
             continue
         r, c = ref.astype(np.float64), cand.astype(np.float64)
         diff = np.abs(c - r)
-        if not np.all(diff <= atol + rtol * np.abs(r)) or not np.isfinite(c[np.isfinite(r)]).all():
+        if not np.isfinite(c[np.isfinite(r)]).all():
+            return Divergence(name, float(np.nanmax(diff)), layer_of.get(name))
+        if fixed is not None:
+            if not np.all(diff <= fixed[0] + fixed[1] * np.abs(r)):
+                return Divergence(name, float(np.nanmax(diff)), layer_of.get(name))
+            continue
+        a, n = anchor.get(name), noisy.get(name)
+        if a is None or n is None or a.shape != r.shape or n.shape != r.shape:
+            continue
+        a, n = np.nan_to_num(a.astype(np.float64)), np.nan_to_num(n.astype(np.float64))
+        if not within_noise(float(np.abs(c - a).max()), float(np.abs(n - a).max()), float(np.abs(a).max()), factor):
             return Divergence(name, float(np.nanmax(diff)), layer_of.get(name))
     return None

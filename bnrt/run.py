@@ -72,7 +72,7 @@ class Session:
     """
 
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int = 0, inter_threads: int = 0,
-                 optimization: str = "all", spinning: bool = True) -> None:
+                 optimization: str = "all", spinning: bool = True, model_bytes: bytes | None = None) -> None:
         self.path = Path(path)
         self.provider = provider
         wanted = resolve_provider(provider)
@@ -88,7 +88,8 @@ class Session:
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         chain = [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=chain)
+            self.session = ort.InferenceSession(str(self.path) if model_bytes is None else model_bytes, options,
+                                                providers=chain)
         except Exception as exc:
             raise InputError(f"{self.path}: onnxruntime cannot load it ({first_line(exc)})") from exc
         if self.session.get_providers()[0] != wanted:

@@ -5,12 +5,16 @@ runs): both sides on the same inputs, the first divergent module named when they
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
+from torch import nn
 
 from .artifacts import folds_in
 from .data import Dataset, InputSpec, fmt_shape, make_inputs, save_dataset
@@ -20,7 +24,8 @@ from .load import Loaded, ModelSource
 from .localise import first_divergence, onnx_taps, torch_taps
 from .run import Session
 from .save import refuse_overwrite
-from .verify import DEFAULT_BATCH, DEFAULT_TOP_K, CheckReport, Runner, Tolerances, check, torch_runner
+from .verify import (DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, NoiseReference, Runner, Tolerances,
+                     check, torch_runner)
 
 LOCALISE_SAMPLES = 8
 
@@ -52,6 +57,44 @@ class Side:
     taps: Callable[[list[np.ndarray]], dict[str, np.ndarray]]
     folds: list[dict]
     fixed_batch: int | None = None
+    noise: NoiseReference | None = None
+
+
+def float64_noise(model: nn.Module) -> NoiseReference:
+    """The float64 truth of a torch model: a float64 copy (made on first use) run on float64 inputs."""
+    double: list[nn.Module] = []
+
+    def inputs64(xs):
+        if not double:
+            double.append(copy.deepcopy(model).double())
+        return double[0], [x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x for x in xs]
+
+    def run(xs):
+        m, xs = inputs64(xs)
+        return torch_runner(m)(xs)
+
+    def taps(xs):
+        m, xs = inputs64(xs)
+        return torch_taps(m, xs)
+
+    return NoiseReference("float64", run, taps)
+
+
+def rounding_noise(model: onnx.ModelProto, label: str, provider: str, seed: int = 0) -> NoiseReference:
+    """The graph with every float32 initializer moved by one ULP on a random half of its elements:
+    its difference from the graph is the float32 noise that re-rounding the weights (any fold) causes."""
+    rng = np.random.default_rng(seed)
+    noisy = onnx.ModelProto()
+    noisy.CopyFrom(model)
+    for init in noisy.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        w = numpy_helper.to_array(init)
+        away = np.where(rng.random(w.shape) < 0.5, np.float32(np.inf), np.float32(-np.inf))
+        moved = np.where(rng.random(w.shape) < 0.5, np.nextafter(w, away), w)
+        init.CopyFrom(numpy_helper.from_array(moved.astype(np.float32), init.name))
+    session = Session(f"{label} (weights re-rounded)", provider, model_bytes=noisy.SerializeToString())
+    return NoiseReference("rounding", session.run, lambda xs: onnx_taps(noisy, xs, provider))
 
 
 def torch_side(label: str, loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = None) -> Side:
@@ -60,7 +103,8 @@ def torch_side(label: str, loaded: Loaded, input_shapes: list[tuple[int, ...]] |
     names = model_input_names(model, shapes)
     folds = (loaded.structure or {}).get("folds", [])
     return Side(label, torch_runner(model), names, list(shapes) if shapes else [None] * len(names),
-                [np.dtype(np.float32)] * len(names), [], lambda xs: torch_taps(model, xs), folds)
+                [np.dtype(np.float32)] * len(names), [], lambda xs: torch_taps(model, xs), folds,
+                noise=float64_noise(model))
 
 
 def example_data(loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = None,
@@ -72,13 +116,23 @@ def example_data(loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = No
 
 
 def onnx_side(label: str, path: Path, provider: str) -> Side:
+    """An ONNX file on ORT; its noise reference re-rounds its weights (``rounding_noise``), made on
+    first use."""
     session = Session(path, provider=provider)
     shapes = [spec.shape for spec in session.inputs]
     dtypes = [spec.dtype for spec in session.inputs]
     fixed = shapes[0][0] if shapes and shapes[0] else None
+    made: list[NoiseReference] = []
+
+    def noise() -> NoiseReference:
+        if not made:
+            made.append(rounding_noise(onnx.load(str(path)), str(path), provider))
+        return made[0]
+
     return Side(label, session.run, session.input_names, shapes, dtypes, session.output_names,
                 lambda xs: onnx_taps(path, xs, provider),
-                folds_in(session.session.get_modelmeta().custom_metadata_map), fixed)
+                folds_in(session.session.get_modelmeta().custom_metadata_map), fixed,
+                NoiseReference("rounding", lambda xs: noise().runner(xs), lambda xs: noise().taps(xs)))
 
 
 def batching(sides: list[Side], spec: InputSpec, batch_size: int) -> tuple[InputSpec, int]:
@@ -121,10 +175,16 @@ def _merge_inputs(ref: Side, cand: Side, ref_path, cand_path) -> tuple[list[str]
     return ref.input_names, shapes, dtypes
 
 
-def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict], tolerances: Tolerances):
-    """First divergent module between two sides, on the first few samples."""
+def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict], tolerances: Tolerances,
+             noisy: bool):
+    """First divergent module between two sides, on the first few samples; judged against the
+    reference's noise floor per module when ``noisy`` (the check used it), else by tolerances."""
     head = [x[:LOCALISE_SAMPLES] for x in data.inputs]
-    return first_divergence(reference.taps(head), candidate.taps(head), folds, *tolerances.of(""))
+    ref_taps, cand_taps = reference.taps(head), candidate.taps(head)
+    if noisy and reference.noise is not None and reference.noise.taps is not None:
+        noise = reference.noise.anchor_and_noisy(ref_taps, reference.noise.taps(head))
+        return first_divergence(ref_taps, cand_taps, folds, None, noise, tolerances.factor)
+    return first_divergence(ref_taps, cand_taps, folds, tolerances.fixed("") or (DEFAULT_ATOL, DEFAULT_RTOL))
 
 
 def compare_sides(reference: Side, candidates: list[Side], data: Dataset, output_names: list[str], folds: list[dict],
@@ -132,10 +192,12 @@ def compare_sides(reference: Side, candidates: list[Side], data: Dataset, output
     """``check`` of the candidates against the reference; each failed comparison names its first
     divergent module (unless ``options.localise`` is False)."""
     report = check((reference.label, reference.runner), [(c.label, c.runner) for c in candidates], data,
-                   output_names, tolerances=options.tolerances, top_k=options.top_k, batch_size=options.batch_size)
+                   output_names, tolerances=options.tolerances, top_k=options.top_k, batch_size=options.batch_size,
+                   noise=reference.noise)
     for comparison, side in zip(report.comparisons, candidates):
         if options.localise and not comparison.passed:
-            comparison.divergence = localise(reference, side, data, folds, options.tolerances)
+            comparison.divergence = localise(reference, side, data, folds, options.tolerances,
+                                             report.noise is not None)
     return report
 
 

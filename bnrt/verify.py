@@ -8,9 +8,19 @@ Metrics per output (all computed in float64):
 - ``sqnr_db``: 10·log10(Σ r² / Σ (c − r)²), signal-to-quantisation-noise ratio (None: identical);
 - ``top1_agreement`` / ``topk_agreement`` for 2-D logits (N, classes > 1): the fraction of samples
   whose argmax agrees, and the mean overlap |topk(r) ∩ topk(c)| / k.
-An output passes when every element satisfies ``|c − r| <= atol + rtol·|r|`` (numpy's allclose)
-and no NaN/Inf appears in the candidate where the reference is finite. With labels, accuracy
-(argmax of the first output) is reported per runner.
+Pass criterion, by default noise-aware: float32 runs differ from each other by rounding noise that
+grows with depth and activation size, and a fold may add no more than that. A ``NoiseReference``
+gives, on the first ``TRUTH_SAMPLES`` samples, an *anchor* and a *noisy* run whose difference is
+pure float32 noise: for torch references the anchor is the unfolded model in float64 and the noisy
+run the unfolded float32 model; for ONNX references (no float64 model) the anchor is the original
+graph and the noisy run the same graph with every float weight re-rounded by a random half ULP
+(what any fold's single rounding may change). Per output, ``floor`` = max |noisy − anchor|,
+``error`` = max |candidate − anchor|, ``ratio`` = error / floor; the output passes when
+``error <= factor·floor + tiny`` (``tiny``: 4 float32 ULPs of the anchor's largest value, for exact
+zeros) and the candidate's top-1 agreement with the anchor is not below the noisy run's. Explicit
+``atol``/``rtol`` replace this with ``|c − r| <= atol + rtol·|r|`` (numpy's allclose) against the
+reference. In both, NaN/Inf in the candidate where the reference is finite fails. With labels,
+accuracy (argmax of the first output) is reported per runner.
 """
 
 from __future__ import annotations
@@ -26,29 +36,64 @@ from .data import Dataset
 
 Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 
-SCHEMA = "bnrt.check/1"
-DEFAULT_ATOL = 1e-4
+SCHEMA = "bnrt.check/2"
+DEFAULT_ATOL = 1e-4  # the fixed criterion's defaults, when only one of atol/rtol is given
 DEFAULT_RTOL = 1e-3
 DEFAULT_TOP_K = 5
 REL_FLOOR = 1e-3
 DEFAULT_BATCH = 256
+NOISE_FACTOR = 8.0
+TRUTH_SAMPLES = 8
+_TINY_ULPS = 4
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Default ``atol``/``rtol`` and per-output overrides ``{name: (atol or None, rtol or None)}``."""
+    """The pass criterion: noise-aware (``factor`` times the measured float32 noise floor) unless
+    ``atol``/``rtol`` are given, globally or per output (``{name: (atol or None, rtol or None)}``);
+    then ``|c − r| <= atol + rtol·|r|``, a missing one taking its default (1e-4, 1e-3)."""
 
-    atol: float = DEFAULT_ATOL
-    rtol: float = DEFAULT_RTOL
+    atol: float | None = None
+    rtol: float | None = None
     per_output: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    factor: float = NOISE_FACTOR
 
-    def of(self, name: str) -> tuple[float, float]:
+    def fixed(self, name: str) -> tuple[float, float] | None:
+        """``(atol, rtol)`` when output ``name`` is checked with fixed tolerances, else None."""
         atol, rtol = self.per_output.get(name, (None, None))
-        return (self.atol if atol is None else atol, self.rtol if rtol is None else rtol)
+        atol = self.atol if atol is None else atol
+        rtol = self.rtol if rtol is None else rtol
+        if atol is None and rtol is None:
+            return None
+        return (DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol)
+
+
+@dataclass(frozen=True)
+class NoiseReference:
+    """Where the noise floor comes from: ``kind`` ``"float64"`` (``runner`` is the float64 truth:
+    the anchor; the reference is the noisy run) or ``"rounding"`` (``runner`` is the reference
+    with its weights re-rounded: the noisy run; the reference is the anchor). ``taps``: the same
+    run's intermediate outputs, for localisation."""
+
+    kind: str
+    runner: Runner
+    taps: Callable[[list[np.ndarray]], dict[str, np.ndarray]] | None = None
+
+    def anchor_and_noisy(self, reference, noise):
+        """(anchor, noisy) from the reference's and this run's outputs (or taps)."""
+        return (noise, reference) if self.kind == "float64" else (reference, noise)
+
+
+def within_noise(error: float, floor: float, scale: float, factor: float) -> bool:
+    """The noise-aware test: ``error <= factor·floor + tiny`` (tiny: a few float32 ULPs of ``scale``)."""
+    return error <= factor * floor + _TINY_ULPS * float(np.spacing(np.float32(scale)))
 
 
 @dataclass
 class OutputMetrics:
+    """Metrics of one output against the reference; ``floor``/``error``/``ratio`` against the
+    noise anchor (None under fixed tolerances)."""
+
     name: str
     shape: list[int]
     max_abs: float
@@ -58,10 +103,14 @@ class OutputMetrics:
     sqnr_db: float | None
     top1_agreement: float | None
     topk_agreement: float | None
-    atol: float
-    rtol: float
+    atol: float | None
+    rtol: float | None
     passed: bool
     problem: str | None = None
+    criterion: str = "fixed"
+    floor: float | None = None
+    error: float | None = None
+    ratio: float | None = None
 
 
 @dataclass
@@ -88,7 +137,8 @@ class Comparison:
 @dataclass
 class CheckReport:
     """Comparisons of each candidate against the reference, and accuracy per runner when the data
-    has labels. ``to_json`` gives the documented, versioned schema (``bnrt.check/1``)."""
+    has labels; ``noise``: where the noise floor came from (``float64``, ``rounding``, or None when
+fixed tolerances decided). ``to_json`` gives the documented, versioned schema (``bnrt.check/2``)."""
 
     samples: int
     source: str
@@ -96,6 +146,7 @@ class CheckReport:
     comparisons: list[Comparison]
     accuracy: dict[str, float] = field(default_factory=dict)
     errors: dict[tuple[str, str], np.ndarray] = field(default_factory=dict, repr=False)
+    noise: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -144,12 +195,24 @@ def _topk_overlap(r: np.ndarray, c: np.ndarray, k: int) -> float:
     return float(np.mean(hits / k))
 
 
-def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rtol: float,
-                   top_k: int = DEFAULT_TOP_K) -> OutputMetrics:
-    """Metrics of ``cand`` against ``ref``."""
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+
+
+def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | None = None,
+                   rtol: float | None = None, top_k: int = DEFAULT_TOP_K, *,
+                   noise: tuple[np.ndarray, np.ndarray] | None = None, factor: float = NOISE_FACTOR) -> OutputMetrics:
+    """Metrics of ``cand`` against ``ref``. With ``atol``/``rtol`` (either), the fixed criterion;
+    else with ``noise`` = (anchor, noisy) on the first samples, the noise-aware one; else the fixed
+    criterion with its defaults."""
+    fixed = None if atol is None and rtol is None and noise is not None else (
+        DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol)
+    criterion = "fixed" if fixed else "noise"
+
     def failed(problem: str) -> OutputMetrics:
         inf = float("inf")
-        return OutputMetrics(name, list(ref.shape), inf, inf, inf, 0.0, None, None, None, atol, rtol, False, problem)
+        return OutputMetrics(name, list(ref.shape), inf, inf, inf, 0.0, None, None, None, *(fixed or (None, None)),
+                             False, problem, criterion)
 
     if ref.shape != cand.shape:
         return failed(f"shape {list(cand.shape)} differs from the reference's {list(ref.shape)}")
@@ -157,12 +220,13 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rt
     finite = np.isfinite(r)
     if (finite & ~np.isfinite(c)).any():
         return failed("NaN or Inf where the reference is finite")
+    if r.size == 0:
+        return OutputMetrics(name, list(ref.shape), 0.0, 0.0, 0.0, 1.0, None, None, None, *(fixed or (None, None)),
+                             True, None, criterion)
     r, c = np.where(finite, r, 0.0), np.where(finite, c, 0.0)
     diff = np.abs(c - r)
     scale = np.abs(r)
-    if r.size == 0:
-        return OutputMetrics(name, list(ref.shape), 0.0, 0.0, 0.0, 1.0, None, None, None, atol, rtol, True)
-    floor = max(REL_FLOOR * float(scale.max()), np.finfo(np.float64).tiny)
+    rel_floor = max(REL_FLOOR * float(scale.max()), np.finfo(np.float64).tiny)
     norm_r, norm_c = float(np.linalg.norm(r)), float(np.linalg.norm(c))
     if norm_r == 0.0 and norm_c == 0.0:
         cosine = 1.0
@@ -170,15 +234,25 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float, rt
         cosine = 0.0
     else:
         cosine = float(np.dot(r.ravel(), c.ravel()) / (norm_r * norm_c))
-    noise = float(np.sum(diff ** 2))
-    sqnr = None if noise == 0.0 else (10.0 * np.log10(float(np.sum(r ** 2)) / noise) if norm_r else float("-inf"))
-    top1 = topk = None
-    if r.ndim == 2 and r.shape[1] > 1:
-        top1 = float(np.mean(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
-        topk = _topk_overlap(r, c, top_k)
-    passed = bool(np.all(diff <= atol + rtol * scale))
-    return OutputMetrics(name, list(ref.shape), float(diff.max()), float((diff / np.maximum(scale, floor)).max()),
-                         float(diff.mean()), cosine, sqnr, top1, topk, atol, rtol, passed)
+    energy = float(np.sum(diff ** 2))
+    sqnr = None if energy == 0.0 else (10.0 * np.log10(float(np.sum(r ** 2)) / energy) if norm_r else float("-inf"))
+    classifier = r.ndim == 2 and r.shape[1] > 1
+    metrics = OutputMetrics(name, list(ref.shape), float(diff.max()), float((diff / np.maximum(scale, rel_floor)).max()),
+                            float(diff.mean()), cosine, sqnr, _agreement(r, c) if classifier else None,
+                            _topk_overlap(r, c, top_k) if classifier else None, *(fixed or (None, None)), True,
+                            None, criterion)
+    if fixed:
+        metrics.passed = bool(np.all(diff <= fixed[0] + fixed[1] * scale))
+        return metrics
+    anchor, noisy = (np.nan_to_num(a.astype(np.float64)) for a in noise)
+    head = c[: len(anchor)]
+    metrics.floor = float(np.abs(noisy - anchor).max())
+    metrics.error = float(np.abs(head - anchor).max())
+    metrics.ratio = metrics.error / metrics.floor if metrics.floor else (0.0 if metrics.error == 0 else float("inf"))
+    metrics.passed = within_noise(metrics.error, metrics.floor, float(np.abs(anchor).max()), factor)
+    if classifier and _agreement(head, anchor) < _agreement(noisy, anchor):
+        metrics.passed, metrics.problem = False, "top-1 agreement with the noise anchor below the noise run's"
+    return metrics
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -194,23 +268,35 @@ def check(
     tolerances: Tolerances = Tolerances(),
     top_k: int = DEFAULT_TOP_K,
     batch_size: int = DEFAULT_BATCH,
+    noise: NoiseReference | None = None,
 ) -> CheckReport:
-    """Run ``reference`` and every candidate (label, runner) on ``data`` and compare outputs."""
+    """Run ``reference`` and every candidate (label, runner) on ``data`` and compare outputs; with
+    ``noise``, the noise-aware criterion on the first ``TRUTH_SAMPLES`` samples (module docstring)
+    for every output without fixed tolerances."""
     ref_label, ref_runner = reference
     ref_out = run_batched(ref_runner, data, batch_size)
+    pairs = None
+    if noise is not None and not all(tolerances.fixed(n) for n in output_names):
+        try:
+            noise_out = noise.runner([x[:TRUTH_SAMPLES] for x in data.inputs])
+        except Exception:  # e.g. a model whose own code cannot run in float64: fixed tolerances decide
+            noise_out = []
+        if len(noise_out) == len(ref_out):
+            pairs = list(zip(*noise.anchor_and_noisy([o[:TRUTH_SAMPLES] for o in ref_out], noise_out)))
     comparisons, acc, errors = [], {}, {}
     if data.labels is not None:
         acc[ref_label] = accuracy(ref_out[0], data.labels)
     for label, runner in candidates:
         out = run_batched(runner, data, batch_size)
         if len(out) != len(ref_out):
-            metrics = [compare_output("(outputs)", np.zeros(len(ref_out)), np.zeros(len(out)), *tolerances.of(""))]
+            metrics = [compare_output("(outputs)", np.zeros(len(ref_out)), np.zeros(len(out)), 0.0, 0.0)]
         else:
-            metrics = [compare_output(n, r, c, *tolerances.of(n), top_k=top_k)
-                       for n, r, c in zip(output_names, ref_out, out)]
+            metrics = [compare_output(n, r, c, *(tolerances.fixed(n) or (None, None)), top_k=top_k,
+                                      noise=pairs[i] if pairs else None, factor=tolerances.factor)
+                       for i, (n, r, c) in enumerate(zip(output_names, ref_out, out))]
             errors.update({(label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(output_names, ref_out, out)
                            if r.shape == c.shape})
         comparisons.append(Comparison(ref_label, label, metrics))
         if data.labels is not None and out:
             acc[label] = accuracy(out[0], data.labels)
-    return CheckReport(data.size, data.source, top_k, comparisons, acc, errors)
+    return CheckReport(data.size, data.source, top_k, comparisons, acc, errors, noise.kind if pairs else None)

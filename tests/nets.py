@@ -39,3 +39,34 @@ class DataDependent(nn.Module):
         if x.sum() > 0:
             return self.bn(self.conv(x))
         return x
+
+
+class DeepNoFold(nn.Module):
+    """24 conv layers, each conv -> ReLU -> BatchNorm (a BN after a nonlinearity, before a zero-padded
+    conv: nothing folds), with BNs that amplify: activations grow to the hundreds, float32 noise with
+    them, and the output mixes large values and small differences of large values."""
+
+    def __init__(self, depth: int = 24, width: int = 16, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            conv, bn = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.rand(width, generator=gen) * 0.5)
+                bn.running_var.copy_(torch.rand(width, generator=gen) * 0.5 + 0.25)
+                bn.weight.copy_(torch.rand(width, generator=gen) * 0.6 + 2.3)
+                bn.bias.copy_(torch.randn(width, generator=gen) * 0.5)
+            self.blocks.append(nn.Sequential(conv, nn.ReLU(), bn))
+        self.head = nn.Conv2d(width, 4, 3, padding=1)
+        with torch.no_grad():  # outputs 2, 3 nearly cancel outputs 0, 1: small differences of large values
+            self.head.weight[2:] = self.head.weight[:2] + 1e-6 * torch.randn(2, width, 3, 3, generator=gen)
+            self.head.bias[2:] = self.head.bias[:2]
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        h = self.head(x).mean((2, 3))
+        return torch.cat([h[:, :2], h[:, :2] - h[:, 2:]], 1)

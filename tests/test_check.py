@@ -20,9 +20,9 @@ from bnrt.sides import CheckOptions, check_files
 from bnrt.verify import Tolerances, compare_output
 from models.digits import digits_split
 
-from .conftest import EXAMPLE, assert_one_line_error, run_cli
+from .conftest import EXAMPLE, assert_one_line_error, run_cli, save_checkpoint
 
-SCHEMA = json.loads((Path(bnrt.__file__).parent / "schemas" / "check-1.schema.json").read_text())
+SCHEMA = json.loads((Path(bnrt.__file__).parent / "schemas" / "check-2.schema.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,11 @@ def test_identical_outputs_have_no_sqnr_and_cosine_one():
 
 def test_per_output_tolerances():
     tol = Tolerances(1e-4, 1e-3, {"logits": (1e-2, None), "emb": (None, 0.5)})
-    assert tol.of("logits") == (1e-2, 1e-3)
-    assert tol.of("emb") == (1e-4, 0.5)
-    assert tol.of("other") == (1e-4, 1e-3)
+    assert tol.fixed("logits") == (1e-2, 1e-3)
+    assert tol.fixed("emb") == (1e-4, 0.5)
+    assert tol.fixed("other") == (1e-4, 1e-3)
+    noise_default = Tolerances(per_output={"emb": (None, 0.5)})
+    assert (noise_default.fixed("emb"), noise_default.fixed("logits"), noise_default.factor) == ((1e-4, 0.5), None, 8.0)
 
 
 def test_random_input_distributions():
@@ -193,3 +195,62 @@ def test_report_json_never_holds_non_finite_numbers(tmp_path):
 
     write_json(tmp_path / "r.json", {"a": float("inf"), "b": [float("nan"), 1.0]})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [None, 1.0]}
+
+
+# --- the noise-aware criterion on a deep network with large activations ----------------------------
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A 24-layer network where nothing folds (tests/nets.py DeepNoFold), its checkpoint, and a copy
+    with one conv's weights scaled by 1.01."""
+    from .nets import DeepNoFold
+
+    tmp = tmp_path_factory.mktemp("deep")
+    model = DeepNoFold().eval()
+    good = save_checkpoint(tmp / "deep.pt", model, "tests.nets:DeepNoFold", (1, 3, 16, 16))
+    with torch.no_grad():
+        model.blocks[11][0].weight.mul_(1.01)
+    bad = save_checkpoint(tmp / "bad.pt", model, "tests.nets:DeepNoFold", (1, 3, 16, 16))
+    return tmp, good, bad
+
+
+def test_deep_network_with_nothing_folded_passes_where_fixed_tolerances_raise_a_false_alarm(deep):
+    tmp, good, _ = deep
+    proc = run_cli("fold", str(good), "-o", str(tmp / "out"), "--exporter", "torchscript", "--samples", "16")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp / "out" / "deep.report.json").read_text())
+    assert (report["summary"]["folded"], report["summary"]["skipped"]) == (0, 24)
+    check = report["check"]
+    jsonschema.validate(check, SCHEMA)
+    assert check["noise"] == "float64"
+    outputs = [o for c in check["comparisons"] for o in c["outputs"]]
+    assert all(o["criterion"] == "noise" and o["floor"] > 0 and o["ratio"] <= 8 for o in outputs), outputs
+    fixed = run_cli("fold", str(good), "-o", str(tmp / "fixed"), "--exporter", "torchscript", "--samples", "16",
+                    "--atol", "1e-4", "--rtol", "1e-3")
+    assert fixed.returncode == 1, fixed.stdout  # the old default criterion fails a model bnrt did not change
+
+
+def test_one_conv_off_by_one_percent_fails_and_is_localised(deep):
+    tmp, good, bad = deep
+    proc = run_cli("check", str(good), str(bad), "--samples", "16", "--json", str(tmp / "r.json"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads((tmp / "r.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    (out,) = report["comparisons"][0]["outputs"]
+    assert out["criterion"] == "noise" and out["ratio"] > 100
+    assert report["comparisons"][0]["divergence"]["module"].startswith("blocks.11")
+
+
+def test_onnx_sources_use_the_rounding_floor(deep, tmp_path):
+    tmp, good, bad = deep
+    for name, ckpt in (("good", good), ("bad", bad)):
+        assert run_cli("fold", str(ckpt), "-o", str(tmp_path / name), "--no-check", "--exporter",
+                       "torchscript").returncode == 0
+    good_onnx, bad_onnx = tmp_path / "good" / "deep.onnx", tmp_path / "bad" / "bad.onnx"
+    same = run_cli("check", str(good_onnx), str(good_onnx), "--samples", "8", "--json", str(tmp_path / "same.json"))
+    assert same.returncode == 0, same.stdout
+    report = json.loads((tmp_path / "same.json").read_text())
+    assert report["noise"] == "rounding" and report["comparisons"][0]["outputs"][0]["error"] == 0.0
+    assert report["comparisons"][0]["outputs"][0]["floor"] > 0
+    differ = run_cli("check", str(good_onnx), str(bad_onnx), "--samples", "8")
+    assert differ.returncode == 1, differ.stdout

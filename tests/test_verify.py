@@ -76,3 +76,33 @@ def test_check_catches_a_corrupted_layer():
     assert not report.passed
     assert set(report.accuracy) == {"torch", "same", "bad"}
     assert report.to_json()["passed"] is False
+
+
+def test_noise_criterion_passes_within_the_factor_of_the_floor_and_fails_beyond():
+    rng = np.random.default_rng(0)
+    anchor = rng.standard_normal((8, 10)) * 100
+    noisy = anchor + rng.standard_normal((8, 10)) * 1e-3          # floor ~3e-3
+    ok = anchor + rng.standard_normal((8, 10)) * 2e-3
+    m = compare_output("y", noisy, ok, noise=(anchor, noisy))
+    assert (m.criterion, m.atol, m.rtol, m.passed) == ("noise", None, None, True)
+    assert m.floor == float(np.abs(noisy - anchor).max()) and m.ratio == m.error / m.floor
+    bad = anchor + rng.standard_normal((8, 10)) * 1e-1
+    assert not compare_output("y", noisy, bad, noise=(anchor, noisy)).passed
+    assert compare_output("y", noisy, bad, noise=(anchor, noisy), factor=1e3).passed
+
+
+def test_noise_criterion_tiny_term_and_top1_rule():
+    anchor = np.array([[0.0, 0.0], [1.0, 3.0]])
+    exact = compare_output("y", anchor, anchor + np.array([[0.0, 0.0], [0.0, 1e-7]]), noise=(anchor, anchor.copy()))
+    assert exact.floor == 0.0 and exact.passed  # within 4 float32 ULPs of max |anchor| = 3
+    assert not compare_output("y", anchor, anchor + 1e-5, noise=(anchor, anchor.copy())).passed
+    flipped = np.array([[0.0, 0.0], [3.0, 1.0]])
+    m = compare_output("y", anchor, flipped, noise=(anchor, anchor.copy()), factor=1e9)
+    assert not m.passed and m.problem.startswith("top-1 agreement")
+
+
+def test_fixed_tolerances_are_used_when_given_or_without_a_noise_reference():
+    ref, cand = np.ones(4), np.ones(4) + 5e-4
+    assert compare_output("y", ref, cand).criterion == "fixed" and compare_output("y", ref, cand).passed
+    m = compare_output("y", ref, cand, atol=1e-4, rtol=0.0, noise=(ref, ref))
+    assert (m.criterion, m.passed, m.floor) == ("fixed", False, None)

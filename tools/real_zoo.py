@@ -4,10 +4,13 @@ torchvision and timm), never in ``make test``.
 
     python -m tools.real_zoo [-o docs/REAL_ZOO.md] [--samples 8] [--timeout 900] [NAME ...]
 
+Statistics: two training-mode passes over random batches (cumulative averages, so activations stay
+O(1) as after training), then perturbed; gamma, beta and frozen-BN statistics random.
+
 Per model, in its own subprocess (a model that hangs or crashes costs one row): BatchNorm-like
 layers (bnrt's decisions), folded by bnrt, BN-like nodes left in bnrt's ONNX, left by
 ``torch.onnx.export`` (dynamo) of the unfolded model alone and by torch.fx ``fuse``, kept BNs by
-refusal code, bnrt's check (torch unfolded vs folded vs ORT CPU, default tolerances), ORT's error
+refusal code, bnrt's check (torch unfolded vs folded vs ORT CPU, the noise-aware criterion), ORT's error
 against eager float32, and bnrt's fold time (capture + plan + fold). BN-like ONNX nodes are
 ``BatchNormalization`` and a per-channel constant ``Mul`` straight after a Conv/Gemm/MatMul (what a
 frozen BN exports to).
@@ -53,7 +56,7 @@ MODELS: list[tuple[str, str, str, int]] = [
 ]
 
 
-def build(source: str, name: str):
+def build(source: str, name: str, size: int = 224):
     import torch
     from torch import nn
 
@@ -69,18 +72,31 @@ def build(source: str, name: str):
         import timm
         model = timm.create_model(name, pretrained=False)
     gen = torch.Generator().manual_seed(0)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
-        for m in model.modules():
+        for m in model.modules():  # random gamma/beta, and statistics for frozen BNs (no training pass)
             buffers = dict(m.named_buffers(recurse=False))
             if "running_mean" in buffers and buffers["running_mean"] is not None and "running_var" in buffers:
                 c = buffers["running_mean"].numel()
-                buffers["running_mean"].copy_(torch.randn(c, generator=gen) * 0.1)
-                buffers["running_var"].copy_(torch.rand(c, generator=gen) + 0.5)
                 weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
                 if isinstance(weight, torch.Tensor) and weight.shape == (c,):
                     weight.copy_(torch.rand(c, generator=gen) + 0.5)
                 if isinstance(bias, torch.Tensor) and bias.shape == (c,):
                     bias.copy_(torch.randn(c, generator=gen) * 0.1)
+                if m not in bns:
+                    buffers["running_mean"].copy_(torch.randn(c, generator=gen) * 0.1)
+                    buffers["running_var"].copy_(torch.rand(c, generator=gen) + 0.5)
+        # statistics of random data, as after training (activations stay O(1)), then perturbed
+        for m in bns:
+            m.momentum = None
+            m.reset_running_stats()
+        model.train()
+        for _ in range(2):
+            model(torch.randn(8, 3, size, size, generator=gen))
+        for m in bns:
+            if m.running_mean is not None:
+                m.running_mean.add_(torch.randn(m.num_features, generator=gen) * 0.05)
+                m.running_var.mul_(torch.rand(m.num_features, generator=gen) * 0.4 + 0.8)
     return model.eval(), nn
 
 
@@ -117,10 +133,11 @@ def one(source: str, name: str, size: int, samples: int) -> dict:
     from bnrt.data import random_inputs
     from bnrt.export import export_onnx, output_names
     from bnrt.run import Session
+    from bnrt.sides import float64_noise
     from bnrt.verify import check, flatten_outputs, torch_runner
 
     torch.set_num_threads(2)
-    model, nn = build(source, name)
+    model, nn = build(source, name, size)
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     row = {"source": source, "name": name, "params": sum(p.numel() for p in model.parameters())}
     start = time.perf_counter()
@@ -140,10 +157,12 @@ def one(source: str, name: str, size: int, samples: int) -> dict:
         data = random_inputs([(1, 3, size, size)], samples, seed=2)
         session = Session(Path(tmp) / "f.onnx")
         report = check(("torch", torch_runner(model)), [("torch folded", torch_runner(result.model)),
-                                                       ("onnx cpu", session.run)], data, output_names(outs))
+                                                       ("onnx cpu", session.run)], data, output_names(outs),
+                       noise=float64_noise(model))
         row["check"] = report.passed
         onnx_cmp = report.comparisons[1].outputs[0]
         row["ort_err"] = (onnx_cmp.max_abs, onnx_cmp.max_rel)
+        row["ratio"] = max(o.ratio or 0.0 for c in report.comparisons for o in c.outputs)
         row["folded_err"] = report.comparisons[0].outputs[0].max_abs
         try:
             with quiet():
@@ -163,7 +182,8 @@ def one(source: str, name: str, size: int, samples: int) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| model | family | params | BN-like | folded by bnrt | left in bnrt's ONNX | left by dynamo export | "
-            "left by fx fuse | check | ORT vs eager max abs / rel | fold s | kept BNs by refusal code |")
+            "left by fx fuse | check (worst error / noise floor) | ORT vs eager max abs / rel | fold s | "
+            "kept BNs by refusal code |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         if "error" in r:
@@ -172,7 +192,8 @@ def markdown(rows: list[dict]) -> str:
         codes = "; ".join(f"{n}× {c}" for c, n in r["codes"].items()) or "-"
         lines.append(
             f"| {r['source']}:{r['name']} | {r['family']} | {r['params'] / 1e6:.1f}M | {r['bn']} | {r['folded']} | "
-            f"{r['bn_left_bnrt']} | {r['bn_left_dynamo']} | {r['bn_left_fx']} | {'pass' if r['check'] else 'FAIL'} | "
+            f"{r['bn_left_bnrt']} | {r['bn_left_dynamo']} | {r['bn_left_fx']} | "
+            f"{'pass' if r['check'] else 'FAIL'} ({r['ratio']:.2f}) | "
             f"{r['ort_err'][0]:.2e} / {r['ort_err'][1]:.2e} | {r['fold_s']:.2f} | {codes} |")
     ok = [r for r in rows if "error" not in r]
     lines += ["", f"{len(rows)} models ({len(ok)} measured): {sum(r['bn'] for r in ok)} BatchNorm-like layers, "

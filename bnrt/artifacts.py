@@ -85,7 +85,7 @@ def calibrated_checkpoint(state_dict: dict, loaded: Loaded, input_shapes: list[t
 
 def fold_report(*, source: dict[str, Any], input_names: list[str], output_names: list[str],
                 input_shapes: list, opset: int | None, exporter: str | None, tracer: str,
-                decisions: list[Decision], fp16_overflow: dict[str, float], batchnorm_nodes: int,
+                decisions: list[Decision], merges: list, fp16_overflow: dict[str, float], batchnorm_nodes: int,
                 check: dict | None, timings: dict[str, float], outputs: dict[str, str]) -> dict[str, Any]:
     """The fold report (schema ``bnrt.fold/1``), for torch and ONNX sources alike."""
     folded = sum(d.folded for d in decisions)
@@ -100,8 +100,10 @@ def fold_report(*, source: dict[str, Any], input_names: list[str], output_names:
         "exporter": exporter,
         "tracer": tracer,
         "summary": {"bn_total": len(decisions), "folded": folded, "skipped": len(decisions) - folded,
-                    "fp16_overflow": fp16_overflow, "batchnorm_nodes_in_onnx": batchnorm_nodes},
+                    "merged_blocks": len(merges), "fp16_overflow": fp16_overflow,
+                    "batchnorm_nodes_in_onnx": batchnorm_nodes},
         "decisions": [d.to_json() for d in decisions],
+        "merges": [m.to_json() for m in merges],
         "check": check,
         "timings_s": timings,
         "outputs": outputs,

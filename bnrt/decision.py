@@ -31,9 +31,10 @@ CODES: dict[str, str] = {
     "unknown-shape": "a shape or a shape argument on the path is unknown",
     "unused": "the BN's output is unused",
     "unsupported-bn": "a BN form bnrt does not fold (ONNX spatial=0, aten batch_norm in a torch.export capture)",
+    "branch-mismatch": "parallel branches summed by Add do not line up (stride, groups, dilation, padding)",
 }
 
-DIRECTIONS = ("backward", "forward")
+DIRECTIONS = ("backward", "forward", "merge")
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,9 @@ class Target:
 @dataclass(frozen=True)
 class Decision:
     """What happens to one BatchNorm: folded into ``targets`` in ``direction`` (backward: the layer
-    runs before the BN; forward: after it), or skipped with ``refusals`` (one per direction tried,
-    or one about the BN itself). ``functional`` is set for an ``F.batch_norm`` call: the graph
+    runs before the BN; forward: after it; merge: an identity branch merged with the convs beside it
+    into one conv, bnrt.reparam), or skipped with ``refusals`` (one per direction tried, or one
+    about the BN itself). ``functional`` is set for an ``F.batch_norm`` call: the graph
     node's name and the paths of its tensors."""
 
     bn: str
@@ -124,8 +126,7 @@ class Decision:
         """The refusals as one sentence for people: ``<backward>; forward: <forward>``."""
         if not self.refusals:
             return None
-        return "; ".join(f"{r.direction}: {r.message}" if r.direction == "forward" and i else r.message
-                         for i, r in enumerate(self.refusals))
+        return "; ".join(f"{r.direction}: {r.message}" if i else r.message for i, r in enumerate(self.refusals))
 
     def to_json(self) -> dict[str, Any]:
         """The decision in the fold report (schema ``bnrt.fold/1``)."""

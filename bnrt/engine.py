@@ -23,8 +23,9 @@ from typing import Any, Callable, Iterable, Protocol
 import numpy as np
 
 from . import foldmath
-from .decision import Decision, NotFoldable, Refusal, Target, folded, skipped
+from .decision import Decision, DecisionSet, NotFoldable, Refusal, Target, folded, skipped
 from .errors import HealthError
+from .reparam import Merge, merged_weights, plan_merges
 
 NEAR_DEAD_SCALE = 1e3
 FP16_MAX = 65504.0
@@ -72,6 +73,12 @@ class Layer:
     zero_padded: bool = False
     transposed_input: bool = False
     data: Any = field(default=None, repr=False, compare=False)
+    # conv geometry, for merging parallel branches (bnrt.reparam); padding None: asymmetric or implicit
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | None = ()
+    dilation: tuple[int, ...] = ()
+    pads_zeros: bool = True
 
 
 class GraphView(Protocol):
@@ -122,6 +129,15 @@ class GraphView(Protocol):
 
     def mark_folded(self, bn: BnSite) -> None:
         """From now on the BN's node is a pass-through (its fold is planned)."""
+
+    def adds(self) -> list:
+        """Elementwise sums of two tensors of the same shape, in graph order (``bnrt.reparam``)."""
+
+    def add_operands(self, node: Any) -> tuple | None:
+        """The two operands of such a sum, else None."""
+
+    def is_value_identity(self, node: Any) -> bool:
+        """A pass-through whose output equals its input (Identity, Dropout in eval, a folded BN)."""
 
 
 Fold = Callable[[np.ndarray, "np.ndarray | None", np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -336,25 +352,52 @@ def decide(view: GraphView, bn: BnSite) -> Decision:
     return skipped(bn.name, refusals, warnings, bn.functional)
 
 
-def plan(view: GraphView) -> list[Decision]:
-    """One decision per BatchNorm of ``view``, in its order. A folded BN becomes a pass-through for
-    the BNs after it (conv -> BN -> BN folds both into the conv)."""
-    return [decide(view, bn) for bn in view.batchnorms()]
+@dataclass
+class Plan(DecisionSet):
+    """What folding will do, before any weight is touched: one decision per BatchNorm (``sites``,
+    aligned) and the rep blocks merged into one conv (``merges``, bnrt.reparam)."""
+
+    decisions: list[Decision]
+    merges: list[Merge]
+    sites: list[BnSite]
 
 
-def fold_weights(decisions: list[Decision], read: Callable[[Target], tuple[np.ndarray, np.ndarray | None]],
+def plan(view: GraphView) -> Plan:
+    """One decision per BatchNorm of ``view``, in its order, then the rep blocks. A folded BN
+    becomes a pass-through for the BNs after it (conv -> BN -> BN folds both into the conv)."""
+    sites = view.batchnorms()
+    decisions = [decide(view, bn) for bn in sites]
+    merges, decisions = plan_merges(view, sites, decisions)
+    return Plan(decisions, merges, sites)
+
+
+def fold_weights(plan: Plan, read: Callable[[Layer], tuple[np.ndarray, np.ndarray | None]],
                  scale_shift: Callable[[Decision], tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple]:
-    """Every folded decision applied, in order, in float64: ``{layer name: (target, weight, bias)}``.
-    A layer's weights are read once (``read``) and take every fold planned for them (a forward fold
-    from the BN before it and a backward fold from the BN after it), so the backend rounds once."""
+    """Every folded decision applied, in order, in float64, then every merge:
+    ``{layer name: (layer, weight, bias)}``. A layer's weights are read once (``read``) and take
+    every fold planned for them (a forward fold from the BN before it, a backward fold from the BN
+    after it, a merge of the branches beside it), so the backend rounds once. A conv merged into
+    another gets zero weight and bias (its node is dropped where the graph can be edited)."""
     exact: dict[str, tuple] = {}
-    for decision in decisions:
-        if not decision.folded:
+
+    def current(layer: Layer) -> tuple[np.ndarray, np.ndarray | None]:
+        return exact[layer.name][1:] if layer.name in exact else read(layer)
+
+    for decision in plan.decisions:
+        if not decision.folded or decision.direction == "merge":
             continue
         s, t = scale_shift(decision)
         for target in decision.targets:
-            _, weight, bias = exact.get(target.layer) or (target, *read(target))
+            weight, bias = current(target.handle)
             index = slice(None) if target.channels is None else np.asarray(target.channels)
             rule = RULES[(decision.direction, target.kind)]
-            exact[target.layer] = (target, *rule.fold(weight, bias, s[index], t[index], target.groups))
+            exact[target.layer] = (target.handle, *rule.fold(weight, bias, s[index], t[index], target.groups))
+    decision_of = {id(s.node): d for s, d in zip(plan.sites, plan.decisions)}
+    for merge in plan.merges:
+        weights = {layer.name: current(layer) for layer in [merge.target, *merge.convs]}
+        scales = [scale_shift(decision_of[id(site.node)]) for site in merge.bns]
+        exact[merge.target.name] = (merge.target, *merged_weights(merge, weights, scales))
+        for conv in merge.convs:
+            w = weights[conv.name][0]
+            exact[conv.name] = (conv, np.zeros_like(w), np.zeros(w.shape[0]))
     return exact

@@ -22,7 +22,9 @@ from torch import nn
 from . import engine
 from .capture import Capture, capture
 from .decision import Decision, DecisionSet
-from .structure import set_identity_statistics, set_submodule
+from .engine import Plan
+from .reparam import Merge
+from .structure import set_identity_statistics, set_submodule, zero_affine
 from .torchgraph import plan, statistics, to_f64
 
 
@@ -30,8 +32,10 @@ from .torchgraph import plan, statistics, to_f64
 class FoldResult(DecisionSet):
     """``model``: the folded model to run and export (same train/eval mode as the input).
     ``structured``: the same weights in the user's module structure (equal to ``model`` unless a
-    functional BN was folded). ``decisions``: one per BatchNorm. ``bias_added``: layers that had
-    no bias before folding. ``fp16_overflow``: layers whose folded weights exceed float16's range."""
+    functional BN was folded or branches merged: there the merged convs and identity BNs keep
+    their place with zero weights, so they add exact zeros). ``decisions``: one per BatchNorm.
+    ``bias_added``: layers that had no bias before folding. ``fp16_overflow``: layers whose folded
+    weights exceed float16's range. ``merges``: rep blocks merged into one conv."""
 
     model: nn.Module
     decisions: list[Decision]
@@ -39,6 +43,7 @@ class FoldResult(DecisionSet):
     structured: nn.Module | None = None
     tracer: str = "torch.fx"
     fp16_overflow: dict[str, float] = field(default_factory=dict)
+    merges: list[Merge] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.structured is None:
@@ -47,11 +52,12 @@ class FoldResult(DecisionSet):
     def structure(self) -> dict[str, list]:
         """What ``bnrt.structure.apply_folded_structure`` needs to rebuild the folded model from
         the user's class."""
+        in_place = [d for d in self.folded if d.direction != "merge"]
         return {
-            "identity": [d.bn for d in self.folded if not d.functional],
+            "identity": [d.bn for d in in_place if not d.functional],
             "bias_added": list(self.bias_added),
             "functional_identity": [{k: v for k, v in d.functional.items() if k != "node"}
-                                    for d in self.folded if d.functional],
+                                    for d in in_place if d.functional],
         }
 
 
@@ -60,13 +66,15 @@ def _set_param(layer: nn.Module, name: str, value: np.ndarray, like: torch.Tenso
     setattr(layer, name, nn.Parameter(tensor, requires_grad=like.requires_grad))
 
 
-def _without_nodes(root: nn.Module, graph: torch.fx.Graph, names: set[str]) -> torch.fx.GraphModule:
-    """A GraphModule over ``root`` running ``graph`` with the nodes ``names`` bypassed."""
+def _edited(root: nn.Module, graph: torch.fx.Graph, bypass: set[str], replace: dict[str, str]) -> torch.fx.GraphModule:
+    """A GraphModule over ``root`` running ``graph`` with the nodes ``bypass`` bypassed (their users
+    read their input) and each node ``replace`` maps replaced by another (a merged sum by its conv)."""
     new_graph = torch.fx.Graph()
     new_graph.output(new_graph.graph_copy(graph, {}))
+    by_name = {n.name: n for n in new_graph.nodes}
     for node in list(new_graph.nodes):
-        if node.name in names:
-            node.replace_all_uses_with(node.args[0])
+        if node.name in bypass or node.name in replace:
+            node.replace_all_uses_with(node.args[0] if node.name in bypass else by_name[replace[node.name]])
             new_graph.erase_node(node)
     module = torch.fx.GraphModule(root, new_graph, class_name=f"{type(root).__name__}Folded")
     module.graph.eliminate_dead_code()
@@ -104,19 +112,23 @@ def convert_sync_batchnorm(model: nn.Module, example_inputs: tuple[torch.Tensor,
     return converted
 
 
-def apply(model: nn.Module, decisions: list[Decision], cap: Capture | None = None) -> FoldResult:
-    """Fold every ``folded`` decision into a deep copy of ``model``. With ``cap`` (the capture
-    the decisions came from), SyncBatchNorms left in the model become plain BatchNorms; ``cap`` is
-    required when a functional BN is folded."""
+def apply(model: nn.Module, plan: Plan, cap: Capture | None = None) -> FoldResult:
+    """Fold every ``folded`` decision and merge every rep block of ``plan`` into a deep copy of
+    ``model``. With ``cap`` (the capture the plan came from), SyncBatchNorms left in the model
+    become plain BatchNorms; ``cap`` is required when a functional BN is folded or branches merged."""
     folded_model = copy.deepcopy(model)
+    decisions = plan.decisions
 
-    def read(target):
-        layer = folded_model.get_submodule(target.layer)
-        return to_f64(layer.weight), None if layer.bias is None else to_f64(layer.bias)
+    def read(layer):
+        module = folded_model.get_submodule(layer.name)
+        return to_f64(module.weight), None if module.bias is None else to_f64(module.bias)
 
-    exact = engine.fold_weights(decisions, read, lambda d: statistics(folded_model, d).scale_shift())
+    exact = engine.fold_weights(plan, read, lambda d: statistics(folded_model, d).scale_shift())
     for decision in decisions:
-        if decision.folded and decision.functional:
+        if decision.folded and decision.direction == "merge":  # the BN stays, adding an exact zero
+            zero_affine(folded_model, decision.functional or {"weight": f"{decision.bn}.weight",
+                                                              "bias": f"{decision.bn}.bias"})
+        elif decision.folded and decision.functional:
             set_identity_statistics(folded_model, decision.functional)
         elif decision.folded:
             set_submodule(folded_model, decision.bn, nn.Identity())
@@ -130,15 +142,16 @@ def apply(model: nn.Module, decisions: list[Decision], cap: Capture | None = Non
             _set_param(layer, "weight", weight, layer.weight)
     if cap is not None:
         _sync_to_batchnorm(folded_model, cap)
-    functional = {d.functional["node"] for d in decisions if d.folded and d.functional}
+    functional = {d.functional["node"] for d in decisions if d.folded and d.functional and d.direction != "merge"}
+    merged = {m.root.name: m.target.node.name for m in plan.merges}
     runnable = folded_model
-    if functional:
+    if functional or merged:
         if cap is None:
-            raise ValueError("folding a functional batch_norm needs the capture")
-        runnable = _without_nodes(folded_model, cap.graph, functional)
+            raise ValueError("folding a functional batch_norm or merging branches needs the capture")
+        runnable = _edited(folded_model, cap.graph, functional, merged)
         runnable.train(folded_model.training)
     return FoldResult(runnable, decisions, bias_added, structured=folded_model,
-                      fp16_overflow=engine.fp16_overflow(exact))
+                      fp16_overflow=engine.fp16_overflow(exact), merges=plan.merges)
 
 
 def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> FoldResult:

@@ -89,3 +89,22 @@ def fold_forward_conv(weight, bias, s, t, groups: int) -> tuple[np.ndarray, np.n
     _, shift_by = _grouped(w, groups, cout // groups, t)
     b = np.zeros(cout) if bias is None else _f64(bias)
     return (view * scale).reshape(w.shape), b + (view * shift_by).reshape(cout, -1).sum(axis=1)
+
+
+def pad_kernel(weight, kernel: tuple[int, ...]) -> np.ndarray:
+    """A conv weight ``[Cout, Cin/g, k...]`` zero-padded, centred, to spatial size ``kernel`` (odd
+    sizes): a smaller "same" conv computes the same as the padded one with the larger padding."""
+    w = _f64(weight)
+    pads = [(0, 0), (0, 0)] + [((K - k) // 2, (K - k) // 2) for k, K in zip(w.shape[2:], kernel)]
+    return np.pad(w, pads)
+
+
+def identity_kernel(scale, cin_per_group: int, kernel: tuple[int, ...]) -> np.ndarray:
+    """The conv weight ``[C, Cin/g, k...]`` of ``y_c = scale_c · x_c`` (a BN's scale, or ones for the
+    input itself): channel ``c`` reads its own input channel, index ``c mod Cin/g`` in its group,
+    at the kernel's centre."""
+    s = _f64(scale)
+    w = np.zeros((s.shape[0], cin_per_group, *kernel))
+    centre = tuple(k // 2 for k in kernel)
+    w[(np.arange(s.shape[0]), np.arange(s.shape[0]) % cin_per_group, *centre)] = s
+    return w

@@ -20,6 +20,7 @@ from . import engine
 from .decision import Decision, DecisionSet
 from .errors import InputError, first_line
 from .onnxgraph import OnnxLayer, OnnxView, label
+from .reparam import Merge
 
 MIN_OPSET = 7
 
@@ -32,6 +33,7 @@ class OnnxFoldResult(DecisionSet):
     model: onnx.ModelProto
     decisions: list[Decision]
     fp16_overflow: dict[str, float] = field(default_factory=dict)
+    merges: list[Merge] = field(default_factory=list)
 
 
 class _Writer:
@@ -135,19 +137,22 @@ def fold_onnx(model: onnx.ModelProto, where: str = "model") -> OnnxFoldResult:
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     view = OnnxView(folded)
-    sites = view.batchnorms()
-    decisions = [engine.decide(view, bn) for bn in sites]
-    stats = {id(d): view.bn_stats(bn) for d, bn in zip(decisions, sites) if d.folded}
-    exact = engine.fold_weights(decisions, lambda target: (target.handle.data.weight, target.handle.data.bias),
+    plan = engine.plan(view)
+    stats = {id(d): view.bn_stats(bn) for d, bn in zip(plan.decisions, plan.sites) if d.folded}
+    exact = engine.fold_weights(plan, lambda layer: (layer.data.weight, layer.data.bias),
                                 lambda d: stats[id(d)].scale_shift())
     writer = _Writer(folded.graph)
-    for target, weight, bias in exact.values():
-        writer.write(target.handle.data, weight, bias)
-    for decision, bn in zip(decisions, sites):
-        if decision.folded:
+    for layer, weight, bias in exact.values():
+        writer.write(layer.data, weight, bias)
+    for decision, bn in zip(plan.decisions, plan.sites):
+        if decision.folded and decision.direction != "merge":
             writer.bypass(bn.node, view.outputs)
+    for merge in plan.merges:  # the target conv produces the sum; the other branches and the Adds go
+        for node in [*merge.adds, *(c.data.node for c in merge.convs), *(b.node for b in merge.bns)]:
+            folded.graph.node.remove(node)
+        merge.target.data.node.output[0] = merge.root.output[0]
     _prune(folded.graph)
-    return OnnxFoldResult(folded, decisions, engine.fp16_overflow(exact))
+    return OnnxFoldResult(folded, plan.decisions, engine.fp16_overflow(exact), plan.merges)
 
 
 def load_onnx(path) -> onnx.ModelProto:

@@ -10,7 +10,7 @@ in inference (no training_mode, mask unused), their channel maps replayed with n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -87,6 +87,7 @@ class OnnxView:
         self.graph = model.graph
         self.shapes = shapes if shapes is not None else inferred_shapes(model)
         self.folded: list[onnx.NodeProto] = []
+        self.values: dict[str, GraphValue] = {}
         self.refresh()
         self.runtime = _runtime_shapes(model, self)
 
@@ -144,7 +145,11 @@ class OnnxView:
     def input_of(self, node) -> object:
         if not isinstance(node, onnx.NodeProto) or not node.input:
             return None
-        return self.producer.get(node.input[0]) or GraphValue(node.input[0])
+        return self.producer.get(node.input[0]) or self.value(node.input[0])
+
+    def value(self, name: str) -> GraphValue:
+        """The one ``GraphValue`` of a graph input or initializer ``name`` (compared by identity)."""
+        return self.values.setdefault(name, GraphValue(name))
 
     def users(self, node) -> list:
         out = self._output(node)
@@ -219,9 +224,10 @@ class OnnxView:
             return None
         data = self.onnx_layer(node)
         kind = {"conv": "conv", "convtranspose": "conv-transpose"}.get(data.kind, "linear")
-        return Layer(data.output_node, label(node), kind, data.kind, attr(node, "group", 1),
-                     data.kind == "conv" and _zero_padded(node), data.kind == "gemm" and bool(attr(node, "transA", 0)),
-                     data)
+        layer = Layer(data.output_node, label(node), kind, data.kind, attr(node, "group", 1),
+                      data.kind == "conv" and _zero_padded(node), data.kind == "gemm" and bool(attr(node, "transA", 0)),
+                      data)
+        return replace(layer, **_geometry(node, data.weight.shape[2:])) if kind == "conv" else layer
 
     def _matmul_add(self, add: onnx.NodeProto) -> Layer | None:
         matmul = next((self.producer[i] for i in add.input
@@ -267,6 +273,20 @@ class OnnxView:
     def check_layer(self, layer: Layer) -> None:
         return None  # folded weights go to new initializers: a shared weight is never changed under a node
 
+    def adds(self) -> list[onnx.NodeProto]:
+        return [n for n in self.nodes if self.add_operands(n) is not None]
+
+    def add_operands(self, node) -> tuple | None:
+        if not isinstance(node, onnx.NodeProto) or node.op_type != "Add" or len(node.input) != 2:
+            return None
+        shape = self.shapes.get(node.output[0])
+        if shape is None or any(self.shapes.get(i) != shape or self.const(i) is not None for i in node.input):
+            return None
+        return tuple(self.producer.get(i) or self.value(i) for i in node.input)
+
+    def is_value_identity(self, node) -> bool:
+        return self.is_passthrough(node) and node.op_type in ("Identity", "Dropout", "BatchNormalization")
+
     def name(self, node) -> str:
         return label(node) if isinstance(node, onnx.NodeProto) else node.name
 
@@ -276,6 +296,18 @@ class OnnxView:
         if isinstance(node, GraphOutput):
             return node.name
         return f"{node.op_type} '{label(node)}'"
+
+
+def _geometry(node: onnx.NodeProto, kernel: tuple[int, ...]) -> dict:
+    """Kernel, strides, symmetric padding (None when asymmetric or SAME_*) and dilations of a Conv."""
+    rank = len(kernel)
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = list(attr(node, "pads", None) or [0] * 2 * rank)
+    symmetric = pads[:rank] == pads[rank:] and auto_pad in ("NOTSET", "VALID")
+    return {"kernel": tuple(int(k) for k in kernel), "stride": tuple(attr(node, "strides", None) or [1] * rank),
+            "padding": tuple(pads[:rank]) if symmetric else None,
+            "dilation": tuple(attr(node, "dilations", None) or [1] * rank)}
 
 
 def _zero_padded(node: onnx.NodeProto) -> bool:

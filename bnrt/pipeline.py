@@ -108,9 +108,10 @@ def fold_file(
     clock.lap("load")
 
     cap = capture(loaded.model, example)
-    decisions = plan(cap)
+    planned = plan(cap)
+    decisions = planned.decisions
     clock.lap("capture+plan")
-    result = apply(loaded.model, decisions, cap)
+    result = apply(loaded.model, planned, cap)
     result.tracer = cap.tracer
     clock.lap("fold")
     folds = folds_of(decisions)
@@ -136,7 +137,8 @@ def fold_file(
         report = fold_report(
             source={"path": str(src), "sha256": loaded.sha256, "format": loaded.source_format, "arch": loaded.arch},
             input_names=in_names, output_names=out_names, input_shapes=dataset.shapes(), opset=opset,
-            exporter=exporter, tracer=cap.tracer, decisions=decisions, fp16_overflow=result.fp16_overflow,
+            exporter=exporter, tracer=cap.tracer, decisions=decisions, merges=result.merges,
+            fp16_overflow=result.fp16_overflow,
             batchnorm_nodes=count_ops(proto, "BatchNormalization"),
             check=report_check.to_json() if report_check else None, timings=clock.timings,
             outputs={k: str(out / v) for k, v in names.items()})
@@ -175,7 +177,8 @@ def fold_onnx_file(src: Path, out: Path, check: CheckOptions | None = CheckOptio
             input_names=original.input_names, output_names=original.output_names,
             input_shapes=[list(s) if s is not None else [] for s in original.input_shapes],
             opset=next((o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")), None),
-            exporter=None, tracer="onnx graph", decisions=result.decisions, fp16_overflow=result.fp16_overflow,
+            exporter=None, tracer="onnx graph", decisions=result.decisions, merges=result.merges,
+            fp16_overflow=result.fp16_overflow,
             batchnorm_nodes=count_ops(result.model, "BatchNormalization"),
             check=report_check.to_json() if report_check else None, timings=clock.timings,
             outputs={k: str(out / v) for k, v in names.items()})
@@ -192,6 +195,6 @@ def inspect_file(source: ModelSource | str | os.PathLike, *,
         return None, fold_onnx(load_onnx(source.path), str(source.path)).decisions
     loaded = source.load()
     dataset = example_data(loaded, source.input_shapes, data, str(source.path))
-    return loaded, plan(capture(loaded.model, tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs)))
+    return loaded, plan(capture(loaded.model, tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs))).decisions
 
 

@@ -45,6 +45,14 @@ def set_identity_statistics(root: nn.Module, stats: dict[str, Any]) -> None:
             tensor_at(root, stats["bias"]).zero_()
 
 
+def zero_affine(root: nn.Module, stats: dict[str, Any]) -> None:
+    """Set a BN's ``weight`` and ``bias`` (paths in ``stats``) to zero: it then outputs exact zeros,
+    as an identity branch merged into a conv must."""
+    with torch.no_grad():
+        for key in ("weight", "bias"):
+            tensor_at(root, stats[key]).zero_()
+
+
 def apply_folded_structure(model: nn.Module, structure: dict[str, Any], where: str = "model") -> nn.Module:
     """Make ``model`` take a bnrt-folded state_dict: folded BN modules become ``nn.Identity``, the
     layers that gained a bias get one, functional BNs get identity statistics. ``structure`` is

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import operator
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ _METADATA_FUNCTIONS = {builtins.getattr, builtins.len, torch.numel, torch.zeros_
                        torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
                        _aten.sym_size.int, _aten.sym_numel.default, _aten.sym_stride.int}
 
+_ADDS = {operator.add, operator.iadd, torch.add, _aten.add.Tensor}
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
@@ -282,7 +284,12 @@ class TorchView:
             if isinstance(module, bases):
                 zero_padded = kind == "conv" and module.padding_mode == "zeros" and any(
                     module._reversed_padding_repeated_twice)
-                return Layer(node, node.target, kind, op, getattr(module, "groups", 1), zero_padded, data=bases)
+                if kind != "conv":
+                    return Layer(node, node.target, kind, op, getattr(module, "groups", 1), data=bases)
+                padding = None if isinstance(module.padding, str) else tuple(module.padding)
+                return Layer(node, node.target, kind, op, module.groups, zero_padded, data=bases,
+                             kernel=tuple(module.kernel_size), stride=tuple(module.stride), padding=padding,
+                             dilation=tuple(module.dilation), pads_zeros=module.padding_mode == "zeros")
         return None
 
     def check_layer(self, layer: Layer) -> None:
@@ -302,6 +309,28 @@ class TorchView:
             raise NotFoldable("shared-parameters", f"parameters of '{name}' are shared with '{shared[0]}'", name,
                               shared[0])
 
+    def adds(self) -> list[torch.fx.Node]:
+        if self.cap.tracer != "torch.fx":  # a merge edits the graph; torch.export's aten graph is not run
+            return []
+        return [n for n in self.cap.graph.nodes if self.add_operands(n) is not None]
+
+    def add_operands(self, node: Any) -> tuple | None:
+        if not isinstance(node, torch.fx.Node) or len(node.args) != 2 or node.kwargs:
+            return None
+        if not ((node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add")):
+            return None
+        a, b = node.args
+        shape = self.cap.shape(node)
+        if not all(isinstance(v, torch.fx.Node) and self.cap.shape(v) == shape for v in (a, b)) or shape is None:
+            return None
+        return a, b
+
+    def is_value_identity(self, node: Any) -> bool:
+        if not isinstance(node, torch.fx.Node) or not self.is_passthrough(node):
+            return False
+        return node in self.folded or node.target in _DROPOUT_FUNCTIONS or isinstance(
+            self.cap.module_of(node), (nn.Identity, *_DROPOUT_MODULES))
+
     def name(self, node: Any) -> str:
         return node.name if isinstance(node, torch.fx.Node) else repr(node)
 
@@ -318,8 +347,8 @@ class TorchView:
         return f"'{node.name}'"
 
 
-def plan(cap: Capture) -> list[Decision]:
-    """One decision per BatchNorm of the captured model: modules in module order, then functional
-    ``F.batch_norm`` calls in graph order."""
+def plan(cap: Capture) -> engine.Plan:
+    """One decision per BatchNorm of the captured model (modules in module order, then functional
+    ``F.batch_norm`` calls in graph order) and the rep blocks to merge (torch.fx captures only)."""
     return engine.plan(TorchView(cap))
 

@@ -313,6 +313,38 @@ class TimmStyle(nn.Module):
         return self.head(self.drop(self.head_bn(tokens.mean(1))))
 
 
+# --- rep blocks: parallel conv+BN branches and an identity BN, summed ---------------------------
+
+class RepBlock(nn.Module):
+    """RepVGG / MobileOne training-time block: ``kxk`` 3x3 conv+BN branches, a 1x1 conv+BN branch
+    and (stride 1, same channels) an identity BN, summed, then ReLU."""
+
+    def __init__(self, cin, cout, stride=1, kxk=1, groups=1):
+        super().__init__()
+        self.kxk = nn.ModuleList(conv_bn(cin, cout, 3, stride=stride, groups=groups, act=False) for _ in range(kxk))
+        self.scale = conv_bn(cin, cout, 1, stride=stride, groups=groups, act=False)
+        self.identity = nn.BatchNorm2d(cin) if stride == 1 and cin == cout else None
+
+    def forward(self, x):
+        out = self.scale(x)
+        if self.identity is not None:
+            out = out + self.identity(x)
+        for branch in self.kxk:
+            out = out + branch(x)
+        return torch.relu(out)
+
+
+class RepNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.blocks = nn.Sequential(RepBlock(3, 16, stride=2), RepBlock(16, 16), RepBlock(16, 32, stride=2, kxk=2),
+                                    RepBlock(32, 32, kxk=3, groups=4), RepBlock(32, 32))
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.fc(self.blocks(x).mean((2, 3)))
+
+
 @dataclass(frozen=True)
 class Entry:
     factory: Callable[[], nn.Module]
@@ -333,6 +365,7 @@ ZOO: dict[str, Entry] = {
     "audio1d": Entry(AudioNet, (1, 1, 4000), "1-d conv net, strided, dilated, depthwise"),
     "volume3d": Entry(Volume3d, (1, 1, 16, 16, 16), "3-d conv net, grouped"),
     "timm_style": Entry(TimmStyle, (1, 3, 16, 16), "frozen-BN stem, BatchNormAct2d, LeViT LinearNorm, Dropout -> head"),
+    "repnet": Entry(RepNet, (1, 3, 32, 32), "RepVGG/MobileOne blocks: 3x3 and 1x1 conv+BN branches, identity BN"),
 }
 
 

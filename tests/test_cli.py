@@ -37,7 +37,7 @@ def test_fold_example_end_to_end(tmp_path, digits_npz):
         "digits_cnn.folded.pt", "digits_cnn.onnx", "digits_cnn.report.json"]
     assert src.read_bytes() == before
     report = json.loads((tmp_path / "out" / "digits_cnn.report.json").read_text())
-    assert report["summary"] == {"bn_total": 6, "folded": 6, "skipped": 0, "fp16_overflow": {},
+    assert report["summary"] == {"bn_total": 6, "folded": 6, "skipped": 0, "merged_blocks": 0, "fp16_overflow": {},
                                  "batchnorm_nodes_in_onnx": 0}
     assert report["tracer"] == "torch.fx"
     assert [d["status"] for d in report["decisions"]] == ["folded"] * 6

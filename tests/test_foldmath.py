@@ -42,3 +42,19 @@ def test_fold_backward_scales_axis0_of_conv_weight():
 def test_fold_backward_rejects_channel_mismatch():
     with pytest.raises(ValueError, match="3 output channels, BN has 2"):
         foldmath.fold_backward(np.ones((3, 4)), None, [1.0, 1.0], [0.0, 0.0])
+
+
+def test_branch_kernels_compute_what_the_branches_compute():
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 7, 7))
+    w3, w1 = rng.standard_normal((6, 3, 3, 3)), rng.standard_normal((6, 3, 1, 1))
+    s = rng.standard_normal(6)
+    merged = w3 + foldmath.pad_kernel(w1, (3, 3)) + foldmath.identity_kernel(s, 3, (3, 3))
+    xt = torch.from_numpy(x)
+    want = (F.conv2d(xt, torch.from_numpy(w3), padding=1, groups=2) + F.conv2d(xt, torch.from_numpy(w1), groups=2)
+            + xt * torch.from_numpy(s).reshape(1, -1, 1, 1))
+    got = F.conv2d(xt, torch.from_numpy(merged), padding=1, groups=2)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-12)

@@ -4,6 +4,7 @@ graphs from both torch exporters; outputs compared on ORT before and after."""
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import onnx
@@ -294,3 +295,20 @@ def test_dropout_in_inference_passes_through_and_shape_reads_are_not_uses(traini
         assert (result.decisions[0].rule, result.decisions[0].through) == ("conv->bn", ("drop",))
     else:
         assert fold_onnx(model).decisions[0].codes == ("no-layer-before", "no-layer-after")
+
+
+def test_rep_blocks_merge_in_onnx_graphs():
+    """TorchScript-exported RepNet: the exporter fuses conv -> BN; bnrt merges the branches and the
+    identity BNs, leaving one Conv per block and no Add or BatchNormalization."""
+    model = build("repnet", batches=1)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.onnx.export(model, (x,), f"{tmp}/m.onnx", dynamo=False, input_names=["x"], output_names=["y"])
+        proto = onnx.load(f"{tmp}/m.onnx")
+    assert count_ops(proto, "BatchNormalization") == 3 and count_ops(proto, "Add") == 11
+    result = assert_onnx_folds(proto, {"x": x.numpy()}, 3)
+    assert [d.direction for d in result.decisions] == ["merge"] * 3
+    assert (count_ops(result.model, "Conv"), count_ops(result.model, "Add")) == (5, 0)
+    assert [m.to_json()["bns"] for m in result.merges] == [[], ["/blocks/blocks.1/identity/BatchNormalization"], [],
+                                                           ["/blocks/blocks.3/identity/BatchNormalization"],
+                                                           ["/blocks/blocks.4/identity/BatchNormalization"]]

@@ -338,3 +338,53 @@ def test_frozen_batchnorm_is_a_batchnorm_and_round_trips(tmp_path):
     result = assert_folds_exactly(model, torch.randn(2, 3, 6, 6, dtype=torch.float64), 1)
     assert (result.decisions[0].bn, result.decisions[0].rule) == ("1", "conv->bn")
     assert isinstance(result.model[1], nn.Identity)
+
+
+class DilatedRep(nn.Module):
+    """A dilated 3x3 branch beside a 1x1 branch and an identity BN: the kernels do not line up."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(4))
+        self.one = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+        self.identity = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = torch.relu(x)
+        return self.k(x) + self.one(x) + self.identity(x)
+
+
+def test_rep_block_that_does_not_line_up_keeps_its_identity_bn_with_a_coded_reason():
+    model = DilatedRep().double()
+    for bn in (model.k[1], model.one[1], model.identity):
+        randomise_bn(bn, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    result = bnrt.fold(model.eval(), (x,))
+    assert [d.status for d in result.decisions] == ["folded", "folded", "skipped"]
+    with torch.no_grad():
+        assert float((result.model(x) - model(x)).abs().max()) <= 1e-12
+    d = result.decisions[-1]
+    assert (d.bn, d.codes) == ("identity", ("no-layer-before", "no-layer-after", "branch-mismatch"))
+    assert d.refusals[2].direction == "merge" and d.refusals[2].subject == "k.0" and "is dilated" in d.reason
+    assert result.merges == []
+
+
+def test_merged_rep_blocks_round_trip_through_the_folded_checkpoint(tmp_path):
+    from models.zoo import RepNet, build
+
+    from .conftest import save_checkpoint
+
+    model = build("repnet", batches=1)
+    save_checkpoint(tmp_path / "rep.pt", model, "models.zoo:RepNet", (1, 3, 32, 32))
+    outcome = bnrt.fold_file(tmp_path / "rep.pt", tmp_path / "out", exporter="torchscript")
+    assert outcome.passed and outcome.onnx_batchnorm_nodes == 0
+    assert outcome.report["summary"]["merged_blocks"] == 5 and len(outcome.report["merges"]) == 5
+    import onnx
+    from bnrt.export import count_ops
+
+    exported = onnx.load(str(tmp_path / "out" / "rep.onnx"))
+    assert (count_ops(exported, "Conv"), count_ops(exported, "Add")) == (5, 0)
+    reloaded = bnrt.load_folded(RepNet(), tmp_path / "out" / "rep.folded.pt")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert float((reloaded(x) - model(x)).abs().max()) <= 1e-5 * float(model(x).abs().max())

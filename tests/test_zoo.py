@@ -9,7 +9,7 @@ from models.zoo import ZOO, build
 EXPECTED = {  # model: (BatchNorms, folded)
     "resnet": (20, 20), "mobilenetv2": (14, 14), "mobilenetv3": (14, 14), "unet": (7, 7), "generator": (3, 3),
     "tabular": (3, 3), "token_mlp": (2, 2), "reid": (4, 4), "preact": (7, 3), "audio1d": (5, 5), "volume3d": (4, 4),
-    "timm_style": (4, 4),
+    "timm_style": (4, 4), "repnet": (16, 16),
 }
 
 
@@ -61,3 +61,25 @@ def test_timm_and_torchvision_idioms_fold_with_one_decision_each():
         ("proj.bn", "linear->bn", ("proj.linear",), "backward", ("flatten_1",), False),  # reshape_as reads the shape
         ("head_bn", "bn->linear", ("head",), "forward", ("drop",), False),    # Dropout in eval passes through
     ]
+
+
+def test_rep_blocks_merge_into_one_conv_each():
+    model = build("repnet", batches=1)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    result = bnrt.fold(model, (x[:2],))
+    assert [m.to_json() for m in result.merges] == [
+        {"into": "blocks.0.kxk.0.0", "convs": ["blocks.0.scale.0"], "bns": [], "inputs": 0},
+        {"into": "blocks.1.kxk.0.0", "convs": ["blocks.1.scale.0"], "bns": ["blocks.1.identity"], "inputs": 0},
+        {"into": "blocks.2.kxk.0.0", "convs": ["blocks.2.scale.0", "blocks.2.kxk.1.0"], "bns": [], "inputs": 0},
+        {"into": "blocks.3.kxk.0.0", "convs": ["blocks.3.scale.0", "blocks.3.kxk.1.0", "blocks.3.kxk.2.0"],
+         "bns": ["blocks.3.identity"], "inputs": 0},
+        {"into": "blocks.4.kxk.0.0", "convs": ["blocks.4.scale.0"], "bns": ["blocks.4.identity"], "inputs": 0}]
+    assert {d.bn: d.direction for d in result.decisions if d.direction == "merge"} == {
+        "blocks.1.identity": "merge", "blocks.3.identity": "merge", "blocks.4.identity": "merge"}
+    convs = [n.target for n in result.model.graph.nodes if n.op == "call_module"
+             and isinstance(result.model.get_submodule(n.target), torch.nn.Conv2d)]
+    assert convs == [f"blocks.{i}.kxk.0.0" for i in range(5)]
+    with torch.no_grad():  # the merged graph and the user's structure (zeroed branches) compute the same
+        ref = model(x)
+        for folded in (result.model, result.structured):
+            assert float((folded(x) - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))

@@ -131,10 +131,10 @@ class GraphView(Protocol):
         """From now on the BN's node is a pass-through (its fold is planned)."""
 
     def adds(self) -> list:
-        """Elementwise sums of two tensors of the same shape, in graph order (``bnrt.reparam``)."""
+        """Elementwise sums of tensors of one shape, in graph order (``bnrt.reparam``)."""
 
     def add_operands(self, node: Any) -> tuple | None:
-        """The two operands of such a sum, else None."""
+        """The tensor operands of such a sum (a literal zero operand left out), else None."""
 
     def is_value_identity(self, node: Any) -> bool:
         """A pass-through whose output equals its input (Identity, Dropout in eval, a folded BN)."""

@@ -44,11 +44,13 @@ class Merge:
 
 
 def _leaves(view: GraphView, node: Any, adds: list) -> list:
-    """Operands of the sum rooted at ``node``, through inner Adds whose only user is the sum."""
-    operands = view.add_operands(node)
-    if operands is None or (adds and len(view.users(node)) != 1):
+    """Operands of the sum rooted at ``node``, through inner Adds (behind value identities such as
+    an eval DropPath) whose only user is the sum."""
+    inner = _source(view, node)[0] if adds else node
+    operands = view.add_operands(inner)
+    if operands is None or (adds and len(view.users(inner)) != 1):
         return [node]
-    adds.append(node)
+    adds.append(inner)
     return [leaf for operand in operands for leaf in _leaves(view, operand, adds)]
 
 

@@ -319,11 +319,12 @@ class TorchView:
             return None
         if not ((node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add")):
             return None
-        a, b = node.args
+        operands = tuple(a for a in node.args if not (isinstance(a, (int, float)) and a == 0))  # 0 + x: x
         shape = self.cap.shape(node)
-        if not all(isinstance(v, torch.fx.Node) and self.cap.shape(v) == shape for v in (a, b)) or shape is None:
+        if shape is None or not operands or not all(
+                isinstance(v, torch.fx.Node) and self.cap.shape(v) == shape for v in operands):
             return None
-        return a, b
+        return operands
 
     def is_value_identity(self, node: Any) -> bool:
         if not isinstance(node, torch.fx.Node) or not self.is_passthrough(node):

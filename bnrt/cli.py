@@ -103,13 +103,25 @@ def check_from(args: argparse.Namespace) -> CheckOptions:
     _positive(args, "samples", "top_k", "batch_size")
     return CheckOptions(InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range), args.provider,
                         tolerances_from(args), args.top_k, getattr(args, "batch_size", DEFAULT_BATCH),
-                        not getattr(args, "no_localise", False))
+                        not getattr(args, "no_localise", False), args.tf32)
+
+
+def _tf32(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose on or off")
+    return text == "on"
+
+
+def _tf32_arg(p, default: str) -> None:
+    p.add_argument("--tf32", type=_tf32, metavar="on|off",
+                   help=f"TF32 in ORT's CUDA provider (use_tf32); cuda only (default {default})")
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
     """Check flags -> ``CheckOptions`` (``check_from``)."""
     g = p.add_argument_group("check")
     g.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu", help="ORT provider for ONNX (default cpu)")
+    _tf32_arg(g, "off: checks compare exact float32")
     g.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                    help=f"random samples when no --data (default {DEFAULT_SAMPLES})")
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
@@ -171,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", required=True, metavar="FILE", help=".npy (one input) or .npz (arrays named like the inputs)")
     run.add_argument("-o", "--output", required=True, metavar="FILE.npz", help="outputs, named like the model's outputs")
     run.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
+    _tf32_arg(run, "ORT's, on")
     run.add_argument("--threads", type=int, default=0, help="intra-op threads (default: ORT's)")
 
     srv = sub.add_parser("serve", help="serve ONNX models over the KServe v2 HTTP protocol")
@@ -178,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     srv.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
+    _tf32_arg(srv, "ORT's, on")
     srv.add_argument("--threads", type=int, default=0, help="intra-op threads per model (default: ORT's)")
     srv.add_argument("--max-batch", type=int, default=32, help="samples merged into one run (default 32)")
     srv.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for more requests up to this long (default 2)")
@@ -283,7 +297,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .save import atomic_path
 
     refuse_overwrite([args.output], [args.model, args.input])
-    session = Session(args.model, args.provider, args.threads)
+    session = Session(args.model, args.provider, args.threads, tf32=args.tf32)
+    if session.tf32 is not None:
+        print(f"TF32 {'on' if session.tf32 else 'off'}" + (" (ORT's CUDA default)" if args.tf32 is None else ""))
     data = load_data(args.input, session.input_names)
     feeds = dict(zip(session.input_names, data.inputs))
     try:
@@ -304,7 +320,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, provider=args.provider, threads=args.threads,
           max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
-          max_request_bytes=int(args.max_request_mb * (1 << 20)), announce=lambda m: print(m, flush=True))
+          max_request_bytes=int(args.max_request_mb * (1 << 20)), tf32=args.tf32,
+          announce=lambda m: print(m, flush=True))
     return 0
 
 

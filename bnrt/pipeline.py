@@ -127,7 +127,7 @@ def fold_file(
         report_check = None
         if check is not None:
             onnx_path, provider = stage / names["onnx"], check.provider
-            session = Session(onnx_path, provider=provider)
+            session = Session(onnx_path, provider=provider, tf32=check.cuda_tf32 if provider == "cuda" else None)
             folded_side = Side("torch folded", torch_runner(result.model), in_names, [], [], out_names,
                                lambda xs: torch_taps(result.model, xs), folds)
             onnx_run = Side(f"onnx {provider}", session.run, in_names, [], [], out_names,
@@ -164,9 +164,10 @@ def fold_onnx_file(src: Path, out: Path, check: CheckOptions | None = CheckOptio
         clock.lap("save")
         report_check = None
         provider = check.provider if check is not None else "cpu"
-        original = onnx_side(f"onnx {provider}", src, provider)
+        tf32 = check.cuda_tf32 if check is not None else False
+        original = onnx_side(f"onnx {provider}", src, provider, tf32)
         if check is not None:
-            folded = onnx_side(f"onnx folded {provider}", stage / names["folded"], provider)
+            folded = onnx_side(f"onnx folded {provider}", stage / names["folded"], provider, tf32)
             spec, batch_size = batching([original], check.inputs, check.batch_size)
             data = make_inputs(spec, original.input_names, original.input_shapes, original.input_dtypes, str(src))
             report_check = compare_sides(original, [folded], data, original.output_names, folds_of(result.decisions),

@@ -32,6 +32,12 @@ NUMPY_TYPES = {
 }
 
 
+def check_tf32(provider: str, tf32: bool | None) -> None:
+    """TF32 is a choice of the CUDA provider only."""
+    if tf32 is not None and provider != "cuda":
+        raise OptionError(f"`tf32` applies to the cuda provider only (provider is {provider})")
+
+
 def resolve_provider(short: str) -> str:
     """ORT's provider name for ``short``; ``InputError`` if unknown or not available here."""
     if short not in PROVIDERS:
@@ -67,14 +73,19 @@ class Session:
     ``path``: an ONNX file. ``provider``: ``cpu`` or ``cuda``. ``threads``: intra-op threads and
     ``inter_threads``: inter-op threads (0 = ORT's default). ``optimization``: graph optimisation
     level (disable, basic, extended, all). ``spinning``: let idle ORT threads spin (lowest latency
-    for back-to-back runs; a server turns it off). Raises ``InputError`` when the file cannot be
-    loaded or the provider is unavailable or was not taken by the session.
+    for back-to-back runs; a server turns it off). ``tf32``: the CUDA provider's ``use_tf32`` option
+    (None: ORT's default, on); an ``OptionError`` with the CPU provider. ``model_bytes``: the model
+    itself (``path`` then only names it). Raises ``InputError`` when the file cannot be loaded or
+    the provider is unavailable or was not taken by the session.
     """
 
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int = 0, inter_threads: int = 0,
-                 optimization: str = "all", spinning: bool = True, model_bytes: bytes | None = None) -> None:
+                 optimization: str = "all", spinning: bool = True, model_bytes: bytes | None = None,
+                 tf32: bool | None = None) -> None:
         self.path = Path(path)
         self.provider = provider
+        check_tf32(provider, tf32)
+        self.tf32 = (True if tf32 is None else tf32) if provider == "cuda" else None
         wanted = resolve_provider(provider)
         if optimization not in OPTIMIZATION:
             raise InputError(f"optimization {optimization!r}: choose one of {', '.join(OPTIMIZATION)}")
@@ -86,7 +97,8 @@ class Session:
         if not spinning:  # idle ORT worker threads sleep instead of spinning: a server's CPU goes to requests
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        chain = [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
+        chain = [wanted] if wanted == PROVIDERS["cpu"] else [(wanted, {"use_tf32": str(int(self.tf32))}),
+                                                             PROVIDERS["cpu"]]
         try:
             self.session = ort.InferenceSession(str(self.path) if model_bytes is None else model_bytes, options,
                                                 providers=chain)

@@ -29,12 +29,15 @@ from .errors import InputError, OptionError
 from .run import Session
 from .kserve import HEADER_LENGTH, RequestError, ServedModel, build_response, parse_request
 
-def discover(path: str | os.PathLike, provider: str = "cpu", threads: int = 0) -> dict[str, dict[str, ServedModel]]:
+def discover(path: str | os.PathLike, provider: str = "cpu", threads: int = 0,
+             tf32: bool | None = None) -> dict[str, dict[str, ServedModel]]:
     """Models to serve: one ONNX file (named by its stem, version 1) or a Triton-style repository
-    ``REPO/NAME/VERSION/model.onnx``. Returns name -> version -> ServedModel."""
+    ``REPO/NAME/VERSION/model.onnx``. Returns name -> version -> ServedModel. ``tf32``: CUDA only,
+    None keeps ORT's default (on)."""
     path = Path(path)
+
     def session(file: Path) -> Session:
-        return Session(file, provider, threads, spinning=False)
+        return Session(file, provider, threads, spinning=False, tf32=tf32)
 
     if path.is_file():
         return {path.stem: {"1": ServedModel(path.stem, "1", session(path))}}
@@ -259,8 +262,9 @@ def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32
 
 def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, provider: str = "cpu",
           threads: int = 0, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
-          max_request_bytes: int = 64 << 20, announce=print) -> None:
-    """Serve the model(s) at ``path`` until SIGINT/SIGTERM (uvicorn's handlers shut down cleanly)."""
+          max_request_bytes: int = 64 << 20, tf32: bool | None = None, announce=print) -> None:
+    """Serve the model(s) at ``path`` until SIGINT/SIGTERM (uvicorn's handlers shut down cleanly).
+    ``tf32``: CUDA only; None keeps ORT's default (on), announced at start."""
     import uvicorn
 
     for value, option in ((max_batch, "max_batch"), (max_queue, "max_queue"), (max_request_bytes, "max_request_mb")):
@@ -268,7 +272,7 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
             raise OptionError(f"`{option}` must be positive")
     if max_delay_ms < 0:
         raise OptionError("`max_delay_ms` cannot be negative")
-    models = discover(path, provider, threads)
+    models = discover(path, provider, threads, tf32)
     app = create_app(models, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                      max_request_bytes=max_request_bytes)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -285,7 +289,9 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     names = ", ".join(f"{n} (v{', v'.join(sorted(v, key=int))})" for n, v in models.items())
-    announce(f"serving {names} at http://{host}:{port} (KServe v2; Ctrl-C stops)")
+    tf32_note = "" if provider != "cuda" else f"; TF32 {'on' if tf32 is not False else 'off'}" + (
+        " (ORT's CUDA default; --tf32 off for exact float32)" if tf32 is None else "")
+    announce(f"serving {names} at http://{host}:{port} (KServe v2{tf32_note}; Ctrl-C stops)")
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that
     # was in place before it: a no-op one here, so that a requested stop exits with status 0
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -22,7 +22,7 @@ from .errors import InputError
 from .export import model_input_names, output_names
 from .load import Loaded, ModelSource
 from .localise import first_divergence, onnx_taps, torch_taps
-from .run import Session
+from .run import Session, check_tf32
 from .save import refuse_overwrite
 from .verify import (DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, NoiseReference, Runner, Tolerances,
                      check, torch_runner)
@@ -41,6 +41,15 @@ class CheckOptions:
     top_k: int = DEFAULT_TOP_K
     batch_size: int = DEFAULT_BATCH
     localise: bool = True
+    tf32: bool | None = None  # CUDA only; None: off in checks (exact float32)
+
+    def __post_init__(self) -> None:
+        check_tf32(self.provider, self.tf32)
+
+    @property
+    def cuda_tf32(self) -> bool:
+        """TF32 for ONNX runs of the check on CUDA: off unless asked for."""
+        return bool(self.tf32)
 
 
 @dataclass
@@ -115,10 +124,10 @@ def example_data(loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = No
     return make_inputs(InputSpec(data=data, samples=2), side.input_names, side.input_shapes, where=where)
 
 
-def onnx_side(label: str, path: Path, provider: str) -> Side:
-    """An ONNX file on ORT; its noise reference re-rounds its weights (``rounding_noise``), made on
-    first use."""
-    session = Session(path, provider=provider)
+def onnx_side(label: str, path: Path, provider: str, tf32: bool = False) -> Side:
+    """An ONNX file on ORT (on CUDA with TF32 as asked: off by default); its noise reference
+    re-rounds its weights (``rounding_noise``), made on first use."""
+    session = Session(path, provider=provider, tf32=tf32 if provider == "cuda" else None)
     shapes = [spec.shape for spec in session.inputs]
     dtypes = [spec.dtype for spec in session.inputs]
     fixed = shapes[0][0] if shapes and shapes[0] else None
@@ -146,13 +155,13 @@ def batching(sides: list[Side], spec: InputSpec, batch_size: int) -> tuple[Input
     return replace(spec, samples=max(batch, spec.samples // batch * batch)), batch
 
 
-def open_side(source: ModelSource, *, label: str, provider: str = "cpu") -> Side:
+def open_side(source: ModelSource, *, label: str, provider: str = "cpu", tf32: bool = False) -> Side:
     """A torch checkpoint (original or folded) or, for ``.onnx`` files, an ORT session."""
     path = source.path
     if path.suffix.lower() == ".onnx":
         if not path.is_file():
             raise InputError(f"{path}: no such file")
-        return onnx_side(f"{label} onnx {provider}", path, provider)
+        return onnx_side(f"{label} onnx {provider}", path, provider, tf32)
     return torch_side(f"{label} torch", source.load(), source.input_shapes)
 
 
@@ -216,7 +225,7 @@ def check_files(
     reference, candidate = ModelSource.of(reference), ModelSource.of(candidate)
     refuse_overwrite([save_inputs], [reference.path, candidate.path])
     ref = open_side(reference, label="reference", provider=reference_provider)
-    cand = open_side(candidate, label="candidate", provider=options.provider)
+    cand = open_side(candidate, label="candidate", provider=options.provider, tf32=options.cuda_tf32)
     names, shapes, dtypes = _merge_inputs(ref, cand, reference.path, candidate.path)
     inputs, batch_size = batching([ref, cand], options.inputs, options.batch_size)
     data = make_inputs(inputs, names, shapes, dtypes, str(reference.path))

@@ -8,6 +8,8 @@ from bnrt.errors import InputError
 from bnrt.export import export_onnx
 from bnrt.run import Session, resolve_provider
 
+from .conftest import EXAMPLE, assert_one_line_error, run_cli
+
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
@@ -51,3 +53,24 @@ def test_unknown_provider_and_bad_file(tmp_path, linear_onnx):
         Session(tmp_path / "bad.onnx")
     with pytest.raises(InputError, match=r"expects 1 input\(s\) \(x\), got 2"):
         Session(linear_onnx[0]).run([np.ones((1, 3), np.float32)] * 2)
+
+
+def test_tf32_is_a_cuda_choice_and_an_error_elsewhere(tmp_path, linear_onnx):
+    with pytest.raises(InputError) as err:
+        Session(linear_onnx[0], "cpu", tf32=False)
+    assert str(err.value) == "tf32 applies to the cuda provider only (provider is cpu)"
+    assert Session(linear_onnx[0], "cpu").tf32 is None
+    for args in (["fold", str(EXAMPLE), "-o", str(tmp_path / "f"), "--tf32", "on"],
+                 ["check", str(EXAMPLE), str(EXAMPLE), "--tf32", "off", "--json", str(tmp_path / "r.json")],
+                 ["run", str(linear_onnx[0]), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.npz"),
+                  "--tf32", "off"]):
+        proc = run_cli(*args)
+        assert_one_line_error(proc, "--tf32 applies to the cuda provider only (provider is cpu)")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device")
+def test_tf32_sets_the_cuda_provider_option(linear_onnx):
+    for tf32, expected in ((None, "1"), (True, "1"), (False, "0")):
+        session = Session(linear_onnx[0], "cuda", tf32=tf32)
+        assert session.session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == expected

@@ -49,17 +49,20 @@ class DeepNoFold(nn.Module):
     def __init__(self, depth: int = 24, width: int = 16, seed: int = 0):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        with torch.random.fork_rng():  # conv initialisation from the seed, whatever ran before
+            torch.manual_seed(seed)
+            self.stem = nn.Conv2d(3, width, 3, padding=1)
+            convs = [nn.Conv2d(width, width, 3, padding=1) for _ in range(depth)]
+            self.head = nn.Conv2d(width, 4, 3, padding=1)
         self.blocks = nn.ModuleList()
-        for _ in range(depth):
-            conv, bn = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        for conv in convs:
+            bn = nn.BatchNorm2d(width)
             with torch.no_grad():
                 bn.running_mean.copy_(torch.rand(width, generator=gen) * 0.5)
                 bn.running_var.copy_(torch.rand(width, generator=gen) * 0.5 + 0.25)
                 bn.weight.copy_(torch.rand(width, generator=gen) * 0.6 + 2.3)
                 bn.bias.copy_(torch.randn(width, generator=gen) * 0.5)
             self.blocks.append(nn.Sequential(conv, nn.ReLU(), bn))
-        self.head = nn.Conv2d(width, 4, 3, padding=1)
         with torch.no_grad():  # outputs 2, 3 nearly cancel outputs 0, 1: small differences of large values
             self.head.weight[2:] = self.head.weight[:2] + 1e-6 * torch.randn(2, width, 3, 3, generator=gen)
             self.head.bias[2:] = self.head.bias[:2]

@@ -52,6 +52,38 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
 
 
+class Bottleneck(nn.Module):
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        cout = width * 4
+        self.body = nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, width, 3, stride=stride),
+                                  conv_bn(width, cout, 1, act=None))
+        self.down = conv_bn(cin, cout, 1, stride=stride, act=None) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.down(x))
+
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 layout (bottlenecks 3-4-6-3, 25.6M parameters), for the pipeline-cost
+    benchmark (tools/bench.py); not in ZOO, whose models the tests fold one by one."""
+
+    def __init__(self, classes=1000):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        blocks, cin = [], 64
+        for i, (width, count) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+            for j in range(count):
+                blocks.append(Bottleneck(cin, width, 2 if i and not j else 1))
+                cin = width * 4
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+
+
 # --- MobileNetV2 / V3-style ---------------------------------------------------------------------
 
 class SqueezeExcite(nn.Module):

@@ -230,6 +230,10 @@ def cmd_fold(args: argparse.Namespace) -> int:
     outcome = fold_file(source_from(args, args.model), args.output_dir,
                         check=None if args.no_check else check_from(args), opset=args.opset, exporter=args.exporter)
     print(decision_table(outcome.result.decisions))
+    for merge in outcome.result.merges:
+        print(f"merged into '{merge.target.name}': " + ", ".join(
+            [*(f"'{c.name}'" for c in merge.convs), *(f"identity BN '{b.name}'" for b in merge.bns),
+             *(["the input"] * merge.inputs)]))
     print(f"BatchNormalization nodes in {'the folded ONNX' if str(args.model).lower().endswith('.onnx') else 'ONNX'}: "
           f"{outcome.onnx_batchnorm_nodes}")
     for layer, largest in outcome.result.fp16_overflow.items():

@@ -384,6 +384,11 @@ def test_merged_rep_blocks_round_trip_through_the_folded_checkpoint(tmp_path):
 
     exported = onnx.load(str(tmp_path / "out" / "rep.onnx"))
     assert (count_ops(exported, "Conv"), count_ops(exported, "Add")) == (5, 0)
+    from .conftest import run_cli
+
+    proc = run_cli("fold", str(tmp_path / "rep.pt"), "-o", str(tmp_path / "cli"), "--no-check", "--exporter",
+                   "torchscript")
+    assert "merged into 'blocks.1.kxk.0.0': 'blocks.1.scale.0', identity BN 'blocks.1.identity'" in proc.stdout
     reloaded = bnrt.load_folded(RepNet(), tmp_path / "out" / "rep.folded.pt")
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

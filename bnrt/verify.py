@@ -17,7 +17,7 @@ graph and the noisy run the same graph with every float weight re-rounded by a r
 (what any fold's single rounding may change). Per output, ``floor`` = max |noisy − anchor|,
 ``error`` = max |candidate − anchor|, ``ratio`` = error / floor; the output passes when
 ``error <= factor·floor + tiny`` (``tiny``: 4 float32 ULPs of the anchor's largest value, for exact
-zeros) and the candidate's top-1 agreement with the anchor is not below the noisy run's. Explicit
+zeros) and, where the noisy run keeps every top-1 of the anchor, so does the candidate. Explicit
 ``atol``/``rtol`` replace this with ``|c − r| <= atol + rtol·|r|`` (numpy's allclose) against the
 reference. In both, NaN/Inf in the candidate where the reference is finite fails. With labels,
 accuracy (argmax of the first output) is reported per runner.
@@ -250,8 +250,10 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | N
     metrics.error = float(np.abs(head - anchor).max())
     metrics.ratio = metrics.error / metrics.floor if metrics.floor else (0.0 if metrics.error == 0 else float("inf"))
     metrics.passed = within_noise(metrics.error, metrics.floor, float(np.abs(anchor).max()), factor)
-    if classifier and _agreement(head, anchor) < _agreement(noisy, anchor):
-        metrics.passed, metrics.problem = False, "top-1 agreement with the noise anchor below the noise run's"
+    # top-1 must not get worse where float32 noise itself leaves every top-1 intact; where it flips
+    # some (an ill-conditioned model), top-1 flips are noise too and the error bound decides
+    if classifier and _agreement(noisy, anchor) == 1.0 and _agreement(head, anchor) < 1.0:
+        metrics.passed, metrics.problem = False, "top-1 differs from the noise anchor where float32 noise keeps it"
     return metrics
 
 

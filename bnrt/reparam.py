@@ -94,8 +94,8 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
             bns.append(site[1])
         else:
             others.append(leaf)
-    if not convs:
-        return None
+    if not convs or len({c.name for c in convs}) < len(convs) or len({id(b.node) for b in bns}) < len(bns):
+        return None  # a branch summed twice (y + y) is not a rep block
     x = view.input_of(convs[0].node)
     if any(view.input_of(c.node) is not x for c in convs) or any(view.input_of(b.node) is not x for b in bns) \
             or any(o is not x for o in others):

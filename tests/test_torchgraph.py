@@ -393,3 +393,22 @@ def test_merged_rep_blocks_round_trip_through_the_folded_checkpoint(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert float((reloaded(x) - model(x)).abs().max()) <= 1e-5 * float(model(x).abs().max())
+
+
+class SumOfItself(nn.Module):
+    """conv -> BN, added to itself (found by the fold fuzzer): not a rep block of two branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1, bias=False), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y + y
+
+
+def test_a_branch_added_to_itself_is_not_merged():
+    model = SumOfItself().double()
+    randomise_bn(model.bn, torch.Generator().manual_seed(0))
+    result = assert_folds_exactly(model, torch.randn(2, 3, 5, 5, dtype=torch.float64), 1)
+    assert result.merges == []

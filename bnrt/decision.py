@@ -34,9 +34,6 @@ CODES: dict[str, str] = {
     "branch-mismatch": "parallel branches summed by Add do not line up (stride, groups, dilation, padding)",
 }
 
-DIRECTIONS = ("backward", "forward", "merge")
-
-
 @dataclass(frozen=True)
 class Refusal:
     """Why a fold does not apply: ``direction`` None for refusals about the BN itself (tried no

@@ -83,7 +83,9 @@ class Layer:
 
 class GraphView(Protocol):
     """What the engine asks of a graph backend. Nodes are the backend's own objects, compared by
-    identity."""
+    identity. ``keeps_structure``: the folded model keeps the user's modules and forward (torch)."""
+
+    keeps_structure: bool
 
     def batchnorms(self) -> Iterable[BnSite]:
         """Every BatchNorm-like layer, once, in report order."""

@@ -82,6 +82,8 @@ class OnnxLayer:
 class OnnxView:
     """``engine.GraphView`` over ``model.graph``; node objects are those of ``self.nodes``."""
 
+    keeps_structure = False
+
     def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple] | None = None):
         self.model = model
         self.graph = model.graph

@@ -7,7 +7,9 @@ the engine's ``GraphView``, for torch and ONNX graphs alike (see docs/ARCHITECTU
 Conditions: every conv branch reads the same input, is called once with parameters of its own,
 has an odd kernel with "same" zero padding (padding = kernel // 2), and all share stride, groups
 and dilation 1; its output (through folded BNs and identities) feeds only the sum. An identity
-branch (a BN in eval, or the input itself) needs stride 1 and as many output as input channels.
+branch (a BN in eval, or the input itself) needs stride 1 and as many output as input channels; the
+input itself only where the backend need not keep the user's module structure (ONNX): a folded torch
+checkpoint keeps the user's forward, which would still add the input.
 A BN that could have merged but does not keeps a ``branch-mismatch`` refusal naming why.
 """
 
@@ -101,6 +103,8 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
             or any(o is not x for o in others):
         return None
     if not bns and not others and len(convs) < 2:
+        return None
+    if others and view.keeps_structure:  # the user's forward would still add the input: no weight to zero
         return None
     first = convs[0]
     for conv in convs:

@@ -141,6 +141,8 @@ def _dropout_off(node: torch.fx.Node) -> bool:
 class TorchView:
     """``engine.GraphView`` over a capture."""
 
+    keeps_structure = True
+
     def __init__(self, cap: Capture):
         self.cap = cap
         self.folded: set[torch.fx.Node] = set()

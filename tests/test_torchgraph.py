@@ -412,3 +412,42 @@ def test_a_branch_added_to_itself_is_not_merged():
     randomise_bn(model.bn, torch.Generator().manual_seed(0))
     result = assert_folds_exactly(model, torch.randn(2, 3, 5, 5, dtype=torch.float64), 1)
     assert result.merges == []
+
+
+class RepWithInput(nn.Module):
+    """RepViT's RepVggDw form: 3x3 conv+BN + 1x1 conv + the input itself, summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4))
+        self.conv1 = nn.Conv2d(4, 4, 1, groups=4)
+
+    def forward(self, x):
+        x = torch.relu(x)
+        return self.conv(x) + self.conv1(x) + x
+
+
+def test_the_input_itself_merges_in_onnx_but_stays_in_the_users_torch_structure(tmp_path):
+    import onnx
+
+    from bnrt.export import count_ops
+    from bnrt.onnxfold import fold_onnx
+
+    model = RepWithInput().eval()
+    randomise_bn(model.conv[1].double(), torch.Generator().manual_seed(0))
+    model.float()
+    x = torch.randn(2, 4, 6, 6)
+    result = bnrt.fold(model, (x,))  # the two convs merge; the user's forward still adds the input
+    assert [m.to_json() for m in result.merges] == [{"into": "conv.0", "convs": ["conv1"], "bns": [], "inputs": 0}]
+    with torch.no_grad():
+        for folded_model in (result.model, result.structured):
+            assert float((folded_model(x) - model(x)).abs().max()) <= 1e-5
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"], output_names=["y"])
+    folded = fold_onnx(onnx.load(str(tmp_path / "m.onnx")))
+    assert [m.to_json()["inputs"] for m in folded.merges] == [1]
+    assert (count_ops(folded.model, "Conv"), count_ops(folded.model, "Add")) == (1, 0)
+    import onnxruntime as ort
+
+    run = ort.InferenceSession(folded.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert abs(run.run(None, {"x": x.numpy()})[0] - model(x).numpy()).max() <= 1e-5

@@ -27,7 +27,7 @@ from .localise import onnx_taps, torch_taps
 from .onnxfold import OnnxFoldResult, fold_onnx, load_onnx
 from .run import Session, resolve_provider
 from .save import atomic_path, ensure_dir, publish, refuse_overwrite, staging, write_json, write_torch
-from .sides import CheckOptions, Side, batching, compare_sides, example_data, onnx_side, torch_side
+from .sides import CheckOptions, Side, batching, compare_sides, example_data, onnx_side, session_tf32, torch_side
 from .torchgraph import plan
 from .verify import CheckReport, flatten_outputs, torch_runner
 
@@ -127,7 +127,7 @@ def fold_file(
         report_check = None
         if check is not None:
             onnx_path, provider = stage / names["onnx"], check.provider
-            session = Session(onnx_path, provider=provider, tf32=check.cuda_tf32 if provider == "cuda" else None)
+            session = Session(onnx_path, provider=provider, tf32=session_tf32(provider, check.tf32))
             folded_side = Side("torch folded", torch_runner(result.model), in_names, [], [], out_names,
                                lambda xs: torch_taps(result.model, xs), folds)
             onnx_run = Side(f"onnx {provider}", session.run, in_names, [], [], out_names,
@@ -164,7 +164,7 @@ def fold_onnx_file(src: Path, out: Path, check: CheckOptions | None = CheckOptio
         clock.lap("save")
         report_check = None
         provider = check.provider if check is not None else "cpu"
-        tf32 = check.cuda_tf32 if check is not None else False
+        tf32 = check.tf32 if check is not None else None
         original = onnx_side(f"onnx {provider}", src, provider, tf32)
         if check is not None:
             folded = onnx_side(f"onnx folded {provider}", stage / names["folded"], provider, tf32)

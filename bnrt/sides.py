@@ -46,10 +46,11 @@ class CheckOptions:
     def __post_init__(self) -> None:
         check_tf32(self.provider, self.tf32)
 
-    @property
-    def cuda_tf32(self) -> bool:
-        """TF32 for ONNX runs of the check on CUDA: off unless asked for."""
-        return bool(self.tf32)
+
+def session_tf32(provider: str, tf32: bool | None) -> bool | None:
+    """The ``tf32`` of a check's ORT session: on CUDA off unless asked for (exact float32); None
+    (not applicable) elsewhere."""
+    return bool(tf32) if provider == "cuda" else None
 
 
 @dataclass
@@ -89,7 +90,8 @@ def float64_noise(model: nn.Module) -> NoiseReference:
     return NoiseReference("float64", run, taps)
 
 
-def rounding_noise(model: onnx.ModelProto, label: str, provider: str, seed: int = 0) -> NoiseReference:
+def rounding_noise(model: onnx.ModelProto, label: str, provider: str, tf32: bool | None = None,
+                   seed: int = 0) -> NoiseReference:
     """The graph with every float32 initializer moved by one ULP on a random half of its elements:
     its difference from the graph is the float32 noise that re-rounding the weights (any fold) causes."""
     rng = np.random.default_rng(seed)
@@ -102,7 +104,7 @@ def rounding_noise(model: onnx.ModelProto, label: str, provider: str, seed: int 
         away = np.where(rng.random(w.shape) < 0.5, np.float32(np.inf), np.float32(-np.inf))
         moved = np.where(rng.random(w.shape) < 0.5, np.nextafter(w, away), w)
         init.CopyFrom(numpy_helper.from_array(moved.astype(np.float32), init.name))
-    session = Session(f"{label} (weights re-rounded)", provider, model_bytes=noisy.SerializeToString())
+    session = Session(f"{label} (weights re-rounded)", provider, model_bytes=noisy.SerializeToString(), tf32=tf32)
     return NoiseReference("rounding", session.run, lambda xs: onnx_taps(noisy, xs, provider))
 
 
@@ -124,10 +126,11 @@ def example_data(loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = No
     return make_inputs(InputSpec(data=data, samples=2), side.input_names, side.input_shapes, where=where)
 
 
-def onnx_side(label: str, path: Path, provider: str, tf32: bool = False) -> Side:
+def onnx_side(label: str, path: Path, provider: str, tf32: bool | None = None) -> Side:
     """An ONNX file on ORT (on CUDA with TF32 as asked: off by default); its noise reference
     re-rounds its weights (``rounding_noise``), made on first use."""
-    session = Session(path, provider=provider, tf32=tf32 if provider == "cuda" else None)
+    tf32 = session_tf32(provider, tf32)
+    session = Session(path, provider=provider, tf32=tf32)
     shapes = [spec.shape for spec in session.inputs]
     dtypes = [spec.dtype for spec in session.inputs]
     fixed = shapes[0][0] if shapes and shapes[0] else None
@@ -135,7 +138,7 @@ def onnx_side(label: str, path: Path, provider: str, tf32: bool = False) -> Side
 
     def noise() -> NoiseReference:
         if not made:
-            made.append(rounding_noise(onnx.load(str(path)), str(path), provider))
+            made.append(rounding_noise(onnx.load(str(path)), str(path), provider, tf32))
         return made[0]
 
     return Side(label, session.run, session.input_names, shapes, dtypes, session.output_names,
@@ -155,7 +158,7 @@ def batching(sides: list[Side], spec: InputSpec, batch_size: int) -> tuple[Input
     return replace(spec, samples=max(batch, spec.samples // batch * batch)), batch
 
 
-def open_side(source: ModelSource, *, label: str, provider: str = "cpu", tf32: bool = False) -> Side:
+def open_side(source: ModelSource, *, label: str, provider: str = "cpu", tf32: bool | None = None) -> Side:
     """A torch checkpoint (original or folded) or, for ``.onnx`` files, an ORT session."""
     path = source.path
     if path.suffix.lower() == ".onnx":
@@ -224,8 +227,8 @@ def check_files(
     ``save_inputs`` writes the inputs used to an .npz."""
     reference, candidate = ModelSource.of(reference), ModelSource.of(candidate)
     refuse_overwrite([save_inputs], [reference.path, candidate.path])
-    ref = open_side(reference, label="reference", provider=reference_provider)
-    cand = open_side(candidate, label="candidate", provider=options.provider, tf32=options.cuda_tf32)
+    ref = open_side(reference, label="reference", provider=reference_provider, tf32=options.tf32)
+    cand = open_side(candidate, label="candidate", provider=options.provider, tf32=options.tf32)
     names, shapes, dtypes = _merge_inputs(ref, cand, reference.path, candidate.path)
     inputs, batch_size = batching([ref, cand], options.inputs, options.batch_size)
     data = make_inputs(inputs, names, shapes, dtypes, str(reference.path))

@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m tools.digits_data -o build/digits_test.npz
-	$(VENV)/bin/bnrt fold models/digits_cnn.pt -o build/demo --data build/digits_test.npz
+	$(VENV)/bin/bnrt fold models/digits_cnn.pt --arch models.digits:DigitsNet -o build/demo --data build/digits_test.npz
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q --hypothesis-profile=thorough
 
 $(ZOO_STAMP): pyproject.toml constraints-zoo.txt
 	test -x $(ZOO_VENV)/bin/python || $(PYTHON) -m venv $(ZOO_VENV)

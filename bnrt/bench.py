@@ -3,8 +3,10 @@
 Variants: torch eager (unfolded), torch eager folded by bnrt, torch.fx ``fuse`` (the common
 alternative), onnxruntime on the ONNX that ``torch.onnx.export`` gives without bnrt, onnxruntime on
 bnrt's ONNX, and the BN-free limit: the same architecture with every BatchNorm replaced by
-``nn.Identity``, exported and run the same way (what a network without BN would cost). CUDA
-variants of the ORT runs where CUDA is present.
+``nn.Identity``, exported and run the same way (what a network without BN would cost). Where CUDA
+is present: the ORT runs on the CUDA provider too, and torch eager (unfolded and folded) on the GPU,
+the fair GPU baseline (inputs copied to the device and synchronised inside the timed call, as ORT's
+``run`` does).
 
 Method: threads pinned (torch and ORT intra-op) and reported; a warm-up per variant; then
 ``repeats`` rounds, each timing ``iterations`` calls of every variant in turn (interleaved, so that
@@ -82,17 +84,24 @@ def bn_free(model: nn.Module) -> nn.Module:
     return out
 
 
-def _torch_runner(model: nn.Module) -> Runner:
+def _torch_runner(model: nn.Module, device: str = "cpu") -> Runner:
+    model = model.to(device)
+
     def run(x: np.ndarray):
         with torch.inference_mode():
-            return model(torch.from_numpy(x))
+            out = model(torch.from_numpy(x).to(device))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
     return run
 
 
 def variants(model: nn.Module, example: torch.Tensor, workdir: Path, threads: int,
-             cuda: bool = False, unavailable: dict[str, str] | None = None) -> dict[str, Runner]:
-    """The runners to compare, built from ``model`` (eval mode). A variant whose tool fails on the
-    model is left out, with the reason in ``unavailable``."""
+             cuda: bool = False, unavailable: dict[str, str] | None = None,
+             torch_cuda: bool = False) -> dict[str, Runner]:
+    """The runners to compare, built from ``model`` (eval mode): ``cuda`` adds ORT's CUDA provider,
+    ``torch_cuda`` torch eager on the GPU. A variant whose tool fails on the model is left out, with
+    the reason in ``unavailable``."""
     from torch.fx.experimental.optimization import fuse
 
     names = (input_names(model, 1), output_names(1))
@@ -120,6 +129,9 @@ def variants(model: nn.Module, example: torch.Tensor, workdir: Path, threads: in
                             ("ORT, BN-free limit", limit_onnx)):
             session = Session(path, provider, threads=threads)
             runners[f"{label} ({provider})"] = lambda x, s=session: s.run([x])
+    if torch_cuda:
+        runners["torch eager (cuda)"] = _torch_runner(copy.deepcopy(model), "cuda")
+        runners["torch eager, bnrt folded (cuda)"] = _torch_runner(copy.deepcopy(folded), "cuda")
     return runners
 
 
@@ -141,13 +153,15 @@ def measure(runners: dict[str, Runner], inputs: np.ndarray, repeats: int, iterat
 def bench_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "model",
                 batch_sizes: tuple[int, ...] = (1, 8, 32), threads: int = 1, repeats: int = 5,
                 iterations: int = 20, cuda: bool | None = None) -> BenchReport:
-    """Benchmark ``model`` (eval mode) on random inputs of ``input_shape`` (batch axis replaced)."""
+    """Benchmark ``model`` (eval mode) on random inputs of ``input_shape`` (batch axis replaced).
+    ``cuda``: add the GPU variants (default: where ORT's CUDA provider, or torch's CUDA, is present)."""
     torch.set_num_threads(threads)
-    cuda = ("CUDAExecutionProvider" in ort.get_available_providers()) if cuda is None else cuda
+    ort_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and cuda is not False
+    torch_cuda = torch.cuda.is_available() and cuda is not False
     report = BenchReport(name, threads, list(batch_sizes), environment=environment(threads))
     example = torch.randn(2, *input_shape[1:])
     with tempfile.TemporaryDirectory() as tmp:
-        runners = variants(model.eval(), example, Path(tmp), threads, cuda, report.unavailable)
+        runners = variants(model.eval(), example, Path(tmp), threads, ort_cuda, report.unavailable, torch_cuda)
         for batch in batch_sizes:
             x = np.random.default_rng(batch).standard_normal((batch, *input_shape[1:])).astype(np.float32)
             for variant, t in measure(runners, x, repeats, iterations).items():
@@ -194,16 +208,18 @@ def plot(reports: list[BenchReport], path: Path) -> None:
     plt.close(fig)
 
 
-def pipeline_cost(checkpoint: Path, workdir: Path) -> dict[str, float]:
+def pipeline_cost(checkpoint: "ModelSource | Path", workdir: Path) -> dict[str, float]:
     """Wall time of ``bnrt fold`` end to end (load, fold, export, check) against torch.fx ``fuse``
     + ``torch.onnx.export`` (load, fuse, export) of the same checkpoint, after a warm-up of both."""
     from torch.fx.experimental.optimization import fuse
 
-    from .load import load_model
+    from .load import ModelSource
     from .pipeline import fold_file
 
+    checkpoint = ModelSource.of(checkpoint)
+
     def alternative(out: Path) -> None:
-        loaded = load_model(checkpoint)
+        loaded = checkpoint.load()
         fused = fuse(loaded.model)
         shape = loaded.input_shapes[0]
         with quiet():

@@ -87,10 +87,14 @@ def _source_args(p: argparse.ArgumentParser, shapes: bool = True) -> None:
     g.add_argument("--arch", metavar="MOD:NAME", help="architecture class or factory (overrides the checkpoint's arch)")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a full nn.Module: runs code from the file, use only for files you trust")
+    g.add_argument("--trust-code", action="store_true",
+                   help="allow importing the checkpoint's arch from a file in the current or the model's folder "
+                        "(runs that code; installed packages need no flag)")
 
 
 def source_from(args: argparse.Namespace, path: str) -> ModelSource:
-    return ModelSource(Path(path), args.arch, args.trust_pickle, getattr(args, "input_shape", None))
+    return ModelSource(Path(path), args.arch, args.trust_pickle, getattr(args, "input_shape", None),
+                       args.trust_code)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

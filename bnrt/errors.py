@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class BnrtError(Exception):
@@ -13,6 +16,12 @@ class BnrtError(Exception):
 
 class InputError(BnrtError):
     """A file, flag or model that bnrt cannot use (exit code 2)."""
+
+    def about(self, where: str) -> "InputError":
+        """The same error, its message starting with ``where`` (the file at fault)."""
+        new = copy.copy(self)
+        new.args = (f"{where}: {self}",)
+        return new
 
 
 class OptionError(InputError):
@@ -25,6 +34,11 @@ class OptionError(InputError):
     def __init__(self, template: str):
         self.template = template
         super().__init__(self._OPTION.sub(r"\1", template))
+
+    def about(self, where: str) -> "OptionError":
+        new = super().about(where)
+        new.template = f"{where}: {self.template}"
+        return new
 
     def as_flag(self) -> str:
         """The message with each option written as its command-line flag."""
@@ -50,3 +64,15 @@ def first_line(exc: BaseException) -> str:
     one-line error reports."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[0][:300] if lines else type(exc).__name__
+
+
+@contextmanager
+def about(path: object) -> Iterator[None]:
+    """Within the block, an ``InputError`` whose message does not name ``path`` is re-raised with
+    ``path`` in front: errors about a model (its statistics, the shapes it runs on) name its file."""
+    try:
+        yield
+    except InputError as exc:
+        if str(path) in str(exc):
+            raise
+        raise exc.about(str(path)) from exc

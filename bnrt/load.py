@@ -8,6 +8,10 @@ Formats:
   folded BatchNorms replaced by ``nn.Identity``, then the weights are loaded;
 - a pickled ``nn.Module``, only with ``trust_pickle=True``: unpickling runs code from the file.
 
+Code from a model's folder runs only with consent: an ``arch`` read from a checkpoint whose module
+would be imported from a file in the current directory or in the checkpoint's folder (not from an
+installed package) is imported only with ``trust_code=True``; an ``arch`` the caller names is consent.
+
 Refuses: an ``arch`` read from a file that is not an ``nn.Module`` subclass (a factory function is
 accepted from the command line only), state_dicts that do not match the architecture, and files
 that are missing, truncated or not torch checkpoints, each with an ``InputError`` naming the file.
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.machinery
+import importlib.util
 import os
 import pickle
 import re
@@ -57,13 +63,15 @@ class Loaded:
 class ModelSource:
     """Where a model comes from and what bnrt may run to read it: ``arch`` overrides the
     checkpoint's architecture ("module:Name", or a class or factory), ``trust_pickle`` allows
-    unpickling a full ``nn.Module`` (runs code from the file), ``input_shapes`` (with batch)
-    override the checkpoint's ``input_shape``."""
+    unpickling a full ``nn.Module`` (runs code from the file), ``trust_code`` allows importing the
+    checkpoint's ``arch`` from a file in the current directory or the checkpoint's folder,
+    ``input_shapes`` (with batch) override the checkpoint's ``input_shape``."""
 
     path: Path
     arch: str | Callable[..., nn.Module] | None = None
     trust_pickle: bool = False
     input_shapes: list[Shape] | None = None
+    trust_code: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -74,7 +82,7 @@ class ModelSource:
         return source if isinstance(source, ModelSource) else cls(Path(source))
 
     def load(self) -> Loaded:
-        return load_model(self.path, arch=self.arch, trust_pickle=self.trust_pickle)
+        return load_model(self.path, arch=self.arch, trust_pickle=self.trust_pickle, trust_code=self.trust_code)
 
 
 def file_sha256(path: Path) -> str:
@@ -101,11 +109,39 @@ def parse_shapes(value: Any, where: str) -> list[Shape]:
     return [tuple(int(d) for d in s) for s in value]
 
 
-def resolve_arch(spec: str, *, from_file: str | None = None) -> Callable[..., nn.Module]:
+def local_source(module_name: str, folders: list[Path]) -> Path | None:
+    """The file (or package folder) that importing ``module_name`` would run, when it lies in one of
+    ``folders`` and not in an installed environment; ``None`` otherwise. Finds without importing:
+    only the top-level name is looked up (a package's submodules live where the package does), on
+    ``sys.path`` and then in ``folders``."""
+    top = module_name.split(".")[0]
+    loaded = sys.modules.get(top)
+    try:
+        spec = loaded.__spec__ if loaded is not None else importlib.util.find_spec(top)
+        if spec is None:
+            spec = importlib.machinery.PathFinder.find_spec(top, [str(f) for f in folders])
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    places = [spec.origin] if spec.origin and spec.has_location else []
+    places += list(spec.submodule_search_locations or [])
+    installed = {Path(p).resolve() for p in (sys.prefix, sys.exec_prefix, sys.base_prefix)}
+    for place in places:
+        path = Path(place).resolve()
+        if any(path.is_relative_to(i) for i in installed) or {"site-packages", "dist-packages"} & set(path.parts):
+            continue
+        if any(path.is_relative_to(f) for f in folders):
+            return path
+    return None
+
+
+def resolve_arch(spec: str, *, from_file: str | None = None, trust_code: bool = False) -> Callable[..., nn.Module]:
     """Import ``"package.module:Name"`` and return the class (or, from the command line, a factory).
 
     The current directory is importable, as with ``python -m``. ``from_file`` names the checkpoint
-    the string came from; such a string must name an ``nn.Module`` subclass.
+    the string came from; such a string must name an ``nn.Module`` subclass, and a module found in
+    the current directory or the checkpoint's folder is imported only with ``trust_code``.
     """
     where = f"{from_file}: arch {spec!r}" if from_file else f"`arch` {spec!r}"
     module_name, sep, attr = spec.partition(":")
@@ -113,6 +149,16 @@ def resolve_arch(spec: str, *, from_file: str | None = None) -> Callable[..., nn
         raise OptionError(f"{where}: expected MODULE:NAME, e.g. models.digits:DigitsNet")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if from_file:
+        folder = Path(from_file).resolve().parent
+        local = local_source(module_name, [Path.cwd().resolve(), folder])
+        if local is not None and not trust_code:
+            raise OptionError(
+                f"{where}: importing {module_name!r} would run {local}, code from the current or the "
+                "model's folder; pass `trust_code` to run it, or name the architecture with `arch`"
+            )
+        if local is not None and local.is_relative_to(folder) and str(folder) not in sys.path:
+            sys.path.append(str(folder))  # trusted code beside the checkpoint
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # an import can fail in any way the imported code chooses
@@ -237,9 +283,12 @@ def load_model(
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> Loaded:
     """Read ``path`` into a ``Loaded`` (model in eval mode). ``arch`` ("module:NAME", a class or a
-    factory) overrides the checkpoint's own ``arch`` entry; ``arch_kwargs`` overrides its kwargs."""
+    factory) overrides the checkpoint's own ``arch`` entry; ``arch_kwargs`` overrides its kwargs.
+    ``trust_code`` allows importing the checkpoint's own ``arch`` from the current directory or the
+    checkpoint's folder (see ``resolve_arch``)."""
     path = Path(path)
     ckpt = _torch_load(path, weights_only=not trust_pickle)
     sha = file_sha256(path)
@@ -270,7 +319,7 @@ def load_model(
         factory = arch if callable(arch) else resolve_arch(arch)
         arch_name = arch if isinstance(arch, str) else _callable_path(arch)
     elif isinstance(file_arch, str):
-        factory = resolve_arch(file_arch, from_file=where)
+        factory = resolve_arch(file_arch, from_file=where, trust_code=trust_code)
         arch_name = file_arch
     else:
         raise OptionError(f"{where}: the checkpoint names no architecture; pass `arch` MODULE:NAME")

@@ -20,6 +20,7 @@ from .artifacts import (artifact_names, fold_report, folded_checkpoint, folds_of
 from .capture import capture
 from .data import InputSpec, make_inputs
 from .decision import Decision, DecisionSet
+from .errors import about
 from .export import DEFAULT_OPSET, count_ops, export_onnx, output_names
 from .fold import FoldResult, apply
 from .load import Loaded, ModelSource, file_sha256
@@ -107,8 +108,9 @@ def fold_file(
     example = tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs)
     clock.lap("load")
 
-    cap = capture(loaded.model, example)
-    planned = plan(cap)
+    with about(src):
+        cap = capture(loaded.model, example)
+        planned = plan(cap)
     decisions = planned.decisions
     clock.lap("capture+plan")
     result = apply(loaded.model, planned, cap)
@@ -196,6 +198,7 @@ def inspect_file(source: ModelSource | str | os.PathLike, *,
         return None, fold_onnx(load_onnx(source.path), str(source.path)).decisions
     loaded = source.load()
     dataset = example_data(loaded, source.input_shapes, data, str(source.path))
-    return loaded, plan(capture(loaded.model, tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs))).decisions
+    with about(source.path):
+        return loaded, plan(capture(loaded.model, tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs))).decisions
 
 

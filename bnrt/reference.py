@@ -67,7 +67,7 @@ def forward_train(x, gamma=None, beta=None, eps: float = 1e-5):
     x = np.asarray(x, dtype=np.float64)
     count, mean, m2 = moments(x)
     if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size torch.Size({list(x.shape)})")  # torch's words
     var_biased = m2 / count
     inv_std = 1.0 / np.sqrt(var_biased + eps)
     x_hat = (x - _channel(mean, x.ndim)) * _channel(inv_std, x.ndim)

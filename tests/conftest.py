@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import http.client
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import settings
 import torch
 import tritonclient.http as httpclient
 from onnx import TensorProto, helper, numpy_helper
@@ -26,12 +30,32 @@ from bnrt.export import count_ops
 from bnrt.onnxfold import fold_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Property tests of fold rules take their example count from the profile: `dev` for quick local runs,
+# `thorough` (what `make test` and CI run: pytest --hypothesis-profile=thorough) at least 1,000 per
+# rule, derandomised (the same examples on every run) and printing the blob that replays a failure.
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.register_profile("thorough", max_examples=1000, deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("dev")
+
+
+def pytest_report_header(config):
+    return (f"hypothesis profile {settings.get_current_profile_name()!r}: {settings().max_examples} examples per fold rule, "
+            f"derandomize={settings().derandomize}")
 EXAMPLE = ROOT / "models" / "digits_cnn.pt"
 
 
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python -m bnrt ARGS`` in a subprocess, as a user runs it."""
+_TAKES_TRUST = {"fold", "check", "inspect", "calibrate", "bench"}
+
+
+def run_cli(*args: str, cwd: Path = ROOT, trust_code: bool = True) -> subprocess.CompletedProcess:
+    """``python -m bnrt ARGS`` in a subprocess, as a user runs it. The test checkpoints name
+    architectures in this repository (``models.*``, ``tests.nets``), code from the current folder:
+    ``--trust-code`` is added where a command reads a ``.pt`` file, unless ``trust_code=False``
+    (the tests of that consent)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if trust_code and args and args[0] in _TAKES_TRUST and any(str(a).endswith(".pt") for a in args[1:]):
+        args = (args[0], "--trust-code", *args[1:])
     return subprocess.run([sys.executable, "-m", "bnrt", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -44,6 +68,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     assert "Traceback" not in proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def trusted(path: Path | str) -> bnrt.ModelSource:
+    """A source whose checkpoint names an architecture in this repository (code from the current
+    folder, which bnrt imports only with consent)."""
+    return bnrt.ModelSource(Path(path), trust_code=True)
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, arch: str | None, input_shape=None, **extra) -> Path:
@@ -141,14 +171,35 @@ def assert_onnx_folds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], fold
 
 # --- serving ---------------------------------------------------------------------------------------
 
+def readline_within(stream, seconds: float) -> str:
+    """The next line of ``stream``, or ``AssertionError`` after ``seconds`` (a hung child never
+    hangs the test run)."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=seconds)
+    except queue.Empty:
+        raise AssertionError(f"no line within {seconds} s") from None
+
+
 class Server:
+    """``bnrt serve TARGET --port 0`` in a subprocess; the port is read back from its first line."""
+
     def __init__(self, target: Path, *flags: str):
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.log = tempfile.TemporaryFile("w+")  # stderr to a file: a full pipe would block the server
         self.proc = subprocess.Popen([sys.executable, "-m", "bnrt", "serve", str(target), "--port", "0", *flags],
-                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        try:
+            line = readline_within(self.proc.stdout, 120)
+        except AssertionError:
+            self.proc.kill()
+            raise
         found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert found, (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
+        if not found:
+            self.proc.wait(timeout=20)
+            self.log.seek(0)
+            raise AssertionError((line, self.log.read()))
         self.port = int(found.group(1))
         self.url = f"127.0.0.1:{self.port}"
         deadline = time.time() + 30
@@ -174,13 +225,13 @@ class Server:
             return self.proc.wait(timeout=20)
         finally:
             self.proc.stdout.close()
-            self.proc.stderr.close()
+            self.log.close()
 
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model")
-    outcome = bnrt.fold_file(EXAMPLE, out, check=None, exporter="torchscript")
+    outcome = bnrt.fold_file(trusted(EXAMPLE), out, check=None, exporter="torchscript")
     assert outcome.onnx_batchnorm_nodes == 0
     return out / "digits_cnn.onnx"
 

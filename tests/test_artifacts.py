@@ -16,7 +16,7 @@ from bnrt.artifacts import FOLDS_KEY, artifact_names, folds_in, folds_of, onnx_m
 from bnrt.decision import CODES
 from bnrt.onnxfold import fold_onnx
 
-from .conftest import EXAMPLE, bn_node, bn_params, onnx_graph
+from .conftest import EXAMPLE, bn_node, bn_params, onnx_graph, trusted
 
 SCHEMA = json.loads((Path(bnrt.__file__).parent / "schemas" / "fold-1.schema.json").read_text())
 
@@ -32,7 +32,7 @@ def test_artifact_names():
 
 
 def test_torch_fold_report_is_schema_valid(tmp_path):
-    outcome = bnrt.fold_file(EXAMPLE, tmp_path, check=None, exporter="torchscript")
+    outcome = bnrt.fold_file(trusted(EXAMPLE), tmp_path, check=None, exporter="torchscript")
     report = json.loads((tmp_path / "digits_cnn.report.json").read_text())
     jsonschema.validate(report, SCHEMA)
     assert report == json.loads(json.dumps(outcome.report))
@@ -53,7 +53,7 @@ def _partly_foldable_onnx(path: Path) -> Path:
 
 def test_onnx_fold_report_is_schema_valid_and_codes_each_direction(tmp_path):
     src = _partly_foldable_onnx(tmp_path / "g.onnx")
-    outcome = bnrt.fold_file(src, tmp_path / "out")
+    outcome = bnrt.fold_file(trusted(src), tmp_path / "out")
     report = json.loads((tmp_path / "out" / "g.report.json").read_text())
     jsonschema.validate(report, SCHEMA)
     assert outcome.passed and report["summary"]["batchnorm_nodes_in_onnx"] == 1

@@ -15,12 +15,13 @@ from onnx import numpy_helper
 import bnrt
 from bnrt.data import random_inputs
 from bnrt.errors import InputError
+from bnrt.export import count_ops
 from bnrt.data import InputSpec
 from bnrt.sides import CheckOptions, check_files
 from bnrt.verify import Tolerances, compare_output
 from models.digits import digits_split
 
-from .conftest import EXAMPLE, assert_one_line_error, run_cli, save_checkpoint
+from .conftest import EXAMPLE, assert_one_line_error, run_cli, save_checkpoint, trusted
 
 SCHEMA = json.loads((Path(bnrt.__file__).parent / "schemas" / "check-2.schema.json").read_text())
 
@@ -31,7 +32,7 @@ def folded(tmp_path_factory):
     out = tmp_path_factory.mktemp("folded")
     _, _, x, y = digits_split()
     np.savez(out / "digits.npz", x=x, y=y)
-    outcome = bnrt.fold_file(EXAMPLE, out, check=CheckOptions(InputSpec(data=out / "digits.npz")))
+    outcome = bnrt.fold_file(trusted(EXAMPLE), out, check=CheckOptions(InputSpec(data=out / "digits.npz")))
     assert outcome.passed
     return out
 
@@ -117,7 +118,7 @@ def test_corrupted_fold_is_caught_and_the_layer_named(tmp_path, folded, kind):
         bad = tmp_path / "bad.onnx"
         _corrupt_onnx(folded / "digits_cnn.onnx", bad)
     else:  # node names like /block/body/body.1/body.1.0/Conv instead of name-scope metadata
-        bnrt.fold_file(EXAMPLE, tmp_path / "ts", check=None, exporter="torchscript")
+        bnrt.fold_file(trusted(EXAMPLE), tmp_path / "ts", check=None, exporter="torchscript")
         bad = tmp_path / "bad.onnx"
         _corrupt_onnx(tmp_path / "ts" / "digits_cnn.onnx", bad)
     proc = run_cli("check", str(EXAMPLE), str(bad), "--data", str(folded / "digits.npz"), "--json", str(tmp_path / "r.json"))
@@ -150,18 +151,25 @@ def test_fold_names_the_layer_when_its_own_check_fails(tmp_path):
 
 
 def test_save_inputs_reproduces_the_report(tmp_path, folded):
-    first = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", CheckOptions(InputSpec(samples=16, seed=7)),
+    first = check_files(trusted(EXAMPLE), trusted(folded / "digits_cnn.folded.pt"), CheckOptions(InputSpec(samples=16, seed=7)),
                         save_inputs=tmp_path / "in.npz")
     saved = np.load(tmp_path / "in.npz")
     assert saved.files == ["x"] and saved["x"].shape == (16, 1, 8, 8)
-    again = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", CheckOptions(InputSpec(data=tmp_path / "in.npz")))
+    again = check_files(trusted(EXAMPLE), trusted(folded / "digits_cnn.folded.pt"), CheckOptions(InputSpec(data=tmp_path / "in.npz")))
     assert again.comparisons[0].outputs[0].max_abs == first.comparisons[0].outputs[0].max_abs
 
 
-def test_two_onnx_files_and_torch_vs_torch(folded):
-    report = check_files(folded / "digits_cnn.onnx", folded / "digits_cnn.onnx", CheckOptions(InputSpec(samples=8)))
-    assert report.passed and report.comparisons[0].outputs[0].max_abs == 0.0
-    report = check_files(EXAMPLE, folded / "digits_cnn.folded.pt", CheckOptions(InputSpec(samples=8, distribution="uniform")))
+def test_two_onnx_files_and_torch_vs_torch(folded, tmp_path):
+    # the unfolded model exported with its BatchNorms against bnrt's folded ONNX: two different graphs
+    unfolded = tmp_path / "unfolded.onnx"
+    bnrt.export_onnx(bnrt.load_model(EXAMPLE, trust_code=True).model, (torch.randn(2, 1, 8, 8),), unfolded,
+                     names=(["x"], ["output"]), exporter="torchscript")
+    assert count_ops(onnx.load(str(unfolded)), "BatchNormalization") > 0  # the exporter folds some itself
+    report = check_files(unfolded, folded / "digits_cnn.onnx", CheckOptions(InputSpec(samples=64)))
+    out = report.comparisons[0].outputs[0]
+    assert report.passed and report.noise == "rounding" and out.criterion == "noise"
+    assert 0 < out.max_abs < 1e-4 and out.top1_agreement == 1.0 and out.error <= 8 * out.floor + 1e-5
+    report = check_files(trusted(EXAMPLE), trusted(folded / "digits_cnn.folded.pt"), CheckOptions(InputSpec(samples=8, distribution="uniform")))
     assert report.passed and report.source == "random uniform, seed 0"
 
 

@@ -154,16 +154,18 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, digits_npz, case):
     assert not (tmp_path / "ran").exists()
 
 
-def test_output_folder_equal_to_input_never_overwrites(tmp_path):
-    src = tmp_path / "m.onnx.pt"
+def test_an_output_that_is_the_input_is_refused(tmp_path):
+    # output names derive from the input's (m.pt -> m.folded.pt, m.onnx, m.report.json), so they
+    # collide with the input only through a link: out/m.onnx pointing at the input
+    src = tmp_path / "m.pt"
     shutil.copy(EXAMPLE, src)
-    # stem "m" would give m.onnx, not the input; a file named like an output is the real risk:
-    clash = tmp_path / "m.folded.pt"
-    shutil.copy(EXAMPLE, clash)
-    before = clash.read_bytes()
-    proc = run_cli("fold", str(clash), "-o", str(tmp_path), "--exporter", "torchscript")
-    assert proc.returncode == 0, proc.stderr
-    assert clash.read_bytes() == before  # outputs are m.folded.folded.pt, m.folded.onnx, ...
+    before = src.read_bytes()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "m.onnx").symlink_to(src)
+    proc = run_cli("fold", str(src), "-o", str(tmp_path / "out"), "--exporter", "torchscript")
+    assert_one_line_error(proc, f"{tmp_path / 'out' / 'm.onnx'}: would overwrite the input {src}")
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.onnx"]
 
 
 def test_trust_pickle_loads_a_pickled_module(tmp_path):

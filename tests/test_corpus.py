@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnrt
 
-from .conftest import EXAMPLE, assert_one_line_error, run_cli
+from .conftest import EXAMPLE, assert_one_line_error, run_cli, trusted
 
 
 def _state(tmp: Path, name: str, mutate) -> Path:
@@ -47,8 +47,13 @@ def _missing_initializer_onnx(tmp: Path) -> Path:
 
 
 def _folded_onnx(tmp: Path) -> Path:
-    bnrt.fold_file(EXAMPLE, tmp / "good", check=None, exporter="torchscript")
+    bnrt.fold_file(trusted(EXAMPLE), tmp / "good", check=None, exporter="torchscript")
     return tmp / "good" / "digits_cnn.onnx"
+
+
+def _copy(tmp: Path, src: Path, name: str) -> Path:
+    (tmp / name).write_bytes(src.read_bytes())
+    return tmp / name
 
 
 def _truncated(tmp: Path, src: Path, name: str) -> Path:
@@ -80,8 +85,20 @@ def _pickled_function_arch(tmp: Path, arch: str) -> Path:
 
 
 def _pickled_module(tmp: Path) -> Path:
-    torch.save(bnrt.load_model(EXAMPLE).model, tmp / "module.pt")
+    torch.save(bnrt.load_model(EXAMPLE, trust_code=True).model, tmp / "module.pt")
     return tmp / "module.pt"
+
+
+def _beside_code(tmp: Path) -> Path:
+    """A model shared as a weights file beside its modeling code, which leaves a marker on import."""
+    folder = tmp / "shared"
+    folder.mkdir()
+    (folder / "modeling_bnrt_corpus.py").write_text(
+        f"import pathlib\npathlib.Path({str(tmp / 'MARKER')!r}).write_text('ran')\n"
+        "from models.digits import DigitsNet as Net\n")
+    torch.save({"state_dict": torch.load(EXAMPLE, weights_only=True)["state_dict"],
+                "arch": "modeling_bnrt_corpus:Net", "input_shape": [1, 1, 8, 8]}, folder / "model.pt")
+    return folder / "model.pt"
 
 
 def _digits_npz(tmp: Path) -> Path:
@@ -97,17 +114,27 @@ CORPUS = [
     ("fold zip that is not a torch archive", lambda t: ["fold", _zip(t), "-o", t / "o"],
      ["notes.pt: a zip archive but not a torch checkpoint"], ["o"]),
     ("fold NaN running_var", lambda t: ["fold", _state(t, "nan.pt", lambda c: c["state_dict"]["stem.1.running_var"].__setitem__(0, float("nan"))), "-o", t / "o"],
-     ["BatchNorm 'stem.1': running_var holds NaN or Inf"], ["o"]),
+     ["nan.pt: BatchNorm 'stem.1': running_var holds NaN or Inf"], ["o"]),
     ("fold Inf running_mean", lambda t: ["fold", _state(t, "inf.pt", lambda c: c["state_dict"]["fc_bn.running_mean"].__setitem__(3, float("inf"))), "-o", t / "o"],
-     ["BatchNorm 'fc_bn': running_mean holds NaN or Inf"], ["o"]),
+     ["inf.pt: BatchNorm 'fc_bn': running_mean holds NaN or Inf"], ["o"]),
     ("fold negative running_var", lambda t: ["fold", _state(t, "neg.pt", lambda c: c["state_dict"]["depthwise.1.running_var"].__setitem__(2, -1.0)), "-o", t / "o"],
-     ["BatchNorm 'depthwise.1': running_var is negative"], ["o"]),
+     ["neg.pt: BatchNorm 'depthwise.1': running_var is negative"], ["o"]),
     ("fold mismatched --input-shape", lambda t: ["fold", EXAMPLE, "--input-shape", "1,2,8,8", "-o", t / "o"],
-     ["model DigitsNet fails on inputs of shape (2, 2, 8, 8)"], ["o"]),
+     ["digits_cnn.pt: model DigitsNet fails on inputs of shape (2, 2, 8, 8)"], ["o"]),
     ("fold unwritable output folder", lambda t: ["fold", EXAMPLE, "-o", _file(t, "plain", b"x") / "sub"],
      ["cannot create output folder"], []),
     ("fold pickled module without --trust-pickle", lambda t: ["fold", _pickled_module(t), "-o", t / "o"],
      ["module.pt: holds pickled Python objects", "--trust-pickle"], ["o"]),
+    ("fold code beside the checkpoint", lambda t: ["fold", _beside_code(t), "-o", t / "o"],
+     ["model.pt: arch 'modeling_bnrt_corpus:Net'", "modeling_bnrt_corpus.py", "--trust-code"], ["o", "MARKER"]),
+    ("inspect code beside the checkpoint", lambda t: ["inspect", _beside_code(t)],
+     ["model.pt: arch 'modeling_bnrt_corpus:Net'", "modeling_bnrt_corpus.py", "--trust-code"], ["MARKER"]),
+    ("check code beside the checkpoint", lambda t: ["check", _beside_code(t), EXAMPLE, "--json", t / "r.json"],
+     ["model.pt: arch 'modeling_bnrt_corpus:Net'", "--trust-code"], ["r.json", "MARKER"]),
+    ("calibrate code beside the checkpoint", lambda t: ["calibrate", _beside_code(t), "--data", _digits_npz(t), "-o", t / "c.pt"],
+     ["model.pt: arch 'modeling_bnrt_corpus:Net'", "--trust-code"], ["c.pt", "MARKER"]),
+    ("bench code beside the checkpoint", lambda t: ["bench", _beside_code(t), "--json", t / "b.json"],
+     ["model.pt: arch 'modeling_bnrt_corpus:Net'", "--trust-code"], ["b.json", "MARKER"]),
     ("fold arch naming a function", lambda t: ["fold", _pickled_function_arch(t, "os:getcwd"), "-o", t / "o"],
      ["arch 'os:getcwd' is not an nn.Module subclass"], ["o"]),
     ("fold arch naming a non-Module class", lambda t: ["fold", _pickled_function_arch(t, "collections:OrderedDict"), "-o", t / "o"],
@@ -127,8 +154,8 @@ CORPUS = [
      ["cut.onnx: onnxruntime cannot load it"], ["r.json"]),
     ("calibrate data that does not fit", lambda t: ["calibrate", EXAMPLE, "--data", _npz(t, "c.npz", x=np.zeros((3, 8, 8), np.float32)), "-o", t / "c.pt"],
      ["c.npz: the model cannot run on a batch of shape (3, 8, 8)"], ["c.pt"]),
-    ("calibrate output equal to the input", lambda t: ["calibrate", EXAMPLE, "--data", _digits_npz(t), "-o", EXAMPLE],
-     ["would overwrite the input"], []),
+    ("calibrate output equal to the input", lambda t: ["calibrate", _copy(t, EXAMPLE, "m.pt"), "--data", _digits_npz(t), "-o", t / "m.pt"],
+     ["m.pt: would overwrite the input"], []),
     ("calibrate a data file that is not numpy", lambda t: ["calibrate", EXAMPLE, "--data", _file(t, "d.npz", b"text"), "-o", t / "c.pt"],
      ["d.npz: not a readable .npz or .npy file"], ["c.pt"]),
     ("run integer data on a float model", lambda t: ["run", _folded_onnx(t), "--input", _npz(t, "i.npz", x=np.zeros((2, 1, 8, 8), np.int64)), "-o", t / "out.npz"],
@@ -147,19 +174,24 @@ CORPUS = [
 
 @pytest.mark.parametrize("case", CORPUS, ids=[c[0] for c in CORPUS])
 def test_bad_input(tmp_path, case):
-    _, argv, fragments, absent = case
-    args = [str(a) for a in argv(tmp_path)]
+    name, argv, fragments, absent = case
+    paths = argv(tmp_path)
+    args = [str(a) for a in paths]
     before = {p for p in tmp_path.rglob("*")}
-    proc = run_cli(*args)
+    proc = run_cli(*args, trust_code="code beside" not in name)
     assert_one_line_error(proc, *fragments)
+    line = proc.stderr.strip()
+    assert any(p.name in line for p in paths if isinstance(p, Path)), f"names no file: {line}"
     for name in absent:
-        assert not (tmp_path / name).exists() or not any((tmp_path / name).iterdir())
+        assert not (tmp_path / name).exists() or (tmp_path / name).is_dir() and not any((tmp_path / name).iterdir())
     leftovers = {p for p in tmp_path.rglob("*") if p not in before}
     assert not [p for p in leftovers if p.name.startswith(".")], leftovers  # no temp files left behind
 
 
-def test_corpus_size():
-    assert len(CORPUS) >= 20
+def test_corpus_covers_every_command():
+    assert len(CORPUS) == 34
+    commands = {c[0].split()[0] for c in CORPUS}
+    assert commands == {"fold", "inspect", "check", "calibrate", "run", "serve", "triton", "bench"}
 
 
 def test_unpickling_code_never_runs_without_trust(tmp_path):

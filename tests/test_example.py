@@ -15,7 +15,7 @@ def test_committed_checkpoint_is_small_accurate_and_self_describing():
     assert EXAMPLE.stat().st_size < 1_000_000
     ckpt = torch.load(EXAMPLE, weights_only=True)
     assert ckpt["arch"] == "models.digits:DigitsNet" and ckpt["input_shape"] == [1, 1, 8, 8]
-    model = bnrt.load_model(EXAMPLE).model
+    model = bnrt.load_model(EXAMPLE, trust_code=True).model
     _, _, x, y = digits_split()
     with torch.no_grad():
         acc = float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
@@ -23,7 +23,7 @@ def test_committed_checkpoint_is_small_accurate_and_self_describing():
 
 
 def test_folded_example_within_1e5_of_unfolded_on_the_test_split():
-    model = bnrt.load_model(EXAMPLE).model
+    model = bnrt.load_model(EXAMPLE, trust_code=True).model
     _, _, x, _ = digits_split()
     xt = torch.from_numpy(x)
     result = bnrt.fold(model, (xt[:2],))
@@ -53,6 +53,6 @@ def test_training_script_updates_batchnorm_statistics():
 def test_reference_batchnorm_agrees_with_torch_on_the_trained_example():
     from tools.train_digits import reference_agreement
 
-    agreement = reference_agreement(bnrt.load_model(EXAMPLE).model)
+    agreement = reference_agreement(bnrt.load_model(EXAMPLE, trust_code=True).model)
     assert set(agreement) == {"output", "grad_input", "running_mean", "running_var"}
     assert max(agreement.values()) < 1e-5

@@ -13,7 +13,7 @@ from models.digits import DigitsNet
 
 @pytest.fixture(scope="module")
 def folded_example():
-    loaded = bnrt.load_model("models/digits_cnn.pt")
+    loaded = bnrt.load_model("models/digits_cnn.pt", trust_code=True)
     return loaded.model, bnrt.fold(loaded.model, (torch.rand(2, 1, 8, 8),)).model
 
 

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import bnrt
-from bnrt.errors import InputError
+from bnrt.errors import InputError, OptionError
 from bnrt.load import load_model, resolve_arch
 from models.digits import DigitsNet
 
-from .conftest import save_checkpoint
+from .conftest import assert_one_line_error, run_cli, save_checkpoint, trusted
 from .nets import FunctionalBN
 
 
@@ -34,7 +34,7 @@ def test_dict_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = DigitsNet().eval()
     path = save_checkpoint(tmp_path / "m.pt", model, "models.digits:DigitsNet", (1, 1, 8, 8), arch_kwargs={})
-    loaded = load_model(path)
+    loaded = load_model(path, trust_code=True)
     assert loaded.input_shapes == [(1, 1, 8, 8)] and loaded.arch == "models.digits:DigitsNet"
     assert not loaded.model.training and len(loaded.sha256) == 64
     x = torch.randn(3, 1, 8, 8)
@@ -54,7 +54,7 @@ def test_state_dict_layouts(tmp_path, layout):
         ckpt = {layout: sd, "arch": "models.digits:DigitsNet", "optimizer": {"lr": 0.1}}
     torch.save(ckpt, tmp_path / "m.pt")
     arch = "models.digits:DigitsNet" if layout == "plain" else None
-    loaded = load_model(tmp_path / "m.pt", arch=arch)
+    loaded = load_model(tmp_path / "m.pt", arch=arch, trust_code=True)
     assert all(torch.equal(v, sd[k]) for k, v in loaded.model.state_dict().items())
 
 
@@ -67,7 +67,7 @@ def test_plain_state_dict_without_arch_says_what_to_pass(tmp_path):
 def test_factory_accepted_from_command_line_only(tmp_path):
     torch.save({"state_dict": small_net().state_dict(), "arch": "tests.test_load:small_net"}, tmp_path / "m.pt")
     with pytest.raises(InputError, match=r"arch 'tests.test_load:small_net' is not an nn.Module subclass; refusing"):
-        load_model(tmp_path / "m.pt")
+        load_model(tmp_path / "m.pt", trust_code=True)
     assert isinstance(load_model(tmp_path / "m.pt", arch="tests.test_load:small_net").model, nn.Sequential)
 
 
@@ -95,7 +95,7 @@ def test_state_dict_mismatch_names_keys(tmp_path):
     sd["extra.weight"] = torch.zeros(1)
     torch.save({"state_dict": sd, "arch": "models.digits:DigitsNet"}, tmp_path / "m.pt")
     with pytest.raises(InputError, match=r"does not match the architecture: missing fc.weight; unexpected extra.weight"):
-        load_model(tmp_path / "m.pt")
+        load_model(tmp_path / "m.pt", trust_code=True)
 
 
 def test_pickled_module_needs_trust_flag(tmp_path):
@@ -147,15 +147,15 @@ def test_missing_and_directory(tmp_path):
 
 
 def test_load_folded_into_users_class(tmp_path, example):
-    outcome = bnrt.fold_file(example, tmp_path, check=None, exporter="torchscript")
-    original = load_model(example).model
+    outcome = bnrt.fold_file(trusted(example), tmp_path, check=None, exporter="torchscript")
+    original = load_model(example, trust_code=True).model
     model = bnrt.load_folded(DigitsNet(), tmp_path / "digits_cnn.folded.pt")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert outcome.result.bias_added == ["stem.0", "block.body.0.0", "block.body.1.0", "depthwise.0"]
     x = torch.rand(16, 1, 8, 8)
     with torch.no_grad():
         assert float((model(x) - original(x)).abs().max()) < 1e-5
-    again = load_model(tmp_path / "digits_cnn.folded.pt")
+    again = load_model(tmp_path / "digits_cnn.folded.pt", trust_code=True)
     assert again.source_format == "folded" and again.input_shapes == [(1, 1, 8, 8)]
     with torch.no_grad():
         assert torch.equal(again.model(x), model(x))
@@ -167,7 +167,7 @@ def test_functional_batch_norm_round_trip_through_the_folded_checkpoint(tmp_path
     torch.manual_seed(0)
     model = FunctionalBN().eval()
     save_checkpoint(tmp_path / "f.pt", model, "tests.nets:FunctionalBN", (1, 3, 6, 6))
-    outcome = bnrt.fold_file(tmp_path / "f.pt", tmp_path / "out", exporter="torchscript")
+    outcome = bnrt.fold_file(trusted(tmp_path / "f.pt"), tmp_path / "out", exporter="torchscript")
     assert outcome.passed and outcome.onnx_batchnorm_nodes == 0
     assert outcome.report["decisions"][0]["kind"] == "functional"
     reloaded = bnrt.load_folded(FunctionalBN(), tmp_path / "out" / "f.folded.pt")
@@ -176,3 +176,52 @@ def test_functional_batch_norm_round_trip_through_the_folded_checkpoint(tmp_path
         assert torch.equal(reloaded(x), outcome.result.model(x))
         assert float((reloaded(x) - model(x)).abs().max()) < 1e-5
     assert count_ops(__import__("onnx").load(str(tmp_path / "out" / "f.onnx")), "BatchNormalization") == 0
+
+
+def _code_folder(folder: Path, module: str) -> Path:
+    """``folder/model.pt`` naming ``module:Net`` and ``folder/module.py``, which leaves a marker
+    ``folder/MARKER`` when imported."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{module}.py").write_text(
+        f"import pathlib\npathlib.Path({str(folder / 'MARKER')!r}).write_text('ran')\n"
+        "from models.digits import DigitsNet as Net\n")
+    torch.save({"state_dict": DigitsNet().state_dict(), "arch": f"{module}:Net", "input_shape": [1, 1, 8, 8]},
+               folder / "model.pt")
+    return folder / "model.pt"
+
+
+def test_code_beside_the_checkpoint_is_imported_only_with_consent(tmp_path):
+    path = _code_folder(tmp_path / "shared", "modeling_consent_lib")
+    with pytest.raises(OptionError) as err:
+        load_model(path)
+    assert str(err.value) == (
+        f"{path}: arch 'modeling_consent_lib:Net': importing 'modeling_consent_lib' would run "
+        f"{path.parent / 'modeling_consent_lib.py'}, code from the current or the model's folder; "
+        "pass trust_code to run it, or name the architecture with arch")
+    assert err.value.as_flag().endswith("pass --trust-code to run it, or name the architecture with --arch")
+    assert not (path.parent / "MARKER").exists()
+    loaded = load_model(path, trust_code=True)
+    assert (path.parent / "MARKER").read_text() == "ran"
+    assert type(loaded.model).__name__ == "DigitsNet"
+
+
+def test_code_in_the_current_folder_needs_consent_and_named_arch_is_consent(tmp_path):
+    path = _code_folder(tmp_path, "modeling_consent_cwd")
+    for command in (["inspect", path.name], ["fold", path.name, "--no-check", "--exporter", "torchscript"]):
+        proc = run_cli(*command, cwd=tmp_path, trust_code=False)
+        assert_one_line_error(proc, "model.pt: arch 'modeling_consent_cwd:Net'", "modeling_consent_cwd.py",
+                              "--trust-code", "--arch")
+        assert not (tmp_path / "MARKER").exists()
+    proc = run_cli("inspect", path.name, "--arch", "modeling_consent_cwd:Net", cwd=tmp_path, trust_code=False)
+    assert proc.returncode == 0 and "6 BatchNorm: 6 folded" in proc.stdout, proc.stderr
+    assert (tmp_path / "MARKER").exists()
+    (tmp_path / "MARKER").unlink()
+    proc = run_cli("inspect", path.name, "--trust-code", cwd=tmp_path, trust_code=False)
+    assert proc.returncode == 0 and "6 BatchNorm: 6 folded" in proc.stdout, proc.stderr
+    assert (tmp_path / "MARKER").exists()
+
+
+def test_installed_packages_need_no_consent(tmp_path):
+    torch.save({"state_dict": nn.BatchNorm2d(3).state_dict(), "arch": "torch.nn:BatchNorm2d",
+                "arch_kwargs": {"num_features": 3}}, tmp_path / "m.pt")
+    assert isinstance(load_model(tmp_path / "m.pt").model, nn.BatchNorm2d)

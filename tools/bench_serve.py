@@ -119,7 +119,7 @@ def default_models(tmp: Path) -> list[Path]:
 
     from models.zoo import build
 
-    bnrt.fold_file(ROOT / "models" / "digits_cnn.pt", tmp, check=None, exporter="torchscript")
+    bnrt.fold_file(bnrt.ModelSource(ROOT / "models" / "digits_cnn.pt", trust_code=True), tmp, check=None, exporter="torchscript")
     resnet = bnrt.fold(build("resnet"), (torch.randn(2, 3, 32, 32),)).model
     bnrt.export_onnx(resnet, (torch.randn(2, 3, 32, 32),), tmp / "resnet.onnx", names=(["x"], ["output"]),
                      exporter="torchscript")

@@ -91,7 +91,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else None
         if model is None:
-            bnrt.fold_file(ROOT / "models" / "digits_cnn.pt", tmp, check=None, exporter="torchscript")
+            bnrt.fold_file(bnrt.ModelSource(ROOT / "models" / "digits_cnn.pt", trust_code=True), tmp, check=None, exporter="torchscript")
             model = Path(tmp) / "digits_cnn.onnx"
         stats = load_test(model, args.requests, args.clients)
     print(json.dumps(stats, indent=2))

@@ -1,5 +1,6 @@
 # make demo: create .venv, install, fold the bundled example model on the digits test split.
 # make test: create .venv if needed, run the tests.
+# make docs: regenerate docs/ZOO.md, CALIBRATION.md, SERVING.md, BENCHMARKS.md (minutes).
 # make zoo: create .venv-zoo (torch CUDA build, torchvision, timm; ~5.5 GB, not part of make test) and
 #           write docs/REAL_ZOO.md (bnrt on 40+ torchvision and timm architectures).
 PYTHON ?= python3
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 ZOO_VENV ?= .venv-zoo
 ZOO_STAMP := $(ZOO_VENV)/.installed-stamp
 
-.PHONY: demo test venv clean train zoo
+.PHONY: demo test venv clean train zoo docs
 
 venv: $(STAMP)
 
@@ -32,6 +33,13 @@ $(ZOO_STAMP): pyproject.toml constraints-zoo.txt
 
 zoo: $(ZOO_STAMP)
 	$(ZOO_VENV)/bin/python -m tools.real_zoo -o docs/REAL_ZOO.md
+
+# every generated doc but REAL_ZOO.md (make zoo); each records commit, date, machine, versions
+docs: $(STAMP)
+	$(PY) -m tools.zoo_report -o docs/ZOO.md
+	$(PY) -m tools.calibration_report
+	$(PY) -m tools.bench_serve
+	$(PY) -m tools.bench
 
 train: $(STAMP)
 	$(PY) -m tools.train_digits -o models/digits_cnn.pt

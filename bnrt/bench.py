@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -36,6 +36,9 @@ from .export import export_onnx, input_names, output_names
 from .fold import fold
 from .run import Session
 from .structure import set_submodule
+
+if TYPE_CHECKING:
+    from .load import ModelSource
 
 Runner = Callable[[np.ndarray], object]
 

@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(fold)
     fold.add_argument("-o", "--output-dir", metavar="DIR", help="output folder (default: the model's folder)")
     fold.add_argument("--no-check", action="store_true", help="skip the equivalence check")
-    fold.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    fold.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="torch ONNX exporter (default dynamo)")
+    fold.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; torch checkpoints only)")
+    fold.add_argument("--exporter", choices=EXPORTERS, help="torch ONNX exporter (default dynamo; torch checkpoints only)")
     _check_args(fold)
 
     chk = sub.add_parser("check", help="compare two models (torch checkpoints or ONNX files) on the same inputs")
@@ -226,13 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# flags that describe a torch checkpoint or its export; an ONNX file is folded as it is
+_TORCH_ONLY = ("opset", "exporter", "input_shape", "arch", "trust_pickle", "trust_code")
+
+
 def cmd_fold(args: argparse.Namespace) -> int:
     from .pipeline import fold_file
     from .report import check_table, decision_table
 
     start = time.perf_counter()
+    if str(args.model).lower().endswith(".onnx"):
+        given = ["--" + name.replace("_", "-") for name in _TORCH_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            raise InputError(f"{args.model}: {', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to torch "
+                             "checkpoints only; an ONNX file is folded as it is")
     outcome = fold_file(source_from(args, args.model), args.output_dir,
-                        check=None if args.no_check else check_from(args), opset=args.opset, exporter=args.exporter)
+                        check=None if args.no_check else check_from(args),
+                        opset=DEFAULT_OPSET if args.opset is None else args.opset, exporter=args.exporter or "dynamo")
     print(decision_table(outcome.result.decisions))
     for merge in outcome.result.merges:
         print(f"merged into '{merge.target.name}': " + ", ".join(

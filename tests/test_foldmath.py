@@ -1,5 +1,11 @@
+from fractions import Fraction
+
 import numpy as np
 import pytest
+import torch
+from torch import nn
+
+import bnrt
 
 from bnrt import foldmath
 
@@ -58,3 +64,50 @@ def test_branch_kernels_compute_what_the_branches_compute():
             + xt * torch.from_numpy(s).reshape(1, -1, 1, 1))
     got = F.conv2d(xt, torch.from_numpy(merged), padding=1, groups=2)
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-12)
+
+
+# --- the folded float32 weights against the exact fold, in rational arithmetic ---------------------
+
+def _sqrt_le(t: Fraction, s: Fraction, c: Fraction) -> bool:
+    """t / sqrt(s) <= c, decided exactly (s > 0)."""
+    if t <= 0 <= c:
+        return True
+    if t > 0 >= c:
+        return False
+    return t * t <= c * c * s if t > 0 else t * t >= c * c * s
+
+
+def _within_half_ulp(x: float, base: Fraction, t: Fraction, s: Fraction) -> bool:
+    """|x − (base + t/sqrt(s))| ≤ half a float32 ULP of x, exactly."""
+    half = Fraction(float(np.spacing(np.float32(abs(x))))) / 2
+    lo, hi = Fraction(x) - half - base, Fraction(x) + half - base
+    return _sqrt_le(t, s, hi) and _sqrt_le(-t, s, -lo)  # lo <= t/sqrt(s) <= hi
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_folded_float32_weights_are_the_exact_fold_rounded_once(seed):
+    """bnrt's float32 conv->bn fold against w·γ/√(v+ε) and (b−μ)·γ/√(v+ε)+β computed exactly from the
+    float32 inputs with Python fractions (no floating point): every weight and bias within half a
+    float32 ULP, i.e. the exact result correctly rounded."""
+    gen = torch.Generator().manual_seed(seed)
+    conv, bn = nn.Conv2d(6, 12, 3, bias=True), nn.BatchNorm2d(12, eps=1e-3)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(12, generator=gen) * 3)
+        bn.running_var.copy_(torch.rand(12, generator=gen) * 4 + 1e-3)
+        bn.weight.copy_(torch.randn(12, generator=gen))
+        bn.bias.copy_(torch.randn(12, generator=gen))
+    model = nn.Sequential(conv, bn).eval()
+    folded = bnrt.fold(model, (torch.randn(2, 6, 5, 5),)).model[0]
+    assert folded.weight.dtype == torch.float32
+    w, b = conv.weight.detach().numpy(), conv.bias.detach().numpy()
+    fw, fb = folded.weight.detach().numpy(), folded.bias.detach().numpy()
+    for c in range(12):
+        s = Fraction(bn.running_var[c].item()) + Fraction(float(bn.eps))
+        g, beta, mu = (Fraction(t[c].item()) for t in (bn.weight, bn.bias, bn.running_mean))
+        for i, x in np.ndenumerate(fw[c]):
+            assert _within_half_ulp(float(x), Fraction(0), Fraction(float(w[c][i])) * g, s), (c, i)
+        assert _within_half_ulp(float(fb[c]), beta, (Fraction(float(b[c])) - mu) * g, s), c
+    # and the check can fail: one float32 ULP off is outside
+    x = float(np.nextafter(fw[0, 0, 0, 0], np.float32(np.inf)))
+    s0 = Fraction(bn.running_var[0].item()) + Fraction(float(bn.eps))
+    assert not _within_half_ulp(x, Fraction(0), Fraction(float(w[0, 0, 0, 0])) * Fraction(bn.weight[0].item()), s0)

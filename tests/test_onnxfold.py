@@ -20,7 +20,7 @@ from bnrt.export import count_ops
 from bnrt.onnxfold import fold_onnx
 from models.zoo import ZOO, build
 
-from .conftest import F32, assert_one_line_error, assert_onnx_folds, bn_node, bn_params, onnx_graph, run_cli
+from .conftest import EXAMPLE, F32, assert_one_line_error, assert_onnx_folds, bn_node, bn_params, onnx_graph, run_cli
 
 
 
@@ -309,3 +309,37 @@ def test_rep_blocks_merge_in_onnx_graphs():
     assert [m.to_json()["bns"] for m in result.merges] == [[], ["/blocks/blocks.1/identity/BatchNormalization"], [],
                                                            ["/blocks/blocks.3/identity/BatchNormalization"],
                                                            ["/blocks/blocks.4/identity/BatchNormalization"]]
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--opset", "17"], "--opset applies"), (["--exporter", "dynamo"], "--exporter applies"),
+    (["--input-shape", "1,2,3,3"], "--input-shape applies"), (["--arch", "models.digits:DigitsNet"], "--arch applies"),
+    (["--trust-code", "--opset", "18"], "--opset, --trust-code apply"),
+])
+def test_fold_onnx_refuses_torch_only_flags(tmp_path, flags, named):
+    rng = np.random.default_rng(7)
+    inits, conv, _ = _conv_bn(rng)
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx_graph([conv, bn_node("h", "y")], inits, ["N", 3, 4, 4]), str(path))
+    proc = run_cli("fold", str(path), "-o", str(tmp_path / "out"), *flags)
+    assert_one_line_error(proc, f"m.onnx: {named} to torch checkpoints only; an ONNX file is folded as it is")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fold_validates_top_k(tmp_path):
+    proc = run_cli("fold", str(EXAMPLE), "-o", str(tmp_path / "out"), "--top-k", "0")
+    assert_one_line_error(proc, "--top-k 0: must be positive")
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchscript_digits_graph_folds_to_no_batchnorm(tmp_path):
+    model = bnrt.load_model(EXAMPLE, trust_code=True).model
+    path = tmp_path / "digits.onnx"
+    bnrt.export_onnx(model, (torch.randn(2, 1, 8, 8),), path, names=(["x"], ["output"]), exporter="torchscript")
+    graph = onnx.load(str(path))
+    bns = [n for n in graph.graph.node if n.op_type == "BatchNormalization"]
+    assert len(bns) == 1  # the exporter folds conv -> BN itself; fc -> fc_bn stays
+    proc = run_cli("fold", str(path), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert count_ops(onnx.load(str(tmp_path / "out" / "digits.folded.onnx")), "BatchNormalization") == 0
+    assert "BatchNormalization nodes in the folded ONNX: 0" in proc.stdout

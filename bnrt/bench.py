@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -36,9 +36,6 @@ from .export import export_onnx, input_names, output_names
 from .fold import fold
 from .run import Session
 from .structure import set_submodule
-
-if TYPE_CHECKING:
-    from .load import ModelSource
 
 Runner = Callable[[np.ndarray], object]
 
@@ -209,36 +206,3 @@ def plot(reports: list[BenchReport], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
-
-
-def pipeline_cost(checkpoint: "ModelSource | Path", workdir: Path) -> dict[str, float]:
-    """Wall time of ``bnrt fold`` end to end (load, fold, export, check) against torch.fx ``fuse``
-    + ``torch.onnx.export`` (load, fuse, export) of the same checkpoint, after a warm-up of both."""
-    from torch.fx.experimental.optimization import fuse
-
-    from .load import ModelSource
-    from .pipeline import fold_file
-
-    checkpoint = ModelSource.of(checkpoint)
-
-    def alternative(out: Path) -> None:
-        loaded = checkpoint.load()
-        fused = fuse(loaded.model)
-        shape = loaded.input_shapes[0]
-        with quiet():
-            program = torch.onnx.export(fused, (torch.randn(2, *shape[1:]),), dynamo=True, verbose=False,
-                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
-            program.save(str(out))
-
-    times = {"bnrt fold": [], "torch.fx fuse + torch.onnx.export": []}
-    for i in range(3):  # round 0 warms up both (first-export initialisation)
-        start = time.perf_counter()
-        fold_file(checkpoint, workdir / f"bnrt{i}")
-        bnrt_s = time.perf_counter() - start
-        start = time.perf_counter()
-        alternative(workdir / f"alt{i}.onnx")
-        alt_s = time.perf_counter() - start
-        if i:
-            times["bnrt fold"].append(bnrt_s)
-            times["torch.fx fuse + torch.onnx.export"].append(alt_s)
-    return {k: float(np.median(v)) for k, v in times.items()}

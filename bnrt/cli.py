@@ -121,6 +121,14 @@ def _tf32_arg(p, default: str) -> None:
                    help=f"TF32 in ORT's CUDA provider (use_tf32); cuda only (default {default})")
 
 
+def _quiet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (shown only on a terminal anyway)")
+
+
+def _progress_from(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() and not args.quiet
+
+
 def _check_args(p: argparse.ArgumentParser) -> None:
     """Check flags -> ``CheckOptions`` (``check_from``)."""
     g = p.add_argument_group("check")
@@ -157,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     fold.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; torch checkpoints only)")
     fold.add_argument("--exporter", choices=EXPORTERS, help="torch ONNX exporter (default dynamo; torch checkpoints only)")
+    _quiet_arg(fold)
     _check_args(fold)
 
     chk = sub.add_parser("check", help="compare two models (torch checkpoints or ONNX files) on the same inputs")
@@ -171,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--json", metavar="FILE", help="write the report (schema bnrt.check/2) to FILE")
     chk.add_argument("--plot", metavar="FILE.png", help="write error histograms per output (needs matplotlib)")
     chk.add_argument("--no-localise", action="store_true", help="do not look for the first divergent module")
+    _quiet_arg(chk)
 
     cal = sub.add_parser("calibrate", help="recompute BatchNorm running statistics over a dataset")
     cal.add_argument("model", help="checkpoint")
@@ -181,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
     _source_args(cal, shapes=False)
     cal.add_argument("--no-residuals", action="store_true", help="skip the residual measurement pass")
+    _quiet_arg(cal)
 
     run = sub.add_parser("run", help="run an ONNX model on inputs from a file")
     run.add_argument("model", help=".onnx file")
@@ -242,7 +253,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
                              "checkpoints only; an ONNX file is folded as it is")
     outcome = fold_file(source_from(args, args.model), args.output_dir,
                         check=None if args.no_check else check_from(args),
-                        opset=DEFAULT_OPSET if args.opset is None else args.opset, exporter=args.exporter or "dynamo")
+                        opset=DEFAULT_OPSET if args.opset is None else args.opset, exporter=args.exporter or "dynamo",
+                        progress=_progress_from(args))
     print(decision_table(outcome.result.decisions))
     for merge in outcome.result.merges:
         print(f"merged into '{merge.target.name}': " + ", ".join(
@@ -271,7 +283,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     refuse_overwrite([args.json, args.plot, args.save_inputs], [args.reference, args.candidate])
     report = check_files(source_from(args, args.reference), source_from(args, args.candidate), check_from(args),
-                         reference_provider=args.reference_provider, save_inputs=args.save_inputs)
+                         reference_provider=args.reference_provider, save_inputs=args.save_inputs,
+                         progress=_progress_from(args))
     print(check_table(report))
     if args.json:
         write_json(Path(args.json), report.to_json())
@@ -289,10 +302,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_file
 
     start = time.perf_counter()
+    shown = _progress_from(args)
     outcome = calibrate_file(source_from(args, args.model), args.data, args.output, mode=args.mode,
-                             batch_size=args.batch_size, progress=_progress if sys.stderr.isatty() else None,
+                             batch_size=args.batch_size, progress=_progress if shown else None,
                              measure=not args.no_residuals)
-    if sys.stderr.isatty():
+    if shown:
         sys.stderr.write("\n")
     if outcome.rank != 0:
         return 0

@@ -18,7 +18,7 @@ from .errors import InputError, OptionError, first_line
 from .save import atomic_path
 
 LABEL_KEYS = ("y", "labels", "label", "targets")
-DEFAULT_SAMPLES = 64
+DEFAULT_SAMPLES = 8
 
 
 @dataclass

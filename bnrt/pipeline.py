@@ -7,7 +7,6 @@ formats written are ``bnrt.artifacts``'.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from .fold import FoldResult, apply
 from .load import Loaded, ModelSource, file_sha256
 from .localise import onnx_taps, torch_taps
 from .onnxfold import OnnxFoldResult, fold_onnx, load_onnx
+from .progress import Steps
 from .run import Session, resolve_provider
 from .save import atomic_path, ensure_dir, publish, refuse_overwrite, staging, write_json, write_torch
 from .sides import CheckOptions, Side, batching, compare_sides, example_data, onnx_side, session_tf32, torch_side
@@ -50,19 +50,6 @@ class FoldOutcome:
         return self.check is None or self.check.passed
 
 
-class _Clock:
-    """Seconds per stage, for the report."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self.start = self.last = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.timings[stage] = round(now - self.last, 4)
-        self.last = now
-
-
 def _finish(stage: Path, out: Path, names: dict[str, str], report: dict[str, Any], result: DecisionSet,
             check: CheckReport | None) -> FoldOutcome:
     """Write the report and publish the artifacts (only the report when the check failed)."""
@@ -80,6 +67,7 @@ def fold_file(
     check: CheckOptions | None = CheckOptions(),
     opset: int = DEFAULT_OPSET,
     exporter: str = "dynamo",
+    progress: bool = False,
 ) -> FoldOutcome:
     """Fold the checkpoint ``source`` and write ``<stem>.folded.pt``, ``<stem>.onnx`` and
     ``<stem>.report.json`` into ``out_dir`` (default: the checkpoint's folder). An ``.onnx`` file
@@ -88,9 +76,9 @@ def fold_file(
     Unless ``check`` is None, the original torch model is compared with the folded torch model and
     with the ONNX file on ORT (``check.provider``), on ``check.inputs`` (a data file or seeded
     random samples). When the check fails only the report is written. Raises ``InputError`` (and
-    subclasses) for bad input before anything is written.
+    subclasses) for bad input before anything is written. ``progress`` lists the steps on stderr
+    as they run (``bnrt.progress``).
     """
-    clock = _Clock()
     source = ModelSource.of(source)
     src = source.path
     if check is not None:
@@ -99,93 +87,98 @@ def fold_file(
     names = artifact_names(src)
     refuse_overwrite([out / n for n in names.values()], [src])
     if src.suffix.lower() == ".onnx":
-        return fold_onnx_file(src, out, check)
-    loaded = source.load()
-    original = torch_side("torch", loaded, source.input_shapes)
-    inputs = check.inputs if check is not None else InputSpec(samples=2)
-    dataset = make_inputs(inputs, original.input_names, original.input_shapes, where=str(src))
-    in_names = original.input_names
-    example = tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs)
-    clock.lap("load")
+        return fold_onnx_file(src, out, check, progress=progress)
+    with Steps(progress) as steps:
+        with steps.step("load"):
+            loaded = source.load()
+            original = torch_side("torch", loaded, source.input_shapes)
+            inputs = check.inputs if check is not None else InputSpec(samples=2)
+            dataset = make_inputs(inputs, original.input_names, original.input_shapes, where=str(src))
+            in_names = original.input_names
+            example = tuple(torch.from_numpy(x[:2].copy()) for x in dataset.inputs)
+        with steps.step("capture+plan"), about(src):
+            cap = capture(loaded.model, example)
+            planned = plan(cap)
+        decisions = planned.decisions
+        with steps.step("fold"):
+            result = apply(loaded.model, planned, cap)
+            result.tracer = cap.tracer
+            folds = folds_of(decisions)
+            with torch.no_grad():
+                out_names = output_names(len(flatten_outputs(result.model(*example))))
+        ensure_dir(out)
+        with staging(out) as stage:
+            with steps.step("export"):
+                proto = export_onnx(result.model, example, stage / names["onnx"], names=(in_names, out_names),
+                                    opset=opset, metadata=onnx_metadata(loaded.sha256, decisions), exporter=exporter)
+            with steps.step("save"):
+                write_torch(stage / names["folded"], folded_checkpoint(result, loaded, dataset.shapes()))
+            report_check = None
+            if check is not None:
+                with steps.step("check"):
+                    onnx_path, provider = stage / names["onnx"], check.provider
+                    session = Session(onnx_path, provider=provider, tf32=session_tf32(provider, check.tf32))
+                    # the ONNX file, exported from the folded model, runs on every sample; the folded
+                    # torch model on the noise-floor samples: the same weights need no second full pass
+                    folded_side = Side("torch folded", torch_runner(result.model), in_names, [], [], out_names,
+                                       lambda xs: torch_taps(result.model, xs), folds, head_only=True)
+                    onnx_run = Side(f"onnx {provider}", session.run, in_names, [], [], out_names,
+                                    lambda xs: onnx_taps(onnx_path, xs, provider), folds)
+                    report_check = compare_sides(original, [folded_side, onnx_run], dataset, out_names, folds, check,
+                                                 note=steps.note)
+            report = fold_report(
+                source={"path": str(src), "sha256": loaded.sha256, "format": loaded.source_format, "arch": loaded.arch},
+                input_names=in_names, output_names=out_names, input_shapes=dataset.shapes(), opset=opset,
+                exporter=exporter, tracer=cap.tracer, decisions=decisions, merges=result.merges,
+                fp16_overflow=result.fp16_overflow,
+                batchnorm_nodes=count_ops(proto, "BatchNormalization"),
+                check=report_check.to_json() if report_check else None, timings=steps.timings,
+                outputs={k: str(out / v) for k, v in names.items()})
+            return _finish(stage, out, names, report, result, report_check)
 
-    with about(src):
-        cap = capture(loaded.model, example)
-        planned = plan(cap)
-    decisions = planned.decisions
-    clock.lap("capture+plan")
-    result = apply(loaded.model, planned, cap)
-    result.tracer = cap.tracer
-    clock.lap("fold")
-    folds = folds_of(decisions)
-    with torch.no_grad():
-        out_names = output_names(len(flatten_outputs(result.model(*example))))
-    ensure_dir(out)
-    with staging(out) as stage:
-        proto = export_onnx(result.model, example, stage / names["onnx"], names=(in_names, out_names),
-                            opset=opset, metadata=onnx_metadata(loaded.sha256, decisions), exporter=exporter)
-        clock.lap("export")
-        write_torch(stage / names["folded"], folded_checkpoint(result, loaded, dataset.shapes()))
-        clock.lap("save")
-        report_check = None
-        if check is not None:
-            onnx_path, provider = stage / names["onnx"], check.provider
-            session = Session(onnx_path, provider=provider, tf32=session_tf32(provider, check.tf32))
-            folded_side = Side("torch folded", torch_runner(result.model), in_names, [], [], out_names,
-                               lambda xs: torch_taps(result.model, xs), folds)
-            onnx_run = Side(f"onnx {provider}", session.run, in_names, [], [], out_names,
-                            lambda xs: onnx_taps(onnx_path, xs, provider), folds)
-            report_check = compare_sides(original, [folded_side, onnx_run], dataset, out_names, folds, check)
-            clock.lap("check")
-        report = fold_report(
-            source={"path": str(src), "sha256": loaded.sha256, "format": loaded.source_format, "arch": loaded.arch},
-            input_names=in_names, output_names=out_names, input_shapes=dataset.shapes(), opset=opset,
-            exporter=exporter, tracer=cap.tracer, decisions=decisions, merges=result.merges,
-            fp16_overflow=result.fp16_overflow,
-            batchnorm_nodes=count_ops(proto, "BatchNormalization"),
-            check=report_check.to_json() if report_check else None, timings=clock.timings,
-            outputs={k: str(out / v) for k, v in names.items()})
-        return _finish(stage, out, names, report, result, report_check)
 
-
-def fold_onnx_file(src: Path, out: Path, check: CheckOptions | None = CheckOptions()) -> FoldOutcome:
+def fold_onnx_file(src: Path, out: Path, check: CheckOptions | None = CheckOptions(), *,
+                   progress: bool = False) -> FoldOutcome:
     """``fold_file`` for an ONNX input: ``<stem>.folded.onnx`` and ``<stem>.report.json``, the
     folded graph checked against the original, both on ORT."""
-    clock = _Clock()
-    model = load_onnx(src)
-    sha = file_sha256(src)
-    clock.lap("load")
-    result = fold_onnx(model, str(src))
-    clock.lap("fold")
-    names = artifact_names(src)
-    set_onnx_metadata(result.model, onnx_metadata(sha, result.decisions))
-    onnx.checker.check_model(result.model, full_check=True)
-    ensure_dir(out)
-    with staging(out) as stage:
-        with atomic_path(stage / names["folded"]) as tmp:
-            onnx.save(result.model, str(tmp))
-        clock.lap("save")
-        report_check = None
-        provider = check.provider if check is not None else "cpu"
-        tf32 = check.tf32 if check is not None else None
-        original = onnx_side(f"onnx {provider}", src, provider, tf32)
-        if check is not None:
-            folded = onnx_side(f"onnx folded {provider}", stage / names["folded"], provider, tf32)
-            spec, batch_size = batching([original], check.inputs, check.batch_size)
-            data = make_inputs(spec, original.input_names, original.input_shapes, original.input_dtypes, str(src))
-            report_check = compare_sides(original, [folded], data, original.output_names, folds_of(result.decisions),
-                                         replace(check, batch_size=batch_size))
-            clock.lap("check")
-        report = fold_report(
-            source={"path": str(src), "sha256": sha, "format": "onnx", "arch": None},
-            input_names=original.input_names, output_names=original.output_names,
-            input_shapes=[list(s) if s is not None else [] for s in original.input_shapes],
-            opset=next((o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")), None),
-            exporter=None, tracer="onnx graph", decisions=result.decisions, merges=result.merges,
-            fp16_overflow=result.fp16_overflow,
-            batchnorm_nodes=count_ops(result.model, "BatchNormalization"),
-            check=report_check.to_json() if report_check else None, timings=clock.timings,
-            outputs={k: str(out / v) for k, v in names.items()})
-        return _finish(stage, out, names, report, result, report_check)
+    with Steps(progress) as steps:
+        with steps.step("load"):
+            model = load_onnx(src)
+            sha = file_sha256(src)
+        with steps.step("fold"):
+            result = fold_onnx(model, str(src))
+            names = artifact_names(src)
+            set_onnx_metadata(result.model, onnx_metadata(sha, result.decisions))
+            onnx.checker.check_model(result.model, full_check=True)
+        ensure_dir(out)
+        with staging(out) as stage:
+            with steps.step("save"):
+                with atomic_path(stage / names["folded"]) as tmp:
+                    onnx.save(result.model, str(tmp))
+            report_check = None
+            provider = check.provider if check is not None else "cpu"
+            tf32 = check.tf32 if check is not None else None
+            original = onnx_side(f"onnx {provider}", src, provider, tf32)
+            if check is not None:
+                with steps.step("check"):
+                    folded = onnx_side(f"onnx folded {provider}", stage / names["folded"], provider, tf32)
+                    spec, batch_size = batching([original], check.inputs, check.batch_size)
+                    data = make_inputs(spec, original.input_names, original.input_shapes, original.input_dtypes,
+                                       str(src))
+                    report_check = compare_sides(original, [folded], data, original.output_names,
+                                                 folds_of(result.decisions), replace(check, batch_size=batch_size),
+                                                 note=steps.note)
+            report = fold_report(
+                source={"path": str(src), "sha256": sha, "format": "onnx", "arch": None},
+                input_names=original.input_names, output_names=original.output_names,
+                input_shapes=[list(s) if s is not None else [] for s in original.input_shapes],
+                opset=next((o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")), None),
+                exporter=None, tracer="onnx graph", decisions=result.decisions, merges=result.merges,
+                fp16_overflow=result.fp16_overflow,
+                batchnorm_nodes=count_ops(result.model, "BatchNormalization"),
+                check=report_check.to_json() if report_check else None, timings=steps.timings,
+                outputs={k: str(out / v) for k, v in names.items()})
+            return _finish(stage, out, names, report, result, report_check)
 
 
 def inspect_file(source: ModelSource | str | os.PathLike, *,

@@ -47,7 +47,8 @@ def check_table(report: CheckReport) -> str:
         for o in comp.outputs:
             rule = f"atol {o.atol:g} rtol {o.rtol:g}" if o.criterion == "fixed" else (
                 f"{_num(o.error)} vs floor {_num(o.floor)} (x{_num(o.ratio)})")
-            rows.append([comp.reference, comp.candidate, o.name, _num(o.max_abs), _num(o.max_rel), _num(o.mean_abs),
+            candidate = comp.candidate + (f" (first {comp.samples})" if comp.samples else "")
+            rows.append([comp.reference, candidate, o.name, _num(o.max_abs), _num(o.max_rel), _num(o.mean_abs),
                          f"{o.cosine:.8f}", "identical" if o.sqnr_db is None else f"{o.sqnr_db:.1f}",
                          _num(o.top1_agreement, True), _num(o.topk_agreement, True), rule,
                          "ok" if o.passed else f"FAIL{': ' + o.problem if o.problem else ''}"])
@@ -55,7 +56,7 @@ def check_table(report: CheckReport) -> str:
              "rounding": "error against the original graph, floor: the same graph with its weights re-rounded"}
     lines = [
         f"check on {report.source} ({report.samples} samples)"
-        + (f"; {noise[report.noise]}, on the first samples" if report.noise else ""),
+        + (f"; {noise[report.noise]}, on the first {report.noise_samples}" if report.noise else ""),
         _table(["reference", "candidate", "output", "max_abs", "max_rel", "mean_abs", "cosine", "sqnr_db",
                 "top1_agree", f"top{report.top_k}_agree", "criterion", "result"], rows),
     ]

@@ -22,6 +22,7 @@ from .errors import InputError
 from .export import model_input_names, output_names
 from .load import Loaded, ModelSource
 from .localise import first_divergence, onnx_taps, torch_taps
+from .progress import Steps
 from .run import Session, check_tf32
 from .save import refuse_overwrite
 from .verify import (DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, NoiseReference, Runner, Tolerances,
@@ -68,6 +69,7 @@ class Side:
     folds: list[dict]
     fixed_batch: int | None = None
     noise: NoiseReference | None = None
+    head_only: bool = False  # as a candidate, run on the noise-floor samples only (verify.check)
 
 
 def float64_noise(model: nn.Module) -> NoiseReference:
@@ -200,14 +202,16 @@ def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict],
 
 
 def compare_sides(reference: Side, candidates: list[Side], data: Dataset, output_names: list[str], folds: list[dict],
-                  options: CheckOptions = CheckOptions()) -> CheckReport:
+                  options: CheckOptions = CheckOptions(), note: Callable[[str], None] | None = None) -> CheckReport:
     """``check`` of the candidates against the reference; each failed comparison names its first
-    divergent module (unless ``options.localise`` is False)."""
-    report = check((reference.label, reference.runner), [(c.label, c.runner) for c in candidates], data,
+    divergent module (unless ``options.localise`` is False). ``note`` hears what runs now."""
+    report = check((reference.label, reference.runner), [(c.label, c.runner, c.head_only) for c in candidates], data,
                    output_names, tolerances=options.tolerances, top_k=options.top_k, batch_size=options.batch_size,
-                   noise=reference.noise)
+                   noise=reference.noise, note=note)
     for comparison, side in zip(report.comparisons, candidates):
         if options.localise and not comparison.passed:
+            if note is not None:
+                note(f"looking for the first divergent module of {side.label}")
             comparison.divergence = localise(reference, side, data, folds, options.tolerances,
                                              report.noise is not None)
     return report
@@ -220,19 +224,24 @@ def check_files(
     *,
     reference_provider: str = "cpu",
     save_inputs: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> CheckReport:
     """Compare ``candidate`` with ``reference``; each a torch checkpoint or an ONNX file run on ORT
     (``options.provider`` for the candidate, ``reference_provider`` for the reference). When they
     differ, the report names the first module whose output diverges (``Comparison.divergence``).
-    ``save_inputs`` writes the inputs used to an .npz."""
+    ``save_inputs`` writes the inputs used to an .npz; ``progress`` lists the steps on stderr."""
     reference, candidate = ModelSource.of(reference), ModelSource.of(candidate)
     refuse_overwrite([save_inputs], [reference.path, candidate.path])
-    ref = open_side(reference, label="reference", provider=reference_provider, tf32=options.tf32)
-    cand = open_side(candidate, label="candidate", provider=options.provider, tf32=options.tf32)
-    names, shapes, dtypes = _merge_inputs(ref, cand, reference.path, candidate.path)
-    inputs, batch_size = batching([ref, cand], options.inputs, options.batch_size)
-    data = make_inputs(inputs, names, shapes, dtypes, str(reference.path))
-    if save_inputs is not None:
-        save_dataset(data, names, Path(save_inputs))
-    outs = ref.output_names or cand.output_names or output_names(len(ref.runner([x[:1] for x in data.inputs])))
-    return compare_sides(ref, [cand], data, outs, ref.folds + cand.folds, replace(options, batch_size=batch_size))
+    with Steps(progress) as steps:
+        with steps.step("load"):
+            ref = open_side(reference, label="reference", provider=reference_provider, tf32=options.tf32)
+            cand = open_side(candidate, label="candidate", provider=options.provider, tf32=options.tf32)
+            names, shapes, dtypes = _merge_inputs(ref, cand, reference.path, candidate.path)
+            inputs, batch_size = batching([ref, cand], options.inputs, options.batch_size)
+            data = make_inputs(inputs, names, shapes, dtypes, str(reference.path))
+            if save_inputs is not None:
+                save_dataset(data, names, Path(save_inputs))
+        with steps.step("check"):
+            outs = ref.output_names or cand.output_names or output_names(len(ref.runner([x[:1] for x in data.inputs])))
+            return compare_sides(ref, [cand], data, outs, ref.folds + cand.folds,
+                                 replace(options, batch_size=batch_size), note=steps.note)

@@ -10,7 +10,8 @@ Metrics per output (all computed in float64):
   whose argmax agrees, and the mean overlap |topk(r) ∩ topk(c)| / k.
 Pass criterion, by default noise-aware: float32 runs differ from each other by rounding noise that
 grows with depth and activation size, and a fold may add no more than that. A ``NoiseReference``
-gives, on the first ``TRUTH_SAMPLES`` samples, an *anchor* and a *noisy* run whose difference is
+gives, on the first few samples (``truth_samples``: enough for 2,048 values of the smallest output,
+2 to 8 samples), an *anchor* and a *noisy* run whose difference is
 pure float32 noise: for torch references the anchor is the unfolded model in float64 and the noisy
 run the unfolded float32 model; for ONNX references (no float64 model) the anchor is the original
 graph and the noisy run the same graph with every float weight re-rounded by a random half ULP
@@ -43,7 +44,8 @@ DEFAULT_TOP_K = 5
 REL_FLOOR = 1e-3
 DEFAULT_BATCH = 256
 NOISE_FACTOR = 8.0
-TRUTH_SAMPLES = 8
+TRUTH_SAMPLES = 8  # at most this many samples for the noise floor (the float64 truth is costly)
+TRUTH_VALUES = 2048  # ... and enough of them for this many values of every output
 _TINY_ULPS = 4
 
 
@@ -124,10 +126,14 @@ class Divergence:
 
 @dataclass
 class Comparison:
+    """One candidate against the reference; ``samples``: how many of the check's samples it ran on
+    (the first ones; None: all)."""
+
     reference: str
     candidate: str
     outputs: list[OutputMetrics]
     divergence: Divergence | None = None
+    samples: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -138,7 +144,7 @@ class Comparison:
 class CheckReport:
     """Comparisons of each candidate against the reference, and accuracy per runner when the data
     has labels; ``noise``: where the noise floor came from (``float64``, ``rounding``, or None when
-fixed tolerances decided). ``to_json`` gives the documented, versioned schema (``bnrt.check/2``)."""
+fixed tolerances decided) and ``noise_samples`` the samples it was measured on. ``to_json`` gives the documented, versioned schema (``bnrt.check/2``)."""
 
     samples: int
     source: str
@@ -147,6 +153,7 @@ fixed tolerances decided). ``to_json`` gives the documented, versioned schema (`
     accuracy: dict[str, float] = field(default_factory=dict)
     errors: dict[tuple[str, str], np.ndarray] = field(default_factory=dict, repr=False)
     noise: str | None = None
+    noise_samples: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -158,6 +165,13 @@ fixed tolerances decided). ``to_json`` gives the documented, versioned schema (`
         for comp, data in zip(self.comparisons, out["comparisons"]):
             data["passed"] = comp.passed
         return out
+
+
+def truth_samples(outputs: Sequence[np.ndarray], size: int) -> int:
+    """Samples the noise floor is measured on: enough for ``TRUTH_VALUES`` values of the smallest
+    output, at least 2, at most ``TRUTH_SAMPLES`` (and the data's size)."""
+    per_sample = min((max(1, o[0].size) for o in outputs if o.ndim and len(o)), default=1)
+    return min(size, TRUTH_SAMPLES, max(2, -(-TRUTH_VALUES // per_sample)))
 
 
 def flatten_outputs(out) -> list[torch.Tensor]:
@@ -263,7 +277,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def check(
     reference: tuple[str, Runner],
-    candidates: list[tuple[str, Runner]],
+    candidates: list[tuple[str, Runner] | tuple[str, Runner, bool]],
     data: Dataset,
     output_names: list[str],
     *,
@@ -271,34 +285,45 @@ def check(
     top_k: int = DEFAULT_TOP_K,
     batch_size: int = DEFAULT_BATCH,
     noise: NoiseReference | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> CheckReport:
     """Run ``reference`` and every candidate (label, runner) on ``data`` and compare outputs; with
-    ``noise``, the noise-aware criterion on the first ``TRUTH_SAMPLES`` samples (module docstring)
-    for every output without fixed tolerances."""
+    ``noise``, the noise-aware criterion on the first ``truth_samples`` samples (module docstring)
+    for every output without fixed tolerances. A candidate given as (label, runner, True) runs on
+    those first samples only (a second view of what another candidate checks on all of them).
+    ``note`` hears which run starts."""
+    note = note or (lambda text: None)
     ref_label, ref_runner = reference
+    note(f"{ref_label} on {data.size} samples")
     ref_out = run_batched(ref_runner, data, batch_size)
-    pairs = None
+    pairs, truth = None, truth_samples(ref_out, data.size)
     if noise is not None and not all(tolerances.fixed(n) for n in output_names):
+        note(f"noise floor: {noise.kind} run on {truth} samples")
         try:
-            noise_out = noise.runner([x[:TRUTH_SAMPLES] for x in data.inputs])
+            noise_out = noise.runner([x[:truth] for x in data.inputs])
         except Exception:  # e.g. a model whose own code cannot run in float64: fixed tolerances decide
             noise_out = []
         if len(noise_out) == len(ref_out):
-            pairs = list(zip(*noise.anchor_and_noisy([o[:TRUTH_SAMPLES] for o in ref_out], noise_out)))
+            pairs = list(zip(*noise.anchor_and_noisy([o[:truth] for o in ref_out], noise_out)))
     comparisons, acc, errors = [], {}, {}
     if data.labels is not None:
         acc[ref_label] = accuracy(ref_out[0], data.labels)
-    for label, runner in candidates:
-        out = run_batched(runner, data, batch_size)
-        if len(out) != len(ref_out):
-            metrics = [compare_output("(outputs)", np.zeros(len(ref_out)), np.zeros(len(out)), 0.0, 0.0)]
+    for label, runner, *head in candidates:
+        part = truth if head and head[0] and truth < data.size else None
+        sub = data if part is None else Dataset([x[:part] for x in data.inputs], None, data.source)
+        ref = ref_out if part is None else [o[:part] for o in ref_out]
+        note(f"{label} on {sub.size} samples")
+        out = run_batched(runner, sub, batch_size)
+        if len(out) != len(ref):
+            metrics = [compare_output("(outputs)", np.zeros(len(ref)), np.zeros(len(out)), 0.0, 0.0)]
         else:
             metrics = [compare_output(n, r, c, *(tolerances.fixed(n) or (None, None)), top_k=top_k,
                                       noise=pairs[i] if pairs else None, factor=tolerances.factor)
-                       for i, (n, r, c) in enumerate(zip(output_names, ref_out, out))]
-            errors.update({(label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(output_names, ref_out, out)
+                       for i, (n, r, c) in enumerate(zip(output_names, ref, out))]
+            errors.update({(label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(output_names, ref, out)
                            if r.shape == c.shape})
-        comparisons.append(Comparison(ref_label, label, metrics))
-        if data.labels is not None and out:
+        comparisons.append(Comparison(ref_label, label, metrics, samples=part))
+        if data.labels is not None and out and part is None:
             acc[label] = accuracy(out[0], data.labels)
-    return CheckReport(data.size, data.source, top_k, comparisons, acc, errors, noise.kind if pairs else None)
+    return CheckReport(data.size, data.source, top_k, comparisons, acc, errors, noise.kind if pairs else None,
+                       truth if pairs else None)

@@ -71,7 +71,9 @@ def test_tools_bench_regenerates_the_docs(tmp_path, monkeypatch):
     bench.main()
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert [r["model"] for r in data["reports"]] == ["tabular"]
-    assert set(data["pipeline_cost_s"]) == {"bnrt fold", "torch.fx fuse + torch.onnx.export"}
+    cost = data["pipeline_cost"]
+    assert set(cost) == {"bnrt fold", "torch.fx fuse + torch.onnx.export"}
+    assert all(c["wall_s"] > 0.5 and c["peak_mb"] > 100 for c in cost.values())  # whole processes: torch imports
     text = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "bnrt ONNX / BN-free limit" in text and "| tabular |" in text
+    assert "bnrt ONNX / BN-free limit" in text and "| tabular |" in text and "- ratio: wall " in text
     assert (tmp_path / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"

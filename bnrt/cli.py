@@ -20,7 +20,7 @@ from .load import ModelSource
 from .save import refuse_overwrite
 from .sides import CheckOptions
 from .run import PROVIDERS
-from .verify import DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, NOISE_FACTOR, Tolerances
+from .verify import DEVICES, DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, NOISE_FACTOR, Tolerances
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -107,7 +107,7 @@ def check_from(args: argparse.Namespace) -> CheckOptions:
     _positive(args, "samples", "top_k", "batch_size")
     return CheckOptions(InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range), args.provider,
                         tolerances_from(args), args.top_k, getattr(args, "batch_size", DEFAULT_BATCH),
-                        not getattr(args, "no_localise", False), args.tf32)
+                        not getattr(args, "no_localise", False), args.tf32, args.device)
 
 
 def _tf32(text: str) -> bool:
@@ -118,7 +118,8 @@ def _tf32(text: str) -> bool:
 
 def _tf32_arg(p, default: str) -> None:
     p.add_argument("--tf32", type=_tf32, metavar="on|off",
-                   help=f"TF32 in ORT's CUDA provider (use_tf32); cuda only (default {default})")
+                   help=f"TF32 on CUDA: ORT's use_tf32 (and torch's matmul/cuDNN TF32 for --device cuda); "
+                        f"cuda only (default {default})")
 
 
 def _quiet_arg(p: argparse.ArgumentParser) -> None:
@@ -133,6 +134,7 @@ def _check_args(p: argparse.ArgumentParser) -> None:
     """Check flags -> ``CheckOptions`` (``check_from``)."""
     g = p.add_argument_group("check")
     g.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu", help="ORT provider for ONNX (default cpu)")
+    g.add_argument("--device", choices=DEVICES, default="cpu", help="where torch sides of the check run (default cpu)")
     _tf32_arg(g, "off: checks compare exact float32")
     g.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                    help=f"random samples when no --data (default {DEFAULT_SAMPLES})")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .run import resolve_provider
-from .verify import NOISE_FACTOR, Divergence, within_noise
+from .verify import NOISE_FACTOR, Divergence, torch_tf32, within_noise
 
 def partners(folds: Iterable[dict]) -> tuple[set[str], dict[str, str]]:
     """Modules whose outputs differ by design after folding, and for each folded BN the layer it
@@ -50,9 +50,10 @@ def torch_taps(model: nn.Module, inputs: Sequence[np.ndarray]) -> dict[str, np.n
                 taps[name] = out.detach().cpu().numpy().copy()  # copy: an in-place op may follow
 
         handles.append(module.register_forward_hook(hook))
+    where = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
     try:
-        with torch.inference_mode():
-            model(*(torch.from_numpy(np.asarray(x)) for x in inputs))
+        with torch.inference_mode(), torch_tf32(False):  # module outputs in exact float32
+            model(*(torch.from_numpy(np.asarray(x)).to(where) for x in inputs))
     finally:
         for handle in handles:
             handle.remove()

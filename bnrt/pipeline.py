@@ -28,7 +28,7 @@ from .onnxfold import OnnxFoldResult, fold_onnx, load_onnx
 from .progress import Steps
 from .run import Session, resolve_provider
 from .save import atomic_path, ensure_dir, publish, refuse_overwrite, staging, write_json, write_torch
-from .sides import CheckOptions, Side, batching, compare_sides, example_data, onnx_side, session_tf32, torch_side
+from .sides import CheckOptions, Side, batching, compare_sides, example_data, onnx_side, session_tf32, tf32_deployment, torch_side
 from .torchgraph import plan
 from .verify import CheckReport, flatten_outputs, torch_runner
 
@@ -91,7 +91,9 @@ def fold_file(
     with Steps(progress) as steps:
         with steps.step("load"):
             loaded = source.load()
-            original = torch_side("torch", loaded, source.input_shapes)
+            device = check.device if check is not None else "cpu"
+            original = torch_side("torch", loaded, source.input_shapes, device=device,
+                                  tf32=check.tf32 if check is not None else None)
             inputs = check.inputs if check is not None else InputSpec(samples=2)
             dataset = make_inputs(inputs, original.input_names, original.input_shapes, where=str(src))
             in_names = original.input_names
@@ -120,12 +122,14 @@ def fold_file(
                     session = Session(onnx_path, provider=provider, tf32=session_tf32(provider, check.tf32))
                     # the ONNX file, exported from the folded model, runs on every sample; the folded
                     # torch model on the noise-floor samples: the same weights need no second full pass
-                    folded_side = Side("torch folded", torch_runner(result.model), in_names, [], [], out_names,
-                                       lambda xs: torch_taps(result.model, xs), folds, head_only=True)
+                    folded_side = Side("torch folded" + (" cuda" if device == "cuda" else ""),
+                                       torch_runner(result.model, device, bool(check.tf32)), in_names, [], [],
+                                       out_names, lambda xs: torch_taps(result.model, xs), folds, head_only=True)
                     onnx_run = Side(f"onnx {provider}", session.run, in_names, [], [], out_names,
                                     lambda xs: onnx_taps(onnx_path, xs, provider), folds)
-                    report_check = compare_sides(original, [folded_side, onnx_run], dataset, out_names, folds, check,
-                                                 note=steps.note)
+                    extra = tf32_deployment(onnx_path, onnx_run.label, provider, check.tf32)
+                    report_check = compare_sides(original, [folded_side, onnx_run, *extra], dataset, out_names, folds,
+                                                 check, note=steps.note)
             report = fold_report(
                 source={"path": str(src), "sha256": loaded.sha256, "format": loaded.source_format, "arch": loaded.arch},
                 input_names=in_names, output_names=out_names, input_shapes=dataset.shapes(), opset=opset,
@@ -165,7 +169,8 @@ def fold_onnx_file(src: Path, out: Path, check: CheckOptions | None = CheckOptio
                     spec, batch_size = batching([original], check.inputs, check.batch_size)
                     data = make_inputs(spec, original.input_names, original.input_shapes, original.input_dtypes,
                                        str(src))
-                    report_check = compare_sides(original, [folded], data, original.output_names,
+                    extra = tf32_deployment(stage / names["folded"], folded.label, provider, tf32)
+                    report_check = compare_sides(original, [folded, *extra], data, original.output_names,
                                                  folds_of(result.decisions), replace(check, batch_size=batch_size),
                                                  note=steps.note)
             report = fold_report(

@@ -51,7 +51,9 @@ def check_table(report: CheckReport) -> str:
             rows.append([comp.reference, candidate, o.name, _num(o.max_abs), _num(o.max_rel), _num(o.mean_abs),
                          f"{o.cosine:.8f}", "identical" if o.sqnr_db is None else f"{o.sqnr_db:.1f}",
                          _num(o.top1_agreement, True), _num(o.topk_agreement, True), rule,
-                         "ok" if o.passed else f"FAIL{': ' + o.problem if o.problem else ''}"])
+                         ("info: " if comp.informational else "")
+                         + ("ok" if o.passed else f"{'beyond' if comp.informational else 'FAIL'}"
+                                                   f"{': ' + o.problem if o.problem else ''}")])
     noise = {"float64": "error against the unfolded model in float64, floor: its float32 run's",
              "rounding": "error against the original graph, floor: the same graph with its weights re-rounded"}
     lines = [

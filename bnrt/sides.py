@@ -26,7 +26,7 @@ from .progress import Steps
 from .run import Session, check_tf32
 from .save import refuse_overwrite
 from .verify import (DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, NoiseReference, Runner, Tolerances,
-                     check, torch_runner)
+                     check, check_device, torch_runner)
 
 LOCALISE_SAMPLES = 8
 
@@ -34,7 +34,8 @@ LOCALISE_SAMPLES = 8
 @dataclass(frozen=True)
 class CheckOptions:
     """How a check runs: its inputs, the ORT provider of ONNX candidates, tolerances, top-k, batch
-    size, and whether a failed comparison is localised to its first divergent module."""
+    size, whether a failed comparison is localised to its first divergent module, TF32 (CUDA
+    only, off unless asked for) and the ``device`` torch sides run on."""
 
     inputs: InputSpec = InputSpec()
     provider: str = "cpu"
@@ -43,9 +44,11 @@ class CheckOptions:
     batch_size: int = DEFAULT_BATCH
     localise: bool = True
     tf32: bool | None = None  # CUDA only; None: off in checks (exact float32)
+    device: str = "cpu"  # where torch sides run
 
     def __post_init__(self) -> None:
-        check_tf32(self.provider, self.tf32)
+        check_device(self.device)
+        check_tf32("cuda" if self.device == "cuda" else self.provider, self.tf32)
 
 
 def session_tf32(provider: str, tf32: bool | None) -> bool | None:
@@ -70,6 +73,7 @@ class Side:
     fixed_batch: int | None = None
     noise: NoiseReference | None = None
     head_only: bool = False  # as a candidate, run on the noise-floor samples only (verify.check)
+    informational: bool = False  # as a candidate, reported but not deciding the check
 
 
 def float64_noise(model: nn.Module) -> NoiseReference:
@@ -83,7 +87,7 @@ def float64_noise(model: nn.Module) -> NoiseReference:
 
     def run(xs):
         m, xs = inputs64(xs)
-        return torch_runner(m)(xs)
+        return torch_runner(m)(xs)  # where the model is: the reference ran first and placed it
 
     def taps(xs):
         m, xs = inputs64(xs)
@@ -110,14 +114,17 @@ def rounding_noise(model: onnx.ModelProto, label: str, provider: str, tf32: bool
     return NoiseReference("rounding", session.run, lambda xs: onnx_taps(noisy, xs, provider))
 
 
-def torch_side(label: str, loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = None) -> Side:
+def torch_side(label: str, loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = None, *,
+               device: str = "cpu", tf32: bool | None = None) -> Side:
+    """A loaded torch model as a check side; on ``device`` (moved there at its first run) with TF32
+    as ``tf32`` says (off by default: exact float32). Its noise reference is its float64 copy."""
     model = loaded.model
     shapes = input_shapes or loaded.input_shapes
     names = model_input_names(model, shapes)
     folds = (loaded.structure or {}).get("folds", [])
-    return Side(label, torch_runner(model), names, list(shapes) if shapes else [None] * len(names),
-                [np.dtype(np.float32)] * len(names), [], lambda xs: torch_taps(model, xs), folds,
-                noise=float64_noise(model))
+    return Side(label + (" cuda" if device == "cuda" else ""), torch_runner(model, device, bool(tf32)), names,
+                list(shapes) if shapes else [None] * len(names), [np.dtype(np.float32)] * len(names), [],
+                lambda xs: torch_taps(model, xs), folds, noise=float64_noise(model))
 
 
 def example_data(loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = None,
@@ -160,14 +167,25 @@ def batching(sides: list[Side], spec: InputSpec, batch_size: int) -> tuple[Input
     return replace(spec, samples=max(batch, spec.samples // batch * batch)), batch
 
 
-def open_side(source: ModelSource, *, label: str, provider: str = "cpu", tf32: bool | None = None) -> Side:
-    """A torch checkpoint (original or folded) or, for ``.onnx`` files, an ORT session."""
+def tf32_deployment(path: Path, label: str, provider: str, tf32: bool | None) -> list[Side]:
+    """On CUDA with the check in exact float32: the ONNX file under TF32 (ORT's CUDA default, what a
+    deployment gets), an informational candidate on the noise-floor samples. Elsewhere: none."""
+    if provider != "cuda" or tf32:
+        return []
+    session = Session(path, provider=provider, tf32=True)
+    return [Side(f"{label} tf32 (ORT default)", session.run, [], [], [], [], lambda xs: {}, [], head_only=True,
+                 informational=True)]
+
+
+def open_side(source: ModelSource, *, label: str, provider: str = "cpu", tf32: bool | None = None,
+              device: str = "cpu") -> Side:
+    """A torch checkpoint (original or folded; on ``device``) or, for ``.onnx`` files, an ORT session."""
     path = source.path
     if path.suffix.lower() == ".onnx":
         if not path.is_file():
             raise InputError(f"{path}: no such file")
         return onnx_side(f"{label} onnx {provider}", path, provider, tf32)
-    return torch_side(f"{label} torch", source.load(), source.input_shapes)
+    return torch_side(f"{label} torch", source.load(), source.input_shapes, device=device, tf32=tf32)
 
 
 def _merge_inputs(ref: Side, cand: Side, ref_path, cand_path) -> tuple[list[str], list[tuple | None], list[np.dtype]]:
@@ -205,11 +223,12 @@ def compare_sides(reference: Side, candidates: list[Side], data: Dataset, output
                   options: CheckOptions = CheckOptions(), note: Callable[[str], None] | None = None) -> CheckReport:
     """``check`` of the candidates against the reference; each failed comparison names its first
     divergent module (unless ``options.localise`` is False). ``note`` hears what runs now."""
-    report = check((reference.label, reference.runner), [(c.label, c.runner, c.head_only) for c in candidates], data,
+    report = check((reference.label, reference.runner),
+                   [(c.label, c.runner, c.head_only, c.informational) for c in candidates], data,
                    output_names, tolerances=options.tolerances, top_k=options.top_k, batch_size=options.batch_size,
                    noise=reference.noise, note=note)
     for comparison, side in zip(report.comparisons, candidates):
-        if options.localise and not comparison.passed:
+        if options.localise and not comparison.passed and not comparison.informational:
             if note is not None:
                 note(f"looking for the first divergent module of {side.label}")
             comparison.divergence = localise(reference, side, data, folds, options.tolerances,
@@ -234,8 +253,10 @@ def check_files(
     refuse_overwrite([save_inputs], [reference.path, candidate.path])
     with Steps(progress) as steps:
         with steps.step("load"):
-            ref = open_side(reference, label="reference", provider=reference_provider, tf32=options.tf32)
-            cand = open_side(candidate, label="candidate", provider=options.provider, tf32=options.tf32)
+            ref = open_side(reference, label="reference", provider=reference_provider, tf32=options.tf32,
+                            device=options.device)
+            cand = open_side(candidate, label="candidate", provider=options.provider, tf32=options.tf32,
+                             device=options.device)
             names, shapes, dtypes = _merge_inputs(ref, cand, reference.path, candidate.path)
             inputs, batch_size = batching([ref, cand], options.inputs, options.batch_size)
             data = make_inputs(inputs, names, shapes, dtypes, str(reference.path))
@@ -243,5 +264,7 @@ def check_files(
                 save_dataset(data, names, Path(save_inputs))
         with steps.step("check"):
             outs = ref.output_names or cand.output_names or output_names(len(ref.runner([x[:1] for x in data.inputs])))
-            return compare_sides(ref, [cand], data, outs, ref.folds + cand.folds,
+            extra = (tf32_deployment(candidate.path, cand.label, options.provider, options.tf32)
+                     if candidate.path.suffix.lower() == ".onnx" else [])
+            return compare_sides(ref, [cand, *extra], data, outs, ref.folds + cand.folds,
                                  replace(options, batch_size=batch_size), note=steps.note)

@@ -26,14 +26,16 @@ accuracy (argmax of the first output) is reported per runner.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .data import Dataset
+from .errors import OptionError
 
 Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 
@@ -127,13 +129,15 @@ class Divergence:
 @dataclass
 class Comparison:
     """One candidate against the reference; ``samples``: how many of the check's samples it ran on
-    (the first ones; None: all)."""
+    (the first ones; None: all); an ``informational`` comparison is reported but decides nothing
+    (the TF32 deployment beside an exact float32 check)."""
 
     reference: str
     candidate: str
     outputs: list[OutputMetrics]
     divergence: Divergence | None = None
     samples: int | None = None
+    informational: bool = False
 
     @property
     def passed(self) -> bool:
@@ -157,7 +161,7 @@ fixed tolerances decided) and ``noise_samples`` the samples it was measured on. 
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.comparisons)
+        return all(c.passed for c in self.comparisons if not c.informational)
 
     def to_json(self) -> dict:
         out = {"schema": SCHEMA, **asdict(self), "passed": self.passed}
@@ -185,10 +189,43 @@ def flatten_outputs(out) -> list[torch.Tensor]:
     raise TypeError(f"model output of type {type(out).__name__} is not a tensor or a collection of tensors")
 
 
-def torch_runner(model: nn.Module) -> Runner:
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str) -> None:
+    """``OptionError`` unless torch can run on ``device`` here."""
+    if device not in DEVICES:
+        raise OptionError(f"`device` {device!r}: choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"`device` cuda: torch {torch.__version__} has no CUDA device here "
+                          f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'})")
+
+
+@contextmanager
+def torch_tf32(enabled: bool) -> Iterator[None]:
+    """TF32 in torch's CUDA matmuls and cuDNN convolutions on (``enabled``) or off within the block.
+    (cuDNN's default is on: an exact float32 check must turn it off.)"""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
+
+
+def torch_runner(model: nn.Module, device: str | None = None, tf32: bool = False) -> Runner:
+    """Run ``model`` on numpy inputs; with ``device`` the model moves there (in place) on the first
+    run, its inputs follow it, and on CUDA TF32 is as ``tf32`` says (off: exact float32)."""
     def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        with torch.inference_mode():
-            out = model(*(torch.from_numpy(np.asarray(x)) for x in inputs))
+        if device is not None and model_device(model).type != device:
+            model.to(device)
+        where = model_device(model)
+        with torch.inference_mode(), torch_tf32(tf32 and where.type == "cuda"):
+            out = model(*(torch.from_numpy(np.asarray(x)).to(where) for x in inputs))
         return [t.detach().cpu().numpy() for t in flatten_outputs(out)]
     return run
 
@@ -277,7 +314,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def check(
     reference: tuple[str, Runner],
-    candidates: list[tuple[str, Runner] | tuple[str, Runner, bool]],
+    candidates: list[tuple[str, Runner] | tuple[str, Runner, bool] | tuple[str, Runner, bool, bool]],
     data: Dataset,
     output_names: list[str],
     *,
@@ -290,7 +327,8 @@ def check(
     """Run ``reference`` and every candidate (label, runner) on ``data`` and compare outputs; with
     ``noise``, the noise-aware criterion on the first ``truth_samples`` samples (module docstring)
     for every output without fixed tolerances. A candidate given as (label, runner, True) runs on
-    those first samples only (a second view of what another candidate checks on all of them).
+    those first samples only (a second view of what another candidate checks on all of them);
+    (label, runner, head, True) is informational: reported, never failing the check.
     ``note`` hears which run starts."""
     note = note or (lambda text: None)
     ref_label, ref_runner = reference
@@ -308,8 +346,9 @@ def check(
     comparisons, acc, errors = [], {}, {}
     if data.labels is not None:
         acc[ref_label] = accuracy(ref_out[0], data.labels)
-    for label, runner, *head in candidates:
-        part = truth if head and head[0] and truth < data.size else None
+    for label, runner, *flags in candidates:
+        head, informational = (list(flags) + [False, False])[:2]
+        part = truth if head and truth < data.size else None
         sub = data if part is None else Dataset([x[:part] for x in data.inputs], None, data.source)
         ref = ref_out if part is None else [o[:part] for o in ref_out]
         note(f"{label} on {sub.size} samples")
@@ -322,8 +361,8 @@ def check(
                        for i, (n, r, c) in enumerate(zip(output_names, ref, out))]
             errors.update({(label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(output_names, ref, out)
                            if r.shape == c.shape})
-        comparisons.append(Comparison(ref_label, label, metrics, samples=part))
-        if data.labels is not None and out and part is None:
+        comparisons.append(Comparison(ref_label, label, metrics, samples=part, informational=informational))
+        if data.labels is not None and out and part is None and not informational:
             acc[label] = accuracy(out[0], data.labels)
     return CheckReport(data.size, data.source, top_k, comparisons, acc, errors, noise.kind if pairs else None,
                        truth if pairs else None)

@@ -1,10 +1,22 @@
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import bnrt
 from bnrt.data import Dataset
-from bnrt.verify import accuracy, check, compare_output, flatten_outputs, run_batched, torch_runner
+from bnrt.errors import OptionError
+from bnrt.report import check_table
+from bnrt.sides import CheckOptions
+from bnrt.verify import (NoiseReference, accuracy, check, compare_output, flatten_outputs, run_batched, torch_runner,
+                         truth_samples)
+
+from .conftest import EXAMPLE, assert_one_line_error, run_cli
 
 
 def test_metrics_by_hand():
@@ -108,3 +120,60 @@ def test_fixed_tolerances_are_used_when_given_or_without_a_noise_reference():
     assert compare_output("y", ref, cand).criterion == "fixed" and compare_output("y", ref, cand).passed
     m = compare_output("y", ref, cand, atol=1e-4, rtol=0.0, noise=(ref, ref))
     assert (m.criterion, m.passed, m.floor) == ("fixed", False, None)
+
+
+def test_truth_samples_cover_2048_values_of_the_smallest_output_between_2_and_8():
+    assert truth_samples([np.zeros((64, 10))], 64) == 8  # 10 logits: capped at 8
+    assert truth_samples([np.zeros((64, 1000))], 64) == 3  # ceil(2048 / 1000)
+    assert truth_samples([np.zeros((64, 21, 64, 64)), np.zeros((64, 2048))], 64) == 2  # never below 2
+    assert truth_samples([np.zeros((64, 100)), np.zeros((64, 3000))], 64) == 8  # the smallest output decides
+    assert truth_samples([np.zeros((5, 10))], 5) == 5  # never more than the data
+
+
+def _noisy_pair():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 512)).eval()
+    noise = NoiseReference("float64", lambda xs: torch_runner(copy.deepcopy(ref).double())(
+        [x.astype(np.float64) for x in xs]))
+    bad = copy.deepcopy(ref)
+    with torch.no_grad():
+        bad[2].weight[0] *= 1.01
+    data = Dataset([np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32)], None, "r")
+    return ref, bad, noise, data
+
+
+def test_a_head_only_candidate_runs_on_the_noise_floor_samples():
+    ref, _, noise, data = _noisy_pair()
+    seen = []
+
+    def counting(xs):
+        seen.append(len(xs[0]))
+        return torch_runner(ref)(xs)
+
+    report = check(("torch", torch_runner(ref)), [("head", counting, True), ("all", torch_runner(ref))], data,
+                   ["y"], noise=noise)
+    assert report.noise_samples == 4 and seen == [4]  # ceil(2048 / 512) = 4 of the 40 samples
+    assert [c.samples for c in report.comparisons] == [4, None] and report.passed
+    assert report.to_json()["comparisons"][0]["samples"] == 4
+
+
+def test_an_informational_candidate_is_reported_and_never_fails_the_check():
+    ref, bad, noise, data = _noisy_pair()
+    report = check(("torch", torch_runner(ref)), [("same", torch_runner(ref)), ("tf32-like", torch_runner(bad), True, True)],
+                   data, ["y"], noise=noise)
+    same, info = report.comparisons
+    assert same.passed and not info.passed and info.informational and info.outputs[0].ratio > 100
+    assert report.passed and report.to_json()["passed"] is True
+    assert "info: beyond" in check_table(report).splitlines()[2 + 1]
+    jsonschema.validate(report.to_json(), json.loads((Path(bnrt.__file__).parent / "schemas" / "check-2.schema.json").read_text()))
+
+
+def test_torch_on_cuda_is_refused_where_torch_has_none():
+    if torch.cuda.is_available():
+        pytest.skip("torch has CUDA here; the refusal needs a machine without it")
+    with pytest.raises(OptionError, match=r"^device cuda: torch .* has no CUDA device here"):
+        CheckOptions(device="cuda")
+    with pytest.raises(OptionError, match="tf32"):
+        CheckOptions(tf32=True)
+    proc = run_cli("check", str(EXAMPLE), str(EXAMPLE), "--device", "cuda")
+    assert_one_line_error(proc, "--device cuda: torch", "has no CUDA device here")

@@ -15,6 +15,7 @@ from .data import DISTRIBUTIONS
 from .errors import BnrtError, InputError, OptionError, first_line
 from .export import DEFAULT_OPSET, EXPORTERS
 from .calibrate import MODES
+from .quantize import CALIBRATIONS, PRECISIONS
 from .data import DEFAULT_SAMPLES, InputSpec
 from .load import ModelSource
 from .save import refuse_overwrite
@@ -233,6 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--json", metavar="FILE", help="write the report as JSON")
     ben.add_argument("--plot", metavar="FILE.png", help="write a latency chart (needs matplotlib)")
 
+    qnt = sub.add_parser("quantize", help="fold, then quantize to INT8 or FP16, verified on your data")
+    qnt.add_argument("model", help="checkpoint (folded first, as bnrt fold does) or an .onnx file (folded by the ONNX folder)")
+    qnt.add_argument("--data", required=True, metavar="FILE.npz",
+                     help="real inputs (and integer labels under 'y'): calibration (INT8), activation ranges (FP16), verification")
+    qnt.add_argument("--precision", choices=PRECISIONS, default="int8", help="int8 (QDQ, per-channel) or fp16 (default int8)")
+    qnt.add_argument("-o", "--output-dir", metavar="DIR", help="output folder (default: the model's folder)")
+    qnt.add_argument("--calibration", choices=CALIBRATIONS, default="minmax", help="INT8 activation calibration (default minmax)")
+    qnt.add_argument("--calibration-samples", type=int, default=256, help="first samples of --data calibrated on (default 256)")
+    qnt.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="nodes kept in float32 (INT8)")
+    qnt.add_argument("--no-keep-io-types", action="store_true", help="FP16: float16 inputs and outputs too")
+    qnt.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                     help="budget with labels: top-1 accuracy points lost at most (default 1.0)")
+    qnt.add_argument("--max-disagreement", type=float, default=0.01,
+                     help="budget without labels: fraction of samples whose top-1 changes at most (default 0.01)")
+    _source_args(qnt)
+    _quiet_arg(qnt)
+
     insp = sub.add_parser("inspect", help="list BatchNorms and what fold would do; writes nothing")
     insp.add_argument("model", help="checkpoint")
     _model_args(insp)
@@ -395,6 +413,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db(value: float | None) -> str:
+    return "identical" if value is None else f"{value:.1f} dB"
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import QuantizeOptions, quantize_file
+
+    if str(args.model).lower().endswith(".onnx"):
+        given = ["--" + n.replace("_", "-") for n in ("input_shape", "arch", "trust_pickle", "trust_code")
+                 if getattr(args, n) not in (None, False)]
+        if given:
+            raise InputError(f"{args.model}: {', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to torch "
+                             "checkpoints only")
+    start = time.perf_counter()
+    options = QuantizeOptions(args.precision, args.calibration, args.calibration_samples, tuple(args.exclude),
+                              not args.no_keep_io_types, args.max_accuracy_drop, args.max_disagreement)
+    outcome = quantize_file(source_from(args, args.model), args.data, args.output_dir, options,
+                            progress=_progress_from(args))
+    r = outcome.report
+    for kept in r["batchnorm_kept"]:
+        print(f"warning: BatchNorm '{kept['bn']}' is not folded and stays float32 between quantize/dequantize "
+              f"pairs: {kept['reason']}")
+    for kept in r.get("fp16", {}).get("kept_float32", []):
+        print(f"kept in float32: {kept['node']} ({kept['op']}): {kept['why']}")
+    for o in r["outputs"]:
+        print(f"output {o['name']}: SQNR {_db(o['sqnr_db'])}, max abs error {o['max_abs']:.3g}"
+              + (f", top-1 agreement {100 * o['top1_agreement']:.2f}%" if o["top1_agreement"] is not None else ""))
+    if r["accuracy"]:
+        print("accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in r["accuracy"].items()))
+    b = r["budget"]
+    print(f"{b['kind']}: {b['value']:.3g} (budget {b['limit']:g}) -> {'ok' if outcome.passed else 'OVER BUDGET'}")
+    if outcome.passed:
+        print(f"wrote {', '.join(str(p) for p in outcome.written)} in {time.perf_counter() - start:.2f} s")
+        return 0
+    if r["worst_layers"]:
+        print("worst layers by SQNR (exclude with --exclude NODE …): " + ", ".join(
+            f"{w['node']} ({_db(w['sqnr_db'])})" for w in r["worst_layers"]))
+    print(f"wrote only {outcome.report_path}: the {r['precision']} model is not written when it is over budget",
+          file=sys.stderr)
+    return 1
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .pipeline import inspect_file
     from .report import decision_table
@@ -407,7 +467,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"fold": cmd_fold, "check": cmd_check, "calibrate": cmd_calibrate, "run": cmd_run, "serve": cmd_serve,
-            "triton": cmd_triton, "bench": cmd_bench, "inspect": cmd_inspect}
+            "triton": cmd_triton, "bench": cmd_bench, "inspect": cmd_inspect, "quantize": cmd_quantize}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -250,6 +250,16 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
 
 
+def sqnr_db(ref: np.ndarray, cand: np.ndarray) -> float | None:
+    """10·log10(Σ r² / Σ (c − r)²) in float64; None when identical, -inf for an all-zero reference."""
+    r, c = np.asarray(ref, np.float64), np.asarray(cand, np.float64)
+    energy = float(np.sum((c - r) ** 2))
+    if energy == 0.0:
+        return None
+    signal = float(np.sum(r ** 2))
+    return 10.0 * np.log10(signal / energy) if signal else float("-inf")
+
+
 def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | None = None,
                    rtol: float | None = None, top_k: int = DEFAULT_TOP_K, *,
                    noise: tuple[np.ndarray, np.ndarray] | None = None, factor: float = NOISE_FACTOR) -> OutputMetrics:
@@ -285,8 +295,7 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | N
         cosine = 0.0
     else:
         cosine = float(np.dot(r.ravel(), c.ravel()) / (norm_r * norm_c))
-    energy = float(np.sum(diff ** 2))
-    sqnr = None if energy == 0.0 else (10.0 * np.log10(float(np.sum(r ** 2)) / energy) if norm_r else float("-inf"))
+    sqnr = sqnr_db(r, c)
     classifier = r.ndim == 2 and r.shape[1] > 1
     metrics = OutputMetrics(name, list(ref.shape), float(diff.max()), float((diff / np.maximum(scale, rel_floor)).max()),
                             float(diff.mean()), cosine, sqnr, _agreement(r, c) if classifier else None,

@@ -45,7 +45,7 @@ def pytest_report_header(config):
 EXAMPLE = ROOT / "models" / "digits_cnn.pt"
 
 
-_TAKES_TRUST = {"fold", "check", "inspect", "calibrate", "bench"}
+_TAKES_TRUST = {"fold", "check", "inspect", "calibrate", "bench", "quantize"}
 
 
 def run_cli(*args: str, cwd: Path = ROOT, trust_code: bool = True) -> subprocess.CompletedProcess:

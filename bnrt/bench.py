@@ -98,10 +98,11 @@ def _torch_runner(model: nn.Module, device: str = "cpu") -> Runner:
 
 def variants(model: nn.Module, example: torch.Tensor, workdir: Path, threads: int,
              cuda: bool = False, unavailable: dict[str, str] | None = None,
-             torch_cuda: bool = False) -> dict[str, Runner]:
+             torch_cuda: bool = False, calibration: np.ndarray | None = None) -> dict[str, Runner]:
     """The runners to compare, built from ``model`` (eval mode): ``cuda`` adds ORT's CUDA provider,
-    ``torch_cuda`` torch eager on the GPU. A variant whose tool fails on the model is left out, with
-    the reason in ``unavailable``."""
+    ``torch_cuda`` torch eager on the GPU, ``calibration`` (real inputs) bnrt's INT8 and FP16 graphs
+    of the folded model (``bnrt.quantize``; timed here, verified by ``bnrt quantize``). A variant
+    whose tool fails on the model is left out, with the reason in ``unavailable``."""
     from torch.fx.experimental.optimization import fuse
 
     names = (input_names(model, 1), output_names(1))
@@ -129,6 +130,17 @@ def variants(model: nn.Module, example: torch.Tensor, workdir: Path, threads: in
                             ("ORT, BN-free limit", limit_onnx)):
             session = Session(path, provider, threads=threads)
             runners[f"{label} ({provider})"] = lambda x, s=session: s.run([x])
+    if calibration is not None:
+        from .quantize import QuantizeOptions, to_fp16, to_int8
+
+        to_int8(bnrt_onnx, workdir / "int8.onnx", names[0], [calibration], QuantizeOptions(), workdir)
+        to_fp16(bnrt_onnx, workdir / "fp16.onnx", names[0], [calibration], QuantizeOptions(precision="fp16"))
+        runners["ORT, bnrt int8 (cpu)"] = lambda x, s=Session(workdir / "int8.onnx", "cpu", threads=threads): s.run([x])
+        for provider in providers:
+            session = Session(workdir / "fp16.onnx", provider, threads=threads)
+            runners[f"ORT, bnrt fp16 ({provider})"] = lambda x, s=session: s.run([x])
+    elif unavailable is not None:
+        unavailable["ORT, bnrt int8/fp16"] = "needs real inputs to calibrate on (--data)"
     if torch_cuda:
         runners["torch eager (cuda)"] = _torch_runner(copy.deepcopy(model), "cuda")
         runners["torch eager, bnrt folded (cuda)"] = _torch_runner(copy.deepcopy(folded), "cuda")
@@ -152,16 +164,19 @@ def measure(runners: dict[str, Runner], inputs: np.ndarray, repeats: int, iterat
 
 def bench_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "model",
                 batch_sizes: tuple[int, ...] = (1, 8, 32), threads: int = 1, repeats: int = 5,
-                iterations: int = 20, cuda: bool | None = None) -> BenchReport:
+                iterations: int = 20, cuda: bool | None = None,
+                calibration: np.ndarray | None = None) -> BenchReport:
     """Benchmark ``model`` (eval mode) on random inputs of ``input_shape`` (batch axis replaced).
-    ``cuda``: add the GPU variants (default: where ORT's CUDA provider, or torch's CUDA, is present)."""
+    ``cuda``: add the GPU variants (default: where ORT's CUDA provider, or torch's CUDA, is present);
+    ``calibration``: real inputs, to add INT8 and FP16 variants."""
     torch.set_num_threads(threads)
     ort_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and cuda is not False
     torch_cuda = torch.cuda.is_available() and cuda is not False
     report = BenchReport(name, threads, list(batch_sizes), environment=environment(threads))
     example = torch.randn(2, *input_shape[1:])
     with tempfile.TemporaryDirectory() as tmp:
-        runners = variants(model.eval(), example, Path(tmp), threads, ort_cuda, report.unavailable, torch_cuda)
+        runners = variants(model.eval(), example, Path(tmp), threads, ort_cuda, report.unavailable, torch_cuda,
+                           calibration)
         for batch in batch_sizes:
             x = np.random.default_rng(batch).standard_normal((batch, *input_shape[1:])).astype(np.float32)
             for variant, t in measure(runners, x, repeats, iterations).items():
@@ -178,7 +193,7 @@ def markdown(report: BenchReport) -> str:
     for r in report.rows:
         lines.append(f"| {r.variant} | {r.batch} | {r.p50_ms:.3f} | {r.p90_ms:.3f} | {r.p99_ms:.3f} | "
                      f"{r.throughput:.0f} | {r.p50_ms / base[r.batch]:.2f} |")
-    lines += [f"\n{variant} failed on this model: {reason}" for variant, reason in report.unavailable.items()]
+    lines += [f"\n{variant}: not run ({reason})" for variant, reason in report.unavailable.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -403,8 +403,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     data = example_data(loaded, args.input_shape, args.data, args.model)
     if len(data.inputs) != 1:
         raise InputError(f"{args.model}: bnrt bench handles single-input models")
+    # real inputs (all of --data): INT8 and FP16 variants too, calibrated on up to 256 of them
+    calibration = data.inputs[0][:256] if args.data else None
     report = bench_model(loaded.model, data.shapes()[0], name=Path(args.model).stem, batch_sizes=batches,
-                         threads=args.threads, repeats=args.repeats, iterations=args.iterations)
+                         threads=args.threads, repeats=args.repeats, iterations=args.iterations,
+                         calibration=calibration)
     print(markdown(report))
     if args.json:
         write_json(Path(args.json), report.to_json())

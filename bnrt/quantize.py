@@ -1,9 +1,11 @@
 """Quantize stage: a model folded by bnrt becomes an INT8 or FP16 ONNX graph, verified on the
 user's data against the float32 folded graph, within a budget.
 
-- INT8: ``onnxruntime.quantization.quantize_static``, QDQ format, per-channel int8 weights, int8
-  activations calibrated over the first ``calibration_samples`` samples of the data (min-max,
-  entropy or percentile), after ORT's pre-processing (shape inference and graph optimisation).
+- INT8: ``onnxruntime.quantization.quantize_static``, QDQ format, per-channel symmetric int8
+  weights, asymmetric uint8 activations (U8S8: the fast path of ORT's x86 CPU kernels, 2.7x on
+  ResNet-50 where S8S8 gains ~1.1x) calibrated over the first ``calibration_samples`` samples of
+  the data (min-max, entropy or percentile), after ORT's pre-processing (shape inference and graph
+  optimisation).
   Folding first matters: ORT's quantizer leaves a standalone BatchNormalization in float32.
 - FP16: ``onnxruntime.transformers.float16.convert_float_to_float16``, inputs and outputs kept
   float32 by default; every node whose float weights or whose activations (measured over the
@@ -158,10 +160,10 @@ def to_int8(float_path: Path, out: Path, names: list[str], inputs: list[np.ndarr
         raise OptionError(f"`exclude` {unknown[0]!r}: no node of that name in the pre-processed graph "
                           f"(names: {', '.join(sorted(known)[:8])}{', …' if len(known) > 8 else ''})")
     quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
                     nodes_to_exclude=list(options.exclude) or None,
                     extra_options={"CalibTensorRangeSymmetric": False})
-    return {"format": "QDQ", "activations": "int8", "weights": "int8 per channel",
+    return {"format": "QDQ", "activations": "uint8", "weights": "int8 per channel",
             "calibration": options.calibration,
             "calibration_samples": min(options.calibration_samples, len(inputs[0])),
             "excluded": list(options.exclude)}

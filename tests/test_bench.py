@@ -25,7 +25,7 @@ def test_bench_report_structure_on_a_tiny_model():
     for r in report.rows:
         assert 0 < r.p50_ms <= r.p90_ms <= r.p99_ms
         assert r.throughput > 0
-    assert report.environment["threads"] == 1 and report.unavailable == {}
+    assert report.environment["threads"] == 1 and list(report.unavailable) == ["ORT, bnrt int8/fp16"]
     table = markdown(report)
     assert table.count("\n| ") == 2 + len(report.rows) - 1
 
@@ -57,6 +57,7 @@ def test_bench_cli_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["model"] == "digits_cnn"
+    assert data["unavailable"] == {"ORT, bnrt int8/fp16": "needs real inputs to calibrate on (--data)"}
     assert [(r["variant"], r["batch"]) for r in data["rows"]] == [(v, b) for b in (1, 2) for v in VARIANTS + CUDA_VARIANTS]
     assert "| ORT, bnrt (cpu) | 1 |" in proc.stdout
 
@@ -77,3 +78,18 @@ def test_tools_bench_regenerates_the_docs(tmp_path, monkeypatch):
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "bnrt ONNX / BN-free limit" in text and "| tabular |" in text and "- ratio: wall " in text
     assert (tmp_path / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_with_data_adds_int8_and_fp16(tmp_path):
+    import numpy as np
+
+    from models.digits import digits_split
+
+    _, _, x, y = digits_split()
+    np.savez(tmp_path / "d.npz", x=x[:64], y=y[:64])
+    proc = run_cli("bench", str(EXAMPLE), "--batch-sizes", "1", "--repeats", "1", "--iterations", "2",
+                   "--data", str(tmp_path / "d.npz"), "--json", str(tmp_path / "b.json"))
+    assert proc.returncode == 0, proc.stderr
+    rows = [r["variant"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]]
+    assert rows[:len(VARIANTS)] == VARIANTS
+    assert {"ORT, bnrt int8 (cpu)", "ORT, bnrt fp16 (cpu)"} <= set(rows)

@@ -68,7 +68,8 @@ def test_tools_bench_regenerates_the_docs(tmp_path, monkeypatch):
     from tools import bench
 
     monkeypatch.setattr(sys, "argv", ["bench", "--models", "tabular", "--batch-sizes", "1", "--repeats", "1",
-                                      "--iterations", "1", "--docs", str(tmp_path)])
+                                      "--iterations", "1", "--docs", str(tmp_path),
+                                      "--pipeline-model", "resnet", "--rounds", "1"])
     bench.main()
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert [r["model"] for r in data["reports"]] == ["tabular"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
@@ -18,6 +20,8 @@ from bnrt.quantize import QuantizeOptions, quantize_file
 from models.digits import digits_split
 
 from .conftest import EXAMPLE, assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli, trusted
+
+SCHEMA = json.loads((Path(bnrt.__file__).parent / "schemas" / "quantize-1.schema.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,7 @@ def test_digits_example_quantizes_within_its_budget(digits, tmp_path, precision)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"digits_cnn.{precision}.onnx", f"digits_cnn.{precision}.quantize.json"])
     report = json.loads((tmp_path / f"digits_cnn.{precision}.quantize.json").read_text())
+    jsonschema.validate(report, SCHEMA)
     assert report["schema"] == "bnrt.quantize/1" and report["passed"] and report["samples"] == 360
     drop = 100 * (report["accuracy"]["float32"] - report["accuracy"][precision])
     assert report["accuracy"]["float32"] > 0.98
@@ -147,6 +152,7 @@ def test_over_budget_writes_only_the_report_and_names_the_worst_layers(tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.int8.quantize.json"]
     report = json.loads((tmp_path / "out" / "m.int8.quantize.json").read_text())
+    jsonschema.validate(report, SCHEMA)
     assert not report["passed"] and report["budget"]["kind"] == "top-1 disagreement" and report["budget"]["value"] > 0
     worst = report["worst_layers"]
     assert len(worst) == 3 and all(w["op"] in ("Conv", "Gemm", "MatMul") for w in worst)

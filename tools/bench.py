@@ -1,9 +1,11 @@
 """Regenerate docs/BENCHMARKS.md: every deployment path of every zoo model, side by side.
 
     python -m tools.bench [--models resnet unet ...] [--batch-sizes 1,8,32] [--threads 1]
-                          [--repeats 5] [--iterations 10]
+                          [--repeats 5] [--iterations 10] [--pipeline-model resnet50|resnet] [--rounds 3]
+    python -m tools.bench --pipeline-only [--rounds 5]    # only bnrt fold's cost on ResNet-50, printed
 
-Writes docs/BENCHMARKS.md (tables and headline ratios), docs/benchmarks.json and
+Writes docs/BENCHMARKS.md (tables, headline ratios, and the cost of `bnrt fold` against torch.fx
+fuse + torch.onnx.export as command lines: wall time and peak memory), docs/benchmarks.json and
 docs/benchmarks.png. See bnrt/bench.py for the method.
 """
 
@@ -73,25 +75,34 @@ def cost_lines(cost: dict[str, dict[str, float]]) -> list[str]:
             f"- ratio: wall {b['wall_s'] / a['wall_s']:.2f}, peak memory {b['peak_mb'] / a['peak_mb']:.2f} (target ≤ 1.3 each)"]
 
 
-def resnet50_pipeline_cost(rounds: int = 3) -> str:
-    """``bnrt fold`` against torch.fx fuse + torch.onnx.export on a ResNet-50 checkpoint (statistics
-    of random data), medians of interleaved runs after a warm-up."""
-    from models.zoo import ResNet50
+PIPELINE_MODELS = {"resnet50": "ResNet-50 (models.zoo.ResNet50, 25.6M parameters, 1x3x224x224)",
+                   "resnet": "the zoo's ResNet (0.7M parameters, 1x3x32x32)"}
 
-    torch.manual_seed(0)
-    model = ResNet50()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    with torch.no_grad():
-        model.train()(torch.randn(4, 3, 224, 224))
+
+def pipeline_checkpoint(name: str, folder: Path) -> Path:
+    """A checkpoint of ``resnet50`` (statistics of random data) or the zoo's ``resnet``."""
+    if name == "resnet50":
+        from models.zoo import ResNet50
+
+        torch.manual_seed(0)
+        model = ResNet50()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+        with torch.no_grad():
+            model.train()(torch.randn(4, 3, 224, 224))
+        arch, shape = "models.zoo:ResNet50", [1, 3, 224, 224]
+    else:
+        model, arch, shape = build("resnet"), "models.zoo:ResNet", list(ZOO["resnet"].input_shape)
+    torch.save({"state_dict": model.eval().state_dict(), "arch": arch, "input_shape": shape}, folder / f"{name}.pt")
+    return folder / f"{name}.pt"
+
+
+def pipeline_section(name: str, rounds: int) -> tuple[dict, list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "resnet50.pt"
-        torch.save({"state_dict": model.eval().state_dict(), "arch": "models.zoo:ResNet50",
-                    "input_shape": [1, 3, 224, 224]}, ckpt)
-        cost = pipeline_cost(ckpt, Path(tmp), rounds)
-    return "\n".join([f"ResNet-50 (25.6M parameters, 1x3x224x224), command lines, medians of {rounds} alternating runs:",
-                      *cost_lines(cost)])
+        cost = pipeline_cost(pipeline_checkpoint(name, Path(tmp)), Path(tmp), rounds)
+    return cost, [f"Fold pipeline cost on {PIPELINE_MODELS[name]}: command lines, medians of {rounds} alternating "
+                  "runs after a warm-up round:", "", *cost_lines(cost)]
 
 
 def main() -> None:
@@ -103,11 +114,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of the pipeline comparison")
+    parser.add_argument("--pipeline-model", choices=sorted(PIPELINE_MODELS), default="resnet50",
+                        help="checkpoint of the pipeline comparison (default resnet50)")
     parser.add_argument("--pipeline-only", action="store_true",
                         help="only the fold pipeline's cost on a ResNet-50-sized model, printed")
     args = parser.parse_args()
     if args.pipeline_only:
-        print(resnet50_pipeline_cost(args.rounds))
+        print("\n".join(pipeline_section(args.pipeline_model, args.rounds)[1]))
         return
     batches = tuple(int(b) for b in args.batch_sizes.split(","))
     reports = []
@@ -115,12 +128,7 @@ def main() -> None:
         reports.append(bench_model(build(name), ZOO[name].input_shape, name=name, batch_sizes=batches,
                                    threads=args.threads, repeats=args.repeats, iterations=args.iterations))
         print(markdown(reports[-1]))
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "resnet.pt"
-        model = build("resnet")
-        torch.save({"state_dict": model.state_dict(), "arch": "models.zoo:ResNet",
-                    "input_shape": list(ZOO["resnet"].input_shape)}, ckpt)
-        cost = pipeline_cost(ckpt, Path(tmp), rounds=2)
+    cost, cost_text = pipeline_section(args.pipeline_model, args.rounds)
     limit = [(r.model, b, r.ratio("ORT, bnrt (cpu)", "ORT, BN-free limit (cpu)", b)) for r in reports for b in batches]
     plain = [(r.model, b, r.ratio("ORT, bnrt (cpu)", "ORT, torch.onnx.export (cpu)", b)) for r in reports for b in batches]
     headline = ["## Headline ratios (median latency)", "",
@@ -136,8 +144,7 @@ def main() -> None:
         rn = next(r for r in reports if r.model == "resnet")
         headline += ["", f"ResNet at batch {batches[0]}: bnrt ONNX on ORT is "
                      f"{1 / rn.ratio('ORT, bnrt (cpu)', 'torch eager', batches[0]):.2f}× faster than torch eager unfolded."]
-    headline += ["", "Fold pipeline cost on the zoo's ResNet checkpoint (command lines, median of 2 alternating "
-                 "runs after a warm-up; `python -m tools.bench --pipeline-only` for ResNet-50):", "", *cost_lines(cost)]
+    headline += ["", *cost_text]
     env = environment(args.threads)
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)

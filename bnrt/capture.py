@@ -174,8 +174,37 @@ def _export_graph(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
     return graph
 
 
+@contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Tracing runs the model's own Python code, and code that sets attributes or fills caches
+    (timm's EfficientViT caches its attention biases in eval mode) would leave tracer proxies in
+    the model: its next forward, or a deep copy, breaks. Every module's attributes, and the
+    contents of its plain dict and list attributes, are put back as they were."""
+    saved = []
+    for module in model.modules():
+        state = dict(module.__dict__)
+        contents = {k: v.copy() for k, v in state.items() if type(v) in (dict, list) and not k.startswith("_")}
+        saved.append((module, state, contents))
+    try:
+        yield
+    finally:
+        for module, state, contents in saved:
+            for key in [k for k in module.__dict__ if k not in state]:
+                del module.__dict__[key]
+            module.__dict__.update(state)
+            for key, content in contents.items():
+                state[key].clear()
+                (state[key].update if isinstance(content, dict) else state[key].extend)(content)
+
+
 def capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capture:
-    """Trace ``model`` and record the shapes ``example_inputs`` take through it."""
+    """Trace ``model`` and record the shapes ``example_inputs`` take through it. The model is left
+    as it was (``_untouched``)."""
+    with _untouched(model):
+        return _capture(model, example_inputs)
+
+
+def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capture:
     try:
         graph, tracer = _Tracer().trace(model), "torch.fx"
     except Exception as fx_exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import assume, given
@@ -503,3 +505,35 @@ def test_parallel_branches_merge_exactly_or_not_at_all(groups, cin_g, k, stride,
         if model.identity is not None:
             kept = next(d for d in result.decisions if d.bn == "identity")
             assert kept.status == "skipped" and "branch-mismatch" in kept.codes
+
+
+class EvalCache(nn.Module):
+    """Caches a tensor derived from a parameter on its first eval forward, as timm's EfficientViT
+    attention does with its biases: under a tracer the cache would hold a proxy."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.table = nn.Parameter(torch.randn(4))
+        self.cache = {}
+
+    def forward(self, x):
+        if not self.training:
+            if str(x.device) not in self.cache:
+                self.cache[str(x.device)] = self.table * 2
+            return self.bn(self.conv(x)) + self.cache[str(x.device)].view(1, -1, 1, 1)
+        return self.bn(self.conv(x)) + (self.table * 2).view(1, -1, 1, 1)
+
+
+def test_capture_leaves_the_models_own_state_as_it_was():
+    model = EvalCache().double().eval()
+    randomise_bn(model.bn, torch.Generator().manual_seed(0))
+    model.tag = "kept"
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    result = bnrt.fold(model, (x,))
+    assert model.cache == {} and model.tag == "kept"  # no proxy left behind, nothing removed
+    assert [d.status for d in result.decisions] == ["folded"]
+    again = copy.deepcopy(model)  # a proxy in the cache made deep copies of the model break
+    with torch.no_grad():
+        assert float((result.model(x) - again(x)).abs().max()) <= 1e-12
+    assert bnrt.fold(model, (x,)).decisions[0].status == "folded"  # a second capture works too

@@ -261,16 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
 _TORCH_ONLY = ("opset", "exporter", "input_shape", "arch", "trust_pickle", "trust_code")
 
 
+def _refuse_torch_flags(args: argparse.Namespace, why: str) -> None:
+    """One line naming every torch-only flag given with an ``.onnx`` model."""
+    if str(args.model).lower().endswith(".onnx"):
+        given = ["--" + n.replace("_", "-") for n in _TORCH_ONLY if getattr(args, n, None) not in (None, False)]
+        if given:
+            raise InputError(f"{args.model}: {', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to torch "
+                             f"checkpoints only{why}")
+
+
 def cmd_fold(args: argparse.Namespace) -> int:
     from .pipeline import fold_file
     from .report import check_table, decision_table
 
     start = time.perf_counter()
-    if str(args.model).lower().endswith(".onnx"):
-        given = ["--" + name.replace("_", "-") for name in _TORCH_ONLY if getattr(args, name) not in (None, False)]
-        if given:
-            raise InputError(f"{args.model}: {', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to torch "
-                             "checkpoints only; an ONNX file is folded as it is")
+    _refuse_torch_flags(args, "; an ONNX file is folded as it is")
     outcome = fold_file(source_from(args, args.model), args.output_dir,
                         check=None if args.no_check else check_from(args),
                         opset=DEFAULT_OPSET if args.opset is None else args.opset, exporter=args.exporter or "dynamo",
@@ -423,12 +428,7 @@ def _db(value: float | None) -> str:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import QuantizeOptions, quantize_file
 
-    if str(args.model).lower().endswith(".onnx"):
-        given = ["--" + n.replace("_", "-") for n in ("input_shape", "arch", "trust_pickle", "trust_code")
-                 if getattr(args, n) not in (None, False)]
-        if given:
-            raise InputError(f"{args.model}: {', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to torch "
-                             "checkpoints only")
+    _refuse_torch_flags(args, "")
     start = time.perf_counter()
     options = QuantizeOptions(args.precision, args.calibration, args.calibration_samples, tuple(args.exclude),
                               not args.no_keep_io_types, args.max_accuracy_drop, args.max_disagreement)

@@ -96,7 +96,7 @@ def report_name(source: Path, precision: str) -> str:
     return f"{stem}.{precision}.quantize.json"
 
 
-def _float_dtype(model: onnx.ModelProto) -> set[int]:
+def _tensor_types(model: onnx.ModelProto) -> set[int]:
     kinds = {t.data_type for t in model.graph.initializer}
     kinds |= {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
     return kinds
@@ -112,7 +112,7 @@ def folded_float_graph(source, work: Path) -> tuple[Path, list[dict], str]:
     source = ModelSource.of(source)
     if source.path.suffix.lower() == ".onnx":
         model = load_onnx(source.path)
-        if onnx.TensorProto.FLOAT16 in _float_dtype(model):
+        if onnx.TensorProto.FLOAT16 in _tensor_types(model):
             raise InputError(f"{source.path}: already has float16 tensors; quantize its float32 original")
         result = fold_onnx(model, str(source.path))
         path = work / "folded.onnx"

@@ -185,3 +185,10 @@ def test_quantized_files_serve_and_get_triton_configs(digits, tmp_path):
     proc = run_cli("run", str(tmp_path / "digits_cnn.fp16.onnx"), "--input", str(tmp_path / "x.npy"),
                    "-o", str(tmp_path / "o.npz"))
     assert proc.returncode == 0 and np.load(tmp_path / "o.npz")["output"].shape == (3, 10), proc.stderr
+
+
+def test_quantize_onnx_refuses_torch_only_flags(tmp_path):
+    model = _conv_bn_onnx(tmp_path / "m.onnx", out_shape_4d=False)
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 6, 6), np.float32))
+    proc = run_cli("quantize", str(model), "--data", str(tmp_path / "d.npz"), "--arch", "models.digits:DigitsNet")
+    assert_one_line_error(proc, "m.onnx: --arch applies to torch checkpoints only")

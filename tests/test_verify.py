@@ -177,3 +177,14 @@ def test_torch_on_cuda_is_refused_where_torch_has_none():
         CheckOptions(tf32=True)
     proc = run_cli("check", str(EXAMPLE), str(EXAMPLE), "--device", "cuda")
     assert_one_line_error(proc, "--device cuda: torch", "has no CUDA device here")
+
+
+def test_top1_flips_count_only_where_float32_noise_cannot_flip():
+    anchor = np.array([[0.0, 0.6], [0.0, 10.0]])
+    noisy = anchor + np.array([[0.5, 0.0], [0.0, 0.0]])  # floor 0.5: margins <= 1.0 are noise's to flip
+    small = np.array([[1.0, 0.6], [0.0, 10.0]])  # flips sample 0, margin 0.6
+    m = compare_output("y", noisy, small, noise=(anchor, noisy), factor=1e9)
+    assert m.passed and m.floor == 0.5
+    large = np.array([[0.0, 0.6], [10.5, 10.0]])  # flips sample 1, margin 10 > 2 x floor
+    m = compare_output("y", noisy, large, noise=(anchor, noisy), factor=1e9)
+    assert not m.passed and m.problem.startswith("top-1 differs from the noise anchor on 1 sample(s)")

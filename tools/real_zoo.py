@@ -65,6 +65,7 @@ def build(source: str, name: str, size: int = 224):
     import torch
     from torch import nn
 
+    torch.manual_seed(0)  # the same random weights on every run
     if source == "tv":
         import torchvision
         if name == "resnet50_frozenbn":

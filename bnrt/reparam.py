@@ -66,6 +66,14 @@ def _source(view: GraphView, leaf: Any) -> tuple[Any, list]:
     return leaf, path
 
 
+def _behind(view: GraphView, node: Any) -> Any:
+    """The value ``node`` carries, through value identities (an ``nn.Identity`` branch, a folded BN):
+    two branches read the same input when their inputs are the same behind them."""
+    while view.is_value_identity(node):
+        node = view.input_of(node)
+    return node
+
+
 def _aligned(conv: Layer) -> str | None:
     """Why a conv branch cannot be padded into another, or None."""
     if any(d != 1 for d in conv.dilation):
@@ -99,8 +107,10 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
     if not convs or len({c.name for c in convs}) < len(convs) or len({id(b.node) for b in bns}) < len(bns):
         return None  # a branch summed twice (y + y) is not a rep block
     x = view.input_of(convs[0].node)
-    if any(view.input_of(c.node) is not x for c in convs) or any(view.input_of(b.node) is not x for b in bns) \
-            or any(o is not x for o in others):
+    same = _behind(view, x)
+    if any(_behind(view, view.input_of(c.node)) is not same for c in convs) \
+            or any(_behind(view, view.input_of(b.node)) is not same for b in bns) \
+            or any(_behind(view, o) is not same for o in others):
         return None
     if not bns and not others and len(convs) < 2:
         return None

@@ -537,3 +537,35 @@ def test_capture_leaves_the_models_own_state_as_it_was():
     with torch.no_grad():
         assert float((result.model(x) - again(x)).abs().max()) <= 1e-12
     assert bnrt.fold(model, (x,)).decisions[0].status == "folded"  # a second capture works too
+
+
+class GhostRep(nn.Module):
+    """RepGhost's module: a depthwise conv+BN branch and an identity BN reached through an
+    ``nn.Identity`` ("fusion conv"), both on the primary conv's output, summed."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.primary = nn.Sequential(nn.Conv2d(3, c, 1, bias=False), nn.BatchNorm2d(c), nn.Identity())
+        self.cheap = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.fusion_conv, self.fusion_bn = nn.ModuleList([nn.Identity()]), nn.ModuleList([nn.BatchNorm2d(c)])
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        x2 = self.cheap(x1)
+        for conv, bn in zip(self.fusion_conv, self.fusion_bn):
+            x2 = x2 + bn(conv(x1))
+        return torch.relu(x2)
+
+
+def test_branches_on_one_input_behind_an_identity_merge():
+    model = GhostRep().double().eval()
+    gen = torch.Generator().manual_seed(0)
+    for bn in (model.primary[1], model.cheap[1], model.fusion_bn[0]):
+        randomise_bn(bn, gen)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, generator=gen)
+    result = bnrt.fold(model, (x,))
+    assert [(d.bn, d.status, d.direction) for d in result.decisions] == [
+        ("primary.1", "folded", "backward"), ("cheap.1", "folded", "backward"), ("fusion_bn.0", "folded", "merge")]
+    assert [(m.target.name, [b.name for b in m.bns]) for m in result.merges] == [("cheap.0", ["fusion_bn.0"])]
+    with torch.no_grad():
+        assert float((result.model(x) - model(x)).abs().max()) <= 1e-12

@@ -26,13 +26,17 @@ FOLDS_KEY = "bnrt_folds"
 FOLD_SCHEMA = "bnrt.fold/1"
 
 
+def stem_of(source: Path) -> str:
+    """The name bnrt's outputs for ``source`` start with: its file name without the last suffix."""
+    return source.name.rsplit(".", 1)[0] if "." in source.name else source.name
+
+
 def artifact_names(source: Path) -> dict[str, str]:
     """File names ``bnrt fold`` writes for ``source``: the folded model, the ONNX (torch sources
     only) and the report."""
+    stem = stem_of(source)
     if source.suffix.lower() == ".onnx":
-        stem = source.name[: -len(".onnx")]
         return {"folded": f"{stem}.folded.onnx", "report": f"{stem}.report.json"}
-    stem = source.name.rsplit(".", 1)[0] if "." in source.name else source.name
     return {"folded": f"{stem}.folded.pt", "onnx": f"{stem}.onnx", "report": f"{stem}.report.json"}
 
 

@@ -134,7 +134,7 @@ def variants(model: nn.Module, example: torch.Tensor, workdir: Path, threads: in
         from .quantize import QuantizeOptions, to_fp16, to_int8
 
         to_int8(bnrt_onnx, workdir / "int8.onnx", names[0], [calibration], QuantizeOptions(), workdir)
-        to_fp16(bnrt_onnx, workdir / "fp16.onnx", names[0], [calibration], QuantizeOptions(precision="fp16"))
+        to_fp16(bnrt_onnx, workdir / "fp16.onnx", [calibration], QuantizeOptions(precision="fp16"))
         runners["ORT, bnrt int8 (cpu)"] = lambda x, s=Session(workdir / "int8.onnx", "cpu", threads=threads): s.run([x])
         for provider in providers:
             session = Session(workdir / "fp16.onnx", provider, threads=threads)

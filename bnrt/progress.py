@@ -17,6 +17,7 @@ class Steps:
         self.timings: dict[str, float] = {}
         self._progress = None
         self._task = None
+        self._name = ""
         if show:
             from rich.console import Console
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -31,7 +32,7 @@ class Steps:
         if self._progress is not None:
             if not self._progress.live.is_started:
                 self._progress.start()
-            self._task = self._progress.add_task(name, total=1)
+            self._task, self._name = self._progress.add_task(name, total=1), name
         try:
             yield
         finally:
@@ -43,8 +44,7 @@ class Steps:
     def note(self, text: str) -> None:
         """What the running step does now (shown after its name)."""
         if self._progress is not None and self._task is not None:
-            name = self._progress.tasks[-1].description.split(":")[0]
-            self._progress.update(self._task, description=f"{name}: {text}")
+            self._progress.update(self._task, description=f"{self._name}: {text}")
 
     def close(self) -> None:
         if self._progress is not None and self._progress.live.is_started:

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .artifacts import artifact_names
+from .artifacts import artifact_names, stem_of
 from .data import InputSpec, make_inputs
 from .errors import InputError, OptionError
 from .onnxfold import fold_onnx, load_onnx
@@ -86,14 +86,12 @@ class QuantizeOutcome:
 
 
 def quantized_name(source: Path, precision: str) -> str:
-    stem = source.name.rsplit(".", 1)[0] if "." in source.name else source.name
-    return f"{stem}.{precision}.onnx"
+    return f"{stem_of(source)}.{precision}.onnx"
 
 
 def report_name(source: Path, precision: str) -> str:
     """``<stem>.<precision>.quantize.json``: an INT8 and an FP16 run into one folder keep both reports."""
-    stem = source.name.rsplit(".", 1)[0] if "." in source.name else source.name
-    return f"{stem}.{precision}.quantize.json"
+    return f"{stem_of(source)}.{precision}.quantize.json"
 
 
 def _tensor_types(model: onnx.ModelProto) -> set[int]:
@@ -169,33 +167,33 @@ def to_int8(float_path: Path, out: Path, names: list[str], inputs: list[np.ndarr
             "excluded": list(options.exclude)}
 
 
-def _activation_ranges(model: onnx.ModelProto, names: list[str], inputs: list[np.ndarray]) -> dict[str, float]:
-    """max |value| of every float tensor a node produces, over ``inputs`` (ORT CPU, no graph
-    optimisation: the values are the graph's own)."""
+def _values(model: onnx.ModelProto, names, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The values ``names`` (and the graph outputs) of ``model`` on ``inputs``: ORT CPU on a copy
+    with them added as outputs, no graph optimisation (the values are the graph's own)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    outputs = {o.name for o in probe.graph.output}
-    produced = [o for n in probe.graph.node for o in n.output if o and o not in outputs]
-    for name in produced:
+    present = {o.name for o in probe.graph.output}
+    for name in dict.fromkeys(n for n in names if n not in present):
         probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = Session(Path("activation-ranges.onnx"), optimization="disable", model_bytes=probe.SerializeToString())
-    values = session.run(inputs)
-    ranges = {}
-    for name, value in zip(session.output_names, values):
-        if np.issubdtype(value.dtype, np.floating) and value.size:
-            ranges[name] = float(np.nanmax(np.abs(value)))
-    return ranges
+    session = Session(Path("probe.onnx"), optimization="disable", model_bytes=probe.SerializeToString())
+    return dict(zip(session.output_names, session.run(inputs)))
 
 
-def to_fp16(float_path: Path, out: Path, names: list[str], inputs: list[np.ndarray],
-            options: QuantizeOptions) -> dict[str, Any]:
+def _activation_ranges(model: onnx.ModelProto, inputs: list[np.ndarray]) -> dict[str, float]:
+    """max |value| of every float tensor a node produces, over ``inputs``."""
+    values = _values(model, [o for n in model.graph.node for o in n.output if o], inputs)
+    return {name: float(np.nanmax(np.abs(v))) for name, v in values.items()
+            if np.issubdtype(v.dtype, np.floating) and v.size}
+
+
+def to_fp16(float_path: Path, out: Path, inputs: list[np.ndarray], options: QuantizeOptions) -> dict[str, Any]:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     _quiet_ort_logs()
     model = onnx.load(str(float_path))
     weights = {t.name: float(np.abs(numpy_helper.to_array(t)).max()) for t in model.graph.initializer
                if t.data_type == onnx.TensorProto.FLOAT and numpy_helper.to_array(t).size}
-    ranges = _activation_ranges(model, names, inputs)
+    ranges = _activation_ranges(model, inputs)
     kept = []
     for node in model.graph.node:
         big_w = [i for i in node.input if weights.get(i, 0.0) > FP16_MAX]
@@ -222,7 +220,7 @@ def _top1(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(1) == b.argmax(1)).mean())
 
 
-def _worst_layers(float_path: Path, quant_path: Path, names: list[str], inputs: list[np.ndarray]) -> list[dict]:
+def _worst_layers(float_path: Path, quant_path: Path, inputs: list[np.ndarray]) -> list[dict]:
     """SQNR of every Conv/Gemm/MatMul output of the quantized graph as the next layer sees it (after
     its QuantizeLinear -> DequantizeLinear pair, where it has one), against the same value in the
     pre-processed float graph it came from (whose node names ``exclude`` takes; the quantizer keeps
@@ -252,13 +250,8 @@ def _worst_layers(float_path: Path, quant_path: Path, names: list[str], inputs: 
     if not layers:
         return []
     head = [x[:TAP_SAMPLES] for x in inputs]
-    values = []
-    for graph, wanted in zip(graphs, ({r for _, _, r, _ in layers}, {q for _, _, _, q in layers})):
-        present = {o.name for o in graph.graph.output}
-        for name in sorted(wanted - present):
-            graph.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        session = Session(Path("taps.onnx"), optimization="disable", model_bytes=graph.SerializeToString())
-        values.append(dict(zip(session.output_names, session.run(head))))
+    values = [_values(graphs[0], [r for _, _, r, _ in layers], head),
+              _values(graphs[1], [q for _, _, _, q in layers], head)]
     rows = [{"node": node, "op": op, "output": ref, "sqnr_db": sqnr_db(values[0][ref], values[1][q])}
             for node, op, ref, q in layers]
     rows.sort(key=lambda row: float("inf") if row["sqnr_db"] is None else row["sqnr_db"])
@@ -295,7 +288,7 @@ def quantize_file(source, data: str | os.PathLike, out_dir: str | os.PathLike | 
             if options.precision == "int8":
                 details = to_int8(float_path, quant_path, reference.input_names, inputs, options, work)
             else:
-                details = to_fp16(float_path, quant_path, reference.input_names, inputs, options)
+                details = to_fp16(float_path, quant_path, inputs, options)
         with steps.step("verify"):
             quantized = Session(quant_path)
             got = quantized.run(inputs)
@@ -316,7 +309,7 @@ def quantize_file(source, data: str | os.PathLike, out_dir: str | os.PathLike | 
                           "value": 1.0 - agreement}
             passed = budget["value"] <= budget["limit"] + 1e-12
             worst = [] if passed or options.precision != "int8" else _worst_layers(
-                work / "pre.onnx", quant_path, reference.input_names, inputs)
+                work / "pre.onnx", quant_path, inputs)
         report = {
             "schema": SCHEMA, "source": {"path": str(src), "sha256": sha}, "data": str(data),
             "samples": dataset.size, "precision": options.precision, options.precision: details,

@@ -4,6 +4,7 @@ hand-built ONNX graphs, the serving subprocess."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import queue
 import re
@@ -89,6 +90,22 @@ def save_checkpoint(path: Path, model: torch.nn.Module, arch: str | None, input_
 @pytest.fixture
 def example() -> Path:
     return EXAMPLE
+
+
+@pytest.fixture(scope="module")
+def digits_npz(tmp_path_factory) -> Path:
+    """The digits test split (inputs ``x``, labels ``y``) as an .npz."""
+    from models.digits import digits_split
+
+    _, _, x, y = digits_split()
+    path = tmp_path_factory.mktemp("data") / "digits_test.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def report_schema(name: str) -> dict:
+    """A JSON schema shipped in bnrt/schemas (``check-2``, ``fold-1``, ``quantize-1``)."""
+    return json.loads((Path(bnrt.__file__).parent / "schemas" / f"{name}.schema.json").read_text())
 
 
 # --- folding torch models -------------------------------------------------------------------------

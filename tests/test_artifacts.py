@@ -16,9 +16,9 @@ from bnrt.artifacts import FOLDS_KEY, artifact_names, folds_in, folds_of, onnx_m
 from bnrt.decision import CODES
 from bnrt.onnxfold import fold_onnx
 
-from .conftest import EXAMPLE, bn_node, bn_params, onnx_graph, trusted
+from .conftest import report_schema, EXAMPLE, bn_node, bn_params, onnx_graph, trusted
 
-SCHEMA = json.loads((Path(bnrt.__file__).parent / "schemas" / "fold-1.schema.json").read_text())
+SCHEMA = report_schema("fold-1")
 
 
 def test_schema_lists_exactly_the_refusal_codes():

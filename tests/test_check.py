@@ -21,9 +21,9 @@ from bnrt.sides import CheckOptions, check_files
 from bnrt.verify import Tolerances, compare_output
 from models.digits import digits_split
 
-from .conftest import EXAMPLE, assert_one_line_error, run_cli, save_checkpoint, trusted
+from .conftest import report_schema, EXAMPLE, assert_one_line_error, run_cli, save_checkpoint, trusted
 
-SCHEMA = json.loads((Path(bnrt.__file__).parent / "schemas" / "check-2.schema.json").read_text())
+SCHEMA = report_schema("check-2")
 
 
 @pytest.fixture(scope="module")

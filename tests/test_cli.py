@@ -6,24 +6,15 @@ import json
 import pickle
 import shutil
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
 from bnrt.export import count_ops
-from models.digits import DigitsNet, digits_split
+from models.digits import DigitsNet
 
 from .conftest import EXAMPLE, assert_one_line_error, run_cli, save_checkpoint
 from .nets import DataDependent
-
-
-@pytest.fixture(scope="module")
-def digits_npz(tmp_path_factory):
-    _, _, x, y = digits_split()
-    path = tmp_path_factory.mktemp("data") / "digits_test.npz"
-    np.savez(path, x=x, y=y)
-    return path
 
 
 def test_fold_example_end_to_end(tmp_path, digits_npz):

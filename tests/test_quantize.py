@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -17,19 +16,10 @@ import bnrt
 from bnrt.errors import InputError
 from bnrt.export import count_ops
 from bnrt.quantize import QuantizeOptions, quantize_file
-from models.digits import digits_split
 
-from .conftest import EXAMPLE, assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli, trusted
+from .conftest import report_schema, EXAMPLE, assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli, trusted
 
-SCHEMA = json.loads((Path(bnrt.__file__).parent / "schemas" / "quantize-1.schema.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("digits")
-    _, _, x, y = digits_split()
-    np.savez(folder / "test.npz", x=x, y=y)
-    return folder
+SCHEMA = report_schema("quantize-1")
 
 
 def _producer(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -37,8 +27,8 @@ def _producer(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp16"])
-def test_digits_example_quantizes_within_its_budget(digits, tmp_path, precision):
-    proc = run_cli("quantize", str(EXAMPLE), "--data", str(digits / "test.npz"), "--precision", precision,
+def test_digits_example_quantizes_within_its_budget(digits_npz, tmp_path, precision):
+    proc = run_cli("quantize", str(EXAMPLE), "--data", str(digits_npz), "--precision", precision,
                    "-o", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -65,7 +55,7 @@ def test_digits_example_quantizes_within_its_budget(digits, tmp_path, precision)
         assert weights and all(types[w] == TensorProto.FLOAT16 for w in weights)
         assert [i.type.tensor_type.elem_type for i in model.graph.input] == [TensorProto.FLOAT]  # IO kept float32
         assert report["fp16"]["kept_float32"] == []
-    out = bnrt.Session(tmp_path / f"digits_cnn.{precision}.onnx").run([np.load(digits / "test.npz")["x"][:4]])
+    out = bnrt.Session(tmp_path / f"digits_cnn.{precision}.onnx").run([np.load(digits_npz)["x"][:4]])
     assert out[0].shape == (4, 10) and out[0].dtype == np.float32
 
 
@@ -175,13 +165,13 @@ def test_library_options_are_validated():
         QuantizeOptions(calibration_samples=0)
 
 
-def test_quantized_files_serve_and_get_triton_configs(digits, tmp_path):
-    outcome = quantize_file(trusted(EXAMPLE), digits / "test.npz", tmp_path, QuantizeOptions(precision="fp16"))
+def test_quantized_files_serve_and_get_triton_configs(digits_npz, tmp_path):
+    outcome = quantize_file(trusted(EXAMPLE), digits_npz, tmp_path, QuantizeOptions(precision="fp16"))
     assert outcome.passed
     proc = run_cli("triton", str(tmp_path / "digits_cnn.fp16.onnx"), "-o", str(tmp_path / "repo"), "--name", "d")
     assert proc.returncode == 0, proc.stderr
     assert "TYPE_FP32" in (tmp_path / "repo" / "d" / "config.pbtxt").read_text()  # IO kept float32
-    np.save(tmp_path / "x.npy", np.load(digits / "test.npz")["x"][:3])
+    np.save(tmp_path / "x.npy", np.load(digits_npz)["x"][:3])
     proc = run_cli("run", str(tmp_path / "digits_cnn.fp16.onnx"), "--input", str(tmp_path / "x.npy"),
                    "-o", str(tmp_path / "o.npz"))
     assert proc.returncode == 0 and np.load(tmp_path / "o.npz")["output"].shape == (3, 10), proc.stderr

@@ -1,6 +1,4 @@
 import copy
-import json
-from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -8,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import bnrt
 from bnrt.data import Dataset
 from bnrt.errors import OptionError
 from bnrt.report import check_table
@@ -16,7 +13,7 @@ from bnrt.sides import CheckOptions
 from bnrt.verify import (NoiseReference, accuracy, check, compare_output, flatten_outputs, run_batched, torch_runner,
                          truth_samples)
 
-from .conftest import EXAMPLE, assert_one_line_error, run_cli
+from .conftest import EXAMPLE, assert_one_line_error, report_schema, run_cli
 
 
 def test_metrics_by_hand():
@@ -165,7 +162,7 @@ def test_an_informational_candidate_is_reported_and_never_fails_the_check():
     assert same.passed and not info.passed and info.informational and info.outputs[0].ratio > 100
     assert report.passed and report.to_json()["passed"] is True
     assert "info: beyond" in check_table(report).splitlines()[2 + 1]
-    jsonschema.validate(report.to_json(), json.loads((Path(bnrt.__file__).parent / "schemas" / "check-2.schema.json").read_text()))
+    jsonschema.validate(report.to_json(), report_schema("check-2"))
 
 
 def test_torch_on_cuda_is_refused_where_torch_has_none():

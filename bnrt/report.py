@@ -67,7 +67,7 @@ def check_table(report: CheckReport) -> str:
             d = comp.divergence
             where = f"'{d.layer}' (seen at its folded BatchNorm '{d.module}')" if d.layer else f"'{d.module}'"
             lines.append(f"{comp.candidate}: first divergent module {where}, max abs error {d.max_abs:.3g}")
-        elif not comp.passed:
+        elif not comp.passed and not comp.informational:  # informational rows are not localised
             lines.append(f"{comp.candidate}: no single module diverges beyond tolerance on the first samples")
     if report.accuracy:
         lines.append("accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in report.accuracy.items()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import queue
 import re
 import signal
@@ -29,6 +28,7 @@ from torch import nn
 import bnrt
 from bnrt.export import count_ops
 from bnrt.onnxfold import fold_onnx
+from tools import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def run_cli(*args: str, cwd: Path = ROOT, trust_code: bool = True) -> subprocess
     architectures in this repository (``models.*``, ``tests.nets``), code from the current folder:
     ``--trust-code`` is added where a command reads a ``.pt`` file, unless ``trust_code=False``
     (the tests of that consent)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = child_env()
     if trust_code and args and args[0] in _TAKES_TRUST and any(str(a).endswith(".pt") for a in args[1:]):
         args = (args[0], "--trust-code", *args[1:])
     return subprocess.run([sys.executable, "-m", "bnrt", *args], cwd=cwd, env=env,
@@ -203,7 +203,7 @@ class Server:
     """``bnrt serve TARGET --port 0`` in a subprocess; the port is read back from its first line."""
 
     def __init__(self, target: Path, *flags: str):
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = child_env()
         self.log = tempfile.TemporaryFile("w+")  # stderr to a file: a full pipe would block the server
         self.proc = subprocess.Popen([sys.executable, "-m", "bnrt", "serve", str(target), "--port", "0", *flags],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True)

@@ -4,7 +4,6 @@ and docs/ZOO.md was generated from the current sources."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import pytest
 import bnrt
 from models.digits import digits_split
 from tools.provenance import recorded_hash, source_hash
+
+from tools import child_env
 
 from .conftest import EXAMPLE, ROOT, Server, trusted
 
@@ -56,7 +57,7 @@ def test_readme_python_block_runs(readme_dir, index):
         code = code.replace("127.0.0.1:8000", server.url) + "\nassert logits.shape == (1, 10)\n"
     try:
         proc = subprocess.run([sys.executable, "-c", code], cwd=readme_dir, capture_output=True, text=True,
-                              timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                              timeout=300, env=child_env())
     finally:
         if server is not None:
             assert server.stop() == 0

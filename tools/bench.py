@@ -25,6 +25,7 @@ import torch
 
 from bnrt.bench import bench_model, environment, markdown, plot
 from bnrt.save import write_json, write_text
+from tools import child_env
 from tools.provenance import provenance
 from models.zoo import ZOO, build
 
@@ -39,7 +40,7 @@ def _run(argv: list[str]) -> tuple[float, float]:
     """Wall seconds and peak resident memory (MB) of one command."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            env=child_env())
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)

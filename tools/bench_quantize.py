@@ -1,6 +1,7 @@
 """INT8 and FP16 latency against float32 on onnxruntime, side by side in one run.
 
     python -m tools.bench_quantize [--model resnet] [--batch-sizes 1,8] [--threads 1] [--repeats 5]
+                                   [--providers cpu,cuda]
 
 Folds a zoo model (random weights, statistics of random data), quantizes it with ``bnrt quantize``
 (INT8: calibrated on random inputs, which is fine for timing and nothing else; the budget is
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--providers", help="comma-separated ORT providers (default: cpu, and cuda where present)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
     if args.model == "resnet50":
@@ -42,7 +44,8 @@ def main() -> None:
         model, shape = ResNet50().eval(), (1, 3, 224, 224)
     else:
         model, shape = build(args.model), ZOO[args.model].input_shape
-    providers = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
+    providers = (args.providers.split(",") if args.providers else
+                 ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else []))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.save({"state_dict": model.state_dict(), "arch": f"models.zoo:{type(model).__name__}",

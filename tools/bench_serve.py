@@ -13,7 +13,6 @@ cores.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import subprocess
@@ -28,6 +27,7 @@ import numpy as np
 import bnrt
 from bnrt.run import Session
 from bnrt.save import write_text
+from tools import child_env
 from tools.provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def in_process(model: Path, seconds: float = 1.5) -> dict[int, float]:
 
 
 def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = child_env()
     proc = subprocess.Popen([sys.executable, "-m", "bnrt", "serve", str(model), "--port", "0", *flags],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     port = re.search(r":(\d+) ", proc.stdout.readline()).group(1)

@@ -70,7 +70,7 @@ def folded_checkpoint(result: FoldResult, loaded: Loaded, input_shapes: list[tup
     """The folded checkpoint: the user's state_dict structure with folded BNs as ``nn.Identity``
     (``bnrt_folded``: what ``bnrt.structure.apply_folded_structure`` needs, and the fold records)."""
     return {
-        FOLDED_KEY: {**result.structure(), "folds": folds_of(result.decisions)},
+        FOLDED_KEY: {**result.structure(), "folds": folds_of(result.structured_decisions)},
         "state_dict": result.structured.state_dict(),
         "arch": loaded.arch,
         "arch_kwargs": loaded.arch_kwargs,
@@ -90,8 +90,10 @@ def calibrated_checkpoint(state_dict: dict, loaded: Loaded, input_shapes: list[t
 def fold_report(*, source: dict[str, Any], input_names: list[str], output_names: list[str],
                 input_shapes: list, opset: int | None, exporter: str | None, tracer: str,
                 decisions: list[Decision], merges: list, fp16_overflow: dict[str, float], batchnorm_nodes: int,
-                check: dict | None, timings: dict[str, float], outputs: dict[str, str]) -> dict[str, Any]:
-    """The fold report (schema ``bnrt.fold/1``), for torch and ONNX sources alike."""
+                check: dict | None, timings: dict[str, float], outputs: dict[str, str],
+                checkpoint_keeps: list[str] = ()) -> dict[str, Any]:
+    """The fold report (schema ``bnrt.fold/1``), for torch and ONNX sources alike.
+    ``checkpoint_keeps``: BNs folded in the ONNX file but kept in the folded checkpoint."""
     folded = sum(d.folded for d in decisions)
     return {
         "schema": FOLD_SCHEMA,
@@ -105,7 +107,8 @@ def fold_report(*, source: dict[str, Any], input_names: list[str], output_names:
         "tracer": tracer,
         "summary": {"bn_total": len(decisions), "folded": folded, "skipped": len(decisions) - folded,
                     "merged_blocks": len(merges), "fp16_overflow": fp16_overflow,
-                    "batchnorm_nodes_in_onnx": batchnorm_nodes},
+                    "batchnorm_nodes_in_onnx": batchnorm_nodes,
+                    **({"checkpoint_keeps": list(checkpoint_keeps)} if checkpoint_keeps else {})},
         "decisions": [d.to_json() for d in decisions],
         "merges": [m.to_json() for m in merges],
         "check": check,

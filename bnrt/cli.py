@@ -287,6 +287,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
              *(["the input"] * merge.inputs)]))
     print(f"BatchNormalization nodes in {'the folded ONNX' if str(args.model).lower().endswith('.onnx') else 'ONNX'}: "
           f"{outcome.onnx_batchnorm_nodes}")
+    keeps = outcome.report["summary"].get("checkpoint_keeps", [])
+    if keeps:
+        print(f"kept in the folded checkpoint (its forward still adds the input the ONNX merged): {', '.join(keeps)}")
     for layer, largest in outcome.result.fp16_overflow.items():
         print(f"warning: folded weights of '{layer}' reach {largest:.3g}, beyond float16's range (65504)")
     if outcome.check is not None:

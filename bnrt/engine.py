@@ -357,25 +357,69 @@ def decide(view: GraphView, bn: BnSite) -> Decision:
 @dataclass
 class Plan(DecisionSet):
     """What folding will do, before any weight is touched: one decision per BatchNorm (``sites``,
-    aligned) and the rep blocks merged into one conv (``merges``, bnrt.reparam)."""
+    aligned), the rep blocks merged into one conv (``merges``, bnrt.reparam), and the decisions
+    (indexes, ``late``) that fold a BN into a merged conv, applied after the merges. ``structured``:
+    where the backend keeps the user's forward and this plan merges what that forward cannot
+    express (the input itself as a branch), the plan for the user-structured copy."""
 
     decisions: list[Decision]
     merges: list[Merge]
     sites: list[BnSite]
+    late: list[int] = field(default_factory=list)
+    structured: Plan | None = None
 
 
-def plan(view: GraphView) -> Plan:
-    """One decision per BatchNorm of ``view``, in its order, then the rep blocks. A folded BN
-    becomes a pass-through for the BNs after it (conv -> BN -> BN folds both into the conv)."""
+class _Merged:
+    """``view`` with each merged sum seen as its target conv, which produces the sum once the
+    branches are merged: a BN after a rep block folds into it."""
+
+    def __init__(self, view: GraphView, merges: list[Merge]):
+        self._view = view
+        self._roots = {id(m.root): m for m in merges}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._view, name)
+
+    def layer(self, node: Any) -> Layer | None:
+        merge = self._roots.get(id(node))
+        return replace(merge.target, node=node) if merge is not None else self._view.layer(node)
+
+
+def _late(view: GraphView, sites: list[BnSite], decisions: list[Decision], merges: list[Merge]) -> list[int]:
+    """Backward folds into merged convs, for BNs whose input was a sum before the merge; their
+    decisions are replaced in ``decisions``, their indexes returned."""
+    late = []
+    merged = _Merged(view, merges)
+    for i, (bn, d) in enumerate(zip(sites, decisions)):
+        if d.folded or bn.node is None or not any(r.direction == "backward" and r.code == "no-layer-before"
+                                                  for r in d.refusals):
+            continue
+        try:
+            targets = _backward(merged, bn)
+        except NotFoldable:
+            continue
+        view.mark_folded(bn)
+        decisions[i] = folded(bn.name, "backward", targets, d.warnings, bn.functional)
+        late.append(i)
+    return late
+
+
+def plan(view: GraphView, merge_inputs: bool | None = None) -> Plan:
+    """One decision per BatchNorm of ``view``, in its order, then the rep blocks, then the BNs
+    after a merged block. A folded BN becomes a pass-through for the BNs after it (conv -> BN -> BN
+    folds both into the conv). ``merge_inputs``: whether the input itself may be a merged branch
+    (default: where the view does not keep the user's structure)."""
     sites = view.batchnorms()
     decisions = [decide(view, bn) for bn in sites]
-    merges, decisions = plan_merges(view, sites, decisions)
-    return Plan(decisions, merges, sites)
+    merges, decisions = plan_merges(view, sites, decisions,
+                                    not view.keeps_structure if merge_inputs is None else merge_inputs)
+    late = _late(view, sites, decisions, merges) if merges else []
+    return Plan(decisions, merges, sites, late)
 
 
 def fold_weights(plan: Plan, read: Callable[[Layer], tuple[np.ndarray, np.ndarray | None]],
                  scale_shift: Callable[[Decision], tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple]:
-    """Every folded decision applied, in order, in float64, then every merge:
+    """Every folded decision applied, in order, in float64, then every merge, then the late folds:
     ``{layer name: (layer, weight, bias)}``. A layer's weights are read once (``read``) and take
     every fold planned for them (a forward fold from the BN before it, a backward fold from the BN
     after it, a merge of the branches beside it), so the backend rounds once. A conv merged into
@@ -385,15 +429,18 @@ def fold_weights(plan: Plan, read: Callable[[Layer], tuple[np.ndarray, np.ndarra
     def current(layer: Layer) -> tuple[np.ndarray, np.ndarray | None]:
         return exact[layer.name][1:] if layer.name in exact else read(layer)
 
-    for decision in plan.decisions:
-        if not decision.folded or decision.direction == "merge":
-            continue
+    def fold(decision: Decision) -> None:
         s, t = scale_shift(decision)
         for target in decision.targets:
             weight, bias = current(target.handle)
             index = slice(None) if target.channels is None else np.asarray(target.channels)
             rule = RULES[(decision.direction, target.kind)]
             exact[target.layer] = (target.handle, *rule.fold(weight, bias, s[index], t[index], target.groups))
+
+    late = set(plan.late)
+    for i, decision in enumerate(plan.decisions):
+        if decision.folded and decision.direction != "merge" and i not in late:
+            fold(decision)
     decision_of = {id(s.node): d for s, d in zip(plan.sites, plan.decisions)}
     for merge in plan.merges:
         weights = {layer.name: current(layer) for layer in [merge.target, *merge.convs]}
@@ -402,4 +449,6 @@ def fold_weights(plan: Plan, read: Callable[[Layer], tuple[np.ndarray, np.ndarra
         for conv in merge.convs:
             w = weights[conv.name][0]
             exact[conv.name] = (conv, np.zeros_like(w), np.zeros(w.shape[0]))
+    for i in plan.late:  # a BN after a rep block scales the merged conv
+        fold(plan.decisions[i])
     return exact

@@ -35,7 +35,10 @@ class FoldResult(DecisionSet):
     functional BN was folded or branches merged: there the merged convs and identity BNs keep
     their place with zero weights, so they add exact zeros). ``decisions``: one per BatchNorm.
     ``bias_added``: layers that had no bias before folding. ``fp16_overflow``: layers whose folded
-    weights exceed float16's range. ``merges``: rep blocks merged into one conv."""
+    weights exceed float16's range. ``merges``: rep blocks merged into one conv.
+    ``structured_decisions`` and ``structured_bias_added``: the same for ``structured`` where it
+    differs, when a block merged the input itself, which the user's forward still adds: there the
+    structured copy merges that block's convs only and keeps a BN after it (``checkpoint_keeps``)."""
 
     model: nn.Module
     decisions: list[Decision]
@@ -44,18 +47,29 @@ class FoldResult(DecisionSet):
     tracer: str = "torch.fx"
     fp16_overflow: dict[str, float] = field(default_factory=dict)
     merges: list[Merge] = field(default_factory=list)
+    structured_decisions: list[Decision] | None = None
+    structured_bias_added: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.structured is None:
             self.structured = self.model
+        if self.structured_decisions is None:
+            self.structured_decisions = self.decisions
+        if self.structured_bias_added is None:
+            self.structured_bias_added = self.bias_added
+
+    @property
+    def checkpoint_keeps(self) -> list[str]:
+        """BNs folded in the runnable model (and its ONNX) but kept in the user-structured copy."""
+        return [d.bn for d, s in zip(self.decisions, self.structured_decisions) if d.folded and not s.folded]
 
     def structure(self) -> dict[str, list]:
-        """What ``bnrt.structure.apply_folded_structure`` needs to rebuild the folded model from
-        the user's class."""
-        in_place = [d for d in self.folded if d.direction != "merge"]
+        """What ``bnrt.structure.apply_folded_structure`` needs to rebuild the folded (structured)
+        model from the user's class."""
+        in_place = [d for d in self.structured_decisions if d.folded and d.direction != "merge"]
         return {
             "identity": [d.bn for d in in_place if not d.functional],
-            "bias_added": list(self.bias_added),
+            "bias_added": list(self.structured_bias_added),
             "functional_identity": [{k: v for k, v in d.functional.items() if k != "node"}
                                     for d in in_place if d.functional],
         }
@@ -112,36 +126,50 @@ def convert_sync_batchnorm(model: nn.Module, example_inputs: tuple[torch.Tensor,
     return converted
 
 
-def apply(model: nn.Module, plan: Plan, cap: Capture | None = None) -> FoldResult:
-    """Fold every ``folded`` decision and merge every rep block of ``plan`` into a deep copy of
-    ``model``. With ``cap`` (the capture the plan came from), SyncBatchNorms left in the model
-    become plain BatchNorms; ``cap`` is required when a functional BN is folded or branches merged."""
-    folded_model = copy.deepcopy(model)
-    decisions = plan.decisions
+def _fold_into(model: nn.Module, plan: Plan) -> tuple[list[str], dict[str, float]]:
+    """Apply ``plan``'s folds and merges to ``model`` in place: the layers that gained a bias, and
+    those whose folded weights leave float16's range."""
 
     def read(layer):
-        module = folded_model.get_submodule(layer.name)
+        module = model.get_submodule(layer.name)
         return to_f64(module.weight), None if module.bias is None else to_f64(module.bias)
 
-    exact = engine.fold_weights(plan, read, lambda d: statistics(folded_model, d).scale_shift())
-    for decision in decisions:
+    exact = engine.fold_weights(plan, read, lambda d: statistics(model, d).scale_shift())
+    for decision in plan.decisions:
         if decision.folded and decision.direction == "merge":  # the BN stays, adding an exact zero
-            zero_affine(folded_model, decision.functional or {"weight": f"{decision.bn}.weight",
-                                                              "bias": f"{decision.bn}.bias"})
+            zero_affine(model, decision.functional or {"weight": f"{decision.bn}.weight",
+                                                       "bias": f"{decision.bn}.bias"})
         elif decision.folded and decision.functional:
-            set_identity_statistics(folded_model, decision.functional)
+            set_identity_statistics(model, decision.functional)
         elif decision.folded:
-            set_submodule(folded_model, decision.bn, nn.Identity())
+            set_submodule(model, decision.bn, nn.Identity())
     bias_added = []
     with torch.no_grad():
         for layer_name, (_, weight, bias) in exact.items():
-            layer = folded_model.get_submodule(layer_name)
+            layer = model.get_submodule(layer_name)
             if layer.bias is None:
                 bias_added.append(layer_name)
             _set_param(layer, "bias", bias, layer.weight if layer.bias is None else layer.bias)
             _set_param(layer, "weight", weight, layer.weight)
+    return bias_added, engine.fp16_overflow(exact)
+
+
+def apply(model: nn.Module, plan: Plan, cap: Capture | None = None) -> FoldResult:
+    """Fold every ``folded`` decision and merge every rep block of ``plan`` into a deep copy of
+    ``model`` (two copies when ``plan.structured`` differs: the runnable graph's and the
+    user-structured one). With ``cap`` (the capture the plan came from), SyncBatchNorms left in the
+    model become plain BatchNorms; ``cap`` is required when a functional BN is folded or branches
+    merged."""
+    folded_model = copy.deepcopy(model)
+    bias_added, overflow = _fold_into(folded_model, plan)
+    structured, structured_plan, structured_bias = folded_model, plan, bias_added
+    if plan.structured is not None:
+        structured, structured_plan = copy.deepcopy(model), plan.structured
+        structured_bias, _ = _fold_into(structured, structured_plan)
     if cap is not None:
-        _sync_to_batchnorm(folded_model, cap)
+        for copied in {id(folded_model): folded_model, id(structured): structured}.values():
+            _sync_to_batchnorm(copied, cap)
+    decisions = plan.decisions
     functional = {d.functional["node"] for d in decisions if d.folded and d.functional and d.direction != "merge"}
     merged = {m.root.name: m.target.node.name for m in plan.merges}
     runnable = folded_model
@@ -150,8 +178,9 @@ def apply(model: nn.Module, plan: Plan, cap: Capture | None = None) -> FoldResul
             raise ValueError("folding a functional batch_norm or merging branches needs the capture")
         runnable = _edited(folded_model, cap.graph, functional, merged)
         runnable.train(folded_model.training)
-    return FoldResult(runnable, decisions, bias_added, structured=folded_model,
-                      fp16_overflow=engine.fp16_overflow(exact), merges=plan.merges)
+    return FoldResult(runnable, decisions, bias_added, structured=structured, fp16_overflow=overflow,
+                      merges=plan.merges, structured_decisions=structured_plan.decisions,
+                      structured_bias_added=structured_bias)
 
 
 def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> FoldResult:

@@ -137,7 +137,7 @@ def fold_file(
                 fp16_overflow=result.fp16_overflow,
                 batchnorm_nodes=count_ops(proto, "BatchNormalization"),
                 check=report_check.to_json() if report_check else None, timings=steps.timings,
-                outputs={k: str(out / v) for k, v in names.items()})
+                outputs={k: str(out / v) for k, v in names.items()}, checkpoint_keeps=result.checkpoint_keeps)
             return _finish(stage, out, names, report, result, report_check)
 
 

@@ -7,9 +7,10 @@ the engine's ``GraphView``, for torch and ONNX graphs alike (see docs/ARCHITECTU
 Conditions: every conv branch reads the same input, is called once with parameters of its own,
 has an odd kernel with "same" zero padding (padding = kernel // 2), and all share stride, groups
 and dilation 1; its output (through folded BNs and identities) feeds only the sum. An identity
-branch (a BN in eval, or the input itself) needs stride 1 and as many output as input channels; the
-input itself only where the backend need not keep the user's module structure (ONNX): a folded torch
-checkpoint keeps the user's forward, which would still add the input.
+branch (a BN in eval, or the input itself) needs stride 1 and as many output as input channels.
+The input itself merges only with ``merge_inputs``: a model that keeps the user's forward (a folded
+torch checkpoint) would still add it; torch plans twice (``bnrt.torchgraph.plan``), the runnable
+graph with it, the user-structured copy without.
 A BN that could have merged but does not keeps a ``branch-mismatch`` refusal naming why.
 """
 
@@ -85,7 +86,8 @@ def _aligned(conv: Layer) -> str | None:
     return None
 
 
-def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, Decision]]) -> Merge | None:
+def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, Decision]],
+           merge_inputs: bool) -> Merge | None:
     """The merge rooted at the Add ``root``; None when the sum is not a rep block; ``NotFoldable``
     when it is one whose branches do not line up."""
     adds: list = []
@@ -114,7 +116,7 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
         return None
     if not bns and not others and len(convs) < 2:
         return None
-    if others and view.keeps_structure:  # the user's forward would still add the input: no weight to zero
+    if others and not merge_inputs:  # the user's forward would still add the input: no weight to zero
         return None
     first = convs[0]
     for conv in convs:
@@ -131,10 +133,11 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
     return Merge(target, [c for c in convs if c is not target], bns, len(others), root, adds)
 
 
-def plan_merges(view: GraphView, sites: list[BnSite], decisions: list[Decision]) -> tuple[list[Merge], list[Decision]]:
+def plan_merges(view: GraphView, sites: list[BnSite], decisions: list[Decision],
+                merge_inputs: bool) -> tuple[list[Merge], list[Decision]]:
     """Rep blocks of the graph, after the BN folds of ``decisions``; identity BNs merged get a
     folded decision (direction ``merge``), those in a block that does not line up a
-    ``branch-mismatch`` refusal."""
+    ``branch-mismatch`` refusal. ``merge_inputs``: the input itself may be a branch."""
     bn_sites = {id(s.node): (i, s, d) for i, (s, d) in enumerate(zip(sites, decisions)) if s.node is not None}
     decisions = list(decisions)
     merges: list[Merge] = []
@@ -143,7 +146,7 @@ def plan_merges(view: GraphView, sites: list[BnSite], decisions: list[Decision])
         if id(node) in inner:
             continue
         try:
-            merge = _merge(view, node, bn_sites)
+            merge = _merge(view, node, bn_sites, merge_inputs)
         except NotFoldable as exc:
             adds: list = []
             for leaf in _leaves(view, node, adds):

@@ -352,6 +352,12 @@ class TorchView:
 
 def plan(cap: Capture) -> engine.Plan:
     """One decision per BatchNorm of the captured model (modules in module order, then functional
-    ``F.batch_norm`` calls in graph order) and the rep blocks to merge (torch.fx captures only)."""
-    return engine.plan(TorchView(cap))
+    ``F.batch_norm`` calls in graph order) and the rep blocks to merge (torch.fx captures only).
+    The plan is the runnable graph's, where the input itself may be a merged branch; when it is in
+    some block, ``structured`` holds the plan for the user-structured copy, whose forward still
+    adds the input (that block's branches merge without it, a BN after it stays)."""
+    runnable = engine.plan(TorchView(cap), merge_inputs=True)
+    if any(m.inputs for m in runnable.merges):
+        runnable.structured = engine.plan(TorchView(cap), merge_inputs=False)
+    return runnable
 

@@ -73,3 +73,19 @@ class DeepNoFold(nn.Module):
             x = block(x)
         h = self.head(x).mean((2, 3))
         return torch.cat([h[:, :2], h[:, :2] - h[:, 2:]], 1)
+
+
+class RepVggDw(nn.Module):
+    """RepViT's RepVggDw: a BN after the sum of a 3x3 depthwise conv+BN, a 1x1 depthwise conv and
+    the input itself (``bn=False``: the sum alone)."""
+
+    def __init__(self, channels: int = 4, bn: bool = True):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+                                  nn.BatchNorm2d(channels))
+        self.conv1 = nn.Conv2d(channels, channels, 1, groups=channels)
+        self.bn = nn.BatchNorm2d(channels) if bn else nn.Identity()
+
+    def forward(self, x):
+        x = torch.relu(x)
+        return self.bn(self.conv(x) + self.conv1(x) + x)

@@ -412,50 +412,81 @@ def test_a_branch_added_to_itself_is_not_merged():
     assert result.merges == []
 
 
-class RepWithInput(nn.Module):
-    """RepViT's RepVggDw form: 3x3 conv+BN + 1x1 conv + the input itself, summed."""
+def _rep_vgg_dw(bn: bool = True) -> nn.Module:
+    from .nets import RepVggDw
 
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4))
-        self.conv1 = nn.Conv2d(4, 4, 1, groups=4)
-
-    def forward(self, x):
-        x = torch.relu(x)
-        return self.conv(x) + self.conv1(x) + x
+    model = RepVggDw(bn=bn).eval()
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            randomise_bn(m, gen)
+    return model
 
 
-def test_the_input_itself_merges_in_onnx_but_stays_in_the_users_torch_structure(tmp_path):
+def test_a_block_with_the_input_itself_merges_in_the_runnable_graph_and_its_bn_after_folds(tmp_path):
     import onnx
+
+    from bnrt.export import count_ops
+
+    from .conftest import save_checkpoint
+
+    model = _rep_vgg_dw()
+    x = torch.randn(2, 4, 6, 6)
+    result = bnrt.fold(model, (x,))
+    assert [m.to_json() for m in result.merges] == [{"into": "conv.0", "convs": ["conv1"], "bns": [], "inputs": 1}]
+    assert [(d.bn, d.status, d.direction, d.into) for d in result.decisions] == [
+        ("conv.1", "folded", "backward", ("conv.0",)), ("bn", "folded", "backward", ("conv.0",))]
+    assert [n.op for n in result.model.graph.nodes] == ["placeholder", "call_function", "call_module", "call_module",
+                                                        "output"]  # relu, the merged conv, bn (now Identity)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+    # the user's forward still adds the input: its copy merges the convs only and keeps the BN after
+    assert result.checkpoint_keeps == ["bn"] and isinstance(result.structured.bn, nn.BatchNorm2d)
+    assert [d.status for d in result.structured_decisions] == ["folded", "skipped"]
+    with torch.no_grad():
+        for folded_model in (result.model, result.structured):
+            assert float((folded_model(x) - model(x)).abs().max()) <= 1e-5
+    save_checkpoint(tmp_path / "rep.pt", model, "tests.nets:RepVggDw", (1, 4, 6, 6))
+    outcome = bnrt.fold_file(trusted(tmp_path / "rep.pt"), tmp_path / "out")
+    assert outcome.passed and outcome.report["summary"]["checkpoint_keeps"] == ["bn"]
+    exported = onnx.load(str(tmp_path / "out" / "rep.onnx"))
+    assert [count_ops(exported, op) for op in ("Conv", "Add", "BatchNormalization")] == [1, 0, 0]
+    from .nets import RepVggDw
+
+    reloaded = bnrt.load_folded(RepVggDw(), tmp_path / "out" / "rep.folded.pt")
+    assert isinstance(reloaded.bn, nn.BatchNorm2d) and isinstance(reloaded.conv[1], nn.Identity)
+    with torch.no_grad():
+        assert float((reloaded(x) - model(x)).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_onnx_graphs_merge_the_input_itself_and_fold_the_bn_after(tmp_path, bn):
+    import onnx
+    import onnxruntime as ort
 
     from bnrt.export import count_ops
     from bnrt.onnxfold import fold_onnx
 
-    model = RepWithInput().eval()
-    randomise_bn(model.conv[1].double(), torch.Generator().manual_seed(0))
-    model.float()
+    model = _rep_vgg_dw(bn)
     x = torch.randn(2, 4, 6, 6)
-    result = bnrt.fold(model, (x,))  # the two convs merge; the user's forward still adds the input
-    assert [m.to_json() for m in result.merges] == [{"into": "conv.0", "convs": ["conv1"], "bns": [], "inputs": 0}]
-    with torch.no_grad():
-        for folded_model in (result.model, result.structured):
-            assert float((folded_model(x) - model(x)).abs().max()) <= 1e-5
-    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"], output_names=["y"])
-    folded = fold_onnx(onnx.load(str(tmp_path / "m.onnx")))
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"], output_names=["y"],
+                      do_constant_folding=False)  # keeps conv -> BN for bnrt, not the exporter, to fold
+    original = onnx.load(str(tmp_path / "m.onnx"))
+    assert count_ops(original, "BatchNormalization") == 1 + bn
+    folded = fold_onnx(original)
     assert [m.to_json()["inputs"] for m in folded.merges] == [1]
-    assert (count_ops(folded.model, "Conv"), count_ops(folded.model, "Add")) == (1, 0)
-    import onnxruntime as ort
-
+    assert [d.direction for d in folded.decisions] == ["backward"] * (1 + bn)
+    assert [count_ops(folded.model, op) for op in ("Conv", "Add", "BatchNormalization")] == [1, 0, 0]
     run = ort.InferenceSession(folded.model.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         assert abs(run.run(None, {"x": x.numpy()})[0] - model(x).numpy()).max() <= 1e-5
 
 
 class _RandomRep(nn.Module):
-    """``kxk`` k×k conv+BN branches, an optional 1×1 conv+BN branch and an optional identity BN on one
-    input, summed; ``mismatch`` breaks one alignment of the last k×k branch."""
+    """``kxk`` k×k conv+BN branches, an optional 1×1 conv+BN branch, an optional identity BN and
+    optionally the input itself, on one input, summed, then optionally a BN (``after``); ``mismatch``
+    breaks one alignment of the last k×k branch."""
 
-    def __init__(self, groups, cin_g, k, stride, kxk, one, identity, mismatch):
+    def __init__(self, groups, cin_g, k, stride, kxk, one, identity, mismatch, raw=False, after=False):
         super().__init__()
         c = groups * cin_g
 
@@ -467,22 +498,29 @@ class _RandomRep(nn.Module):
             self.kxk[-1] = branch(k, 2 * (k // 2), dilation=2)
         self.one = branch(1, 0) if one else None
         self.identity = nn.BatchNorm2d(c) if identity and stride == 1 else None
+        self.raw = raw and stride == 1
+        self.after = nn.BatchNorm2d(c) if after else None
 
     def forward(self, x):
         x = torch.relu(x)
-        out = sum(b(x) for b in self.kxk)
+        out = self.kxk[0](x)
+        for b in self.kxk[1:]:
+            out = out + b(x)
         if self.one is not None:
             out = out + self.one(x)
         if self.identity is not None:
             out = out + self.identity(x)
-        return out
+        if self.raw:
+            out = out + x
+        return out if self.after is None else self.after(out)
 
 
 @given(groups=st.integers(1, 3), cin_g=st.integers(1, 3), k=st.sampled_from([3, 5]), stride=st.integers(1, 2),
-       kxk=st.integers(1, 3), one=st.booleans(), identity=st.booleans(),
+       kxk=st.integers(1, 3), one=st.booleans(), identity=st.booleans(), raw=st.booleans(), after=st.booleans(),
        mismatch=st.sampled_from([None, None, "dilation"]), seed=st.integers(0, 2**31 - 1))
-def test_parallel_branches_merge_exactly_or_not_at_all(groups, cin_g, k, stride, kxk, one, identity, mismatch, seed):
-    model = _RandomRep(groups, cin_g, k, stride, kxk, one, identity, mismatch).double().eval()
+def test_parallel_branches_merge_exactly_or_not_at_all(groups, cin_g, k, stride, kxk, one, identity, raw, after,
+                                                       mismatch, seed):
+    model = _RandomRep(groups, cin_g, k, stride, kxk, one, identity, mismatch, raw, after).double().eval()
     gen = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in bns:
@@ -490,21 +528,28 @@ def test_parallel_branches_merge_exactly_or_not_at_all(groups, cin_g, k, stride,
     x = torch.randn(2, groups * cin_g, 7, 7, generator=gen, dtype=torch.float64)
     result = bnrt.fold(model, (x,))
     with torch.no_grad():
-        assert float((result.model(x) - model(x)).abs().max()) <= 1e-10 * max(1.0, float(model(x).abs().max()))
-    branches = kxk + one + (model.identity is not None)
+        scale = max(1.0, float(model(x).abs().max()))
+        for folded_model in (result.model, result.structured):
+            assert float((folded_model(x) - model(x)).abs().max()) <= 1e-10 * scale
+    branches = kxk + one + (model.identity is not None) + model.raw
     if branches == 1:
-        assert result.merges == []
+        assert result.merges == [] and all(d.status == "folded" for d in result.decisions)
     elif mismatch is None:
         assert len(result.merges) == 1
         merge = result.merges[0]
         assert len(merge.convs) + 1 == kxk + one and len(merge.bns) == (model.identity is not None)
-        assert all(d.status == "folded" for d in result.decisions)
+        assert merge.inputs == model.raw
+        assert all(d.status == "folded" for d in result.decisions)  # the BN after the block too
+        # the user's forward adds the input itself: its copy keeps the BN after the block
+        assert result.checkpoint_keeps == (["after"] if model.raw and after else [])
     else:
         assert all(m.target.name != "kxk.%d.0" % (kxk - 1) and "kxk.%d.0" % (kxk - 1) not in
                    [c.name for c in m.convs] for m in result.merges)
         if model.identity is not None:
             kept = next(d for d in result.decisions if d.bn == "identity")
             assert kept.status == "skipped" and "branch-mismatch" in kept.codes
+        if after:
+            assert next(d for d in result.decisions if d.bn == "after").status == "skipped"
 
 
 class EvalCache(nn.Module):

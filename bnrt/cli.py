@@ -289,7 +289,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
           f"{outcome.onnx_batchnorm_nodes}")
     keeps = outcome.report["summary"].get("checkpoint_keeps", [])
     if keeps:
-        print(f"kept in the folded checkpoint (its forward still adds the input the ONNX merged): {', '.join(keeps)}")
+        print(f"kept in the folded checkpoint (the forward it keeps still computes the blocks the ONNX merged): {', '.join(keeps)}")
     for layer, largest in outcome.result.fp16_overflow.items():
         print(f"warning: folded weights of '{layer}' reach {largest:.3g}, beyond float16's range (65504)")
     if outcome.check is not None:

@@ -133,10 +133,13 @@ class GraphView(Protocol):
         """From now on the BN's node is a pass-through (its fold is planned)."""
 
     def adds(self) -> list:
-        """Elementwise sums of tensors of one shape, in graph order (``bnrt.reparam``)."""
+        """Nodes that combine tensors linearly (``terms`` is not None), in graph order
+        (``bnrt.reparam``'s candidate roots)."""
 
-    def add_operands(self, node: Any) -> tuple | None:
-        """The tensor operands of such a sum (a literal zero operand left out), else None."""
+    def terms(self, node: Any) -> list[tuple[Any, Any]] | None:
+        """``node`` as a linear combination of tensor operands of its shape, ``[(operand,
+        coefficient)]``: a sum (coefficients 1, a literal zero operand left out), a difference (1,
+        -1), a product with a constant (the constant's array); None for any other node."""
 
     def is_value_identity(self, node: Any) -> bool:
         """A pass-through whose output equals its input (Identity, Dropout in eval, a folded BN)."""
@@ -360,7 +363,8 @@ class Plan(DecisionSet):
     aligned), the rep blocks merged into one conv (``merges``, bnrt.reparam), and the decisions
     (indexes, ``late``) that fold a BN into a merged conv, applied after the merges. ``structured``:
     where the backend keeps the user's forward and this plan merges what that forward cannot
-    express (the input itself as a branch), the plan for the user-structured copy."""
+    express (the input itself, a difference or a scale as a branch), the plan for the
+    user-structured copy."""
 
     decisions: list[Decision]
     merges: list[Merge]
@@ -404,15 +408,15 @@ def _late(view: GraphView, sites: list[BnSite], decisions: list[Decision], merge
     return late
 
 
-def plan(view: GraphView, merge_inputs: bool | None = None) -> Plan:
+def plan(view: GraphView, rewrite: bool | None = None) -> Plan:
     """One decision per BatchNorm of ``view``, in its order, then the rep blocks, then the BNs
     after a merged block. A folded BN becomes a pass-through for the BNs after it (conv -> BN -> BN
-    folds both into the conv). ``merge_inputs``: whether the input itself may be a merged branch
-    (default: where the view does not keep the user's structure)."""
+    folds both into the conv). ``rewrite``: whether merged convs replace their sums in the graph,
+    so that the input itself, differences and scales may be branches (default: where the view does
+    not keep the user's structure; bnrt.reparam)."""
     sites = view.batchnorms()
     decisions = [decide(view, bn) for bn in sites]
-    merges, decisions = plan_merges(view, sites, decisions,
-                                    not view.keeps_structure if merge_inputs is None else merge_inputs)
+    merges, decisions = plan_merges(view, sites, decisions, not view.keeps_structure if rewrite is None else rewrite)
     late = _late(view, sites, decisions, merges) if merges else []
     return Plan(decisions, merges, sites, late)
 

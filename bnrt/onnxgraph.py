@@ -11,6 +11,7 @@ in inference (no training_mode, mask unused), their channel maps replayed with n
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -276,15 +277,23 @@ class OnnxView:
         return None  # folded weights go to new initializers: a shared weight is never changed under a node
 
     def adds(self) -> list[onnx.NodeProto]:
-        return [n for n in self.nodes if self.add_operands(n) is not None]
+        return [n for n in self.nodes if self.terms(n) is not None]
 
-    def add_operands(self, node) -> tuple | None:
-        if not isinstance(node, onnx.NodeProto) or node.op_type != "Add" or len(node.input) != 2:
+    def terms(self, node) -> list[tuple[Any, Any]] | None:
+        if not isinstance(node, onnx.NodeProto) or node.op_type not in ("Add", "Sub", "Mul") or len(node.input) != 2:
             return None
         shape = self.shapes.get(node.output[0])
-        if shape is None or any(self.shapes.get(i) != shape or self.const(i) is not None for i in node.input):
+        consts = [self.const(i) for i in node.input]
+        data = [i for i, c in zip(node.input, consts) if c is None]
+        if shape is None or any(self.shapes.get(i) != shape for i in data):
             return None
-        return tuple(self.producer.get(i) or self.value(i) for i in node.input)
+        operands = [self.producer.get(i) or self.value(i) for i in data]
+        if node.op_type == "Mul":
+            const = next((c for c in consts if c is not None), None)
+            return [(operands[0], const)] if len(data) == 1 and np.issubdtype(const.dtype, np.floating) else None
+        if len(data) != 2:
+            return None
+        return list(zip(operands, (1.0, -1.0 if node.op_type == "Sub" else 1.0)))
 
     def is_value_identity(self, node) -> bool:
         return self.is_passthrough(node) and node.op_type in ("Identity", "Dropout", "BatchNormalization")

@@ -1,16 +1,19 @@
-"""Structural reparameterization, found from the graph: parallel branches on one input summed by
-``Add`` (k×k conv, 1×1 conv, several k×k convs — each with its BN already folded — an identity BN,
+"""Structural reparameterization, found from the graph: parallel branches on one input combined
+by ``Add`` (k×k conv, 1×1 conv, several k×k convs — each with its BN already folded — an identity BN,
 the input itself) become one conv with bias, exactly (float64, rounded once). This is what
 RepVGG, MobileOne and their kin do in per-model ``reparameterize()`` code; here it is one rule over
 the engine's ``GraphView``, for torch and ONNX graphs alike (see docs/ARCHITECTURE.md).
 
 Conditions: every conv branch reads the same input, is called once with parameters of its own,
 has an odd kernel with "same" zero padding (padding = kernel // 2), and all share stride, groups
-and dilation 1; its output (through folded BNs and identities) feeds only the sum. An identity
-branch (a BN in eval, or the input itself) needs stride 1 and as many output as input channels.
-The input itself merges only with ``merge_inputs``: a model that keeps the user's forward (a folded
-torch checkpoint) would still add it; torch plans twice (``bnrt.torchgraph.plan``), the runnable
-graph with it, the user-structured copy without.
+and dilation 1; its output (through folded BNs and identities) feeds only the combination. An
+identity branch (a BN in eval, or the input itself) needs stride 1 and as many output as input
+channels.
+Where the merged conv replaces the sum in the graph (``rewrite``: the runnable torch graph, ONNX),
+the combination may also hold the input itself, differences and per-channel constant scales
+(FastViT's RepMixer ``x + γ·(mixer(x) − norm(x))``): each branch then enters with its
+coefficient. A model that keeps the user's forward (a folded torch checkpoint) would still compute
+those, so it merges plain sums of layers only; torch plans twice (``bnrt.torchgraph.plan``).
 A BN that could have merged but does not keeps a ``branch-mismatch`` refusal naming why.
 """
 
@@ -28,11 +31,16 @@ if TYPE_CHECKING:
     from .engine import BnSite, GraphView, Layer
 
 
+Coef = "np.ndarray | None"  # a branch's per-output-channel coefficient in float64; None: exactly 1
+
+
 @dataclass
 class Merge:
     """Branches merged into ``target`` (the conv with the largest kernel): the other ``convs``, the
     identity ``bns`` (their sites), ``inputs`` copies of the input itself, and the ``root`` Add whose
-    output the target now produces (``adds``: every Add of the sum)."""
+    output the target now produces (``adds``: every node of the combination). ``coefs``: each
+    branch's coefficient by conv name, ``bn_coefs`` and ``input_coefs`` aligned with ``bns`` and the
+    input copies."""
 
     target: Layer
     convs: list[Layer]
@@ -40,21 +48,54 @@ class Merge:
     inputs: int
     root: Any
     adds: list = field(default_factory=list)
+    coefs: dict[str, Any] = field(default_factory=dict)
+    bn_coefs: list = field(default_factory=list)
+    input_coefs: list = field(default_factory=list)
+
+    @property
+    def rewrites(self) -> bool:
+        """Whether only a graph rewrite expresses it (the input itself, a difference or a scale)."""
+        return bool(self.inputs) or any(c is not None for c in [*self.coefs.values(), *self.bn_coefs])
 
     def to_json(self) -> dict:
         return {"into": self.target.name, "convs": [c.name for c in self.convs], "bns": [b.name for b in self.bns],
-                "inputs": self.inputs}
+                "inputs": self.inputs, "scaled": any(c is not None for c in [*self.coefs.values(), *self.bn_coefs,
+                                                                               *self.input_coefs])}
 
 
-def _leaves(view: GraphView, node: Any, adds: list) -> list:
-    """Operands of the sum rooted at ``node``, through inner Adds (behind value identities such as
-    an eval DropPath) whose only user is the sum."""
+def _channel_vector(value: Any, shape: tuple[int, ...] | None) -> Any:
+    """A term's coefficient as a float64 vector over the channels (axis 1) of an activation shaped
+    ``shape``; None for exactly 1; ``False`` when it is not per-channel (it mixes other axes)."""
+    c = np.asarray(value, dtype=np.float64)
+    if c.size == 1:
+        return None if float(c.reshape(())) == 1.0 else np.full(shape[1] if shape and len(shape) > 1 else 1,
+                                                                 float(c.reshape(())))
+    if not shape or len(shape) < 2 or c.ndim > len(shape):
+        return False
+    full = (1,) * (len(shape) - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(full) if i != 1) or full[1] != shape[1]:
+        return False
+    return c.reshape(-1)
+
+
+def _times(a: Any, b: Any) -> Any:
+    return b if a is None else a if b is None else a * b
+
+
+def _leaves(view: GraphView, node: Any, adds: list, rewrite: bool, coef: Any = None) -> list[tuple[Any, Any]]:
+    """(operand, coefficient) of the combination rooted at ``node``, through inner Adds (and with
+    ``rewrite`` Subs and per-channel constant Muls), behind value identities such as an eval
+    DropPath, whose only user is the combination."""
     inner = _source(view, node)[0] if adds else node
-    operands = view.add_operands(inner)
-    if operands is None or (adds and len(view.users(inner)) != 1):
-        return [node]
+    terms = view.terms(inner)
+    if terms is None or (adds and len(view.users(inner)) != 1):
+        return [(node, coef)]
+    vectors = [_channel_vector(c, view.shape(inner)) for _, c in terms]
+    if any(v is False for v in vectors) or (not rewrite and any(v is not None for v in vectors)):
+        return [(node, coef)]
     adds.append(inner)
-    return [leaf for operand in operands for leaf in _leaves(view, operand, adds)]
+    return [pair for (operand, _), v in zip(terms, vectors) for pair in _leaves(view, operand, adds, rewrite,
+                                                                                _times(coef, v))]
 
 
 def _source(view: GraphView, leaf: Any) -> tuple[Any, list]:
@@ -87,26 +128,30 @@ def _aligned(conv: Layer) -> str | None:
 
 
 def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, Decision]],
-           merge_inputs: bool) -> Merge | None:
-    """The merge rooted at the Add ``root``; None when the sum is not a rep block; ``NotFoldable``
-    when it is one whose branches do not line up."""
+           rewrite: bool) -> Merge | None:
+    """The merge rooted at ``root`` (an Add; with ``rewrite`` also a Sub or a constant Mul); None
+    when it is not a rep block; ``NotFoldable`` when it is one whose branches do not line up."""
     adds: list = []
-    leaves = _leaves(view, root, adds)
-    if len(leaves) < 2:
-        return None
+    leaves = _leaves(view, root, adds, rewrite)
+    if len(leaves) < 2 and (len(leaves) == 0 or leaves[0][1] is None):
+        return None  # one branch merges only when scaled: a per-channel constant Mul after a conv
     convs, bns, others = [], [], []
-    for leaf in leaves:
+    coefs, bn_coefs, input_coefs = {}, [], []
+    for leaf, coef in leaves:
         source, _ = _source(view, leaf)
         layer = view.layer(source) if not view.is_graph_input(source) else None
         site = bn_sites.get(id(source))
         if layer is not None and layer.kind == "conv" and len(view.users(source)) == 1:
             convs.append(layer)
+            coefs[layer.name] = coef
         elif site is not None and not site[2].folded and site[2].refusals and site[2].refusals[0].direction \
                 and len(view.users(source)) == 1 and view.bn_stats(site[1]).weight is not None:
             bns.append(site[1])
+            bn_coefs.append(coef)
         else:
             others.append(leaf)
-    if not convs or len({c.name for c in convs}) < len(convs) or len({id(b.node) for b in bns}) < len(bns):
+            input_coefs.append(coef)
+    if not convs or len(coefs) < len(convs) or len({id(b.node) for b in bns}) < len(bns):
         return None  # a branch summed twice (y + y) is not a rep block
     x = view.input_of(convs[0].node)
     same = _behind(view, x)
@@ -114,15 +159,15 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
             or any(_behind(view, view.input_of(b.node)) is not same for b in bns) \
             or any(_behind(view, o) is not same for o in others):
         return None
-    if not bns and not others and len(convs) < 2:
+    if not bns and not others and len(convs) < 2 and coefs[convs[0].name] is None:
         return None
-    if others and not merge_inputs:  # the user's forward would still add the input: no weight to zero
+    if others and not rewrite:  # the user's forward would still add the input: no weight to zero
         return None
-    first = convs[0]
+    first, alone = convs[0], len(convs) == 1 and not bns and not others  # alone: a scaled conv, nothing to align
     for conv in convs:
-        reason = _aligned(conv) or (f"'{conv.name}' has stride {conv.stride} and groups {conv.groups}, "
-                                    f"'{first.name}' {first.stride} and {first.groups}"
-                                    if (conv.stride, conv.groups) != (first.stride, first.groups) else None)
+        reason = None if alone else _aligned(conv) or (
+            f"'{conv.name}' has stride {conv.stride} and groups {conv.groups}, '{first.name}' {first.stride} and "
+            f"{first.groups}" if (conv.stride, conv.groups) != (first.stride, first.groups) else None)
         if reason:
             raise NotFoldable("branch-mismatch", reason, conv.name)
         view.check_layer(conv)
@@ -130,14 +175,15 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
         raise NotFoldable("branch-mismatch", f"an identity branch beside '{first.name}' needs stride 1 and as many "
                                              "output as input channels", first.name)
     target = max(convs, key=lambda c: int(np.prod(c.kernel)))
-    return Merge(target, [c for c in convs if c is not target], bns, len(others), root, adds)
+    return Merge(target, [c for c in convs if c is not target], bns, len(others), root, adds, coefs, bn_coefs,
+                 input_coefs)
 
 
 def plan_merges(view: GraphView, sites: list[BnSite], decisions: list[Decision],
-                merge_inputs: bool) -> tuple[list[Merge], list[Decision]]:
+                rewrite: bool) -> tuple[list[Merge], list[Decision]]:
     """Rep blocks of the graph, after the BN folds of ``decisions``; identity BNs merged get a
     folded decision (direction ``merge``), those in a block that does not line up a
-    ``branch-mismatch`` refusal. ``merge_inputs``: the input itself may be a branch."""
+    ``branch-mismatch`` refusal. ``rewrite``: the merged conv replaces the sum in the graph."""
     bn_sites = {id(s.node): (i, s, d) for i, (s, d) in enumerate(zip(sites, decisions)) if s.node is not None}
     decisions = list(decisions)
     merges: list[Merge] = []
@@ -146,10 +192,10 @@ def plan_merges(view: GraphView, sites: list[BnSite], decisions: list[Decision],
         if id(node) in inner:
             continue
         try:
-            merge = _merge(view, node, bn_sites, merge_inputs)
+            merge = _merge(view, node, bn_sites, rewrite)
         except NotFoldable as exc:
             adds: list = []
-            for leaf in _leaves(view, node, adds):
+            for leaf, _ in _leaves(view, node, adds, rewrite):
                 hit = bn_sites.get(id(_source(view, leaf)[0]))
                 if hit is not None and not hit[2].folded:
                     i, site, d = hit
@@ -168,22 +214,27 @@ def plan_merges(view: GraphView, sites: list[BnSite], decisions: list[Decision],
     return merges, decisions
 
 
+def _scaled(value: np.ndarray, coef: Any) -> np.ndarray:
+    """``value`` (a weight or bias, output channels first) times a branch's coefficient."""
+    return value if coef is None else value * coef.reshape((-1,) + (1,) * (value.ndim - 1))
+
+
 def merged_weights(merge: Merge, weights: dict[str, tuple[np.ndarray, np.ndarray | None]],
                    identity_scales: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The target's float64 weight and bias: every conv branch padded to its kernel and summed,
-    plus a centred identity kernel per identity branch (scale ``s``, shift ``t`` of a BN; ones and
-    zeros for the input itself)."""
-    w, b = weights[merge.target.name]
+    """The target's float64 weight and bias: every conv branch padded to its kernel, plus a
+    centred identity kernel per identity branch (scale ``s``, shift ``t`` of a BN; ones and zeros
+    for the input itself), each times its coefficient, summed."""
+    w, _ = weights[merge.target.name]
     kernel = w.shape[2:]
-    total_w = np.array(w, dtype=np.float64)
-    total_b = np.zeros(w.shape[0]) if b is None else np.array(b, dtype=np.float64)
-    for conv in merge.convs:
+    total_w, total_b = np.zeros(w.shape), np.zeros(w.shape[0])
+    for conv in [merge.target, *merge.convs]:
         cw, cb = weights[conv.name]
-        total_w += foldmath.pad_kernel(cw, kernel)
-        total_b += 0.0 if cb is None else cb
+        coef = merge.coefs.get(conv.name)
+        total_w += _scaled(foldmath.pad_kernel(cw, kernel), coef)
+        total_b += _scaled(np.zeros(w.shape[0]) if cb is None else np.asarray(cb, dtype=np.float64), coef)
     ones = [(np.ones(w.shape[0]), np.zeros(w.shape[0]))] * merge.inputs
-    for s, t in list(identity_scales) + ones:
-        total_w += foldmath.identity_kernel(s, w.shape[1], kernel)
-        total_b += t
+    coefs = list(merge.bn_coefs) + list(merge.input_coefs or [None] * merge.inputs)
+    for (s, t), coef in zip(list(identity_scales) + ones, coefs):
+        total_w += _scaled(foldmath.identity_kernel(s, w.shape[1], kernel), coef)
+        total_b += _scaled(np.asarray(t, dtype=np.float64), coef)
     return total_w, total_b
-

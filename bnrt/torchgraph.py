@@ -13,7 +13,7 @@ from __future__ import annotations
 import builtins
 import inspect
 import operator
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -61,6 +61,8 @@ _METADATA_FUNCTIONS = {builtins.getattr, builtins.len, torch.numel, torch.zeros_
                        _aten.sym_size.int, _aten.sym_numel.default, _aten.sym_stride.int}
 
 _ADDS = {operator.add, operator.iadd, torch.add, _aten.add.Tensor}
+_SUBS = {operator.sub, torch.sub}
+_MULS = {operator.mul, torch.mul}
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
@@ -314,19 +316,38 @@ class TorchView:
     def adds(self) -> list[torch.fx.Node]:
         if self.cap.tracer != "torch.fx":  # a merge edits the graph; torch.export's aten graph is not run
             return []
-        return [n for n in self.cap.graph.nodes if self.add_operands(n) is not None]
+        return [n for n in self.cap.graph.nodes if self.terms(n) is not None]
 
-    def add_operands(self, node: Any) -> tuple | None:
-        if not isinstance(node, torch.fx.Node) or len(node.args) != 2 or node.kwargs:
-            return None
-        if not ((node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add")):
-            return None
-        operands = tuple(a for a in node.args if not (isinstance(a, (int, float)) and a == 0))  # 0 + x: x
+    @staticmethod
+    def _binary(node: Any, functions: set, method: str) -> bool:
+        return isinstance(node, torch.fx.Node) and len(node.args) == 2 and not node.kwargs and (
+            (node.op == "call_function" and node.target in functions) or (node.op == "call_method" and node.target == method))
+
+    def _same_shape(self, node: torch.fx.Node, operands: Iterable) -> bool:
         shape = self.cap.shape(node)
-        if shape is None or not operands or not all(
-                isinstance(v, torch.fx.Node) and self.cap.shape(v) == shape for v in operands):
-            return None
-        return operands
+        return shape is not None and all(isinstance(v, torch.fx.Node) and self.cap.shape(v) == shape for v in operands)
+
+    def terms(self, node: Any) -> list[tuple[Any, Any]] | None:
+        if self._binary(node, _ADDS, "add"):
+            operands = [a for a in node.args if not (isinstance(a, (int, float)) and a == 0)]  # 0 + x: x
+            return [(v, 1.0) for v in operands] if operands and self._same_shape(node, operands) else None
+        if self._binary(node, _SUBS, "sub"):
+            return list(zip(node.args, (1.0, -1.0))) if self._same_shape(node, node.args) else None
+        if self._binary(node, _MULS, "mul"):
+            data = [a for a in node.args if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
+            const = [a for a in node.args if a not in data]
+            if len(data) != 1 or not self._same_shape(node, data):
+                return None
+            value = const[0]
+            if isinstance(value, torch.fx.Node):
+                tensor = tensor_at(self.cap.modules[""], value.target)
+                if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                    return None
+                value = tensor.detach().double().cpu().numpy()
+            elif not isinstance(value, (int, float)) or isinstance(value, bool):
+                return None
+            return [(data[0], value)]
+        return None
 
     def is_value_identity(self, node: Any) -> bool:
         if not isinstance(node, torch.fx.Node) or not self.is_passthrough(node):
@@ -353,11 +374,11 @@ class TorchView:
 def plan(cap: Capture) -> engine.Plan:
     """One decision per BatchNorm of the captured model (modules in module order, then functional
     ``F.batch_norm`` calls in graph order) and the rep blocks to merge (torch.fx captures only).
-    The plan is the runnable graph's, where the input itself may be a merged branch; when it is in
-    some block, ``structured`` holds the plan for the user-structured copy, whose forward still
-    adds the input (that block's branches merge without it, a BN after it stays)."""
-    runnable = engine.plan(TorchView(cap), merge_inputs=True)
-    if any(m.inputs for m in runnable.merges):
-        runnable.structured = engine.plan(TorchView(cap), merge_inputs=False)
+    The plan is the runnable graph's, where the input itself, differences and scales may be merged
+    branches; when some block has them, ``structured`` holds the plan for the user-structured copy,
+    whose forward still computes them (that block merges its plain sums only, a BN after it stays)."""
+    runnable = engine.plan(TorchView(cap), rewrite=True)
+    if any(m.rewrites for m in runnable.merges):
+        runnable.structured = engine.plan(TorchView(cap), rewrite=False)
     return runnable
 

@@ -377,6 +377,47 @@ class RepNet(nn.Module):
         return self.fc(self.blocks(x).mean((2, 3)))
 
 
+class RepVggDw(nn.Module):
+    """RepViT's token mixer: a BN after the sum of a 3x3 depthwise conv+BN, a 1x1 depthwise conv
+    and the input itself."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.conv1 = conv_bn(c, c, 3, groups=c, act=False), nn.Conv2d(c, c, 1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+
+class RepMixerBlock(nn.Module):
+    """FastViT's RepMixer ``x + γ·(mixer(x) − norm(x))`` (mixer: 3x3 and 1x1 depthwise conv+BN and
+    an identity BN summed; norm: an identity BN), then a conv MLP scaled by a LayerScale."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.kxk, self.scale = conv_bn(c, c, 3, groups=c, act=False), conv_bn(c, c, 1, groups=c, act=False)
+        self.identity, self.norm = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 0.5))
+        self.mlp = nn.Sequential(conv_bn(c, 2 * c, 1, act=nn.GELU), nn.Conv2d(2 * c, c, 1))
+        self.gamma2 = nn.Parameter(torch.full((c, 1, 1), 0.5))
+
+    def forward(self, x):
+        x = x + self.gamma * (self.kxk(x) + self.scale(x) + self.identity(x) - self.norm(x))
+        return x + self.gamma2 * self.mlp(x)
+
+
+class RepMixNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3, stride=2)
+        self.blocks = nn.Sequential(RepVggDw(16), RepMixerBlock(16), RepMixerBlock(16))
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
 @dataclass(frozen=True)
 class Entry:
     factory: Callable[[], nn.Module]
@@ -398,6 +439,8 @@ ZOO: dict[str, Entry] = {
     "volume3d": Entry(Volume3d, (1, 1, 16, 16, 16), "3-d conv net, grouped"),
     "timm_style": Entry(TimmStyle, (1, 3, 16, 16), "frozen-BN stem, BatchNormAct2d, LeViT LinearNorm, Dropout -> head"),
     "repnet": Entry(RepNet, (1, 3, 32, 32), "RepVGG/MobileOne blocks: 3x3 and 1x1 conv+BN branches, identity BN"),
+    "repmixnet": Entry(RepMixNet, (1, 3, 32, 32), "RepViT's RepVggDw (BN after a sum with the input), FastViT's "
+                                                  "RepMixer (a difference, LayerScales)"),
 }
 
 

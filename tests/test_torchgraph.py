@@ -433,7 +433,8 @@ def test_a_block_with_the_input_itself_merges_in_the_runnable_graph_and_its_bn_a
     model = _rep_vgg_dw()
     x = torch.randn(2, 4, 6, 6)
     result = bnrt.fold(model, (x,))
-    assert [m.to_json() for m in result.merges] == [{"into": "conv.0", "convs": ["conv1"], "bns": [], "inputs": 1}]
+    assert [m.to_json() for m in result.merges] == [
+        {"into": "conv.0", "convs": ["conv1"], "bns": [], "inputs": 1, "scaled": False}]
     assert [(d.bn, d.status, d.direction, d.into) for d in result.decisions] == [
         ("conv.1", "folded", "backward", ("conv.0",)), ("bn", "folded", "backward", ("conv.0",))]
     assert [n.op for n in result.model.graph.nodes] == ["placeholder", "call_function", "call_module", "call_module",
@@ -481,12 +482,67 @@ def test_onnx_graphs_merge_the_input_itself_and_fold_the_bn_after(tmp_path, bn):
         assert abs(run.run(None, {"x": x.numpy()})[0] - model(x).numpy()).max() <= 1e-5
 
 
+class RepMixer(nn.Module):
+    """FastViT's RepMixer, ``x + γ·(mixer(x) − norm(x))``: mixer a 3x3 depthwise conv+BN, a 1x1
+    depthwise conv+BN and an identity BN summed; norm an identity BN (``0 + BN(x)``, as timm's
+    MobileOneBlock writes it); γ a per-channel LayerScale; then a 1x1 conv scaled by another γ."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.kxk = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.one = nn.Sequential(nn.Conv2d(c, c, 1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.identity, self.norm = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.mlp, self.gamma2 = nn.Conv2d(c, c, 1), nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        x = torch.relu(x)
+        mixer = self.kxk(x) + self.one(x) + self.identity(x)
+        x = x + self.gamma * (mixer - (0 + self.norm(x)))
+        return x + self.gamma2 * self.mlp(torch.relu(x))
+
+
+def test_a_rep_mixer_merges_into_one_conv_and_a_layer_scale_folds_into_the_conv_before(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from bnrt.export import count_ops
+    from bnrt.onnxfold import fold_onnx
+
+    model = RepMixer().eval()
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            randomise_bn(m, gen)
+    x = torch.randn(2, 4, 6, 6)
+    result = bnrt.fold(model, (x,))
+    assert [m.to_json() for m in result.merges] == [
+        {"into": "kxk.0", "convs": ["one.0"], "bns": ["identity", "norm"], "inputs": 1, "scaled": True},
+        {"into": "mlp", "convs": [], "bns": [], "inputs": 0, "scaled": True}]
+    assert all(d.status == "folded" for d in result.decisions)
+    ops = [(n.op, str(n.target)) for n in result.model.graph.nodes if n.op in ("call_function", "call_method")]
+    assert [t for _, t in ops if "relu" not in t] == ["<built-in function add>"]  # only the residual of the MLP
+    assert result.checkpoint_keeps == ["norm"]  # the user's forward still subtracts norm(x)
+    with torch.no_grad():
+        for folded_model in (result.model, result.structured):
+            assert float((folded_model(x) - model(x)).abs().max()) <= 1e-5
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"], output_names=["y"],
+                      do_constant_folding=False)
+    folded = fold_onnx(onnx.load(str(tmp_path / "m.onnx")))
+    assert [m.to_json()["scaled"] for m in folded.merges] == [True, True]
+    assert [count_ops(folded.model, op) for op in ("Conv", "Add", "Sub", "Mul", "BatchNormalization")] == [2, 1, 0, 0, 0]
+    run = ort.InferenceSession(folded.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert abs(run.run(None, {"x": x.numpy()})[0] - model(x).numpy()).max() <= 1e-5
+
+
 class _RandomRep(nn.Module):
     """``kxk`` k×k conv+BN branches, an optional 1×1 conv+BN branch, an optional identity BN and
     optionally the input itself, on one input, summed, then optionally a BN (``after``); ``mismatch``
     breaks one alignment of the last k×k branch."""
 
-    def __init__(self, groups, cin_g, k, stride, kxk, one, identity, mismatch, raw=False, after=False):
+    def __init__(self, groups, cin_g, k, stride, kxk, one, identity, mismatch, raw=False, after=False, sub=False,
+                 gamma=False):
         super().__init__()
         c = groups * cin_g
 
@@ -500,6 +556,8 @@ class _RandomRep(nn.Module):
         self.identity = nn.BatchNorm2d(c) if identity and stride == 1 else None
         self.raw = raw and stride == 1
         self.after = nn.BatchNorm2d(c) if after else None
+        self.sub = sub and self.identity is not None  # the identity BN subtracted (FastViT's RepMixer)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5) if gamma else None  # a LayerScale of the block
 
     def forward(self, x):
         x = torch.relu(x)
@@ -509,7 +567,9 @@ class _RandomRep(nn.Module):
         if self.one is not None:
             out = out + self.one(x)
         if self.identity is not None:
-            out = out + self.identity(x)
+            out = out - self.identity(x) if self.sub else out + self.identity(x)
+        if self.gamma is not None:
+            out = self.gamma * out
         if self.raw:
             out = out + x
         return out if self.after is None else self.after(out)
@@ -517,10 +577,11 @@ class _RandomRep(nn.Module):
 
 @given(groups=st.integers(1, 3), cin_g=st.integers(1, 3), k=st.sampled_from([3, 5]), stride=st.integers(1, 2),
        kxk=st.integers(1, 3), one=st.booleans(), identity=st.booleans(), raw=st.booleans(), after=st.booleans(),
-       mismatch=st.sampled_from([None, None, "dilation"]), seed=st.integers(0, 2**31 - 1))
-def test_parallel_branches_merge_exactly_or_not_at_all(groups, cin_g, k, stride, kxk, one, identity, raw, after,
-                                                       mismatch, seed):
-    model = _RandomRep(groups, cin_g, k, stride, kxk, one, identity, mismatch, raw, after).double().eval()
+       sub=st.booleans(), gamma=st.booleans(), mismatch=st.sampled_from([None, None, "dilation"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_parallel_branches_merge_exactly_or_not_at_all(groups, cin_g, k, stride, kxk, one, identity, raw, after, sub,
+                                                       gamma, mismatch, seed):
+    model = _RandomRep(groups, cin_g, k, stride, kxk, one, identity, mismatch, raw, after, sub, gamma).double().eval()
     gen = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in bns:
@@ -532,16 +593,20 @@ def test_parallel_branches_merge_exactly_or_not_at_all(groups, cin_g, k, stride,
         for folded_model in (result.model, result.structured):
             assert float((folded_model(x) - model(x)).abs().max()) <= 1e-10 * scale
     branches = kxk + one + (model.identity is not None) + model.raw
-    if branches == 1:
+    if branches == 1 and not gamma:
         assert result.merges == [] and all(d.status == "folded" for d in result.decisions)
     elif mismatch is None:
         assert len(result.merges) == 1
         merge = result.merges[0]
         assert len(merge.convs) + 1 == kxk + one and len(merge.bns) == (model.identity is not None)
-        assert merge.inputs == model.raw
+        assert merge.inputs == model.raw and merge.to_json()["scaled"] == (model.sub or gamma)
         assert all(d.status == "folded" for d in result.decisions)  # the BN after the block too
-        # the user's forward adds the input itself: its copy keeps the BN after the block
-        assert result.checkpoint_keeps == (["after"] if model.raw and after else [])
+        # the user's forward still computes the input itself, the difference, the scale: its copy
+        # keeps the subtracted identity BN and the BN after the block
+        rewrites = model.raw or model.sub or gamma
+        assert result.checkpoint_keeps == ["identity"] * model.sub + ["after"] * (rewrites and after)
+    elif branches == 1:  # a scaled dilated conv: the scale folds into it, nothing needs aligning
+        assert [m.target.name for m in result.merges] == ["kxk.0.0"] and not result.merges[0].convs
     else:
         assert all(m.target.name != "kxk.%d.0" % (kxk - 1) and "kxk.%d.0" % (kxk - 1) not in
                    [c.name for c in m.convs] for m in result.merges)

@@ -9,7 +9,7 @@ from models.zoo import ZOO, build
 EXPECTED = {  # model: (BatchNorms, folded)
     "resnet": (20, 20), "mobilenetv2": (14, 14), "mobilenetv3": (14, 14), "unet": (7, 7), "generator": (3, 3),
     "tabular": (3, 3), "token_mlp": (2, 2), "reid": (4, 4), "preact": (7, 3), "audio1d": (5, 5), "volume3d": (4, 4),
-    "timm_style": (4, 4), "repnet": (16, 16),
+    "timm_style": (4, 4), "repnet": (16, 16), "repmixnet": (13, 13),
 }
 
 
@@ -68,18 +68,37 @@ def test_rep_blocks_merge_into_one_conv_each():
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     result = bnrt.fold(model, (x[:2],))
     assert [m.to_json() for m in result.merges] == [
-        {"into": "blocks.0.kxk.0.0", "convs": ["blocks.0.scale.0"], "bns": [], "inputs": 0},
-        {"into": "blocks.1.kxk.0.0", "convs": ["blocks.1.scale.0"], "bns": ["blocks.1.identity"], "inputs": 0},
-        {"into": "blocks.2.kxk.0.0", "convs": ["blocks.2.scale.0", "blocks.2.kxk.1.0"], "bns": [], "inputs": 0},
+        {"into": "blocks.0.kxk.0.0", "convs": ["blocks.0.scale.0"], "bns": [], "inputs": 0, "scaled": False},
+        {"into": "blocks.1.kxk.0.0", "convs": ["blocks.1.scale.0"], "bns": ["blocks.1.identity"], "inputs": 0, "scaled": False},
+        {"into": "blocks.2.kxk.0.0", "convs": ["blocks.2.scale.0", "blocks.2.kxk.1.0"], "bns": [], "inputs": 0, "scaled": False},
         {"into": "blocks.3.kxk.0.0", "convs": ["blocks.3.scale.0", "blocks.3.kxk.1.0", "blocks.3.kxk.2.0"],
-         "bns": ["blocks.3.identity"], "inputs": 0},
-        {"into": "blocks.4.kxk.0.0", "convs": ["blocks.4.scale.0"], "bns": ["blocks.4.identity"], "inputs": 0}]
+         "bns": ["blocks.3.identity"], "inputs": 0, "scaled": False},
+        {"into": "blocks.4.kxk.0.0", "convs": ["blocks.4.scale.0"], "bns": ["blocks.4.identity"], "inputs": 0, "scaled": False}]
     assert {d.bn: d.direction for d in result.decisions if d.direction == "merge"} == {
         "blocks.1.identity": "merge", "blocks.3.identity": "merge", "blocks.4.identity": "merge"}
     convs = [n.target for n in result.model.graph.nodes if n.op == "call_module"
              and isinstance(result.model.get_submodule(n.target), torch.nn.Conv2d)]
     assert convs == [f"blocks.{i}.kxk.0.0" for i in range(5)]
     with torch.no_grad():  # the merged graph and the user's structure (zeroed branches) compute the same
+        ref = model(x)
+        for folded in (result.model, result.structured):
+            assert float((folded(x) - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+def test_rep_mixers_merge_with_their_differences_scales_and_the_bn_after():
+    model = build("repmixnet", batches=1)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    result = bnrt.fold(model, (x[:2],))
+    assert [(m.target.name, m.inputs, m.to_json()["scaled"]) for m in result.merges] == [
+        ("blocks.0.conv.0", 1, False), ("blocks.1.kxk.0", 1, True), ("blocks.1.mlp.1", 0, True),
+        ("blocks.2.kxk.0", 1, True), ("blocks.2.mlp.1", 0, True)]
+    assert result.checkpoint_keeps == ["blocks.0.bn", "blocks.1.norm", "blocks.2.norm"]
+    convs = [n.target for n in result.model.graph.nodes if n.op == "call_module"
+             and isinstance(result.model.get_submodule(n.target), torch.nn.Conv2d)]
+    assert convs == ["stem.0", "blocks.0.conv.0", "blocks.1.kxk.0", "blocks.1.mlp.0.0", "blocks.1.mlp.1",
+                     "blocks.2.kxk.0", "blocks.2.mlp.0.0", "blocks.2.mlp.1"]
+    assert not any(n.op == "call_function" and "sub" in str(n.target) for n in result.model.graph.nodes)
+    with torch.no_grad():
         ref = model(x)
         for folded in (result.model, result.structured):
             assert float((folded(x) - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))

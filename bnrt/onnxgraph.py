@@ -105,7 +105,8 @@ class OnnxView:
         self.inits = {i.name: i for i in self.graph.initializer}
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of ``name`` if it is an initializer or a Constant (through Identity nodes)."""
+        """The value of ``name`` if it is an initializer or a Constant (through Identity nodes and
+        Reshapes of constants)."""
         if name in self.inits:
             return numpy_helper.to_array(self.inits[name])
         node = self.producer.get(name)
@@ -113,6 +114,11 @@ class OnnxView:
             return None
         if node.op_type == "Identity":
             return self.const(node.input[0])
+        if node.op_type == "Reshape" and not attr(node, "allowzero", 0):  # a LayerScale's gamma.view(1, -1, 1, 1)
+            data, shape = self.const(node.input[0]), self.const(node.input[1])
+            if data is None or shape is None:
+                return None
+            return data.reshape([data.shape[i] if d == 0 else int(d) for i, d in enumerate(shape)])
         if node.op_type == "Constant" and node.attribute:
             a = node.attribute[0]
             if a.name == "value":

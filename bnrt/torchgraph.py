@@ -334,20 +334,39 @@ class TorchView:
         if self._binary(node, _SUBS, "sub"):
             return list(zip(node.args, (1.0, -1.0))) if self._same_shape(node, node.args) else None
         if self._binary(node, _MULS, "mul"):
-            data = [a for a in node.args if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
-            const = [a for a in node.args if a not in data]
+            consts = [self._constant(a) for a in node.args]
+            data = [a for a, c in zip(node.args, consts) if c is None]
             if len(data) != 1 or not self._same_shape(node, data):
                 return None
-            value = const[0]
-            if isinstance(value, torch.fx.Node):
-                tensor = tensor_at(self.cap.modules[""], value.target)
-                if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            value = next(c for c in consts if c is not None)
+            if isinstance(value, torch.Tensor):
+                if not value.is_floating_point():
                     return None
-                value = tensor.detach().double().cpu().numpy()
-            elif not isinstance(value, (int, float)) or isinstance(value, bool):
-                return None
+                value = value.detach().double().cpu().numpy()
             return [(data[0], value)]
         return None
+
+    def _constant(self, node: Any) -> Any:
+        """A number, or a tensor read from the model's parameters and buffers through view ops only
+        (timm's ``gamma.view(1, -1, 1, 1)``); None for anything computed from the inputs."""
+        if isinstance(node, (int, float)) and not isinstance(node, bool):
+            return node
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.op == "get_attr":
+            tensor = tensor_at(self.cap.modules[""], node.target)
+            return tensor if isinstance(tensor, torch.Tensor) else None
+        if not node.args or not ((node.op == "call_method" and node.target in _VIEW_METHODS) or (
+                node.op == "call_function" and node.target in _VIEW_FUNCTIONS)):
+            return None
+        base = self._constant(node.args[0])
+        rest = node.args[1:]
+        if not isinstance(base, torch.Tensor) or node.kwargs or any(
+                isinstance(a, torch.fx.Node) and VALUE_KEY not in a.meta for a in rest):
+            return None
+        rest = [a.meta[VALUE_KEY] if isinstance(a, torch.fx.Node) else a for a in rest]
+        with torch.no_grad():
+            return getattr(base, node.target)(*rest) if node.op == "call_method" else node.target(base, *rest)
 
     def is_value_identity(self, node: Any) -> bool:
         if not isinstance(node, torch.fx.Node) or not self.is_passthrough(node):

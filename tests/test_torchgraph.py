@@ -493,13 +493,13 @@ class RepMixer(nn.Module):
         self.one = nn.Sequential(nn.Conv2d(c, c, 1, groups=c, bias=False), nn.BatchNorm2d(c))
         self.identity, self.norm = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
         self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
-        self.mlp, self.gamma2 = nn.Conv2d(c, c, 1), nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.mlp, self.gamma2 = nn.Conv2d(c, c, 1), nn.Parameter(torch.rand(c) + 0.5)
 
     def forward(self, x):
         x = torch.relu(x)
         mixer = self.kxk(x) + self.one(x) + self.identity(x)
         x = x + self.gamma * (mixer - (0 + self.norm(x)))
-        return x + self.gamma2 * self.mlp(torch.relu(x))
+        return x + self.mlp(torch.relu(x)) * self.gamma2.view(1, -1, 1, 1)  # timm's LayerScale2d
 
 
 def test_a_rep_mixer_merges_into_one_conv_and_a_layer_scale_folds_into_the_conv_before(tmp_path):

@@ -294,12 +294,13 @@ class OnnxView:
         if shape is None or any(self.shapes.get(i) != shape for i in data):
             return None
         operands = [self.producer.get(i) or self.value(i) for i in data]
-        if node.op_type == "Mul":
-            const = next((c for c in consts if c is not None), None)
-            return [(operands[0], const)] if len(data) == 1 and np.issubdtype(const.dtype, np.floating) else None
-        if len(data) != 2:
+        if any(c is not None and not np.issubdtype(c.dtype, np.floating) for c in consts) or not data:
             return None
-        return list(zip(operands, (1.0, -1.0 if node.op_type == "Sub" else 1.0)))
+        if node.op_type == "Mul":
+            return [(operands[0], next(c for c in consts if c is not None))] if len(data) == 1 else None
+        operands = iter(operands)  # an added constant is a term of its own, operand None
+        return [(next(operands), sign) if c is None else (None, c.astype(np.float64) * sign)
+                for c, sign in zip(consts, (1.0, -1.0 if node.op_type == "Sub" else 1.0))]
 
     def is_value_identity(self, node) -> bool:
         return self.is_passthrough(node) and node.op_type in ("Identity", "Dropout", "BatchNormalization")

@@ -51,27 +51,33 @@ class Merge:
     coefs: dict[str, Any] = field(default_factory=dict)
     bn_coefs: list = field(default_factory=list)
     input_coefs: list = field(default_factory=list)
+    constant: Any = None  # per-channel constants added to the combination (float64), or None
 
     @property
     def rewrites(self) -> bool:
-        """Whether only a graph rewrite expresses it (the input itself, a difference or a scale)."""
-        return bool(self.inputs) or any(c is not None for c in [*self.coefs.values(), *self.bn_coefs])
+        """Whether only a graph rewrite expresses it (the input itself, a difference, a scale, a
+        constant)."""
+        return bool(self.inputs) or self.constant is not None or any(
+            c is not None for c in [*self.coefs.values(), *self.bn_coefs])
 
     def to_json(self) -> dict:
         return {"into": self.target.name, "convs": [c.name for c in self.convs], "bns": [b.name for b in self.bns],
                 "inputs": self.inputs, "scaled": any(c is not None for c in [*self.coefs.values(), *self.bn_coefs,
-                                                                               *self.input_coefs])}
+                                                                               *self.input_coefs]),
+                "constant": self.constant is not None}
 
 
-def _channel_vector(value: Any, shape: tuple[int, ...] | None) -> Any:
-    """A term's coefficient as a float64 vector over the channels (axis 1) of an activation shaped
-    ``shape``; None for exactly 1; ``False`` when it is not per-channel (it mixes other axes)."""
+def _channel_vector(value: Any, shape: tuple[int, ...] | None, constant: bool = False) -> Any:
+    """A term's coefficient (or, ``constant``, an added constant) as a float64 vector over the
+    channels (axis 1) of an activation shaped ``shape``; None for a coefficient of exactly 1;
+    ``False`` when it is not per-channel (it varies along other axes)."""
     c = np.asarray(value, dtype=np.float64)
-    if c.size == 1:
-        return None if float(c.reshape(())) == 1.0 else np.full(shape[1] if shape and len(shape) > 1 else 1,
-                                                                 float(c.reshape(())))
+    if c.size == 1 and float(c.reshape(())) == 1.0 and not constant:
+        return None
     if not shape or len(shape) < 2 or c.ndim > len(shape):
         return False
+    if c.size == 1:
+        return np.full(shape[1], float(c.reshape(())))
     full = (1,) * (len(shape) - c.ndim) + c.shape
     if any(d != 1 for i, d in enumerate(full) if i != 1) or full[1] != shape[1]:
         return False
@@ -84,18 +90,26 @@ def _times(a: Any, b: Any) -> Any:
 
 def _leaves(view: GraphView, node: Any, adds: list, rewrite: bool, coef: Any = None) -> list[tuple[Any, Any]]:
     """(operand, coefficient) of the combination rooted at ``node``, through inner Adds (and with
-    ``rewrite`` Subs and per-channel constant Muls), behind value identities such as an eval
-    DropPath, whose only user is the combination."""
+    ``rewrite`` Subs, per-channel constant Muls and added constants: operand None, the constant as
+    its float64 vector), behind value identities such as an eval DropPath, whose only user is the
+    combination."""
     inner = _source(view, node)[0] if adds else node
     terms = view.terms(inner)
     if terms is None or (adds and len(view.users(inner)) != 1):
         return [(node, coef)]
-    vectors = [_channel_vector(c, view.shape(inner)) for _, c in terms]
-    if any(v is False for v in vectors) or (not rewrite and any(v is not None for v in vectors)):
+    shape = view.shape(inner)
+    vectors = [_channel_vector(c, shape, constant=operand is None) for operand, c in terms]
+    if any(v is False for v in vectors) or (not rewrite and any(
+            v is not None or operand is None for (operand, _), v in zip(terms, vectors))):
         return [(node, coef)]
     adds.append(inner)
-    return [pair for (operand, _), v in zip(terms, vectors) for pair in _leaves(view, operand, adds, rewrite,
-                                                                                _times(coef, v))]
+    pairs = []
+    for (operand, _), v in zip(terms, vectors):
+        if operand is None:  # an added constant: a bias of the merged conv
+            pairs.append((None, _times(coef, v)))
+        else:
+            pairs.extend(_leaves(view, operand, adds, rewrite, _times(coef, v)))
+    return pairs
 
 
 def _source(view: GraphView, leaf: Any) -> tuple[Any, list]:
@@ -133,8 +147,10 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
     when it is not a rep block; ``NotFoldable`` when it is one whose branches do not line up."""
     adds: list = []
     leaves = _leaves(view, root, adds, rewrite)
-    if len(leaves) < 2 and (len(leaves) == 0 or leaves[0][1] is None):
-        return None  # one branch merges only when scaled: a per-channel constant Mul after a conv
+    constants = [c for leaf, c in leaves if leaf is None]
+    leaves = [(leaf, c) for leaf, c in leaves if leaf is not None]
+    if not leaves or (len(leaves) == 1 and leaves[0][1] is None and not constants):
+        return None  # one branch merges only when scaled or shifted: a per-channel Mul or Add after a conv
     convs, bns, others = [], [], []
     coefs, bn_coefs, input_coefs = {}, [], []
     for leaf, coef in leaves:
@@ -159,7 +175,7 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
             or any(_behind(view, view.input_of(b.node)) is not same for b in bns) \
             or any(_behind(view, o) is not same for o in others):
         return None
-    if not bns and not others and len(convs) < 2 and coefs[convs[0].name] is None:
+    if not bns and not others and len(convs) < 2 and coefs[convs[0].name] is None and not constants:
         return None
     if others and not rewrite:  # the user's forward would still add the input: no weight to zero
         return None
@@ -176,7 +192,7 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
                                              "output as input channels", first.name)
     target = max(convs, key=lambda c: int(np.prod(c.kernel)))
     return Merge(target, [c for c in convs if c is not target], bns, len(others), root, adds, coefs, bn_coefs,
-                 input_coefs)
+                 input_coefs, sum(constants) if constants else None)
 
 
 def plan_merges(view: GraphView, sites: list[BnSite], decisions: list[Decision],
@@ -237,4 +253,6 @@ def merged_weights(merge: Merge, weights: dict[str, tuple[np.ndarray, np.ndarray
     for (s, t), coef in zip(list(identity_scales) + ones, coefs):
         total_w += _scaled(foldmath.identity_kernel(s, w.shape[1], kernel), coef)
         total_b += _scaled(np.asarray(t, dtype=np.float64), coef)
+    if merge.constant is not None:
+        total_b += merge.constant
     return total_w, total_b

@@ -328,23 +328,33 @@ class TorchView:
         return shape is not None and all(isinstance(v, torch.fx.Node) and self.cap.shape(v) == shape for v in operands)
 
     def terms(self, node: Any) -> list[tuple[Any, Any]] | None:
-        if self._binary(node, _ADDS, "add"):
-            operands = [a for a in node.args if not (isinstance(a, (int, float)) and a == 0)]  # 0 + x: x
-            return [(v, 1.0) for v in operands] if operands and self._same_shape(node, operands) else None
-        if self._binary(node, _SUBS, "sub"):
-            return list(zip(node.args, (1.0, -1.0))) if self._same_shape(node, node.args) else None
+        if self._binary(node, _ADDS, "add") or self._binary(node, _SUBS, "sub"):
+            signs = (1.0, -1.0) if self._binary(node, _SUBS, "sub") else (1.0, 1.0)
+            operands = [(a, sign) for a, sign in zip(node.args, signs)
+                        if not (isinstance(a, (int, float)) and a == 0)]  # 0 + x: x
+            consts = [self._constant(a) for a, _ in operands]
+            arrays = [None if c is None else self._array(c) for c in consts]
+            data = [a for (a, _), c in zip(operands, consts) if c is None]
+            if not data or not self._same_shape(node, data) or any(
+                    c is not None and v is None for c, v in zip(consts, arrays)):
+                return None
+            return [(a, sign) if c is None else (None, v * sign)  # an added constant: operand None
+                    for (a, sign), c, v in zip(operands, consts, arrays)]
         if self._binary(node, _MULS, "mul"):
             consts = [self._constant(a) for a in node.args]
             data = [a for a, c in zip(node.args, consts) if c is None]
             if len(data) != 1 or not self._same_shape(node, data):
                 return None
-            value = next(c for c in consts if c is not None)
-            if isinstance(value, torch.Tensor):
-                if not value.is_floating_point():
-                    return None
-                value = value.detach().double().cpu().numpy()
-            return [(data[0], value)]
+            value = self._array(next(c for c in consts if c is not None))
+            return [(data[0], value)] if value is not None else None
         return None
+
+    @staticmethod
+    def _array(value: Any) -> Any:
+        """A constant as float64 numbers (None for a non-float tensor)."""
+        if isinstance(value, torch.Tensor):
+            return value.detach().double().cpu().numpy() if value.is_floating_point() else None
+        return np.float64(value)
 
     def _constant(self, node: Any) -> Any:
         """A number, or a tensor read from the model's parameters and buffers through view ops only
@@ -354,7 +364,10 @@ class TorchView:
         if not isinstance(node, torch.fx.Node):
             return None
         if node.op == "get_attr":
-            tensor = tensor_at(self.cap.modules[""], node.target)
+            try:
+                tensor = tensor_at(self.cap.modules[""], node.target)
+            except AttributeError:  # a constant the tracer made (``_tensor_constant0``): not the model's
+                return None
             return tensor if isinstance(tensor, torch.Tensor) else None
         if not node.args or not ((node.op == "call_method" and node.target in _VIEW_METHODS) or (
                 node.op == "call_function" and node.target in _VIEW_FUNCTIONS)):

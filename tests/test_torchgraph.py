@@ -393,6 +393,35 @@ def test_merged_rep_blocks_round_trip_through_the_folded_checkpoint(tmp_path):
         assert float((reloaded(x) - model(x)).abs().max()) <= 1e-5 * float(model(x).abs().max())
 
 
+def test_a_frozen_bn_exported_as_mul_and_add_after_a_conv_folds_in_onnx(tmp_path):
+    """torchvision's FrozenBatchNorm2d exports (TorchScript) as per-channel Mul and Add after the conv:
+    they merge into it, a scaled and shifted single conv."""
+    import onnx
+    import onnxruntime as ort
+
+    from bnrt.export import count_ops
+    from bnrt.onnxfold import fold_onnx
+    from models.zoo import FrozenBatchNorm2d
+
+    frozen = FrozenBatchNorm2d(4)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            getattr(frozen, name).copy_(torch.randn(4))
+        frozen.running_var.copy_(torch.rand(4) + 0.5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), frozen, nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"], output_names=["y"])
+    original = onnx.load(str(tmp_path / "m.onnx"))
+    assert (count_ops(original, "Mul"), count_ops(original, "Add")) == (1, 1)  # the exporter leaves them
+    folded = fold_onnx(original)
+    assert [m.to_json() for m in folded.merges] == [
+        {"into": folded.merges[0].target.name, "convs": [], "bns": [], "inputs": 0, "scaled": True, "constant": True}]
+    assert [count_ops(folded.model, op) for op in ("Conv", "Mul", "Add", "Sub")] == [2, 0, 0, 0]
+    run = ort.InferenceSession(folded.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert abs(run.run(None, {"x": x.numpy()})[0] - model(x).numpy()).max() <= 1e-5
+
+
 class SumOfItself(nn.Module):
     """conv -> BN, added to itself (found by the fold fuzzer): not a rep block of two branches."""
 
@@ -434,7 +463,7 @@ def test_a_block_with_the_input_itself_merges_in_the_runnable_graph_and_its_bn_a
     x = torch.randn(2, 4, 6, 6)
     result = bnrt.fold(model, (x,))
     assert [m.to_json() for m in result.merges] == [
-        {"into": "conv.0", "convs": ["conv1"], "bns": [], "inputs": 1, "scaled": False}]
+        {"into": "conv.0", "convs": ["conv1"], "bns": [], "inputs": 1, "scaled": False, "constant": False}]
     assert [(d.bn, d.status, d.direction, d.into) for d in result.decisions] == [
         ("conv.1", "folded", "backward", ("conv.0",)), ("bn", "folded", "backward", ("conv.0",))]
     assert [n.op for n in result.model.graph.nodes] == ["placeholder", "call_function", "call_module", "call_module",
@@ -517,8 +546,9 @@ def test_a_rep_mixer_merges_into_one_conv_and_a_layer_scale_folds_into_the_conv_
     x = torch.randn(2, 4, 6, 6)
     result = bnrt.fold(model, (x,))
     assert [m.to_json() for m in result.merges] == [
-        {"into": "kxk.0", "convs": ["one.0"], "bns": ["identity", "norm"], "inputs": 1, "scaled": True},
-        {"into": "mlp", "convs": [], "bns": [], "inputs": 0, "scaled": True}]
+        {"into": "kxk.0", "convs": ["one.0"], "bns": ["identity", "norm"], "inputs": 1, "scaled": True,
+         "constant": False},
+        {"into": "mlp", "convs": [], "bns": [], "inputs": 0, "scaled": True, "constant": False}]
     assert all(d.status == "folded" for d in result.decisions)
     ops = [(n.op, str(n.target)) for n in result.model.graph.nodes if n.op in ("call_function", "call_method")]
     assert [t for _, t in ops if "relu" not in t] == ["<built-in function add>"]  # only the residual of the MLP

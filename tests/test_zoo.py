@@ -67,13 +67,14 @@ def test_rep_blocks_merge_into_one_conv_each():
     model = build("repnet", batches=1)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     result = bnrt.fold(model, (x[:2],))
+    plain = {"inputs": 0, "scaled": False, "constant": False}  # plain sums of the user's branches
     assert [m.to_json() for m in result.merges] == [
-        {"into": "blocks.0.kxk.0.0", "convs": ["blocks.0.scale.0"], "bns": [], "inputs": 0, "scaled": False},
-        {"into": "blocks.1.kxk.0.0", "convs": ["blocks.1.scale.0"], "bns": ["blocks.1.identity"], "inputs": 0, "scaled": False},
-        {"into": "blocks.2.kxk.0.0", "convs": ["blocks.2.scale.0", "blocks.2.kxk.1.0"], "bns": [], "inputs": 0, "scaled": False},
+        {"into": "blocks.0.kxk.0.0", "convs": ["blocks.0.scale.0"], "bns": [], **plain},
+        {"into": "blocks.1.kxk.0.0", "convs": ["blocks.1.scale.0"], "bns": ["blocks.1.identity"], **plain},
+        {"into": "blocks.2.kxk.0.0", "convs": ["blocks.2.scale.0", "blocks.2.kxk.1.0"], "bns": [], **plain},
         {"into": "blocks.3.kxk.0.0", "convs": ["blocks.3.scale.0", "blocks.3.kxk.1.0", "blocks.3.kxk.2.0"],
-         "bns": ["blocks.3.identity"], "inputs": 0, "scaled": False},
-        {"into": "blocks.4.kxk.0.0", "convs": ["blocks.4.scale.0"], "bns": ["blocks.4.identity"], "inputs": 0, "scaled": False}]
+         "bns": ["blocks.3.identity"], **plain},
+        {"into": "blocks.4.kxk.0.0", "convs": ["blocks.4.scale.0"], "bns": ["blocks.4.identity"], **plain}]
     assert {d.bn: d.direction for d in result.decisions if d.direction == "merge"} == {
         "blocks.1.identity": "merge", "blocks.3.identity": "merge", "blocks.4.identity": "merge"}
     convs = [n.target for n in result.model.graph.nodes if n.op == "call_module"

@@ -218,7 +218,8 @@ def main() -> None:
     parser.add_argument("--one", nargs=3, metavar=("SOURCE", "NAME", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--jsonl", default="docs/real_zoo.jsonl", help="every row as a JSON line (default docs/real_zoo.jsonl)")
     parser.add_argument("--rows", metavar="ROWS.jsonl", help="rows of a full run (its --jsonl, or its stderr), instead of measuring")
-    parser.add_argument("--remeasure", nargs="*", default=[], metavar="NAME", help="with --rows: measure these again")
+    parser.add_argument("--remeasure", nargs="*", default=[], metavar="NAME",
+                        help="with --rows: measure these again (NAME, or SOURCE:NAME for one of tv/timm)")
     parser.add_argument("models", nargs="*", help="names from MODELS (default: all)")
     args = parser.parse_args()
     if args.one:
@@ -230,11 +231,11 @@ def main() -> None:
         for line in Path(args.rows).read_text().splitlines():
             if line.startswith("{"):
                 row = json.loads(line)
-                previous[row["name"]] = row
+                previous[(row["source"], row["name"])] = row  # tv and timm both have e.g. densenet121
     rows = []
     for i, (source, name, family, size) in enumerate(chosen, 1):
-        if name in previous and name not in args.remeasure:
-            rows.append(previous[name])
+        if (source, name) in previous and not {name, f"{source}:{name}"} & set(args.remeasure):
+            rows.append(previous[(source, name)])
             continue
         print(f"[{i}/{len(chosen)}] {source}:{name}", file=sys.stderr, flush=True)
         try:

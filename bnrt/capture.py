@@ -30,6 +30,7 @@ from .errors import CaptureError, InputError, first_line
 
 SHAPE_KEY = "bnrt_shape"
 VALUE_KEY = "bnrt_value"
+OPS_KEY = "bnrt_collapsed"  # torch.export module call: (aten ops, parameters read, batch_norm training flags)
 
 
 def _is_plain(value) -> bool:
@@ -136,7 +137,7 @@ def _export_graph(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
             key, (path, _) = list(stack.items())[-1]
             if _collapsible(modules.get(path)):
                 groups[key].append(node)
-    collapse: dict[torch.fx.Node, tuple[str, torch.fx.Node]] = {}  # group's last node -> (module, input)
+    collapse: dict[torch.fx.Node, tuple] = {}  # group's last node -> (module, input, its nodes)
     members: set[torch.fx.Node] = set()
     for key, nodes in groups.items():
         inside = set(nodes)
@@ -144,7 +145,7 @@ def _export_graph(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
         escaping = [n for n in nodes[:-1] if any(u not in inside for u in n.users)]
         if len(inputs) == 1 and not escaping:
             path = list(nodes[0].meta["nn_module_stack"].values())[-1][0]
-            collapse[nodes[-1]] = (path, inputs.pop())
+            collapse[nodes[-1]] = (path, inputs.pop(), nodes)
             members |= inside
 
     graph = torch.fx.Graph()
@@ -159,8 +160,11 @@ def _export_graph(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
         if node.op == "placeholder" and node.name in lifted:
             continue
         if node in collapse:
-            path, source = collapse[node]
+            path, source, nodes = collapse[node]
             new = graph.call_module(path, (lookup(source),))
+            new.meta[OPS_KEY] = (tuple(n.target for n in nodes),
+                                 tuple(lifted[a.name] for n in nodes for a in n.all_input_nodes if a.name in lifted),
+                                 tuple(n.args[5] for n in nodes if n.target is torch.ops.aten.batch_norm.default))
         elif node in members:
             continue
         else:

@@ -176,8 +176,9 @@ def apply(model: nn.Module, plan: Plan, cap: Capture | None = None) -> FoldResul
     if functional or merged:
         if cap is None:
             raise ValueError("folding a functional batch_norm or merging branches needs the capture")
-        runnable = _edited(folded_model, cap.graph, functional, merged)
-        runnable.train(folded_model.training)
+        if cap.tracer == "torch.fx":  # a torch.export graph is specialised to the example's shapes: the
+            runnable = _edited(folded_model, cap.graph, functional, merged)  # identity statistics stay
+            runnable.train(folded_model.training)
     return FoldResult(runnable, decisions, bias_added, structured=structured, fp16_overflow=overflow,
                       merges=plan.merges, structured_decisions=structured_plan.decisions,
                       structured_bias_added=structured_bias)

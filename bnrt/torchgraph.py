@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from . import engine
-from .capture import SHAPE_KEY, VALUE_KEY, Capture, is_frozen_batchnorm
+from .capture import OPS_KEY, SHAPE_KEY, VALUE_KEY, Capture, is_frozen_batchnorm
 from .decision import Decision, NotFoldable
 from .engine import BnSite, BnStats, Layer
 from .structure import tensor_at
@@ -64,6 +64,8 @@ _ADDS = {operator.add, operator.iadd, torch.add, _aten.add.Tensor}
 _SUBS = {operator.sub, torch.sub}
 _MULS = {operator.mul, torch.mul}
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
+_EVAL_BN_OPS = {torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default,
+                operator.getitem}
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
@@ -169,9 +171,23 @@ class TorchView:
             call = inside.get(name)
             if name not in nodes and call is not None and calls[call]["mean"] == f"{name}.running_mean":
                 sites.append(BnSite(name, call, calls.pop(call)))
+            elif self._eval_batch_norm_only(name, nodes.get(name)) and _standard(module, _BN_TYPES):
+                # a BN subclass (timm's BatchNormAct2d) that torch.export shows computing one eval
+                # batch_norm on its own tensors, its activation a child: folded with identity statistics
+                node = nodes[name]
+                sites.append(BnSite(name, node, {
+                    "node": node.name, "mean": f"{name}.running_mean", "var": f"{name}.running_var",
+                    "weight": f"{name}.weight" if module.affine else None,
+                    "bias": f"{name}.bias" if module.affine else None, "eps": float(module.eps)}, module))
             else:
                 sites.append(BnSite(name, nodes.get(name), None, module))
         return sites + [BnSite(f"{n.name} (F.batch_norm)", n, f) for n, f in calls.items()]
+
+    def _eval_batch_norm_only(self, name: str, node: torch.fx.Node | None) -> bool:
+        """Whether the torch.export call of module ``name`` is one eval batch_norm on its own tensors."""
+        ops, reads, training = node.meta.get(OPS_KEY, ((), (), ())) if node is not None else ((), (), ())
+        return bool(ops) and set(ops) <= _EVAL_BN_OPS and all(r.startswith(f"{name}.") for r in reads) and \
+            all(t is False for t in training)
 
     def _functional(self, node: torch.fx.Node) -> dict:
         """The tensor paths of an ``F.batch_norm`` call (None where an argument is not a parameter
@@ -188,7 +204,7 @@ class TorchView:
         return paths
 
     def bn_stats(self, bn: BnSite) -> BnStats:
-        if bn.functional is None:
+        if bn.functional is None or bn.module is not None:
             if bn.module.running_mean is None or bn.module.running_var is None:
                 raise NotFoldable("no-running-stats", "no running statistics (track_running_stats=False): "
                                                       "normalises with batch statistics")
@@ -214,7 +230,7 @@ class TorchView:
         return functional_stats(self.cap.modules[""], bn.name, bn.functional)
 
     def check_bn(self, bn: BnSite) -> None:
-        if bn.functional is not None:
+        if bn.functional is not None and bn.module is None:
             return
         if is_frozen_batchnorm(bn.module):
             return self._single_use(bn.name) if bn.node is not None else _not_called()
@@ -222,7 +238,7 @@ class TorchView:
             raise NotFoldable("training-mode", "in training mode: call model.eval() before folding")
         if bn.node is None:
             _not_called()
-        reason = _standard(bn.module, _BN_TYPES)
+        reason = _standard(bn.module, _BN_TYPES) if bn.functional is None else None  # replaced by nn.Identity
         if reason:
             raise NotFoldable("custom-forward", reason, bn.name)
         self._single_use(bn.name)

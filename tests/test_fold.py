@@ -294,6 +294,56 @@ def test_torch_export_fallback_folds_and_refuses_like_fx():
         torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d form: a BatchNorm subclass whose forward adds a child activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+        return self.act(x)
+
+
+class ShapeDependentAct(nn.Module):
+    """MobileViT's case: torch.fx fails on a shape test, torch.export shows each BN subclass call
+    as one batch_norm (the activation is a child module of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), BatchNormAct(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), BatchNormAct(4)
+
+    def forward(self, x):
+        if x.shape[-1] > 6:
+            x = x[..., :6, :6]
+        return self.bn2(self.conv2(self.bn(self.conv(x))))
+
+
+def test_bn_subclasses_fold_with_identity_statistics_under_torch_export(tmp_path):
+    model = ShapeDependentAct().eval()
+    gen = torch.Generator().manual_seed(0)
+    for bn in (model.bn, model.bn2):
+        randomise_bn(bn.double(), gen)
+        bn.float()
+    x = torch.randn(2, 3, 8, 8)
+    result = bnrt.fold(model, (x,))
+    assert result.tracer == "torch.export"
+    assert [(d.bn, d.status, d.into) for d in result.decisions] == [("bn", "folded", ("conv",)),
+                                                                    ("bn2", "folded", ("conv2",))]
+    folded = result.model  # the eager model: its BNs compute exact identities, their activations stay
+    assert isinstance(folded.bn, BatchNormAct) and isinstance(folded.bn.act, nn.SiLU)
+    assert float(folded.bn.running_mean.abs().max()) == 0.0 and float(folded.bn.weight.min()) == 1.0
+    with torch.no_grad():
+        for batch in (x, torch.randn(5, 3, 7, 9)):  # not specialised to the example's shape
+            torch.testing.assert_close(folded(batch), model(batch), rtol=1e-5, atol=1e-5)
+    proto = bnrt.export_onnx(folded, (x,), tmp_path / "m.onnx", names=(["x"], ["y"]))
+    from bnrt.export import count_ops
+
+    assert count_ops(proto, "BatchNormalization") == 0
+
+
 def test_every_bn_gets_exactly_one_decision_on_the_example(example):
     loaded = bnrt.load_model(example, trust_code=True)
     result = bnrt.fold(loaded.model, (torch.randn(2, 1, 8, 8),))

@@ -157,7 +157,8 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
         source, _ = _source(view, leaf)
         layer = view.layer(source) if not view.is_graph_input(source) else None
         site = bn_sites.get(id(source))
-        if layer is not None and layer.kind == "conv" and len(view.users(source)) == 1:
+        flat = layer is not None and layer.kind == "linear" and len(view.shape(source) or ()) == 2  # (N, C)
+        if layer is not None and (layer.kind == "conv" or flat) and len(view.users(source)) == 1:
             convs.append(layer)
             coefs[layer.name] = coef
         elif site is not None and not site[2].folded and site[2].refusals and site[2].refusals[0].direction \
@@ -169,6 +170,8 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
             input_coefs.append(coef)
     if not convs or len(coefs) < len(convs) or len({id(b.node) for b in bns}) < len(bns):
         return None  # a branch summed twice (y + y) is not a rep block
+    if any(c.kind != "conv" for c in convs) and (len(convs) > 1 or bns or others):
+        return None  # a linear layer on (N, C) merges alone: a per-channel scale and shift after it
     x = view.input_of(convs[0].node)
     same = _behind(view, x)
     if any(_behind(view, view.input_of(c.node)) is not same for c in convs) \

@@ -422,6 +422,45 @@ def test_a_frozen_bn_exported_as_mul_and_add_after_a_conv_folds_in_onnx(tmp_path
         assert abs(run.run(None, {"x": x.numpy()})[0] - model(x).numpy()).max() <= 1e-5
 
 
+class ScaledLinear(nn.Module):
+    """A per-channel scale and shift after a Linear on (N, C), and a scale after a Linear on
+    (N, L, C), whose channels are not axis 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.seq = nn.Linear(5, 3), nn.Linear(5, 3)
+        self.gamma, self.beta = nn.Parameter(torch.rand(3) + 0.5), nn.Parameter(torch.randn(3))
+
+    def forward(self, x, t):
+        return torch.relu(self.fc(x) * self.gamma + self.beta), self.seq(t) * 0.5
+
+
+def test_a_scale_and_shift_after_a_flat_linear_fold_into_it_in_torch_and_onnx(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from bnrt.export import count_ops
+    from bnrt.onnxfold import fold_onnx
+
+    model = ScaledLinear().eval()
+    x, t = torch.randn(2, 5), torch.randn(2, 4, 5)
+    result = bnrt.fold(model, (x, t))
+    assert [m.to_json() for m in result.merges] == [
+        {"into": "fc", "convs": [], "bns": [], "inputs": 0, "scaled": True, "constant": True}]
+    with torch.no_grad():
+        for got, want in zip(result.model(x, t), model(x, t)):
+            assert float((got - want).abs().max()) <= 1e-6
+    torch.onnx.export(model, (x, t), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x", "t"],
+                      output_names=["y", "z"])
+    folded = fold_onnx(onnx.load(str(tmp_path / "m.onnx")))
+    assert [m.to_json()["into"] for m in folded.merges] == ["/fc/Gemm"]
+    assert [count_ops(folded.model, op) for op in ("Gemm", "MatMul", "Mul", "Add")] == [1, 1, 1, 1]  # seq's stay
+    run = ort.InferenceSession(folded.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for got, want in zip(run.run(None, {"x": x.numpy(), "t": t.numpy()}), model(x, t)):
+            assert abs(got - want.numpy()).max() <= 1e-6
+
+
 class SumOfItself(nn.Module):
     """conv -> BN, added to itself (found by the fold fuzzer): not a rep block of two branches."""
 
@@ -560,7 +599,8 @@ def test_a_rep_mixer_merges_into_one_conv_and_a_layer_scale_folds_into_the_conv_
                       do_constant_folding=False)
     folded = fold_onnx(onnx.load(str(tmp_path / "m.onnx")))
     assert [m.to_json()["scaled"] for m in folded.merges] == [True, True]
-    assert [count_ops(folded.model, op) for op in ("Conv", "Add", "Sub", "Mul", "BatchNormalization")] == [2, 1, 0, 0, 0]
+    ops = ("Conv", "Add", "Sub", "Mul", "BatchNormalization")
+    assert [count_ops(folded.model, op) for op in ops] == [2, 1, 0, 0, 0]
     run = ort.InferenceSession(folded.model.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         assert abs(run.run(None, {"x": x.numpy()})[0] - model(x).numpy()).max() <= 1e-5

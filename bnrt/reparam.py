@@ -156,6 +156,8 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
     for leaf, coef in leaves:
         source, _ = _source(view, leaf)
         layer = view.layer(source) if not view.is_graph_input(source) else None
+        if layer is not None and layer.node is not source:  # the layer ends later (ONNX MatMul + its bias Add)
+            layer = None
         site = bn_sites.get(id(source))
         flat = layer is not None and layer.kind == "linear" and len(view.shape(source) or ()) == 2  # (N, C)
         if layer is not None and (layer.kind == "conv" or flat) and len(view.users(source)) == 1:

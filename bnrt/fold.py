@@ -167,7 +167,7 @@ def apply(model: nn.Module, plan: Plan, cap: Capture | None = None) -> FoldResul
         structured, structured_plan = copy.deepcopy(model), plan.structured
         structured_bias, _ = _fold_into(structured, structured_plan)
     if cap is not None:
-        for copied in {id(folded_model): folded_model, id(structured): structured}.values():
+        for copied in [folded_model] + ([structured] if structured is not folded_model else []):
             _sync_to_batchnorm(copied, cap)
     decisions = plan.decisions
     functional = {d.functional["node"] for d in decisions if d.folded and d.functional and d.direction != "merge"}

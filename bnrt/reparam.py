@@ -31,16 +31,13 @@ if TYPE_CHECKING:
     from .engine import BnSite, GraphView, Layer
 
 
-Coef = "np.ndarray | None"  # a branch's per-output-channel coefficient in float64; None: exactly 1
-
-
 @dataclass
 class Merge:
     """Branches merged into ``target`` (the conv with the largest kernel): the other ``convs``, the
     identity ``bns`` (their sites), ``inputs`` copies of the input itself, and the ``root`` Add whose
     output the target now produces (``adds``: every node of the combination). ``coefs``: each
-    branch's coefficient by conv name, ``bn_coefs`` and ``input_coefs`` aligned with ``bns`` and the
-    input copies."""
+    branch's per-output-channel coefficient (float64; None: exactly 1) by conv name, ``bn_coefs``
+    and ``input_coefs`` aligned with ``bns`` and the input copies."""
 
     target: Layer
     convs: list[Layer]
@@ -54,17 +51,19 @@ class Merge:
     constant: Any = None  # per-channel constants added to the combination (float64), or None
 
     @property
+    def scaled(self) -> bool:
+        """Whether some branch enters with a coefficient other than 1 (a difference, a scale)."""
+        return any(c is not None for c in [*self.coefs.values(), *self.bn_coefs, *self.input_coefs])
+
+    @property
     def rewrites(self) -> bool:
         """Whether only a graph rewrite expresses it (the input itself, a difference, a scale, a
         constant)."""
-        return bool(self.inputs) or self.constant is not None or any(
-            c is not None for c in [*self.coefs.values(), *self.bn_coefs])
+        return bool(self.inputs) or self.constant is not None or self.scaled
 
     def to_json(self) -> dict:
         return {"into": self.target.name, "convs": [c.name for c in self.convs], "bns": [b.name for b in self.bns],
-                "inputs": self.inputs, "scaled": any(c is not None for c in [*self.coefs.values(), *self.bn_coefs,
-                                                                               *self.input_coefs]),
-                "constant": self.constant is not None}
+                "inputs": self.inputs, "scaled": self.scaled, "constant": self.constant is not None}
 
 
 def _channel_vector(value: Any, shape: tuple[int, ...] | None, constant: bool = False) -> Any:
@@ -254,8 +253,7 @@ def merged_weights(merge: Merge, weights: dict[str, tuple[np.ndarray, np.ndarray
         total_w += _scaled(foldmath.pad_kernel(cw, kernel), coef)
         total_b += _scaled(np.zeros(w.shape[0]) if cb is None else np.asarray(cb, dtype=np.float64), coef)
     ones = [(np.ones(w.shape[0]), np.zeros(w.shape[0]))] * merge.inputs
-    coefs = list(merge.bn_coefs) + list(merge.input_coefs or [None] * merge.inputs)
-    for (s, t), coef in zip(list(identity_scales) + ones, coefs):
+    for (s, t), coef in zip(list(identity_scales) + ones, [*merge.bn_coefs, *merge.input_coefs]):
         total_w += _scaled(foldmath.identity_kernel(s, w.shape[1], kernel), coef)
         total_b += _scaled(np.asarray(t, dtype=np.float64), coef)
     if merge.constant is not None:

@@ -344,8 +344,9 @@ class TorchView:
         return shape is not None and all(isinstance(v, torch.fx.Node) and self.cap.shape(v) == shape for v in operands)
 
     def terms(self, node: Any) -> list[tuple[Any, Any]] | None:
-        if self._binary(node, _ADDS, "add") or self._binary(node, _SUBS, "sub"):
-            signs = (1.0, -1.0) if self._binary(node, _SUBS, "sub") else (1.0, 1.0)
+        sub = self._binary(node, _SUBS, "sub")
+        if sub or self._binary(node, _ADDS, "add"):
+            signs = (1.0, -1.0) if sub else (1.0, 1.0)
             operands = [(a, sign) for a, sign in zip(node.args, signs)
                         if not (isinstance(a, (int, float)) and a == 0)]  # 0 + x: x
             consts = [self._constant(a) for a, _ in operands]

@@ -324,15 +324,20 @@ def test_dropout_in_eval_passes_through(functional_training, folds):
         assert bnrt.fold(model.eval(), (x,)).decisions[0].codes == ("no-layer-before", "no-layer-after")
 
 
-def test_frozen_batchnorm_is_a_batchnorm_and_round_trips(tmp_path):
+def _random_frozen(c: int) -> nn.Module:
+    """torchvision's FrozenBatchNorm2d form with random buffers."""
     from models.zoo import FrozenBatchNorm2d
 
-    frozen = FrozenBatchNorm2d(4)
+    frozen = FrozenBatchNorm2d(c)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean"):
-            getattr(frozen, name).copy_(torch.randn(4))
-        frozen.running_var.copy_(torch.rand(4) + 0.5)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), frozen).double()
+            getattr(frozen, name).copy_(torch.randn(c))
+        frozen.running_var.copy_(torch.rand(c) + 0.5)
+    return frozen
+
+
+def test_frozen_batchnorm_is_a_batchnorm_and_round_trips(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _random_frozen(4)).double()
     result = assert_folds_exactly(model, torch.randn(2, 3, 6, 6, dtype=torch.float64), 1)
     assert (result.decisions[0].bn, result.decisions[0].rule) == ("1", "conv->bn")
     assert isinstance(result.model[1], nn.Identity)
@@ -401,14 +406,7 @@ def test_a_frozen_bn_exported_as_mul_and_add_after_a_conv_folds_in_onnx(tmp_path
 
     from bnrt.export import count_ops
     from bnrt.onnxfold import fold_onnx
-    from models.zoo import FrozenBatchNorm2d
-
-    frozen = FrozenBatchNorm2d(4)
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean"):
-            getattr(frozen, name).copy_(torch.randn(4))
-        frozen.running_var.copy_(torch.rand(4) + 0.5)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), frozen, nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU()).eval()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _random_frozen(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU()).eval()
     x = torch.randn(2, 3, 6, 6)
     torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"], output_names=["y"])
     original = onnx.load(str(tmp_path / "m.onnx"))
@@ -480,15 +478,19 @@ def test_a_branch_added_to_itself_is_not_merged():
     assert result.merges == []
 
 
-def _rep_vgg_dw(bn: bool = True) -> nn.Module:
-    from .nets import RepVggDw
-
-    model = RepVggDw(bn=bn).eval()
+def _randomised(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with random statistics and affines in every BatchNorm2d (seed 0)."""
     gen = torch.Generator().manual_seed(0)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             randomise_bn(m, gen)
-    return model
+    return model.eval()
+
+
+def _rep_vgg_dw(bn: bool = True) -> nn.Module:
+    from .nets import RepVggDw
+
+    return _randomised(RepVggDw(bn=bn))
 
 
 def test_a_block_with_the_input_itself_merges_in_the_runnable_graph_and_its_bn_after_folds(tmp_path):
@@ -577,11 +579,7 @@ def test_a_rep_mixer_merges_into_one_conv_and_a_layer_scale_folds_into_the_conv_
     from bnrt.export import count_ops
     from bnrt.onnxfold import fold_onnx
 
-    model = RepMixer().eval()
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            randomise_bn(m, gen)
+    model = _randomised(RepMixer())
     x = torch.randn(2, 4, 6, 6)
     result = bnrt.fold(model, (x,))
     assert [m.to_json() for m in result.merges] == [

@@ -31,7 +31,7 @@ from .data import load_data
 from .errors import InputError, OptionError, first_line
 from .export import model_input_names
 from .load import ModelSource, file_sha256
-from .save import ensure_dir, refuse_overwrite, write_torch
+from .save import output_folder, refuse_overwrite, write_torch
 
 MODES = ("fast", "exact")
 Progress = Callable[[str, int, int | None], None]
@@ -345,10 +345,10 @@ def calibrate_file(
             dist.destroy_process_group()
     written = None
     if rank == 0:
-        ensure_dir(out.parent if str(out.parent) else Path("."))
-        write_torch(out, calibrated_checkpoint(loaded.model.state_dict(), loaded, dataset.shapes(), {
-            "mode": mode, "samples": report.samples, "batch_size": batch_size,
-            "data_sha256": file_sha256(Path(data)), "source_sha256": loaded.sha256, "world_size": world}))
+        with output_folder(out.parent if str(out.parent) else Path(".")):
+            write_torch(out, calibrated_checkpoint(loaded.model.state_dict(), loaded, dataset.shapes(), {
+                "mode": mode, "samples": report.samples, "batch_size": batch_size,
+                "data_sha256": file_sha256(Path(data)), "source_sha256": loaded.sha256, "world_size": world}))
         written = out
     return CalibrationOutcome(report, found, written, rank)
 

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Sequence
 
 from . import __version__
 from .data import DISTRIBUTIONS
-from .errors import BnrtError, InputError, OptionError, first_line
+from .errors import BnrtError, InputError, OptionError, Terminated, first_line, interruption
 from .export import DEFAULT_OPSET, EXPORTERS
 from .calibrate import MODES
 from .quantize import CALIBRATIONS, PRECISIONS
@@ -20,7 +22,7 @@ from .data import DEFAULT_SAMPLES, InputSpec
 from .load import ModelSource
 from .save import refuse_overwrite
 from .sides import CheckOptions
-from .run import PROVIDERS
+from .run import PROVIDERS, show_ort_logs
 from .verify import DEVICES, DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, NOISE_FACTOR, Tolerances
 
 
@@ -48,8 +50,8 @@ def _tolerance(text: str) -> tuple[str | None, float]:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a tolerance like 1e-4 or logits:1e-3") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a tolerance cannot be negative")
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a tolerance is a finite number >= 0")
     return (name if sep else None), number
 
 
@@ -64,10 +66,10 @@ def tolerances_from(args: argparse.Namespace) -> Tolerances:
                 defaults[key] = value
             else:
                 per_output.setdefault(name, [None, None])[i] = value
-    if args.noise_factor <= 0:
-        raise InputError(f"--noise-factor {args.noise_factor}: must be positive")
+    if not 0 < args.noise_factor < float("inf"):
+        raise InputError(f"--noise-factor {args.noise_factor}: must be a finite positive number")
     return Tolerances(defaults["atol"], defaults["rtol"], {k: tuple(v) for k, v in per_output.items()},
-                      args.noise_factor)
+                      args.noise_factor, args.allow_nonfinite)
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:
@@ -106,7 +108,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def check_from(args: argparse.Namespace) -> CheckOptions:
     """Check flags -> ``CheckOptions``."""
     _positive(args, "samples", "top_k", "batch_size")
-    return CheckOptions(InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range), args.provider,
+    return CheckOptions(InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range, args.allow_nonfinite),
+                        args.provider,
                         tolerances_from(args), args.top_k, getattr(args, "batch_size", DEFAULT_BATCH),
                         not getattr(args, "no_localise", False), args.tf32, args.device)
 
@@ -152,6 +155,9 @@ def _check_args(p: argparse.ArgumentParser) -> None:
                    help=f"fixed relative tolerance instead of the noise floor (default then {DEFAULT_RTOL:g}); "
                         "OUTPUT:X for one output; repeatable")
     g.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help=f"k of top-k agreement (default {DEFAULT_TOP_K})")
+    g.add_argument("--allow-nonfinite", action="store_true",
+                   help="accept NaN/Inf in --data and in the reference's outputs, compared position by position "
+                        "(default: a finding that fails the check)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
     _tf32_arg(run, "ORT's, on")
     run.add_argument("--threads", type=int, default=0, help="intra-op threads (default: ORT's)")
+    run.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                     help=f"samples per run (default {DEFAULT_BATCH}; a model with a fixed batch runs that many)")
 
     srv = sub.add_parser("serve", help="serve ONNX models over the KServe v2 HTTP protocol")
     srv.add_argument("model", help=".onnx file or Triton-style repository (REPO/NAME/VERSION/model.onnx)")
@@ -355,17 +363,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .data import load_data
     from .run import Session
     from .save import atomic_path
+    from .verify import run_batched
 
+    _positive(args, "batch_size")
     refuse_overwrite([args.output], [args.model, args.input])
     session = Session(args.model, args.provider, args.threads, tf32=args.tf32)
     if session.tf32 is not None:
         print(f"TF32 {'on' if session.tf32 else 'off'}" + (" (ORT's CUDA default)" if args.tf32 is None else ""))
-    data = load_data(args.input, session.input_names)
-    feeds = dict(zip(session.input_names, data.inputs))
+    data = load_data(args.input, session.input_names, allow_nonfinite=True)  # running is not judging
+    fixed = session.inputs[0].shape[0] if session.inputs and session.inputs[0].shape else None
     try:
-        outputs = session.run_dict(feeds)
+        arrays = run_batched(lambda xs: list(session.run_dict(dict(zip(session.input_names, xs))).values()), data,
+                             fixed or args.batch_size)
     except InputError as exc:
         raise InputError(f"{args.input}: {exc}") from exc
+    outputs = dict(zip(session.output_names, arrays))
     with atomic_path(Path(args.output)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **outputs)
@@ -476,22 +488,42 @@ COMMANDS = {"fold": cmd_fold, "check": cmd_check, "calibrate": cmd_calibrate, "r
             "triton": cmd_triton, "bench": cmd_bench, "inspect": cmd_inspect, "quantize": cmd_quantize}
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    terminated = isinstance(exc, Terminated)
+    print(f"bnrt: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_ort_logs(args.debug)
+    # SIGTERM unwinds like Ctrl-C, so temp files go; the server shuts down gracefully by itself
+    own = args.command != "serve" and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if own else None
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
     except BnrtError as exc:
+        if interruption(exc):
+            return _interrupted(interruption(exc))
         if args.debug:
             traceback.print_exc()
         print(f"bnrt: error: {exc.as_flag() if isinstance(exc, OptionError) else exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("bnrt: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:  # a model's own code can raise anything; never show a bare traceback
+        if interruption(exc):
+            return _interrupted(interruption(exc))
         if args.debug:
             traceback.print_exc()
         subject = getattr(args, "model", None) or getattr(args, "candidate", "")
         print(f"bnrt: error: {subject}: {type(exc).__name__}: {first_line(exc)} (--debug shows the traceback)",
               file=sys.stderr)
         return 2
+    finally:
+        if own:
+            signal.signal(signal.SIGTERM, previous)

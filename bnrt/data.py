@@ -54,7 +54,7 @@ def random_inputs(shapes: list[tuple[int, ...]], count: int, seed: int = 0, dist
     inputs = []
     for i, shape in enumerate(shapes):
         size = (count, *shape[1:])
-        dtype = np.dtype(dtypes[i]) if dtypes else np.dtype(np.float32)
+        dtype = np.dtype(dtypes[i] if dtypes and dtypes[i] is not None else np.float32)
         if dtype.kind in "iub":
             lo, hi = val_range or (0, 10)
             inputs.append(rng.integers(int(lo), int(hi), size=size).astype(dtype))
@@ -70,8 +70,10 @@ def random_inputs(shapes: list[tuple[int, ...]], count: int, seed: int = 0, dist
     return Dataset(inputs, None, f"random {where}, seed {seed}")
 
 
-def load_data(path: str | Path, input_names: list[str]) -> Dataset:
-    """Read ``path`` (.npz or .npy) as inputs for a model whose inputs are ``input_names``."""
+def load_data(path: str | Path, input_names: list[str], allow_nonfinite: bool = False) -> Dataset:
+    """Read ``path`` (.npz or .npy) as inputs for a model whose inputs are ``input_names``. NaN or
+    Inf in a float input is refused (``OptionError``) unless ``allow_nonfinite``: NaN flowing
+    through two models makes different models look alike."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such data file")
@@ -106,6 +108,7 @@ def load_data(path: str | Path, input_names: list[str]) -> Dataset:
             raise InputError(f"{path}: array {name!r} has shape {array.shape}, expected (N, ...) with N > 0")
         if array.dtype.kind == "f":
             array = array.astype(np.float32, copy=False)
+            _refuse_nonfinite(path, name, array, allow_nonfinite)
         elif array.dtype.kind not in "iub":
             raise InputError(f"{path}: array {name!r} has dtype {array.dtype}, expected numbers")
         inputs.append(np.ascontiguousarray(array))
@@ -120,31 +123,48 @@ def load_data(path: str | Path, input_names: list[str]) -> Dataset:
     return Dataset(inputs, labels, str(path))
 
 
+def _refuse_nonfinite(path: Path, name: str, array: np.ndarray, allowed: bool) -> None:
+    if allowed:
+        return
+    bad = ~np.isfinite(array.reshape(len(array), -1))
+    if bad.any():
+        raise OptionError(f"{path}: input {name!r} holds NaN or Inf ({int(bad.sum())} values, first in sample "
+                          f"{int(np.flatnonzero(bad.any(axis=1))[0])}); non-finite inputs are refused (a check "
+                          "compares them position by position with `allow_nonfinite`)")
+
+
 def fmt_shape(shape) -> str:
     return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """How to make check inputs: a data file, or seeded random samples of a distribution."""
+    """How to make check inputs: a data file (NaN/Inf in it refused unless ``allow_nonfinite``), or
+    seeded random samples of a distribution."""
 
     data: str | os.PathLike | None = None
     samples: int = DEFAULT_SAMPLES
     seed: int = 0
     distribution: str = "normal"
     val_range: tuple[float, float] | None = None
+    allow_nonfinite: bool = False  # NaN/Inf in ``data`` (refused by default)
 
 
 def make_inputs(spec: InputSpec, names: list[str], shapes: list[tuple | None], dtypes: list[np.dtype] | None = None,
                 where: str = "model") -> Dataset:
-    """The check data: ``spec.data`` (validated against ``shapes``) or random samples."""
+    """The check data: ``spec.data`` (validated against ``shapes`` and the ``dtypes`` that are known,
+    None: any) or random samples."""
     if spec.data is not None:
-        data = load_data(spec.data, names)
+        data = load_data(spec.data, names, spec.allow_nonfinite)
         for name, given, got in zip(names, shapes, data.shapes()):
             if given is not None and (len(given) != len(got) or any(
                     d is not None and d != g for d, g in zip(given[1:], got[1:]))):
                 raise InputError(f"{spec.data}: input {name!r} has per-sample shape {tuple(got[1:])}, "
                                  f"but the input shape is {fmt_shape(given)}")
+        for name, wanted, array in zip(names, dtypes or [], data.inputs):
+            if wanted is not None and array.dtype != wanted:
+                raise InputError(f"{spec.data}: input {name!r} holds {array.dtype.name} values, the model expects "
+                                 f"{np.dtype(wanted).name}")
         return data
     missing = [n for n, s in zip(names, shapes) if s is None or any(d is None for d in s[1:])]
     if missing:

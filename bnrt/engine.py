@@ -191,13 +191,24 @@ RULES: dict[tuple[str, str], Rule] = {(r.direction, r.kind): r for r in (
 # --- health -----------------------------------------------------------------------------------------
 
 def health(stats: BnStats) -> tuple[str, ...]:
-    """``HealthError`` for statistics that break a model (NaN/Inf, negative variance); warnings
-    for weak ones (near-dead channels)."""
-    for label, value in zip(stats.fields, (stats.mean, stats.var, stats.weight, stats.bias)):
+    """``HealthError`` for statistics that break a model, each with a code: ``nonfinite-statistics``
+    (NaN/Inf in a tensor or eps), ``shape-mismatch`` (tensors of different lengths),
+    ``negative-variance``, ``zero-variance`` (var + eps <= 0: the
+    normalisation divides by zero, -0.0 included); warnings for weak ones (near-dead channels)."""
+    for label, value in zip((*stats.fields, "eps"), (stats.mean, stats.var, stats.weight, stats.bias, stats.eps)):
         if value is not None and not np.isfinite(value).all():
-            raise HealthError(f"{stats.label}: {label} holds NaN or Inf")
+            raise HealthError(f"{stats.label}: {label} holds NaN or Inf", "nonfinite-statistics")
+    lengths = {name: np.size(v) for name, v in zip(stats.fields, (stats.mean, stats.var, stats.weight, stats.bias))
+               if v is not None}
+    if len(set(lengths.values())) > 1:
+        raise HealthError(f"{stats.label}: its tensors differ in length ("
+                          + ", ".join(f"{n} {k}" for n, k in lengths.items()) + ")", "shape-mismatch")
     if (stats.var < 0).any():
-        raise HealthError(f"{stats.label}: {stats.fields[1]} is negative in some channels")
+        raise HealthError(f"{stats.label}: {stats.fields[1]} is negative in some channels", "negative-variance")
+    zero = np.flatnonzero(stats.var + stats.eps <= 0)
+    if zero.size:
+        raise HealthError(f"{stats.label}: {stats.fields[1]} + eps ({stats.eps:g}) is 0 in {zero.size} channel(s), "
+                          f"e.g. channel {int(zero[0])}: the normalisation divides by zero", "zero-variance")
     s, _ = stats.scale_shift()
     dead = np.flatnonzero(np.abs(s) > NEAR_DEAD_SCALE)
     if dead.size:

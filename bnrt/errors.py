@@ -50,13 +50,35 @@ class CaptureError(InputError):
 
 
 class HealthError(InputError):
-    """BatchNorm statistics that would produce a broken model (NaN/Inf, negative variance)."""
+    """BatchNorm statistics that would produce a broken model; ``code`` says which
+    (``nonfinite-statistics``, ``negative-variance``, ``zero-variance``: see ``bnrt.engine.health``)."""
+
+    def __init__(self, message: str, code: str = "nonfinite-statistics"):
+        super().__init__(message)
+        self.code = code
 
 
 class CheckFailed(BnrtError):
     """Outputs of the reference and the candidate differ beyond tolerance (exit code 1)."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C's ``KeyboardInterrupt``: every cleanup on
+    the way (temp files, staging folders, created output folders) runs before the process exits."""
+
+
+def interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The ``KeyboardInterrupt`` (or ``Terminated``) behind ``exc``: libraries that wrap what they
+    catch (an exporter reporting "export failed") must not turn Ctrl-C into an error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def first_line(exc: BaseException) -> str:

@@ -11,6 +11,9 @@ Formats:
 Code from a model's folder runs only with consent: an ``arch`` read from a checkpoint whose module
 would be imported from a file in the current directory or in the checkpoint's folder (not from an
 installed package) is imported only with ``trust_code=True``; an ``arch`` the caller names is consent.
+Those folders are importable only while the consented module (or trusted pickle) is imported, never
+for the rest of the run. An ``arch`` read from a file may not name a ``__main__``, private or
+standard-library module (refused before any import).
 
 Refuses: an ``arch`` read from a file that is not an ``nn.Module`` subclass (a factory function is
 accepted from the command line only), state_dicts that do not match the architecture, and files
@@ -29,9 +32,10 @@ import re
 import sys
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -136,33 +140,74 @@ def local_source(module_name: str, folders: list[Path]) -> Path | None:
     return None
 
 
+@contextmanager
+def importable(folders: list[Path]) -> Iterator[None]:
+    """Within the block, ``folders`` are importable (after the installed packages, which keep
+    precedence); afterwards they are gone from ``sys.path`` again: code from a model's folder runs
+    only while the architecture the user consented to is imported."""
+    added = [str(f) for f in dict.fromkeys(folders) if str(f) not in sys.path]
+    sys.path.extend(added)
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        for entry in added:
+            if entry in sys.path:
+                sys.path.remove(entry)
+
+
+def _refuse_file_arch(module_name: str, attr: str, where: str) -> None:
+    """An ``arch`` read from a file names a class in an installed package, nothing else: importing
+    a ``__main__`` module runs a program, a standard-library module is no architecture, and a
+    private name is no published class. Checked before anything is imported."""
+    parts = module_name.split(".")
+    if not all(p.isidentifier() for p in parts) or not all(p.isidentifier() for p in attr.split(".")):
+        raise OptionError(f"{where}: not a MODULE:NAME of Python identifiers; name the architecture with `arch`")
+    if any(p == "__main__" or p.startswith("_") for p in [*parts, *attr.split(".")]):
+        raise OptionError(f"{where}: names a __main__ or private module or attribute, which bnrt does not import "
+                          "from a file's arch; name the architecture with `arch` if you trust it")
+    if parts[0] in sys.stdlib_module_names:
+        raise OptionError(f"{where}: names the standard library module {parts[0]!r}, not an architecture; name the "
+                          "architecture with `arch`")
+
+
+def _import(module_name: str, where: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # an import can fail in any way the imported code chooses, exiting included
+        raise OptionError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {first_line(exc)})") from exc
+
+
 def resolve_arch(spec: str, *, from_file: str | None = None, trust_code: bool = False) -> Callable[..., nn.Module]:
     """Import ``"package.module:Name"`` and return the class (or, from the command line, a factory).
 
-    The current directory is importable, as with ``python -m``. ``from_file`` names the checkpoint
-    the string came from; such a string must name an ``nn.Module`` subclass, and a module found in
-    the current directory or the checkpoint's folder is imported only with ``trust_code``.
+    Named by the caller (``from_file`` None), the current directory is importable while the module
+    is imported, as with ``python -m``. ``from_file`` names the checkpoint the string came from:
+    such a string must name an ``nn.Module`` subclass of an installed, non-standard-library module
+    (no ``__main__`` or private names, refused before importing), and a module found in the current
+    directory or the checkpoint's folder is imported only with ``trust_code``, those folders
+    importable only during that import.
     """
     where = f"{from_file}: arch {spec!r}" if from_file else f"`arch` {spec!r}"
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise OptionError(f"{where}: expected MODULE:NAME, e.g. models.digits:DigitsNet")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    folders = [Path.cwd().resolve()]
     if from_file:
-        folder = Path(from_file).resolve().parent
-        local = local_source(module_name, [Path.cwd().resolve(), folder])
+        _refuse_file_arch(module_name, attr, where)
+        folders.append(Path(from_file).resolve().parent)
+        local = local_source(module_name, folders)
         if local is not None and not trust_code:
             raise OptionError(
                 f"{where}: importing {module_name!r} would run {local}, code from the current or the "
                 "model's folder; pass `trust_code` to run it, or name the architecture with `arch`"
             )
-        if local is not None and local.is_relative_to(folder) and str(folder) not in sys.path:
-            sys.path.append(str(folder))  # trusted code beside the checkpoint
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # an import can fail in any way the imported code chooses
-        raise OptionError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from exc
+        if not trust_code:
+            folders = []
+    with importable(folders):
+        obj: Any = _import(module_name, where)
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise OptionError(f"{where}: {module_name!r} has no attribute {attr!r}")
@@ -179,10 +224,12 @@ def resolve_arch(spec: str, *, from_file: str | None = None, trust_code: bool = 
 
 
 def build(arch: Callable[..., nn.Module], kwargs: dict[str, Any], where: str) -> nn.Module:
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InputError(f"{where}: arch_kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
     try:
         model = arch(**kwargs)
-    except Exception as exc:
-        raise InputError(f"{where}: building the architecture failed ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # torch's C++ errors span many lines: the first one says it
+        raise InputError(f"{where}: building the architecture failed ({type(exc).__name__}: {first_line(exc)})") from exc
     if not isinstance(model, nn.Module):
         raise InputError(f"{where}: the architecture returned {type(model).__name__}, not an nn.Module")
     return model
@@ -204,7 +251,9 @@ def load_folded(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def _torch_load(path: Path, *, weights_only: bool) -> Any:
+def _torch_load(path: Path, *, weights_only: bool, code_from: list[Path] = ()) -> Any:
+    """``torch.load`` with one-line errors naming ``path``; ``code_from``: folders importable while
+    a trusted pickle is read (its classes may live beside it)."""
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
@@ -218,11 +267,15 @@ def _torch_load(path: Path, *, weights_only: bool) -> Any:
         with open(path, "rb") as f:
             magic = f.read(4)
         is_zip, is_pickle = magic == b"PK\x03\x04", magic[:1] == b"\x80"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), importable(list(code_from)):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=weights_only)
     except PermissionError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
+    except ImportError as exc:  # a trusted pickle whose classes are not importable here
+        raise OptionError(f"{path}: the pickled model needs module {exc.name or first_line(exc)!r}, which is not "
+                          "importable here; install it, or pass `trust_code` to import it from the current or the "
+                          "model's folder") from exc
     except pickle.UnpicklingError as exc:
         text = str(exc)
         found = re.search(r"GLOBAL (\S+)", text)
@@ -263,6 +316,11 @@ def _is_state_dict(obj: Any) -> bool:
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
         state = {k[len("module."):]: v for k, v in state.items()}
+    expected = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the architecture"
+              for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if shapes:
+        raise InputError(f"{where}: state_dict does not match the architecture: shape of {_few(shapes)}")
     result = model.load_state_dict(state, strict=False)
     problems = []
     if result.missing_keys:
@@ -290,7 +348,8 @@ def load_model(
     ``trust_code`` allows importing the checkpoint's own ``arch`` from the current directory or the
     checkpoint's folder (see ``resolve_arch``)."""
     path = Path(path)
-    ckpt = _torch_load(path, weights_only=not trust_pickle)
+    code_from = [Path.cwd().resolve(), path.resolve().parent] if trust_pickle and trust_code else []
+    ckpt = _torch_load(path, weights_only=not trust_pickle, code_from=code_from)
     sha = file_sha256(path)
     where = str(path)
 
@@ -310,9 +369,9 @@ def load_model(
             )
         state = ckpt
     file_arch = ckpt.get("arch") if state is not ckpt else None
-    kwargs = dict(ckpt.get("arch_kwargs") or {}) if state is not ckpt else {}
+    kwargs = ckpt.get("arch_kwargs") or {} if state is not ckpt else {}
     if arch_kwargs is not None:
-        kwargs = dict(arch_kwargs)
+        kwargs = arch_kwargs
     shapes = parse_shapes(ckpt["input_shape"], where) if state is not ckpt and "input_shape" in ckpt else None
 
     if arch is not None:
@@ -324,6 +383,7 @@ def load_model(
     else:
         raise OptionError(f"{where}: the checkpoint names no architecture; pass `arch` MODULE:NAME")
     model = build(factory, kwargs, where)
+    kwargs = dict(kwargs)
     folded = ckpt.get(FOLDED_KEY) if state is not ckpt else None
     if folded:
         apply_folded_structure(model, folded, where)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .run import resolve_provider
-from .verify import NOISE_FACTOR, Divergence, torch_tf32, within_noise
+from .verify import NOISE_FACTOR, Divergence, finite_where_both, nonfinite_problem, torch_tf32, within_noise
 
 def partners(folds: Iterable[dict]) -> tuple[set[str], dict[str, str]]:
     """Modules whose outputs differ by design after folding, and for each folded BN the layer it
@@ -125,12 +125,13 @@ def onnx_taps(source: str | Path | onnx.ModelProto, inputs: Sequence[np.ndarray]
 
 def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], folds: Iterable[dict],
                      fixed: tuple[float, float] | None, noise: tuple[dict, dict] | None = None,
-                     factor: float = NOISE_FACTOR) -> Divergence | None:
+                     factor: float = NOISE_FACTOR, allow_nonfinite: bool = False) -> Divergence | None:
     """The first module of ``reference`` (execution order) whose output in ``candidate`` differs
     beyond tolerance, skipping fold partners; None when all agree. With ``fixed`` = (atol, rtol):
     ``|c − r| > atol + rtol·|r|``; else with ``noise`` = (anchor taps, noisy taps): the candidate's
     error against the anchor there exceeds ``factor`` times the noise floor there (modules without
-    a noise tap are not judged)."""
+    a noise tap are not judged). Non-finite values diverge as in ``verify.nonfinite_problem``: the
+    first module whose reference output holds NaN/Inf is where they start."""
     skip, layer_of = partners(folds)
     known = set(reference)
     candidate = {resolve_scope(k, known) or k: v for k, v in candidate.items()}
@@ -142,8 +143,10 @@ def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.n
             continue
         r, c = ref.astype(np.float64), cand.astype(np.float64)
         diff = np.abs(c - r)
-        if not np.isfinite(c[np.isfinite(r)]).all():
-            return Divergence(name, float(np.nanmax(diff)), layer_of.get(name))
+        if nonfinite_problem(r, c, allow_nonfinite):
+            return Divergence(name, float(np.nanmax(diff, initial=0.0)), layer_of.get(name))
+        r, c = np.where(np.isfinite(r), r, 0.0), np.where(np.isfinite(r), c, 0.0)
+        diff = np.abs(c - r)
         if fixed is not None:
             if not np.all(diff <= fixed[0] + fixed[1] * np.abs(r)):
                 return Divergence(name, float(np.nanmax(diff)), layer_of.get(name))
@@ -151,7 +154,7 @@ def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.n
         a, n = anchor.get(name), noisy.get(name)
         if a is None or n is None or a.shape != r.shape or n.shape != r.shape:
             continue
-        a, n = np.nan_to_num(a.astype(np.float64)), np.nan_to_num(n.astype(np.float64))
+        a, n, c = finite_where_both(a, n, c)
         if not within_noise(float(np.abs(c - a).max()), float(np.abs(n - a).max()), float(np.abs(a).max()), factor):
             return Divergence(name, float(np.nanmax(diff)), layer_of.get(name))
     return None

@@ -27,7 +27,7 @@ from .localise import onnx_taps, torch_taps
 from .onnxfold import OnnxFoldResult, fold_onnx, load_onnx
 from .progress import Steps
 from .run import Session, resolve_provider
-from .save import atomic_path, ensure_dir, publish, refuse_overwrite, staging, write_json, write_torch
+from .save import atomic_path, publish, refuse_overwrite, staging, write_json, write_torch
 from .sides import CheckOptions, Side, batching, compare_sides, example_data, onnx_side, session_tf32, tf32_deployment, torch_side
 from .torchgraph import plan
 from .verify import CheckReport, flatten_outputs, torch_runner
@@ -108,7 +108,6 @@ def fold_file(
             folds = folds_of(decisions)
             with torch.no_grad():
                 out_names = output_names(len(flatten_outputs(result.model(*example))))
-        ensure_dir(out)
         with staging(out) as stage:
             with steps.step("export"):
                 proto = export_onnx(result.model, example, stage / names["onnx"], names=(in_names, out_names),
@@ -149,12 +148,11 @@ def fold_onnx_file(src: Path, out: Path, check: CheckOptions | None = CheckOptio
         with steps.step("load"):
             model = load_onnx(src)
             sha = file_sha256(src)
-        with steps.step("fold"):
+        with steps.step("fold"), about(src):
             result = fold_onnx(model, str(src))
             names = artifact_names(src)
             set_onnx_metadata(result.model, onnx_metadata(sha, result.decisions))
             onnx.checker.check_model(result.model, full_check=True)
-        ensure_dir(out)
         with staging(out) as stage:
             with steps.step("save"):
                 with atomic_path(stage / names["folded"]) as tmp:
@@ -193,7 +191,8 @@ def inspect_file(source: ModelSource | str | os.PathLike, *,
     trace with (default: random ones of the input shapes)."""
     source = ModelSource.of(source)
     if source.path.suffix.lower() == ".onnx":
-        return None, fold_onnx(load_onnx(source.path), str(source.path)).decisions
+        with about(source.path):
+            return None, fold_onnx(load_onnx(source.path), str(source.path)).decisions
     loaded = source.load()
     dataset = example_data(loaded, source.input_shapes, data, str(source.path))
     with about(source.path):

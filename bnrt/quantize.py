@@ -35,7 +35,7 @@ from .errors import InputError, OptionError
 from .onnxfold import fold_onnx, load_onnx
 from .progress import Steps
 from .run import Session
-from .save import atomic_path, ensure_dir, publish, refuse_overwrite, staging, write_json
+from .save import atomic_path, publish, refuse_overwrite, staging, write_json
 from .verify import compare_output, sqnr_db
 
 SCHEMA = "bnrt.quantize/1"
@@ -318,7 +318,6 @@ def quantize_file(source, data: str | os.PathLike, out_dir: str | os.PathLike | 
             "ops": sorted({n.op_type for n in onnx.load(str(quant_path)).graph.node}),
             "timings_s": steps.timings, "output": str(out / model_name),
         }
-        ensure_dir(out)
         with staging(out) as stage:
             write_json(stage / rep_name, report)
             if passed:

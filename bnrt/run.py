@@ -32,6 +32,15 @@ NUMPY_TYPES = {
 }
 
 
+_LOG = {"severity": 4}  # ORT's own (coloured) log lines: fatal only, its errors reach the user as one line
+
+
+def show_ort_logs(on: bool) -> None:
+    """ORT's warning and error log lines on stderr (``--debug``), or only fatal ones (the default)."""
+    _LOG["severity"] = 2 if on else 4
+    ort.set_default_logger_severity(_LOG["severity"])
+
+
 def check_tf32(provider: str, tf32: bool | None) -> None:
     """TF32 is a choice of the CUDA provider only."""
     if tf32 is not None and provider != "cuda":
@@ -93,7 +102,7 @@ class Session:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = inter_threads
         options.graph_optimization_level = OPTIMIZATION[optimization]
-        options.log_severity_level = 3
+        options.log_severity_level = _LOG["severity"]
         if not spinning:  # idle ORT worker threads sleep instead of spinning: a server's CPU goes to requests
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")

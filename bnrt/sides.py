@@ -66,7 +66,7 @@ class Side:
     runner: Runner
     input_names: list[str]
     input_shapes: list[tuple[int | None, ...] | None]
-    input_dtypes: list[np.dtype]
+    input_dtypes: list[np.dtype | None]  # None: any (a torch model takes what it is given)
     output_names: list[str]
     taps: Callable[[list[np.ndarray]], dict[str, np.ndarray]]
     folds: list[dict]
@@ -123,7 +123,7 @@ def torch_side(label: str, loaded: Loaded, input_shapes: list[tuple[int, ...]] |
     names = model_input_names(model, shapes)
     folds = (loaded.structure or {}).get("folds", [])
     return Side(label + (" cuda" if device == "cuda" else ""), torch_runner(model, device, bool(tf32)), names,
-                list(shapes) if shapes else [None] * len(names), [np.dtype(np.float32)] * len(names), [],
+                list(shapes) if shapes else [None] * len(names), [None] * len(names), [],
                 lambda xs: torch_taps(model, xs), folds, noise=float64_noise(model))
 
 
@@ -203,7 +203,7 @@ def _merge_inputs(ref: Side, cand: Side, ref_path, cand_path) -> tuple[list[str]
                 raise InputError(f"{cand_path}: input {name!r} has shape {fmt_shape(b)}, {ref_path} expects {fmt_shape(a)}")
         known = a if a is not None and all(d is not None for d in a[1:]) else b
         shapes.append(known)
-    dtypes = [b if a == np.float32 else a for a, b in zip(ref.input_dtypes, cand.input_dtypes)]
+    dtypes = [b if a is None else a for a, b in zip(ref.input_dtypes, cand.input_dtypes)]
     return ref.input_names, shapes, dtypes
 
 
@@ -215,8 +215,9 @@ def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict],
     ref_taps, cand_taps = reference.taps(head), candidate.taps(head)
     if noisy and reference.noise is not None and reference.noise.taps is not None:
         noise = reference.noise.anchor_and_noisy(ref_taps, reference.noise.taps(head))
-        return first_divergence(ref_taps, cand_taps, folds, None, noise, tolerances.factor)
-    return first_divergence(ref_taps, cand_taps, folds, tolerances.fixed("") or (DEFAULT_ATOL, DEFAULT_RTOL))
+        return first_divergence(ref_taps, cand_taps, folds, None, noise, tolerances.factor, tolerances.allow_nonfinite)
+    return first_divergence(ref_taps, cand_taps, folds, tolerances.fixed("") or (DEFAULT_ATOL, DEFAULT_RTOL),
+                            allow_nonfinite=tolerances.allow_nonfinite)
 
 
 def compare_sides(reference: Side, candidates: list[Side], data: Dataset, output_names: list[str], folds: list[dict],

@@ -21,7 +21,8 @@ graph and the noisy run the same graph with every float weight re-rounded by a r
 zeros) and the candidate keeps every top-1 of the anchor whose margin (top-1 minus top-2) is more
 than twice the floor, which float32 noise cannot flip. Explicit
 ``atol``/``rtol`` replace this with ``|c − r| <= atol + rtol·|r|`` (numpy's allclose) against the
-reference. In both, NaN/Inf in the candidate where the reference is finite fails. With labels,
+reference. In both, NaN/Inf in the candidate where the reference is finite fails, and NaN/Inf
+in the reference fails too unless allowed (then compared position by position). With labels,
 accuracy (argmax of the first output) is reported per runner.
 """
 
@@ -56,12 +57,15 @@ _TINY_ULPS = 4
 class Tolerances:
     """The pass criterion: noise-aware (``factor`` times the measured float32 noise floor) unless
     ``atol``/``rtol`` are given, globally or per output (``{name: (atol or None, rtol or None)}``);
-    then ``|c − r| <= atol + rtol·|r|``, a missing one taking its default (1e-4, 1e-3)."""
+    then ``|c − r| <= atol + rtol·|r|``, a missing one taking its default (1e-4, 1e-3).
+    ``allow_nonfinite``: a reference output with NaN/Inf is compared position by position (the
+    candidate must have the same non-finite values there) instead of failing the check."""
 
     atol: float | None = None
     rtol: float | None = None
     per_output: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     factor: float = NOISE_FACTOR
+    allow_nonfinite: bool = False
 
     def fixed(self, name: str) -> tuple[float, float] | None:
         """``(atol, rtol)`` when output ``name`` is checked with fixed tolerances, else None."""
@@ -87,6 +91,15 @@ class NoiseReference:
     def anchor_and_noisy(self, reference, noise):
         """(anchor, noisy) from the reference's and this run's outputs (or taps)."""
         return (noise, reference) if self.kind == "float64" else (reference, noise)
+
+
+def finite_where_both(anchor: np.ndarray, noisy: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The three in float64, zero wherever the anchor or the noisy run is not finite: the noise runs
+    may meet a reference's allowed non-finite positions (or overflow in float64 where float32 did
+    not). The candidate's own non-finite values are judged before (``nonfinite_problem``)."""
+    a, n, c = (np.asarray(x, np.float64) for x in (anchor, noisy, candidate))
+    usable = np.isfinite(a) & np.isfinite(n)
+    return tuple(np.where(usable, x, 0.0) for x in (a, n, c))
 
 
 def within_noise(error: float, floor: float, scale: float, factor: float) -> bool:
@@ -263,11 +276,17 @@ def sqnr_db(ref: np.ndarray, cand: np.ndarray) -> float | None:
 
 def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | None = None,
                    rtol: float | None = None, top_k: int = DEFAULT_TOP_K, *,
-                   noise: tuple[np.ndarray, np.ndarray] | None = None, factor: float = NOISE_FACTOR) -> OutputMetrics:
+                   noise: tuple[np.ndarray, np.ndarray] | None = None, factor: float = NOISE_FACTOR,
+                   allow_nonfinite: bool = False) -> OutputMetrics:
     """Metrics of ``cand`` against ``ref``. With ``atol``/``rtol`` (either), the fixed criterion;
     else with ``noise`` = (anchor, noisy) on the first samples, the noise-aware one; else the fixed
-    criterion with its defaults."""
-    fixed = None if atol is None and rtol is None and noise is not None else (
+    criterion with its defaults. Non-finite values are findings: NaN/Inf in the candidate where
+    the reference is finite fails, and so does NaN/Inf in the reference unless ``allow_nonfinite``,
+    which requires the candidate to hold the same non-finite values at the same positions and
+    compares the rest."""
+    # a floor needs finite values to be measured on (allowed non-finite outputs may leave none)
+    measurable = noise is not None and (np.size(noise[0]) == 0 or bool((np.isfinite(noise[0]) & np.isfinite(noise[1])).any()))
+    fixed = None if atol is None and rtol is None and measurable else (
         DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol)
     criterion = "fixed" if fixed else "noise"
 
@@ -279,12 +298,13 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | N
     if ref.shape != cand.shape:
         return failed(f"shape {list(cand.shape)} differs from the reference's {list(ref.shape)}")
     r, c = ref.astype(np.float64), cand.astype(np.float64)
-    finite = np.isfinite(r)
-    if (finite & ~np.isfinite(c)).any():
-        return failed("NaN or Inf where the reference is finite")
+    problem = nonfinite_problem(r, c, allow_nonfinite)
+    if problem:
+        return failed(problem)
     if r.size == 0:
         return OutputMetrics(name, list(ref.shape), 0.0, 0.0, 0.0, 1.0, None, None, None, *(fixed or (None, None)),
                              True, None, criterion)
+    finite = np.isfinite(r)  # where it is not, the candidate holds the same value (nonfinite_problem)
     r, c = np.where(finite, r, 0.0), np.where(finite, c, 0.0)
     diff = np.abs(c - r)
     scale = np.abs(r)
@@ -305,8 +325,8 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | N
     if fixed:
         metrics.passed = bool(np.all(diff <= fixed[0] + fixed[1] * scale))
         return metrics
-    anchor, noisy = (np.nan_to_num(a.astype(np.float64)) for a in noise)
-    head = c[: len(anchor)]
+    head = c[: len(noise[0])]
+    anchor, noisy, head = finite_where_both(noise[0], noise[1], head)
     metrics.floor = float(np.abs(noisy - anchor).max())
     metrics.error = float(np.abs(head - anchor).max())
     metrics.ratio = metrics.error / metrics.floor if metrics.floor else (0.0 if metrics.error == 0 else float("inf"))
@@ -323,6 +343,21 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | N
             metrics.problem = (f"top-1 differs from the noise anchor on {flips} sample(s) whose margin float32 "
                                "noise cannot flip (more than twice the floor)")
     return metrics
+
+
+def nonfinite_problem(ref: np.ndarray, cand: np.ndarray, allow_nonfinite: bool = False) -> str | None:
+    """Why non-finite values fail a comparison of ``cand`` with ``ref`` (same shapes), or None."""
+    ref_bad, cand_bad = ~np.isfinite(ref), ~np.isfinite(cand)
+    if (cand_bad & ~ref_bad).any():
+        return f"NaN or Inf where the reference is finite ({int(np.sum(cand_bad & ~ref_bad))} of {ref.size} values)"
+    if not ref_bad.any():
+        return None
+    if not allow_nonfinite:
+        return (f"the reference itself outputs NaN or Inf ({int(ref_bad.sum())} of {ref.size} values): "
+                "a finding, never a pass (allow non-finite outputs to compare them position by position)")
+    same = (np.isnan(ref) & np.isnan(cand)) | (ref == cand)
+    differ = int(np.sum(ref_bad & ~same))
+    return f"{differ} non-finite value(s) of the reference differ in the candidate" if differ else None
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -374,7 +409,8 @@ def check(
             metrics = [compare_output("(outputs)", np.zeros(len(ref)), np.zeros(len(out)), 0.0, 0.0)]
         else:
             metrics = [compare_output(n, r, c, *(tolerances.fixed(n) or (None, None)), top_k=top_k,
-                                      noise=pairs[i] if pairs else None, factor=tolerances.factor)
+                                      noise=pairs[i] if pairs else None, factor=tolerances.factor,
+                                      allow_nonfinite=tolerances.allow_nonfinite)
                        for i, (n, r, c) in enumerate(zip(output_names, ref, out))]
             errors.update({(label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(output_names, ref, out)
                            if r.shape == c.shape})

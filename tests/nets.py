@@ -89,3 +89,24 @@ class RepVggDw(nn.Module):
     def forward(self, x):
         x = torch.relu(x)
         return self.bn(self.conv(x) + self.conv1(x) + x)
+
+
+class ExportTrap(nn.Module):
+    """Conv and BN whose forward, while an exporter traces it, fails (``fail``) or touches ``marker``
+    and sleeps: a fold that fails, or that a test can interrupt, in the middle of its export."""
+
+    def __init__(self, marker: str = "", fail: bool = False):
+        super().__init__()
+        self.conv, self.bn, self.marker, self.fail = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), marker, fail
+
+    def forward(self, x):
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+            if self.fail:
+                raise RuntimeError("this model cannot be exported")
+            if self.marker:
+                import pathlib
+                import time
+
+                pathlib.Path(self.marker).touch()
+                time.sleep(60)
+        return self.bn(self.conv(x))

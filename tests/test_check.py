@@ -263,3 +263,43 @@ def test_onnx_sources_use_the_rounding_floor(deep, tmp_path):
     assert report["comparisons"][0]["outputs"][0]["floor"] > 0
     differ = run_cli("check", str(good_onnx), str(bad_onnx), "--samples", "8")
     assert differ.returncode == 1, differ.stdout
+
+
+def test_nan_in_the_data_is_refused_and_when_allowed_cannot_hide_a_difference(folded, tmp_path):
+    # two different models and data whose noise-floor samples hold a NaN: masking NaN positions used
+    # to leave nothing to compare on those samples, and the check passed
+    model = onnx.load(str(folded / "digits_cnn.onnx"))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.05), init.name))
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    x = np.load(folded / "digits.npz")["x"][:64].copy()
+    x[:8, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    args = ["check", str(folded / "digits_cnn.onnx"), str(tmp_path / "other.onnx"), "--data", str(tmp_path / "nan.npz"),
+            "--json", str(tmp_path / "r.json")]
+    proc = run_cli(*args)
+    assert_one_line_error(proc, "nan.npz: input 'x' holds NaN or Inf (8 values, first in sample 0)", "--allow-nonfinite")
+    assert not (tmp_path / "r.json").exists()
+    proc = run_cli(*args, "--allow-nonfinite")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (out,) = json.loads((tmp_path / "r.json").read_text())["comparisons"][0]["outputs"]
+    assert not out["passed"] and out["max_abs"] > 1e-3
+
+
+def test_a_model_that_outputs_nan_never_passes_its_own_check(tmp_path):
+    # a BN with eps=0 and a zero variance: refused by the health check before anything is written
+    model = bnrt.load_model(EXAMPLE, trust_code=True).model
+    bn = model.fc_bn
+    bn.eps = 0.0
+    with torch.no_grad():
+        bn.running_var[4] = -0.0
+    path = tmp_path / "zero.pt"
+    torch.save({"model": model, "input_shape": [1, 1, 8, 8]}, path)  # pickled: eps is not in a state_dict
+    proc = run_cli("fold", str(path), "-o", str(tmp_path / "o"), "--trust-pickle")
+    assert_one_line_error(proc, "zero.pt: BatchNorm 'fc_bn': running_var + eps (0) is 0 in 1 channel(s), e.g. channel 4")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    # the same model compared with itself: its outputs are NaN, a finding and not a pass
+    proc = run_cli("check", str(path), str(path), "--json", str(tmp_path / "r.json"), "--trust-pickle")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (out,) = json.loads((tmp_path / "r.json").read_text())["comparisons"][0]["outputs"]
+    assert not out["passed"] and out["problem"].startswith("the reference itself outputs NaN or Inf")

@@ -3,6 +3,7 @@ the file and the problem, no traceback, and leaves no output file behind."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -101,6 +102,31 @@ def _beside_code(tmp: Path) -> Path:
     return folder / "model.pt"
 
 
+def _bn_onnx(tmp: Path, name: str, var: list[float], epsilon: float = 1e-5) -> Path:
+    """Conv -> BatchNormalization with the given variance and epsilon."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 2, 1, 1)).astype(np.float32), "w")] + [
+        numpy_helper.from_array(np.asarray(v, np.float32), n)
+        for n, v in (("s", [1, 1, 1]), ("b", [0, 0, 0]), ("m", [0, 0, 0]), ("v", var))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"]),
+             helper.make_node("BatchNormalization", ["h", "s", "b", "m", "v"], ["y"], name="bn", epsilon=epsilon)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 3, 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp / name))
+    return tmp / name
+
+
+def _linear_ckpt(tmp: Path, name: str, **arch_kwargs) -> Path:
+    torch.save({"state_dict": torch.nn.Linear(4, 2).state_dict(), "arch": "torch.nn:Linear",
+                "arch_kwargs": {"in_features": 4, "out_features": 2, **arch_kwargs}, "input_shape": [1, 4]}, tmp / name)
+    return tmp / name
+
+
+def _fifo(tmp: Path, name: str) -> Path:
+    os.mkfifo(tmp / name)
+    return tmp / name
+
+
 def _digits_npz(tmp: Path) -> Path:
     return _npz(tmp, "digits.npz", x=np.zeros((4, 1, 8, 8), np.float32))
 
@@ -135,10 +161,10 @@ CORPUS = [
      ["model.pt: arch 'modeling_bnrt_corpus:Net'", "--trust-code"], ["c.pt", "MARKER"]),
     ("bench code beside the checkpoint", lambda t: ["bench", _beside_code(t), "--json", t / "b.json"],
      ["model.pt: arch 'modeling_bnrt_corpus:Net'", "--trust-code"], ["b.json", "MARKER"]),
-    ("fold arch naming a function", lambda t: ["fold", _pickled_function_arch(t, "os:getcwd"), "-o", t / "o"],
-     ["arch 'os:getcwd' is not an nn.Module subclass"], ["o"]),
-    ("fold arch naming a non-Module class", lambda t: ["fold", _pickled_function_arch(t, "collections:OrderedDict"), "-o", t / "o"],
-     ["arch 'collections:OrderedDict' is not an nn.Module subclass"], ["o"]),
+    ("fold arch naming a function", lambda t: ["fold", _pickled_function_arch(t, "torch:zeros"), "-o", t / "o"],
+     ["arch 'torch:zeros' is not an nn.Module subclass"], ["o"]),
+    ("fold arch naming a non-Module class", lambda t: ["fold", _pickled_function_arch(t, "torch:Tensor"), "-o", t / "o"],
+     ["arch 'torch:Tensor' is not an nn.Module subclass"], ["o"]),
     ("fold ONNX with a cycle", lambda t: ["fold", _cycle_onnx(t), "-o", t / "o"],
      ["cycle.onnx: invalid ONNX graph"], ["o"]),
     ("fold ONNX with a missing initializer", lambda t: ["fold", _missing_initializer_onnx(t), "-o", t / "o"],
@@ -164,6 +190,24 @@ CORPUS = [
      ["digits.npz: would overwrite the input"], []),
     ("run a truncated ONNX", lambda t: ["run", _truncated(t, _folded_onnx(t), "cut.onnx"), "--input", _digits_npz(t), "-o", t / "out.npz"],
      ["cut.onnx: onnxruntime cannot load it"], ["out.npz"]),
+    ("fold ONNX with a NaN variance", lambda t: ["fold", _bn_onnx(t, "nanvar.onnx", [1, float("nan"), 1]), "-o", t / "o"],
+     ["nanvar.onnx: BatchNormalization 'bn': var holds NaN or Inf"], ["o"]),
+    ("fold ONNX with a zero variance and epsilon 0", lambda t: ["fold", _bn_onnx(t, "zero.onnx", [1, 0, 1], 0.0), "-o", t / "o"],
+     ["zero.onnx: BatchNormalization 'bn': var + eps (0) is 0 in 1 channel(s), e.g. channel 1"], ["o"]),
+    ("inspect ONNX with a variance of -0.0 and epsilon 0", lambda t: ["inspect", _bn_onnx(t, "negzero.onnx", [1, 1, -0.0], 0.0)],
+     ["negzero.onnx: BatchNormalization 'bn': var + eps (0) is 0 in 1 channel(s), e.g. channel 2"], []),
+    ("fold arch_kwargs too large to build", lambda t: ["fold", _linear_ckpt(t, "huge.pt", in_features=10**30), "-o", t / "o"],
+     ["huge.pt: building the architecture failed (TypeError: "], ["o"]),
+    ("fold state_dict of another shape", lambda t: ["fold", _linear_ckpt(t, "wide.pt", in_features=5), "-o", t / "o"],
+     ["wide.pt: state_dict does not match the architecture: shape of weight (2, 4) in the file, (2, 5) in the architecture"], ["o"]),
+    ("check int8 data on a float ONNX model", lambda t: ["check", EXAMPLE, _folded_onnx(t), "--data", _npz(t, "i8.npz", x=np.zeros((2, 1, 8, 8), np.int8)), "--json", t / "r.json"],
+     ["i8.npz: input 'x' holds int8 values, the model expects float32"], ["r.json"]),
+    ("check data holding NaN", lambda t: ["check", EXAMPLE, EXAMPLE, "--data", _npz(t, "nan.npz", x=np.full((2, 1, 8, 8), np.nan, np.float32)), "--json", t / "r.json"],
+     ["nan.npz: input 'x' holds NaN or Inf (128 values, first in sample 0)", "--allow-nonfinite"], ["r.json"]),
+    ("calibrate data holding Inf", lambda t: ["calibrate", EXAMPLE, "--data", _npz(t, "inf.npz", x=np.full((2, 1, 8, 8), np.inf, np.float32)), "-o", t / "c.pt"],
+     ["inf.npz: input 'x' holds NaN or Inf"], ["c.pt"]),
+    ("run onto a FIFO", lambda t: ["run", _folded_onnx(t), "--input", _digits_npz(t), "-o", _fifo(t, "out.npz")],
+     ["out.npz: is a FIFO; bnrt writes its outputs as regular files only"], []),
     ("serve a missing path", lambda t: ["serve", t / "nothing", "--port", "0"], ["nothing: no such ONNX file or model repository"], []),
     ("serve an empty repository", lambda t: ["serve", t, "--port", "0"], ["no models found (expected REPO/NAME/VERSION/model.onnx)"], []),
     ("serve random bytes", lambda t: ["serve", _file(t, "r.onnx", b"\x00garbage" * 50), "--port", "0"], ["r.onnx: onnxruntime cannot load it"], []),
@@ -189,7 +233,7 @@ def test_bad_input(tmp_path, case):
 
 
 def test_corpus_covers_every_command():
-    assert len(CORPUS) == 34
+    assert len(CORPUS) == 43
     commands = {c[0].split()[0] for c in CORPUS}
     assert commands == {"fold", "inspect", "check", "calibrate", "run", "serve", "triton", "bench"}
 

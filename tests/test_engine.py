@@ -52,17 +52,23 @@ def _stats(**changes) -> BnStats:
     return BnStats(**{**base, **changes})
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"mean": np.array([0.0, np.nan, 0.0])}, "BatchNorm 'b': running_mean holds NaN or Inf"),
-    ({"bias": np.array([0.0, 0.0, np.inf])}, "BatchNorm 'b': bias holds NaN or Inf"),
-    ({"var": np.array([1.0, -1.0, 1.0])}, "BatchNorm 'b': running_var is negative in some channels"),
+@pytest.mark.parametrize("changes,code,message", [
+    ({"mean": np.array([0.0, np.nan, 0.0])}, "nonfinite-statistics", "BatchNorm 'b': running_mean holds NaN or Inf"),
+    ({"bias": np.array([0.0, 0.0, np.inf])}, "nonfinite-statistics", "BatchNorm 'b': bias holds NaN or Inf"),
+    ({"eps": float("nan")}, "nonfinite-statistics", "BatchNorm 'b': eps holds NaN or Inf"),
+    ({"var": np.array([1.0, -1.0, 1.0])}, "negative-variance", "BatchNorm 'b': running_var is negative in some channels"),
     ({"var": np.array([1.0, -1.0, 1.0]), "fields": ("mean", "var", "scale", "bias"),
-      "label": "BatchNormalization 'n'"}, "BatchNormalization 'n': var is negative in some channels"),
+      "label": "BatchNormalization 'n'"}, "negative-variance", "BatchNormalization 'n': var is negative in some channels"),
+    ({"var": np.array([1.0, 0.0, 0.0]), "eps": 0.0}, "zero-variance",
+     "BatchNorm 'b': running_var + eps (0) is 0 in 2 channel(s), e.g. channel 1: the normalisation divides by zero"),
+    ({"var": np.array([1.0, 1.0, -0.0]), "eps": 0.0}, "zero-variance",
+     "BatchNorm 'b': running_var + eps (0) is 0 in 1 channel(s), e.g. channel 2: the normalisation divides by zero"),
 ])
-def test_health_errors_name_the_bn_and_its_tensor(changes, message):
+def test_health_errors_name_the_bn_and_its_tensor(changes, code, message):
     with pytest.raises(HealthError) as err:
         engine.health(_stats(**changes))
     assert str(err.value) == message
+    assert err.value.code == code
 
 
 def test_health_warns_of_near_dead_channels_only():

@@ -84,7 +84,7 @@ def test_bad_arch_strings(spec, message):
 
 
 def test_arch_in_file_naming_a_function_is_refused(tmp_path):
-    torch.save({"state_dict": small_net().state_dict(), "arch": "os:getcwd"}, tmp_path / "m.pt")
+    torch.save({"state_dict": small_net().state_dict(), "arch": "torch:zeros"}, tmp_path / "m.pt")
     with pytest.raises(InputError, match="is not an nn.Module subclass"):
         load_model(tmp_path / "m.pt")
 
@@ -225,3 +225,72 @@ def test_installed_packages_need_no_consent(tmp_path):
     torch.save({"state_dict": nn.BatchNorm2d(3).state_dict(), "arch": "torch.nn:BatchNorm2d",
                 "arch_kwargs": {"num_features": 3}}, tmp_path / "m.pt")
     assert isinstance(load_model(tmp_path / "m.pt").model, nn.BatchNorm2d)
+
+
+def _shadowing_folder(tmp_path: Path) -> Path:
+    """A working folder whose files shadow modules torch imports lazily (sympy during export) and
+    an installed architecture named inside the checkpoint: no consent is given, none may run."""
+    for name in ("sympy", "fractions", "decimal", "networkx", "statistics"):
+        (tmp_path / f"{name}.py").write_text(f"import pathlib\npathlib.Path({str(tmp_path / ('RAN_' + name))!r}).touch()\n")
+    torch.save({"state_dict": nn.Linear(4, 2).state_dict(), "arch": "torch.nn:Linear",
+                "arch_kwargs": {"in_features": 4, "out_features": 2}, "input_shape": [1, 4]}, tmp_path / "m.pt")
+    return tmp_path / "m.pt"
+
+
+@pytest.mark.parametrize("launcher", ["console script", "python -m"])
+def test_modules_in_the_working_folder_never_run_without_consent(tmp_path, launcher):
+    import subprocess
+    import sys
+
+    from tools import child_env
+
+    _shadowing_folder(tmp_path)
+    argv = ["fold", "m.pt", "-o", "out", "--exporter", "dynamo"]
+    if launcher == "console script":
+        proc = subprocess.run([str(Path(sys.executable).parent / "bnrt"), *argv], cwd=tmp_path, env=child_env(),
+                              capture_output=True, text=True, timeout=300)
+    else:
+        proc = run_cli(*argv, cwd=tmp_path, trust_code=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "check passed" in proc.stdout
+    assert sorted(p.name for p in tmp_path.glob("RAN_*")) == []
+
+
+@pytest.mark.parametrize("arch,message", [
+    ("venv.__main__:X", "names a __main__ or private module or attribute"),
+    ("unittest.__main__:X", "names a __main__ or private module or attribute"),
+    ("torch._tensor:Tensor", "names a __main__ or private module or attribute"),
+    ("torch.nn:Linear.__subclasses__", "names a __main__ or private module or attribute"),
+    ("this:X", "names the standard library module 'this'"),
+    ("json.decoder:JSONDecoder", "names the standard library module 'json'"),
+    ("torch nn:Linear", "not a MODULE:NAME of Python identifiers"),
+])
+def test_an_arch_inside_a_file_is_refused_before_anything_is_imported(tmp_path, arch, message):
+    import sys
+
+    top = arch.split(".")[0].split(":")[0]
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "arch": arch}, tmp_path / "m.pt")
+    was_loaded = top in sys.modules
+    proc = run_cli("inspect", str(tmp_path / "m.pt"), trust_code=False)
+    assert_one_line_error(proc, f"m.pt: arch {arch!r}: {message}", "--arch")
+    assert proc.stdout == ""  # 'this' prints its poem, unittest its summary, venv runs pip: none ran
+    with pytest.raises(OptionError, match=message):
+        load_model(tmp_path / "m.pt")
+    assert (top in sys.modules) == was_loaded
+
+
+@pytest.mark.parametrize("code", ["raise SystemExit(3)", "raise SystemExit('bye')", "import sys; sys.exit()"])
+def test_an_arch_whose_import_exits_is_one_line(tmp_path, code):
+    (tmp_path / "exiting_arch.py").write_text(code + "\n")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "input_shape": [1, 4]}, tmp_path / "m.pt")
+    proc = run_cli("inspect", "m.pt", "--arch", "exiting_arch:Net", cwd=tmp_path, trust_code=False)
+    assert_one_line_error(proc, "--arch 'exiting_arch:Net': cannot import 'exiting_arch' (SystemExit")
+
+
+def test_the_models_folder_is_importable_only_while_the_arch_is_imported(tmp_path):
+    import sys
+
+    path = _code_folder(tmp_path / "shared", "modeling_consent_window")
+    before = list(sys.path)
+    assert type(load_model(path, trust_code=True).model).__name__ == "DigitsNet"
+    assert sys.path == before and str(path.parent) not in sys.path

@@ -74,3 +74,57 @@ def test_tf32_sets_the_cuda_provider_option(linear_onnx):
     for tf32, expected in ((None, "1"), (True, "1"), (False, "0")):
         session = Session(linear_onnx[0], "cuda", tf32=tf32)
         assert session.session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == expected
+
+
+def _peak_rss_mb(*argv: str) -> tuple[int, int, str]:
+    """Exit code and peak RSS (MB) of ``python -m bnrt ARGV`` run alone under a fresh parent."""
+    import subprocess
+    import sys
+
+    from tools import child_env
+
+    probe = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024); "
+             "sys.stderr.write(p.stderr)")
+    proc = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "bnrt", *argv], env=child_env(),
+                          capture_output=True, text=True, timeout=600)
+    code, peak = proc.stdout.split()
+    return int(code), int(peak), proc.stderr
+
+
+def test_run_batches_its_input_so_memory_does_not_grow_with_it(tmp_path):
+    # 100,000 digits samples (26 MB of input): unbatched, the activations alone take several GB
+    folded = tmp_path / "f"
+    assert run_cli("fold", str(EXAMPLE), "-o", str(folded), "--no-check").returncode == 0
+    x = np.random.default_rng(0).standard_normal((100_000, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, peak, err = _peak_rss_mb("run", str(folded / "digits_cnn.onnx"), "--input", str(tmp_path / "x.npy"),
+                                   "-o", str(tmp_path / "y.npz"))
+    assert code == 0, err
+    assert peak < 1500, f"peak RSS {peak} MB"
+    y = np.load(tmp_path / "y.npz")["output"]
+    whole = Session(folded / "digits_cnn.onnx").run([x[:1000]])[0]
+    assert y.shape == (100_000, 10) and np.array_equal(y[:1000], whole)
+    code, _, err = _peak_rss_mb("run", str(folded / "digits_cnn.onnx"), "--input", str(tmp_path / "x.npy"),
+                                "-o", str(tmp_path / "z.npz"), "--batch-size", "0")
+    assert code == 2 and "--batch-size 0: must be positive" in err
+
+
+def test_onnxruntime_errors_are_one_line_without_its_own_log(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    # a Reshape to 7 elements: onnxruntime fails at run time, logging the failure itself first
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([7], np.int64), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    import onnx
+
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    np.save(tmp_path / "x.npy", np.zeros((2, 4), np.float32))
+    proc = run_cli("run", str(tmp_path / "bad.onnx"), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npz"))
+    assert_one_line_error(proc, "bad.onnx:")
+    assert "[E:onnxruntime" not in proc.stderr and "\x1b[" not in proc.stderr
+    assert not (tmp_path / "y.npz").exists()

@@ -187,3 +187,27 @@ def test_top1_flips_count_only_where_float32_noise_cannot_flip():
     large = np.array([[0.0, 0.6], [10.5, 10.0]])  # flips sample 1, margin 10 > 2 x floor
     m = compare_output("y", noisy, large, noise=(anchor, noisy), factor=1e9)
     assert not m.passed and m.problem.startswith("top-1 differs from the noise anchor on 1 sample(s)")
+
+
+def test_a_reference_with_nan_or_inf_fails_unless_allowed_then_positions_must_match():
+    ref = np.array([[1.0, np.nan], [np.inf, 2.0]])
+    for kwargs in ({"atol": 1.0, "rtol": 1.0}, {"noise": (ref, ref)}):
+        m = compare_output("y", ref, ref.copy(), **kwargs)
+        assert not m.passed and m.problem.startswith("the reference itself outputs NaN or Inf (2 of 4 values)")
+    same = compare_output("y", ref, ref.copy(), 1e-6, 0.0, allow_nonfinite=True)
+    assert same.passed and same.max_abs == 0.0
+    assert compare_output("y", ref, ref.copy(), noise=(ref, ref), allow_nonfinite=True).passed
+    moved = compare_output("y", ref, np.array([[np.nan, np.nan], [np.inf, 2.0]]), 1.0, 1.0, allow_nonfinite=True)
+    assert moved.problem == "NaN or Inf where the reference is finite (1 of 4 values)"
+    flipped = compare_output("y", ref, np.array([[1.0, np.nan], [-np.inf, 2.0]]), 1.0, 1.0, allow_nonfinite=True)
+    assert flipped.problem == "1 non-finite value(s) of the reference differ in the candidate"
+    elsewhere = compare_output("y", ref, np.array([[1.5, np.nan], [np.inf, 2.0]]), 1e-6, 0.0, allow_nonfinite=True)
+    assert not elsewhere.passed and elsewhere.max_abs == pytest.approx(0.5)
+
+
+def test_a_noise_floor_over_only_non_finite_values_falls_back_to_fixed_tolerances():
+    # every noise-floor sample is NaN: no floor can be measured, so 0 error over 0 floor may not pass
+    ref = np.array([[np.nan, np.nan], [1.0, 2.0]])
+    cand = np.array([[np.nan, np.nan], [1.0, 3.0]])
+    m = compare_output("y", ref, cand, noise=(ref[:1], ref[:1]), allow_nonfinite=True)
+    assert m.criterion == "fixed" and not m.passed and m.max_abs == pytest.approx(1.0)

@@ -1,0 +1,133 @@
+"""Outputs as the README promises them: never over a file the input reads (external data, links),
+never over a device, FIFO, socket or folder, and nothing left behind by a failed or interrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from bnrt.errors import InputError
+from bnrt.save import atomic_path, files_read, refuse_overwrite
+from tools import child_env
+
+from .nets import ExportTrap
+from .conftest import ROOT, assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli, save_checkpoint
+
+
+def _external_onnx(folder: Path, location: str) -> Path:
+    """Conv -> BN with every tensor in the external file ``location``."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), bn_node("h", "y")]
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 2, 1, 1)).astype(np.float32), "w"), *bn_params(3, rng)]
+    model = onnx_graph(nodes, inits, [None, 2, 4, 4])
+    onnx.save_model(model, str(folder / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return folder / "m.onnx"
+
+
+def test_files_read_lists_external_data_and_nothing_for_other_files(tmp_path):
+    path = _external_onnx(tmp_path, "weights.bin")
+    assert files_read(path) == [path, tmp_path / "weights.bin"]
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    assert files_read(tmp_path / "x.npy") == [tmp_path / "x.npy"]
+
+
+@pytest.mark.parametrize("command", ["fold", "run"])
+def test_the_inputs_external_data_is_never_overwritten(tmp_path, command):
+    # the external data file carries the name of an output: m.report.json for fold, -o for run
+    path = _external_onnx(tmp_path, "m.report.json" if command == "fold" else "m.onnx.data")
+    data = tmp_path / ("m.report.json" if command == "fold" else "m.onnx.data")
+    before = data.read_bytes()
+    np.save(tmp_path / "x.npy", np.ones((2, 2, 4, 4), np.float32))
+    argv = (["fold", str(path)] if command == "fold"
+            else ["run", str(path), "--input", str(tmp_path / "x.npy"), "-o", str(data)])
+    proc = run_cli(*argv)
+    assert_one_line_error(proc, f"{data.name}: would overwrite the input {data}")
+    assert data.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", data.name, "x.npy"])
+
+
+def test_links_to_an_input_are_the_input(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    os.symlink(tmp_path / "x.npy", tmp_path / "soft.npz")
+    os.link(tmp_path / "x.npy", tmp_path / "hard.npz")
+    for out in ("soft.npz", "hard.npz"):
+        with pytest.raises(InputError, match="would overwrite the input"):
+            refuse_overwrite([tmp_path / out], [tmp_path / "x.npy"])
+
+
+def _special(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"special.{kind}"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+    else:
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind,what", [("fifo", "a FIFO"), ("socket", "a socket"), ("dir", "a directory")])
+def test_outputs_never_replace_a_file_that_is_not_regular(tmp_path, kind, what):
+    target = _special(tmp_path, kind)
+    mode = os.stat(target).st_mode
+    proc = run_cli("check", str(ROOT / "models" / "digits_cnn.pt"), str(ROOT / "models" / "digits_cnn.pt"),
+                   "--json", str(target))
+    assert_one_line_error(proc, f"{target.name}: is {what}; bnrt writes its outputs as regular files only")
+    assert os.stat(target).st_mode == mode
+    with pytest.raises(InputError, match=f"is {what}"):
+        with atomic_path(target):
+            raise AssertionError("atomic_path must refuse before the block runs")
+
+
+def test_a_device_is_refused_before_anything_is_written():
+    with pytest.raises(InputError, match="/dev/null: is a character device"):
+        with atomic_path(Path("/dev/null")):
+            raise AssertionError("atomic_path must refuse before the block runs")
+    with pytest.raises(InputError, match="/dev/full: is a character device"):
+        refuse_overwrite([Path("/dev/full")], [])
+
+
+def test_a_failed_fold_removes_the_folders_it_created(tmp_path):
+    # the export fails after the output folder was made: it goes again, with its new parent
+    save_checkpoint(tmp_path / "trap.pt", ExportTrap().eval(), "tests.nets:ExportTrap", (1, 1, 6, 6),
+                    arch_kwargs={"fail": True})
+    proc = run_cli("fold", str(tmp_path / "trap.pt"), "-o", str(tmp_path / "a" / "b"))
+    assert_one_line_error(proc, "ONNX export (dynamo) of ExportTrap failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["trap.pt"]
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_an_interrupted_fold_leaves_nothing_behind(tmp_path, sig, code, word):
+    marker = tmp_path / "exporting"
+    save_checkpoint(tmp_path / "slow.pt", ExportTrap().eval(), "tests.nets:ExportTrap", (1, 1, 6, 6),
+                    arch_kwargs={"marker": str(marker)})
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("a user's file")
+    for out in ("new/deeper", "kept"):
+        proc = subprocess.Popen([sys.executable, "-m", "bnrt", "fold", str(tmp_path / "slow.pt"), "--trust-code",
+                                 "--no-check", "-o", str(tmp_path / out)], cwd=ROOT, env=child_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), proc.communicate()
+        marker.unlink()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == code, err
+        assert err.strip().splitlines()[-1] == f"bnrt: {word}"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "kept", "kept/mine.txt", "slow.pt"]

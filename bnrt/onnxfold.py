@@ -160,7 +160,12 @@ def load_onnx(path) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file, not an ONNX model")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except Exception as exc:  # protobuf's DecodeError, missing external data files, ...
         raise InputError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {first_line(exc)})") from exc
+    if not model.opset_import:  # bytes that happen to parse as a protobuf message
+        raise InputError(f"{path}: not an ONNX model (it declares no opset)")
+    return model

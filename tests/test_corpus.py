@@ -190,6 +190,10 @@ CORPUS = [
      ["digits.npz: would overwrite the input"], []),
     ("run a truncated ONNX", lambda t: ["run", _truncated(t, _folded_onnx(t), "cut.onnx"), "--input", _digits_npz(t), "-o", t / "out.npz"],
      ["cut.onnx: onnxruntime cannot load it"], ["out.npz"]),
+    ("fold an empty ONNX file", lambda t: ["fold", _file(t, "empty.onnx", b""), "-o", t / "o"],
+     ["empty.onnx: empty file, not an ONNX model"], ["o"]),
+    ("inspect an ONNX file of other protobuf bytes", lambda t: ["inspect", _file(t, "other.onnx", b"\x08\x07")],
+     ["other.onnx: not an ONNX model (it declares no opset)"], []),
     ("fold ONNX with a NaN variance", lambda t: ["fold", _bn_onnx(t, "nanvar.onnx", [1, float("nan"), 1]), "-o", t / "o"],
      ["nanvar.onnx: BatchNormalization 'bn': var holds NaN or Inf"], ["o"]),
     ("fold ONNX with a zero variance and epsilon 0", lambda t: ["fold", _bn_onnx(t, "zero.onnx", [1, 0, 1], 0.0), "-o", t / "o"],
@@ -233,7 +237,7 @@ def test_bad_input(tmp_path, case):
 
 
 def test_corpus_covers_every_command():
-    assert len(CORPUS) == 43
+    assert len(CORPUS) == 45
     commands = {c[0].split()[0] for c in CORPUS}
     assert commands == {"fold", "inspect", "check", "calibrate", "run", "serve", "triton", "bench"}
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import InputError, OptionError
 from .run import Session
+from .save import files_read, output_folder
 
 TRITON_TYPES = {
     np.dtype(np.float32): "TYPE_FP32", np.dtype(np.float64): "TYPE_FP64", np.dtype(np.float16): "TYPE_FP16",
@@ -65,14 +66,16 @@ def build_config(session: Session, name: str, max_batch: int = 8, gpu: bool = Fa
 
 def write_repository(onnx_path: str | os.PathLike, repo: str | os.PathLike, *, name: str | None = None,
                      max_batch: int = 8, gpu: bool = False, instances: int = 1) -> Path:
-    """Write ``repo/NAME`` (config.pbtxt, 1/model.onnx) for the ONNX file; returns the model
-    folder. The folder is built beside its final place and renamed in, so it is never partial;
-    an existing ``repo/NAME`` is an error."""
+    """Write ``repo/NAME`` (config.pbtxt, 1/model.onnx and the external data files the model's
+    tensors name, at the same relative paths) for the ONNX file; returns the model folder. The
+    folder is built beside its final place and renamed in, so it is never partial; an existing
+    ``repo/NAME`` is an error, and a ``repo`` this call created goes again when it fails."""
     from google.protobuf import text_format
 
     src = Path(onnx_path)
     if instances <= 0 or max_batch < 0:
         raise OptionError("`instances` must be positive and `max_batch` not negative")
+    data_files = _external_data(src)
     session = Session(src, "cpu")
     name = name or src.name.split(".")[0]
     if not name or "/" in name or name in (".", ".."):
@@ -81,19 +84,37 @@ def write_repository(onnx_path: str | os.PathLike, repo: str | os.PathLike, *, n
     target = repo / name
     if target.exists():
         raise InputError(f"{target}: already exists; remove it or choose another --name")
-    try:
-        repo.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
-    except OSError as exc:
-        raise InputError(f"{repo}: cannot write the repository ({exc.strerror})") from exc
-    try:
-        (stage / "1").mkdir()
-        shutil.copyfile(src, stage / "1" / "model.onnx")
-        config = build_config(session, name, max_batch, gpu, instances)
-        (stage / "config.pbtxt").write_text(text_format.MessageToString(config))
-        stage.chmod(0o755)
-        os.replace(stage, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    with output_folder(repo):
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+        except OSError as exc:
+            raise InputError(f"{repo}: cannot write the repository ({exc.strerror})") from exc
+        try:
+            (stage / "1").mkdir()
+            shutil.copyfile(src, stage / "1" / "model.onnx")
+            for relative in data_files:  # beside model.onnx, where its tensors say they are
+                (stage / "1" / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src.parent / relative, stage / "1" / relative)
+            config = build_config(session, name, max_batch, gpu, instances)
+            (stage / "config.pbtxt").write_text(text_format.MessageToString(config))
+            stage.chmod(0o755)
+            os.replace(stage, target)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
     return target
+
+
+def _external_data(src: Path) -> list[Path]:
+    """The external data files of the ONNX file ``src``, relative to its folder; ``InputError`` for
+    one outside that folder (a repository holds the model's folder only) or missing."""
+    found = []
+    for path in files_read(src)[1:]:
+        relative = Path(os.path.relpath(path, src.parent))
+        if ".." in relative.parts:
+            raise InputError(f"{src}: external data {relative} lies outside the model's folder; a Triton "
+                             "repository can hold only files beside the model")
+        if not path.is_file():
+            raise InputError(f"{src}: external data file {path} is missing")
+        found.append(relative)
+    return found

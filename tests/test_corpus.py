@@ -216,7 +216,7 @@ CORPUS = [
     ("serve an empty repository", lambda t: ["serve", t, "--port", "0"], ["no models found (expected REPO/NAME/VERSION/model.onnx)"], []),
     ("serve random bytes", lambda t: ["serve", _file(t, "r.onnx", b"\x00garbage" * 50), "--port", "0"], ["r.onnx: onnxruntime cannot load it"], []),
     ("triton on a file that is not ONNX", lambda t: ["triton", _file(t, "n.onnx", b"nope"), "-o", t / "repo"], ["n.onnx: onnxruntime cannot load it"], ["repo"]),
-    ("triton into a path under a file", lambda t: ["triton", _folded_onnx(t), "-o", _file(t, "f", b"x") / "repo"], ["cannot write the repository"], []),
+    ("triton into a path under a file", lambda t: ["triton", _folded_onnx(t), "-o", _file(t, "f", b"x") / "repo"], ["repo: cannot create output folder"], []),
 ]
 
 

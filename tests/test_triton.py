@@ -1,0 +1,48 @@
+"""`bnrt triton` with what users ship: a model whose weights live in external data files."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from bnrt.run import Session
+
+from .conftest import assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli
+
+
+def _external(folder, location="weights/m.onnx.data"):
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), bn_node("h", "y")]
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 2, 1, 1)).astype(np.float32), "w"), *bn_params(3, rng)]
+    (folder / location).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(onnx_graph(nodes, inits, [None, 2, 4, 4]), str(folder / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=location, size_threshold=0)
+    return folder / "m.onnx"
+
+
+def test_the_repository_carries_the_models_external_data(tmp_path):
+    src = _external(tmp_path / "src")
+    proc = run_cli("triton", str(src), "-o", str(tmp_path / "repo"))
+    assert proc.returncode == 0, proc.stderr
+    version = tmp_path / "repo" / "m" / "1"
+    assert sorted(p.relative_to(version).as_posix() for p in version.rglob("*") if p.is_file()) == [
+        "model.onnx", "weights/m.onnx.data"]
+    assert (version / "weights" / "m.onnx.data").read_bytes() == (tmp_path / "src" / "weights" / "m.onnx.data").read_bytes()
+    x = np.random.default_rng(1).standard_normal((2, 2, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(Session(version / "model.onnx").run([x])[0], Session(src).run([x])[0])
+
+
+def test_external_data_outside_the_models_folder_is_refused(tmp_path):
+    # onnx itself will not write such a location: move the data up and point the tensors at it
+    src = _external(tmp_path / "src", "m.onnx.data")
+    (tmp_path / "src" / "m.onnx.data").rename(tmp_path / "outside.data")
+    model = onnx.load_model(str(src), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    onnx.save_model(model, str(src))
+    proc = run_cli("triton", str(src), "-o", str(tmp_path / "repo"))
+    assert_one_line_error(proc, "m.onnx: external data ../outside.data lies outside the model's folder")
+    assert not (tmp_path / "repo").exists()

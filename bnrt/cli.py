@@ -23,6 +23,7 @@ from .load import ModelSource
 from .save import refuse_overwrite
 from .sides import CheckOptions
 from .run import PROVIDERS, show_ort_logs
+from .serve import KEEP_ALIVE_S
 from .verify import DEVICES, DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, NOISE_FACTOR, Tolerances
 
 
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for more requests up to this long (default 2)")
     srv.add_argument("--max-queue", type=int, default=256, help="requests in flight per model before 503 (default 256)")
     srv.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
+    srv.add_argument("--keep-alive-s", type=float, default=KEEP_ALIVE_S,
+                     help=f"close a connection idle this long, before its first request too (default {KEEP_ALIVE_S:g})")
 
     tri = sub.add_parser("triton", help="write a Triton model repository for an ONNX model")
     tri.add_argument("model", help=".onnx file")
@@ -392,7 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, provider=args.provider, threads=args.threads,
           max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
-          max_request_bytes=int(args.max_request_mb * (1 << 20)), tf32=args.tf32,
+          max_request_bytes=args.max_request_mb * (1 << 20), tf32=args.tf32, keep_alive_s=args.keep_alive_s,
           announce=lambda m: print(m, flush=True))
     return 0
 

@@ -7,6 +7,8 @@ and sessions' lifetimes.
 from __future__ import annotations
 
 import json
+import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +23,7 @@ KSERVE_TYPES = {
 }
 DATATYPE_OF = {np.dtype(v): k for k, v in KSERVE_TYPES.items()}
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_DIM = 2**31 - 1  # larger axes are no request a server can hold; numpy refuses some beyond it
 
 
 class RequestError(Exception):
@@ -67,6 +70,8 @@ def parse_request(body: bytes, header_length: str | None, model: ServedModel) ->
         request = json.loads(head)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:  # the nesting limit: the decoder's recursion stops at the interpreter's limit
+        raise RequestError(400, f"JSON nested more than {sys.getrecursionlimit()} levels deep") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise RequestError(400, "the request must be a JSON object with an 'inputs' list")
     feeds, offset = {}, 0
@@ -75,12 +80,16 @@ def parse_request(body: bytes, header_length: str | None, model: ServedModel) ->
             raise RequestError(400, "each input must be a JSON object")
         name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise RequestError(400, f"input {name!r} needs a name, a datatype and a shape of non-negative integers")
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
+            raise RequestError(400, f"input {name!r} needs a name, a datatype and a shape of integers in "
+                                    f"[0, {MAX_DIM}]")
         if datatype not in KSERVE_TYPES:
             raise RequestError(400, f"input {name!r}: datatype {datatype!r} is not supported")
         dtype = np.dtype(KSERVE_TYPES[datatype])
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)  # Python integers: numpy's int64 product wraps around silently
+        if count > len(body):  # every value takes at least one byte of the request
+            raise RequestError(400, f"input {name!r}: shape {shape} holds {count} values, more than the "
+                                    f"{len(body)}-byte request carries")
         params = item.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -95,7 +104,7 @@ def parse_request(body: bytes, header_length: str | None, model: ServedModel) ->
                 raise RequestError(400, f"input {name!r} has no data")
             try:
                 array = np.asarray(data, dtype=dtype)
-            except (TypeError, ValueError, OverflowError):
+            except (TypeError, ValueError, OverflowError, RecursionError):
                 raise RequestError(400, f"input {name!r}: data is not {datatype}") from None
             if array.size != count:
                 raise RequestError(400, f"input {name!r}: {array.size} values for shape {shape}")
@@ -123,7 +132,7 @@ def build_response(request: dict, model: ServedModel, outputs: dict[str, np.ndar
         selection = []
         for item in wanted:
             name = item.get("name") if isinstance(item, dict) else None
-            if name not in outputs:
+            if not isinstance(name, str) or name not in outputs:
                 raise RequestError(400, f"unknown output {name!r}; the model's outputs are {', '.join(outputs)}")
             p = item.get("parameters") or {}
             selection.append((name, bool(p.get("binary_data", default_binary)) if isinstance(p, dict) else default_binary))

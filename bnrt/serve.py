@@ -15,6 +15,7 @@ dtypes are never merged. At most ``max_queue`` requests per model are in flight;
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import socket
@@ -28,6 +29,8 @@ from . import __version__
 from .errors import InputError, OptionError
 from .run import Session
 from .kserve import HEADER_LENGTH, RequestError, ServedModel, build_response, parse_request
+
+KEEP_ALIVE_S = 5.0  # uvicorn's default keep-alive, here also the wait for a new connection's first request
 
 def discover(path: str | os.PathLike, provider: str = "cpu", threads: int = 0,
              tf32: bool | None = None) -> dict[str, dict[str, ServedModel]]:
@@ -93,15 +96,25 @@ class Batcher:
                 pass
 
     async def submit(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The request's outputs. A request of more than ``max_batch`` samples runs in parts of
+        ``max_batch``, one after the other: memory follows ``max_batch``, not the request."""
         if self.in_flight >= self.max_queue:
             raise RequestError(503, f"model {self.model.name!r} has {self.in_flight} requests queued; retry later")
         self.in_flight += 1
         try:
-            pending = _Pending(feeds, asyncio.get_running_loop().create_future())
-            await self.queue.put(pending)
-            return await pending.future
+            size = _Pending(feeds, None).size
+            if not self.model.batching or size <= self.max_batch:
+                return await self._one(feeds)
+            parts = [await self._one({k: v[i:i + self.max_batch] for k, v in feeds.items()})
+                     for i in range(0, size, self.max_batch)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         finally:
             self.in_flight -= 1
+
+    async def _one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pending = _Pending(feeds, asyncio.get_running_loop().create_future())
+        await self.queue.put(pending)
+        return await pending.future
 
     async def _next(self, timeout: float | None) -> _Pending | None:
         if self.held:
@@ -260,18 +273,40 @@ def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
 
+def _idle_closing():
+    """uvicorn's HTTP protocol, its keep-alive timer started when a connection opens: uvicorn starts
+    it only after a response, so connections that never send a request stayed open for ever (and
+    enough of them exhaust the file descriptors). Data arriving cancels it, as after a response."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class IdleClosing(Base):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    return IdleClosing
+
+
 def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, provider: str = "cpu",
           threads: int = 0, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
-          max_request_bytes: int = 64 << 20, tf32: bool | None = None, announce=print) -> None:
+          max_request_bytes: int = 64 << 20, tf32: bool | None = None, keep_alive_s: float = KEEP_ALIVE_S,
+          announce=print) -> None:
     """Serve the model(s) at ``path`` until SIGINT/SIGTERM (uvicorn's handlers shut down cleanly).
-    ``tf32``: CUDA only; None keeps ORT's default (on), announced at start."""
+    ``tf32``: CUDA only; None keeps ORT's default (on), announced at start. A connection idle for
+    ``keep_alive_s`` (before its first request too) is closed. Numeric options that are NaN,
+    infinite or out of range are an ``OptionError``."""
     import uvicorn
 
-    for value, option in ((max_batch, "max_batch"), (max_queue, "max_queue"), (max_request_bytes, "max_request_mb")):
-        if value <= 0:
-            raise OptionError(f"`{option}` must be positive")
-    if max_delay_ms < 0:
-        raise OptionError("`max_delay_ms` cannot be negative")
+    for value, option in ((max_batch, "max_batch"), (max_queue, "max_queue"), (max_request_bytes, "max_request_mb"),
+                          (keep_alive_s, "keep_alive_s")):
+        if not value > 0 or not math.isfinite(value):  # NaN compares false both ways
+            raise OptionError(f"`{option}` {value}: must be a finite positive number")
+    if not max_delay_ms >= 0 or not math.isfinite(max_delay_ms):
+        raise OptionError(f"`max_delay_ms` {max_delay_ms}: must be a finite number >= 0")
+    max_request_bytes = int(max_request_bytes)
     models = discover(path, provider, threads, tf32)
     app = create_app(models, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                      max_request_bytes=max_request_bytes)
@@ -286,7 +321,8 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
         sock.close()
         raise InputError(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=_idle_closing(),
+                            timeout_keep_alive=keep_alive_s)
     server = uvicorn.Server(config)
     names = ", ".join(f"{n} (v{', v'.join(sorted(v, key=int))})" for n, v in models.items())
     tf32_note = "" if provider != "cuda" else f"; TF32 {'on' if tf32 is not False else 'off'}" + (

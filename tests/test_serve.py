@@ -70,6 +70,11 @@ def _json_request(shape, datatype="FP32", name="x", count=None):
     return json.dumps({"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": [0.5] * n}]}).encode()
 
 
+def _with_outputs(outputs) -> bytes:
+    request = json.loads(_json_request([1, 1, 8, 8]))
+    return json.dumps({**request, "outputs": outputs}).encode()
+
+
 @pytest.mark.parametrize("case,status,fragment", [
     ("wrong shape", 400, "input 'x' expects float32 (N, 1, 8, 8), got float32 (1, 1, 8, 9)"),
     ("wrong dtype", 400, "input 'x' expects float32 (N, 1, 8, 8), got float64 (1, 1, 8, 8)"),
@@ -80,6 +85,12 @@ def _json_request(shape, datatype="FP32", name="x", count=None):
     ("unknown version", 404, "model 'digits_cnn' has no version '7'"),
     ("oversize", 413, "exceeds the limit of 1048576"),
     ("bad binary size", 400, "binary_data_size"),
+    ("shape of 2**62 values", 400, "shape [2147483647, 2147483647] holds 4611686014132420609 values, more than the"),
+    ("shape beyond int64", 400, "needs a name, a datatype and a shape of integers in [0, 2147483647]"),
+    ("binary shape of 2**62 values", 400, "holds 4611686014132420609 values"),
+    ("output name a list", 400, "unknown output ['output']"),
+    ("output name a dict", 400, "unknown output {'n': 1}"),
+    ("nested 200,000 deep", 400, "JSON nested more than"),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, case, status, fragment):
     path = "/v2/models/digits_cnn/infer"
@@ -94,13 +105,21 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, case, status,
         "unknown version": lambda: _json_request([1, 1, 8, 8]),
         "oversize": lambda: b"x" * (2 << 20),
         "bad binary size": lambda: None,
+        "shape of 2**62 values": lambda: _json_request([2**31 - 1, 2**31 - 1], count=1),
+        "shape beyond int64": lambda: _json_request([2**64], count=1),
+        "binary shape of 2**62 values": lambda: None,
+        "output name a list": lambda: _with_outputs([{"name": ["output"]}]),
+        "output name a dict": lambda: _with_outputs([{"name": {"n": 1}}]),
+        "nested 200,000 deep": lambda: b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": '
+                                       + b"[" * 200_000 + b"]" * 200_000 + b"}]}",
     }[case]()
     if case == "unknown model":
         path = "/v2/models/nope/infer"
     elif case == "unknown version":
         path = "/v2/models/digits_cnn/versions/7/infer"
-    elif case == "bad binary size":
-        head = json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32",
+    elif case in ("bad binary size", "binary shape of 2**62 values"):
+        shape = [1, 1, 8, 8] if case == "bad binary size" else [2**31 - 1, 2**31 - 1]
+        head = json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32",
                                        "parameters": {"binary_data_size": 100}}]}).encode()
         body = head + b"\0" * 100
         headers["Inference-Header-Content-Length"] = str(len(head))
@@ -196,3 +215,57 @@ def test_cuda_io_binding_matches_cpu(onnx_model):
 def test_port_in_use_is_one_line(onnx_model, server):
     proc = run_cli("serve", str(onnx_model), "--port", str(server.port))
     assert_one_line_error(proc, f"cannot listen on 127.0.0.1:{server.port}")
+
+
+def _memory_mb(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith(key + ":"))
+
+
+def test_a_large_request_runs_in_parts_and_memory_returns(onnx_model):
+    # 60,000 samples in one 14 MB JSON request: run whole, the activations took the server from
+    # 261 MB to 1,971 MB and it stayed at 1,793 MB; in parts of --max-batch it peaks at ~510 MB
+    srv = Server(onnx_model)
+    try:
+        base = _memory_mb(srv.proc.pid, "VmRSS")
+        values = np.round(np.random.default_rng(5).random((60_000, 1, 8, 8)), 2)  # short decimals: 17 MB of JSON
+        x = values.astype(np.float32)
+        body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                       "data": values.ravel().tolist()}]}, separators=(",", ":")).encode()
+        code, data = srv.raw("POST", "/v2/models/digits_cnn/infer", body, {"Content-Type": "application/json"})
+        assert code == 200
+        (out,) = json.loads(data)["outputs"]
+        got = np.asarray(out["data"], np.float32).reshape(out["shape"])
+        np.testing.assert_allclose(got, Session(onnx_model).run([x])[0], rtol=1e-5, atol=1e-6)
+        peak, after = _memory_mb(srv.proc.pid, "VmHWM") - base, _memory_mb(srv.proc.pid, "VmRSS") - base
+        assert peak < 800 and after < 300, (base, peak, after)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_an_idle_connection_is_closed_before_its_first_request(onnx_model):
+    import socket
+    import time
+
+    srv = Server(onnx_model, "--keep-alive-s", "1")
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            start = time.monotonic()
+            assert sock.recv(1) == b""  # EOF: the server closed it; a socket timeout fails the test
+            assert time.monotonic() - start < 5
+        assert _infer(srv.url, np.zeros((1, 1, 8, 8), np.float32), True).shape == (1, 10)
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-delay-ms", "nan", "--max-delay-ms nan: must be a finite number >= 0"),
+    ("--max-delay-ms", "-1", "--max-delay-ms -1.0: must be a finite number >= 0"),
+    ("--max-request-mb", "nan", "--max-request-mb nan: must be a finite positive number"),
+    ("--keep-alive-s", "inf", "--keep-alive-s inf: must be a finite positive number"),
+    ("--max-batch", "0", "--max-batch 0: must be a finite positive number"),
+])
+def test_numeric_flags_out_of_range_are_refused_at_start(onnx_model, flag, value, message):
+    # a NaN delay used to be accepted: every request then hung and SIGTERM did not stop the server
+    proc = run_cli("serve", str(onnx_model), "--port", "0", flag, value)
+    assert_one_line_error(proc, message)

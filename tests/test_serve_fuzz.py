@@ -22,17 +22,23 @@ json_values = st.recursive(
 )
 tensor_like = st.fixed_dictionaries({
     "name": st.sampled_from(["x", "y", ""]) | st.text(max_size=4),
-    "shape": st.lists(st.integers(-2, 9), max_size=5) | json_values,
+    "shape": st.lists(st.integers(-2, 9) | st.integers(2**31 - 2, 2**70), max_size=5) | json_values,
     "datatype": st.sampled_from(["FP32", "FP64", "INT64", "BYTES", "BOOL", "XX"]),
 }, optional={"data": st.lists(st.floats(allow_nan=False, width=32), max_size=80) | json_values,
              "parameters": st.dictionaries(st.sampled_from(["binary_data_size", "binary_data"]),
                                            st.integers(-5, 300) | json_values, max_size=2)})
+requested_outputs = st.lists(st.fixed_dictionaries({"name": st.sampled_from(["output"]) | json_values},
+                                                   optional={"parameters": json_values}), max_size=3) | json_values
 bodies = st.one_of(
     st.binary(max_size=600),
     json_values.map(lambda v: json.dumps(v).encode()),
     st.fixed_dictionaries({"inputs": st.lists(tensor_like, max_size=3)},
-                          optional={"outputs": json_values, "parameters": json_values, "id": json_values})
+                          optional={"outputs": requested_outputs, "parameters": json_values, "id": json_values})
     .map(lambda v: json.dumps(v).encode()),
+    # nesting far beyond any decoder's recursion limit, as a whole body and as an input's data
+    st.integers(900, 300_000).map(lambda d: b"[" * d + b"]" * d),
+    st.integers(900, 300_000).map(lambda d: b'{"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", '
+                                            b'"data": ' + b"[" * d + b"]" * d + b"}]}"),
 )
 headers = st.dictionaries(
     st.sampled_from(["Inference-Header-Content-Length", "Content-Type", "Content-Length-Extra"]),

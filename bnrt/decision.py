@@ -32,6 +32,7 @@ CODES: dict[str, str] = {
     "unused": "the BN's output is unused",
     "unsupported-bn": "a BN form bnrt does not fold (ONNX spatial=0, aten batch_norm in a torch.export capture)",
     "branch-mismatch": "parallel branches summed by Add do not line up (stride, groups, dilation, padding)",
+    "in-subgraph": "the BN is inside an ONNX subgraph (an If branch, a Loop or Scan body); only the main graph folds",
 }
 
 @dataclass(frozen=True)

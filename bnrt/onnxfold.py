@@ -5,6 +5,9 @@ when the channel map is exact; decisions are the same ``bnrt.decision.Decision``
 
 Folded weights are written to new initializers (copy on write), so a weight shared with another
 node is never changed under it; initializers, Constant and Identity nodes left unused are removed.
+Subgraphs (``If``/``Loop``/``Scan`` bodies) are not edited: a value a body reads by name is a use
+of it (a read of the weights or statistics keeps those tensors, a read of an output the fold would
+change refuses the fold), and a folded BN whose output a body reads leaves that name in place.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import engine
+from . import engine, onnxscope
 from .decision import Decision, DecisionSet
 from .errors import InputError, first_line
 from .onnxgraph import OnnxLayer, OnnxView, label
@@ -88,8 +91,9 @@ class _Writer:
                 self.graph.node.insert(index + 1, add)
 
     def bypass(self, node: onnx.NodeProto, outputs: set[str]) -> None:
-        """Remove a folded BN: its readers read its input; a BN output that is a graph output is
-        produced by the BN's producer instead (whose only reader the BN was, for a backward fold)."""
+        """Remove a folded BN: its readers read its input; a BN output in ``outputs`` (graph outputs,
+        values bodies read by name) is produced by the BN's producer instead (whose only reader the
+        BN was, for a backward fold; a forward fold has layers as the BN's only readers)."""
         src, out = node.input[0], node.output[0]
         self.graph.node.remove(node)
         if out in outputs:
@@ -101,8 +105,9 @@ class _Writer:
 
 
 def _prune(graph: onnx.GraphProto) -> None:
-    """Drop initializers, Constant and Identity nodes that nothing uses any more."""
-    outputs = {o.name for o in graph.output}
+    """Drop initializers, Constant and Identity nodes that nothing uses any more (bodies' reads by
+    name are uses)."""
+    outputs = {o.name for o in graph.output} | set(onnxscope.scope_readers(graph))
     changed = True
     while changed:
         used = {i for n in graph.node for i in n.input} | outputs
@@ -146,7 +151,7 @@ def fold_onnx(model: onnx.ModelProto, where: str = "model") -> OnnxFoldResult:
         writer.write(layer.data, weight, bias)
     for decision, bn in zip(plan.decisions, plan.sites):
         if decision.folded and decision.direction != "merge":
-            writer.bypass(bn.node, view.outputs)
+            writer.bypass(bn.node, view.outputs | set(view.scoped))
     for merge in plan.merges:  # the target conv produces the sum; the other branches and the Adds go
         for node in [*merge.adds, *(c.data.node for c in merge.convs), *(b.node for b in merge.bns)]:
             folded.graph.node.remove(node)

@@ -5,7 +5,9 @@ and MatMul nodes with constant weights (a MatMul with the Add of a constant bias
 layer). Pass-through ops are Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity and Dropout
 in inference (no training_mode, mask unused), their channel maps replayed with numpy; Reshape target shapes computed in the graph
 (``Shape -> Gather -> Concat``) come from one ORT run of the model on zeros. ``Shape`` and
-``Size`` read only metadata and are not uses of a value.
+``Size`` read only metadata and are not uses of a value. A value an ``If``/``Loop``/``Scan`` body
+reads by name is used by that body (``SubgraphRead``); BatchNorms inside bodies are listed and
+refused (``in-subgraph``): bnrt folds the main graph only (``bnrt.onnxscope``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import onnxscope
 from .decision import NotFoldable
 from .engine import BnSite, BnStats, Layer
 
@@ -38,6 +41,15 @@ class GraphOutput:
 
 
 GRAPH_OUTPUT = GraphOutput()
+
+
+class SubgraphRead:
+    """The bodies of ``node`` (If branches, a Loop or Scan body) reading a value by name, as a user
+    of that value: they read it as it is, so folding may not change it."""
+
+    def __init__(self, node: onnx.NodeProto):
+        self.node = node
+        self.name = label(node)
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
@@ -91,6 +103,7 @@ class OnnxView:
         self.shapes = shapes if shapes is not None else inferred_shapes(model)
         self.folded: list[onnx.NodeProto] = []
         self.values: dict[str, GraphValue] = {}
+        self.nested: dict[int, str] = {}  # id of a BN inside a body -> that body, for people
         self.refresh()
         self.runtime = _runtime_shapes(model, self)
 
@@ -103,6 +116,7 @@ class OnnxView:
                 self.consumers.setdefault(i, []).append(n)
         self.outputs = {o.name for o in self.graph.output}
         self.inits = {i.name: i for i in self.graph.initializer}
+        self.scoped = onnxscope.scope_readers(self.graph)
 
     def const(self, name: str) -> np.ndarray | None:
         """The value of ``name`` if it is an initializer or a Constant (through Identity nodes and
@@ -129,10 +143,14 @@ class OnnxView:
 
     # --- BatchNorms ---
     def batchnorms(self) -> list[BnSite]:
-        return [BnSite(label(n), n) for n in self.nodes if n.op_type == "BatchNormalization"]
+        found = list(onnxscope.batchnorms(self.graph))
+        self.nested = {id(node): holder for _, holder, node in found if holder is not None}
+        return [BnSite(name, node) for name, _, node in found]
 
     def bn_stats(self, bn: BnSite) -> BnStats:
         node = bn.node
+        if id(node) in self.nested:  # its neighbours, tensors and writer are another graph's
+            raise NotFoldable("in-subgraph", f"inside {self.nested[id(node)]}: bnrt folds the main graph only")
         if attr(node, "training_mode", 0) or sum(1 for o in node.output if o) > 1:
             raise NotFoldable("training-mode", "in training mode (training_mode=1 or running-statistics outputs)")
         if attr(node, "spatial", 1) == 0:
@@ -163,6 +181,7 @@ class OnnxView:
     def users(self, node) -> list:
         out = self._output(node)
         found = [u for u in self.consumers.get(out, []) if u.op_type not in _METADATA_OPS]
+        found += [SubgraphRead(n) for n in self.scoped.get(out, [])]
         return found + [GRAPH_OUTPUT] if out in self.outputs else found
 
     @staticmethod
@@ -183,7 +202,7 @@ class OnnxView:
         """A Dropout in inference: no ``training_mode`` (or a constant false one), mask unused."""
         training = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         mask_used = len(node.output) > 1 and bool(node.output[1]) and (
-            node.output[1] in self.consumers or node.output[1] in self.outputs)
+            node.output[1] in self.consumers or node.output[1] in self.outputs or node.output[1] in self.scoped)
         return not mask_used and (training is None or not bool(np.asarray(training).any()))
 
     def replay(self, node: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
@@ -270,7 +289,8 @@ class OnnxView:
             return OnnxLayer("gemm", node, eff, bias, w.dtype)
         layer = OnnxLayer("matmul", node, w.T.astype(np.float64), None, w.dtype)
         users = self.consumers.get(node.output[0], [])
-        add = users[0] if len(users) == 1 and node.output[0] not in self.outputs else None
+        out = node.output[0]
+        add = users[0] if len(users) == 1 and out not in self.outputs and out not in self.scoped else None
         if add is not None and add.op_type == "Add":
             other = 1 if add.input[0] == node.output[0] else 0
             b = self.const(add.input[other])
@@ -313,6 +333,8 @@ class OnnxView:
             return "a graph input"
         if isinstance(node, GraphOutput):
             return node.name
+        if isinstance(node, SubgraphRead):
+            return f"a subgraph of {node.node.op_type} '{node.name}'"
         return f"{node.op_type} '{label(node)}'"
 
 

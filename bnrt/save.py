@@ -102,6 +102,8 @@ def files_read(path: str | os.PathLike) -> list[Path]:
 
 def _tensors(graph) -> Iterator:
     """Initializers and constant tensors of ``graph`` and of its subgraphs."""
+    from .onnxscope import subgraphs
+
     yield from graph.initializer
     yield from (sparse.values for sparse in graph.sparse_initializer)
     for node in graph.node:
@@ -109,8 +111,8 @@ def _tensors(graph) -> Iterator:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _tensors(sub)
+        for _, body in subgraphs(node):
+            yield from _tensors(body)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -4,6 +4,12 @@ The config is a ``ModelConfig`` message of Triton's own schema (``model_config_p
 ``tritonclient[grpc]``) written with protobuf's text format, derived from the ONNX inputs and
 outputs: names, ``TYPE_*`` data types, dims with -1 for dynamic axes; with ``max_batch_size`` > 0
 the batch axis is left out of dims (Triton adds it) and dynamic batching is on.
+
+A model whose weights live in external data files keeps them there: each file its tensors name
+(``external_data`` ``location``, relative to the model's folder) is copied beside ``model.onnx`` at
+the same relative path, byte for byte. Copying, not inlining the weights, is the one way that also
+holds models over protobuf's 2 GB limit, and leaves ``model.onnx`` as it was. A location outside the
+model's folder, or a file that is missing, is refused (one ``InputError`` naming it).
 """
 
 from __future__ import annotations
@@ -110,8 +116,9 @@ def _external_data(src: Path) -> list[Path]:
     one outside that folder (a repository holds the model's folder only) or missing."""
     found = []
     for path in files_read(src)[1:]:
-        relative = Path(os.path.relpath(path, src.parent))
-        if ".." in relative.parts:
+        relative = path.relative_to(src.parent) if path.is_relative_to(src.parent) else path
+        # kept as the model names it (``sub/../w.bin`` too), so that model.onnx finds it in the copy
+        if relative.is_absolute() or os.path.normpath(relative).startswith(".."):
             raise InputError(f"{src}: external data {relative} lies outside the model's folder; a Triton "
                              "repository can hold only files beside the model")
         if not path.is_file():

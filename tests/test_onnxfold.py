@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import tempfile
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import bnrt
 from bnrt.errors import HealthError
@@ -20,7 +21,8 @@ from bnrt.export import count_ops
 from bnrt.onnxfold import fold_onnx
 from models.zoo import ZOO, build
 
-from .conftest import EXAMPLE, F32, assert_one_line_error, assert_onnx_folds, bn_node, bn_params, onnx_graph, run_cli
+from .conftest import (EXAMPLE, F32, assert_one_line_error, assert_onnx_folds, bn_node, bn_params, onnx_graph,
+                       report_schema, run_cli, typed_outputs)
 
 
 
@@ -343,3 +345,136 @@ def test_torchscript_digits_graph_folds_to_no_batchnorm(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert count_ops(onnx.load(str(tmp_path / "out" / "digits.folded.onnx")), "BatchNormalization") == 0
     assert "BatchNormalization nodes in the folded ONNX: 0" in proc.stdout
+
+
+# --- subgraphs: If/Loop bodies read outer values by name ---------------------------------------------
+
+def _vi(name, shape, elem=F32):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _subgraph_model(nodes, inits, outputs):
+    """``x`` [2, 3, 4, 4] in, ``outputs`` out (a Loop's [4]: ONNX infers no shape for it); the If
+    condition ``c`` is computed from ``x`` (sum > 0), so the inputs of ``_feeds`` take both branches."""
+    cond = [helper.make_node("ReduceSum", ["x"], ["xs"], keepdims=0),
+            helper.make_node("Greater", ["xs", "zero"], ["c"])]
+    inits = [*inits, numpy_helper.from_array(np.array(0, np.float32), "zero")]
+    graph = helper.make_graph(cond + nodes, "g", [_vi("x", [2, 3, 4, 4])],
+                              [_vi(o, [4] if o == "s" else None) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return typed_outputs(model)
+
+
+def _if(reads: str, out: str, then_op="Neg", else_op="Abs", name="if"):
+    branches = {key: helper.make_graph([helper.make_node(op, [reads], [f"{out}.{key}"])], key, [],
+                                       [_vi(f"{out}.{key}", None)])
+                for key, op in (("then", then_op), ("else", else_op))}
+    return helper.make_node("If", ["c"], [out], name=name, then_branch=branches["then"], else_branch=branches["else"])
+
+
+def _feeds(seed):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((2, 3, 4, 4)).astype(np.float32) + shift} for shift in (-2.0, 2.0)]
+
+
+def test_a_conv_output_read_inside_an_if_branch_keeps_its_bn():
+    """The If reads the conv output by name, not as a node input: a reader all the same, so folding
+    the BN (which changes the conv's output) is refused like for a second consumer."""
+    rng = np.random.default_rng(20)
+    inits, conv, _ = _conv_bn(rng)
+    nodes = [conv, bn_node("h", "y"), helper.make_node("Relu", ["y"], ["r"]), _if("h", "z")]
+    model = _subgraph_model(nodes, inits, ["r", "z"])
+    for feeds in _feeds(21):
+        result = assert_onnx_folds(model, feeds, 0)
+    d = result.decisions[0]
+    assert d.codes == ("shared-output", "no-layer-after"), d.reason
+    assert (d.refusals[0].subject, d.refusals[0].other) == ("conv", "if")
+    assert d.reason.startswith("output of 'conv' also feeds a subgraph of If 'if'"), d.reason
+
+
+def test_a_bn_output_read_inside_an_if_branch_keeps_its_name():
+    """The BN folds backward; the If still finds the BN's output name (the conv now produces it)."""
+    rng = np.random.default_rng(22)
+    inits, conv, _ = _conv_bn(rng)
+    nodes = [conv, bn_node("h", "y"), helper.make_node("Relu", ["y"], ["r"]), _if("y", "z")]
+    model = _subgraph_model(nodes, inits, ["r", "z"])
+    for feeds in _feeds(23):
+        result = assert_onnx_folds(model, feeds, 1)
+    assert result.decisions[0].rule == "conv->bn"
+    assert [n.output[0] for n in result.model.graph.node if n.op_type == "Conv"] == ["y"]
+
+
+def _loop(body_nodes, name="loop"):
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]), *body_nodes], "body",
+                             [_vi("i", [], TensorProto.INT64), _vi("cond_in", [], TensorProto.BOOL), _vi("v_in", [4])],
+                             [_vi("cond_out", [], TensorProto.BOOL), _vi("v_out", [4])])
+    consts = [numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(np.array(True), "go"),
+              numpy_helper.from_array(np.zeros(4, np.float32), "v0")]
+    return helper.make_node("Loop", ["trips", "go", "v0"], ["s"], name=name, body=body), consts
+
+
+@pytest.mark.parametrize("where", ["if", "loop", "nested"])
+def test_bn_and_conv_tensors_read_inside_subgraphs_are_kept(where):
+    """A body reading the BN's statistics or the conv's weight by name: the BN folds (into new
+    initializers), the tensors the body reads stay, the others are pruned."""
+    rng = np.random.default_rng(24)
+    inits, conv, _ = _conv_bn(rng)
+    nodes = [conv, bn_node("h", "y")]
+    if where == "if":
+        nodes.append(helper.make_node("If", ["c"], ["s"], name="if", then_branch=helper.make_graph(
+            [helper.make_node("Add", ["bn.mean", "bn.var"], ["t"])], "then", [], [_vi("t", [4])]),
+            else_branch=helper.make_graph([helper.make_node("Identity", ["bn.var"], ["e"])], "else", [], [_vi("e", [4])])))
+        read = ["bn.mean", "bn.var"]
+    elif where == "loop":
+        loop, consts = _loop([helper.make_node("Add", ["v_in", "bn.scale"], ["v_out"])])
+        nodes.append(loop)
+        inits += consts
+        read = ["bn.scale"]
+    else:  # an If inside the Loop body reads the conv weight and a BN tensor; its axes are its own
+        axes = numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes")
+        then = helper.make_graph([helper.make_node("ReduceSum", ["w", "axes"], ["ws"], keepdims=0),
+                                  helper.make_node("Add", ["v_in", "ws"], ["t"])], "then", [], [_vi("t", [4])], [axes])
+        orelse = helper.make_graph([helper.make_node("Sub", ["v_in", "bn.bias"], ["e"])], "else", [], [_vi("e", [4])])
+        loop, consts = _loop([helper.make_node("If", ["cond_in"], ["v_out"], then_branch=then, else_branch=orelse)])
+        nodes.append(loop)
+        inits += consts
+        read = ["w", "bn.bias"]
+    model = _subgraph_model(nodes, inits, ["y", "s"])
+    for feeds in _feeds(25):
+        result = assert_onnx_folds(model, feeds, 1)
+    kept = {i.name for i in result.model.graph.initializer}
+    assert set(read) <= kept and not {"bn.scale", "bn.bias", "bn.mean", "bn.var", "w"} - set(read) & kept
+
+
+def test_a_bn_inside_a_subgraph_is_listed_and_refused(tmp_path):
+    """A Conv -> BN inside an If branch is not folded (bnrt folds the main graph), but it is a
+    BatchNorm of the model: inspect lists it, the fold report carries its code, the graph stays valid
+    (its tensors are outer initializers, kept)."""
+    rng = np.random.default_rng(26)
+    inits, conv, _ = _conv_bn(rng)
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "w2")
+    then = helper.make_graph([helper.make_node("Conv", ["x", "w2"], ["ci"], name="inner_conv"),
+                              bn_node("ci", "t", prefix="inner")], "then", [], [_vi("t", None)])
+    orelse = helper.make_graph([helper.make_node("Conv", ["x", "w2"], ["e"], name="else_conv")], "else", [],
+                               [_vi("e", None)])
+    nodes = [conv, bn_node("h", "y"), helper.make_node("If", ["c"], ["z"], name="if", then_branch=then,
+                                                       else_branch=orelse)]
+    model = _subgraph_model(nodes, [*inits, w2, *bn_params(4, rng, "inner")], ["y", "z"])
+    for feeds in _feeds(27):
+        result = assert_onnx_folds(model, feeds, 1)
+    inner = result.decisions[1]
+    assert [d.bn for d in result.decisions] == ["bn", "if/then_branch/inner"]
+    assert inner.status == "skipped" and inner.codes == ("in-subgraph",)
+    assert inner.reason == "inside the then_branch subgraph of If 'if': bnrt folds the main graph only"
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    proc = run_cli("inspect", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "if/then_branch/inner" in proc.stdout and "2 BatchNorm: 1 folded, 1 skipped" in proc.stdout
+    proc = run_cli("fold", str(path), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "m.report.json").read_text())
+    jsonschema.validate(report, report_schema("fold-1"))
+    assert [r["code"] for d in report["decisions"] for r in d["refusals"]] == ["in-subgraph"]
+    assert report["check"]["passed"]

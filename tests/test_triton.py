@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from bnrt.run import Session
+from bnrt.triton import write_repository
 
 from .conftest import assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli
 
@@ -45,4 +48,24 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path):
     onnx.save_model(model, str(src))
     proc = run_cli("triton", str(src), "-o", str(tmp_path / "repo"))
     assert_one_line_error(proc, "m.onnx: external data ../outside.data lies outside the model's folder")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_a_repository_stands_without_the_source_folder(tmp_path):
+    """Data beside the model (the usual ``location='m.onnx.data'``), through the library: the
+    repository's model runs after the source folder is gone, with the source's outputs."""
+    src = _external(tmp_path / "src", "m.onnx.data")
+    x = np.random.default_rng(2).standard_normal((3, 2, 4, 4)).astype(np.float32)
+    expected = Session(src).run([x])[0]
+    target = write_repository(src, tmp_path / "repo", name="folded")
+    shutil.rmtree(tmp_path / "src")
+    assert sorted(p.name for p in (target / "1").iterdir()) == ["m.onnx.data", "model.onnx"]
+    np.testing.assert_array_equal(Session(target / "1" / "model.onnx").run([x])[0], expected)
+
+
+def test_a_missing_external_data_file_is_one_line(tmp_path):
+    src = _external(tmp_path / "src", "m.onnx.data")
+    (tmp_path / "src" / "m.onnx.data").unlink()
+    proc = run_cli("triton", str(src), "-o", str(tmp_path / "repo"))
+    assert_one_line_error(proc, "m.onnx: external data file ", "m.onnx.data is missing")
     assert not (tmp_path / "repo").exists()

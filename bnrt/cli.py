@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
     srv.add_argument("--keep-alive-s", type=float, default=KEEP_ALIVE_S,
                      help=f"close a connection idle this long, before its first request too (default {KEEP_ALIVE_S:g})")
+    srv.add_argument("--max-connections", type=int, default=None,
+                     help="open connections at most, more are closed when accepted (default: ulimit -n less 64)")
 
     tri = sub.add_parser("triton", help="write a Triton model repository for an ONNX model")
     tri.add_argument("model", help=".onnx file")
@@ -395,8 +397,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, provider=args.provider, threads=args.threads,
           max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
-          max_request_bytes=args.max_request_mb * (1 << 20), tf32=args.tf32, keep_alive_s=args.keep_alive_s,
-          announce=lambda m: print(m, flush=True))
+          max_request_mb=args.max_request_mb, tf32=args.tf32, keep_alive_s=args.keep_alive_s,
+          max_connections=args.max_connections, announce=lambda m: print(m, flush=True))
     return 0
 
 

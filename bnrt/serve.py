@@ -9,7 +9,9 @@ Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/
 Dynamic batching: requests for a model whose batch axis is dynamic are merged, up to
 ``max_batch`` samples or ``max_delay_ms`` after the first one arrived, into one ORT run; each
 request gets its own slice of the outputs back. Requests with different per-sample shapes or
-dtypes are never merged. At most ``max_queue`` requests per model are in flight; more get 503.
+dtypes are never merged. At most ``max_queue`` requests per model are in flight; more get 503. A
+request of more than ``max_batch`` samples runs in parts of ``max_batch``: memory follows
+``max_batch``, not the request. Connections idle for ``keep_alive_s`` are closed (see ``serve``).
 """
 
 from __future__ import annotations
@@ -21,39 +23,14 @@ import signal
 import socket
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .errors import InputError, OptionError
-from .run import Session
-from .kserve import HEADER_LENGTH, RequestError, ServedModel, build_response, parse_request
+from .kserve import HEADER_LENGTH, RequestError, ServedModel, build_response, discover, parse_request
 
 KEEP_ALIVE_S = 5.0  # uvicorn's default keep-alive, here also the wait for a new connection's first request
-
-def discover(path: str | os.PathLike, provider: str = "cpu", threads: int = 0,
-             tf32: bool | None = None) -> dict[str, dict[str, ServedModel]]:
-    """Models to serve: one ONNX file (named by its stem, version 1) or a Triton-style repository
-    ``REPO/NAME/VERSION/model.onnx``. Returns name -> version -> ServedModel. ``tf32``: CUDA only,
-    None keeps ORT's default (on)."""
-    path = Path(path)
-
-    def session(file: Path) -> Session:
-        return Session(file, provider, threads, spinning=False, tf32=tf32)
-
-    if path.is_file():
-        return {path.stem: {"1": ServedModel(path.stem, "1", session(path))}}
-    if not path.is_dir():
-        raise InputError(f"{path}: no such ONNX file or model repository")
-    models: dict[str, dict[str, ServedModel]] = {}
-    for onnx_file in sorted(path.glob("*/*/model.onnx")):
-        version, name = onnx_file.parent.name, onnx_file.parent.parent.name
-        if version.isdigit():
-            models.setdefault(name, {})[version] = ServedModel(name, version, session(onnx_file))
-    if not models:
-        raise InputError(f"{path}: no models found (expected REPO/NAME/VERSION/model.onnx)")
-    return models
 
 
 # --- dynamic batching -----------------------------------------------------------------------------
@@ -125,29 +102,34 @@ class Batcher:
             return None
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        # no local variable outlives a batch: the last one's inputs (a part of a large request is a
+        # view of all of it) would stay in memory until the next request
         while True:
-            first = await self._next(None)
-            batch, total = [first], first.size
-            if self.model.batching:
-                deadline = loop.time() + self.max_delay
-                postponed = []
-                while total < self.max_batch:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0 and self.queue.empty() and not self.held:
+            await self._run(await self._gather())
+
+    async def _gather(self) -> list[_Pending]:
+        loop = asyncio.get_running_loop()
+        first = await self._next(None)
+        batch, total = [first], first.size
+        if self.model.batching:
+            deadline = loop.time() + self.max_delay
+            postponed = []
+            while total < self.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0 and self.queue.empty() and not self.held:
+                    break
+                item = await self._next(max(remaining, 0))
+                if item is None:
+                    break
+                if item.signature != first.signature or total + item.size > self.max_batch:
+                    postponed.append(item)
+                    if total + item.size > self.max_batch:
                         break
-                    item = await self._next(max(remaining, 0))
-                    if item is None:
-                        break
-                    if item.signature != first.signature or total + item.size > self.max_batch:
-                        postponed.append(item)
-                        if total + item.size > self.max_batch:
-                            break
-                        continue
-                    batch.append(item)
-                    total += item.size
-                self.held.extendleft(reversed(postponed))
-            await self._run(batch)
+                    continue
+                batch.append(item)
+                total += item.size
+            self.held.extendleft(reversed(postponed))
+        return batch
 
     async def _run(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
@@ -172,27 +154,22 @@ class Batcher:
 
 # --- the ASGI application -------------------------------------------------------------------------
 
-def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32, max_delay_ms: float = 2.0,
-               max_queue: int = 256, max_request_bytes: int = 64 << 20):
-    """The Starlette application serving ``models`` (see ``discover``)."""
-    from contextlib import asynccontextmanager
+class _Endpoints:
+    """The protocol's endpoints over ``models`` (see ``discover``), one ``Batcher`` per model version."""
 
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
+    def __init__(self, models: dict[str, dict[str, ServedModel]], max_batch: int, max_delay_ms: float,
+                 max_queue: int, max_request_bytes: int):
+        from starlette.responses import JSONResponse, Response  # imported here: the CLI imports this module
 
-    batchers = {(m.name, m.version): Batcher(m, max_batch, max_delay_ms, max_queue)
-                for versions in models.values() for m in versions.values()}
+        self.json, self.response = JSONResponse, Response
+        self.models, self.max_request_bytes = models, max_request_bytes
+        self.batchers = {(m.name, m.version): Batcher(m, max_batch, max_delay_ms, max_queue)
+                         for versions in models.values() for m in versions.values()}
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    def find(request: Request) -> ServedModel:
+    def find(self, request) -> ServedModel:
         name = request.path_params["name"]
         version = request.path_params.get("version")
-        versions = models.get(name)
+        versions = self.models.get(name)
         if not versions:
             raise RequestError(404, f"unknown model {name!r}")
         if version is None or version == "":
@@ -201,115 +178,188 @@ def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32
             raise RequestError(404, f"model {name!r} has no version {version!r}")
         return versions[version]
 
-    async def server_metadata(request: Request) -> Response:
-        return JSONResponse({"name": "bnrt", "version": __version__, "extensions": ["binary_tensor_data"]})
+    def error(self, status: int, message: str):
+        return self.json({"error": message}, status_code=status)
 
-    async def live(request: Request) -> Response:
-        return Response(status_code=200)
+    async def server_metadata(self, request):
+        return self.json({"name": "bnrt", "version": __version__, "extensions": ["binary_tensor_data"]})
 
-    async def model_metadata(request: Request) -> Response:
+    async def live(self, request):
+        return self.response(status_code=200)
+
+    async def model_metadata(self, request):
         try:
-            model = find(request)
+            model = self.find(request)
         except RequestError as exc:
-            return error(exc.status, str(exc))
-        meta = model.metadata()
-        meta["versions"] = sorted(models[model.name], key=int)
-        return JSONResponse(meta)
+            return self.error(exc.status, str(exc))
+        return self.json({**model.metadata(), "versions": sorted(self.models[model.name], key=int)})
 
-    async def model_ready(request: Request) -> Response:
+    async def model_ready(self, request):
         try:
-            find(request)
+            self.find(request)
         except RequestError as exc:
-            return error(exc.status, str(exc))
-        return Response(status_code=200)
+            return self.error(exc.status, str(exc))
+        return await self.live(request)
 
-    async def infer(request: Request) -> Response:
+    async def body(self, request) -> bytes:
+        """The request's body; ``RequestError(413)`` as soon as it is known to exceed the limit."""
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"request of {declared} bytes exceeds the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def infer(self, request):
+        from starlette.requests import ClientDisconnect
+
         try:
-            model = find(request)
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
-                raise RequestError(413, f"request of {declared} bytes exceeds the limit of {max_request_bytes}")
-            chunks, size = [], 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_request_bytes:
-                    raise RequestError(413, f"request exceeds the limit of {max_request_bytes} bytes")
-                chunks.append(chunk)
-            body = b"".join(chunks)
-            parsed, feeds = parse_request(body, request.headers.get(HEADER_LENGTH), model)
-            if model.batching and not all(a.shape[0] for a in feeds.values()):
-                raise RequestError(400, "empty batch")
-            outputs = await batchers[(model.name, model.version)].submit(feeds)
+            model = self.find(request)
+            parsed, feeds = parse_request(await self.body(request), request.headers.get(HEADER_LENGTH), model)
+            sizes = {a.shape[0] for a in feeds.values()} if model.batching else set()
+            if len(sizes) > 1 or 0 in sizes:  # parts and merged runs are cut along one batch axis
+                raise RequestError(400, f"inputs of different batch sizes {sorted(sizes)}" if len(sizes) > 1
+                                   else "empty batch")
+            outputs = await self.batchers[(model.name, model.version)].submit(feeds)
             payload, head_length = build_response(parsed, model, outputs)
         except RequestError as exc:
-            return error(exc.status, str(exc))
+            return self.error(exc.status, str(exc))
+        except ClientDisconnect:  # closed mid-body (by the client, or idle for keep_alive_s): no one to answer
+            return self.response(status_code=400)
         if head_length is None:
-            return Response(payload, media_type="application/json")
-        return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head_length)})
+            return self.response(payload, media_type="application/json")
+        return self.response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head_length)})
+
+
+def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32, max_delay_ms: float = 2.0,
+               max_queue: int = 256, max_request_bytes: int = 64 << 20):
+    """The Starlette application serving ``models`` (see ``discover``)."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    api = _Endpoints(models, max_batch, max_delay_ms, max_queue, max_request_bytes)
 
     @asynccontextmanager
     async def lifespan(app):
-        for b in batchers.values():
+        for b in api.batchers.values():
             b.start()
         yield
-        for b in batchers.values():
+        for b in api.batchers.values():
             await b.stop()
 
     routes = [
-        Route("/v2", server_metadata),
-        Route("/v2/health/live", live),
-        Route("/v2/health/ready", live),
-        Route("/v2/models/{name}", model_metadata),
-        Route("/v2/models/{name}/versions/{version}", model_metadata),
-        Route("/v2/models/{name}/ready", model_ready),
-        Route("/v2/models/{name}/versions/{version}/ready", model_ready),
-        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v2", api.server_metadata),
+        Route("/v2/health/live", api.live),
+        Route("/v2/health/ready", api.live),
+        Route("/v2/models/{name}", api.model_metadata),
+        Route("/v2/models/{name}/versions/{version}", api.model_metadata),
+        Route("/v2/models/{name}/ready", api.model_ready),
+        Route("/v2/models/{name}/versions/{version}/ready", api.model_ready),
+        Route("/v2/models/{name}/infer", api.infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", api.infer, methods=["POST"]),
     ]
-    async def http_error(request: Request, exc) -> Response:
+
+    async def http_error(request, exc):
         # unmatched paths and methods also answer in the protocol's error shape
-        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        return api.error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
 
-def _idle_closing():
-    """uvicorn's HTTP protocol, its keep-alive timer started when a connection opens: uvicorn starts
-    it only after a response, so connections that never send a request stayed open for ever (and
-    enough of them exhaust the file descriptors). Data arriving cancels it, as after a response."""
+def _http_protocol(max_connections: int):
+    """uvicorn's HTTP protocol, with limits: its keep-alive timer ran only between requests, so a
+    connection that never sent one, or stopped half-way, stayed open (enough of them exhaust the file
+    descriptors). Here it also runs from the connection's start and while a request arrives, and a
+    connection beyond ``max_connections`` is closed as soon as it is accepted."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class IdleClosing(Base):
+    class Limited(Base):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            if len(self.connections) > max_connections:
+                transport.close()
+            else:
+                self._idle()
 
-    return IdleClosing
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            receiving = self.cycle is None or self.cycle.response_complete or self.cycle.more_body
+            if receiving and not self.transport.is_closing():
+                self._idle()
+
+        def timeout_keep_alive_handler(self) -> None:
+            if self.flow.read_paused:  # the server stopped reading (its buffer is full): the client is not idle
+                self._idle()
+            elif not self.transport.is_closing():  # h11's own handler cannot close mid-request
+                self.transport.close()
+
+        def _idle(self) -> None:
+            self._unset_keepalive_if_required()
+            handler = self.timeout_keep_alive_handler
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, handler)
+
+    return Limited
+
+
+def default_max_connections() -> int:
+    """The open-file limit less 64 descriptors for the server's own files and sockets."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 16 if soft == resource.RLIM_INFINITY else max(1, soft - 64)
+
+
+_INTEGER_RANGES = {"port": (0, 65535), "threads": (0, None), "max_batch": (1, None), "max_queue": (1, None),
+                   "max_connections": (1, None)}
+
+
+def _check_options(**options) -> None:
+    """``OptionError`` naming the first option out of its range; each test is written so that NaN,
+    which compares false both ways, fails it."""
+    for option, value in options.items():
+        if option in _INTEGER_RANGES:
+            low, high = _INTEGER_RANGES[option]
+            ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= (high or value)
+            wanted = f"an integer in [{low}, {high}]" if high else f"an integer >= {low}"
+        else:
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and (
+                value >= 0 if option == "max_delay_ms" else value > 0)
+            wanted = "a finite number " + (">= 0" if option == "max_delay_ms" else "> 0")
+        if not ok:
+            shown = format(value, "g") if isinstance(value, float) else value
+            raise OptionError(f"`{option}` {shown}: must be {wanted}")
 
 
 def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, provider: str = "cpu",
           threads: int = 0, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
-          max_request_bytes: int = 64 << 20, tf32: bool | None = None, keep_alive_s: float = KEEP_ALIVE_S,
-          announce=print) -> None:
+          max_request_mb: float = 64.0, tf32: bool | None = None, keep_alive_s: float = KEEP_ALIVE_S,
+          max_connections: int | None = None, announce=print) -> None:
     """Serve the model(s) at ``path`` until SIGINT/SIGTERM (uvicorn's handlers shut down cleanly).
     ``tf32``: CUDA only; None keeps ORT's default (on), announced at start. A connection idle for
-    ``keep_alive_s`` (before its first request too) is closed. Numeric options that are NaN,
-    infinite or out of range are an ``OptionError``."""
+    ``keep_alive_s`` is closed, also before its first request and half-way through one; at most
+    ``max_connections`` are open (None: ``default_max_connections()``), more are closed when
+    accepted. A numeric option that is NaN, infinite or out of its range is an ``OptionError``."""
     import uvicorn
 
-    for value, option in ((max_batch, "max_batch"), (max_queue, "max_queue"), (max_request_bytes, "max_request_mb"),
-                          (keep_alive_s, "keep_alive_s")):
-        if not value > 0 or not math.isfinite(value):  # NaN compares false both ways
-            raise OptionError(f"`{option}` {value}: must be a finite positive number")
-    if not max_delay_ms >= 0 or not math.isfinite(max_delay_ms):
-        raise OptionError(f"`max_delay_ms` {max_delay_ms}: must be a finite number >= 0")
-    max_request_bytes = int(max_request_bytes)
+    if max_connections is None:
+        max_connections = default_max_connections()
+    _check_options(port=port, threads=threads, max_batch=max_batch, max_queue=max_queue,
+                   max_connections=max_connections, max_delay_ms=max_delay_ms, max_request_mb=max_request_mb,
+                   keep_alive_s=keep_alive_s)
     models = discover(path, provider, threads, tf32)
     app = create_app(models, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
-                     max_request_bytes=max_request_bytes)
+                     max_request_bytes=int(max_request_mb * (1 << 20)))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it, Nagle and
     # delayed ACKs hold every response (header and body are two writes) for 40 ms
@@ -321,8 +371,8 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
         sock.close()
         raise InputError(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=_idle_closing(),
-                            timeout_keep_alive=keep_alive_s)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            http=_http_protocol(max_connections), timeout_keep_alive=keep_alive_s)
     server = uvicorn.Server(config)
     names = ", ".join(f"{n} (v{', v'.join(sorted(v, key=int))})" for n, v in models.items())
     tf32_note = "" if provider != "cuda" else f"; TF32 {'on' if tf32 is not False else 'off'}" + (

@@ -1,9 +1,13 @@
 """A bounded load test of `bnrt serve` on 127.0.0.1: N valid requests from K concurrent clients.
 
     python -m tools.load_test [MODEL.onnx] [--requests 10000] [--clients 64]
+    python -m tools.load_test [MODEL.onnx] --large 245760
 
 Reports failures, requests/s, p50/p99 latency and the server's resident memory (VmRSS) after a
-warm-up and after the run. Every request is bounded in time; the run stops by itself.
+warm-up and after the run. Every request is bounded in time; the run stops by itself. `--large N`
+instead sends one JSON request of N samples (values 0-16 like the digits data, written by
+json.dumps: 51 MB for 245,760 digits samples) and reports the server's memory before it, at its
+peak (VmHWM) and after it, in MB.
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ import bnrt
 from tools.bench_serve import ROOT, start_server
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, key: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {key}")
 
 
 def valid_body(shape: tuple[int, ...]) -> bytes:
@@ -82,18 +86,46 @@ def load_test(model: Path, requests: int, clients: int) -> dict:
     return stats
 
 
+def large_request(model: Path, samples: int) -> dict:
+    """The server's memory (MB) before, at the peak of and after one JSON request of ``samples`` samples."""
+    proc, url = start_server(model)
+    host, port = url.split(":")
+    try:
+        shape = (samples, *bnrt.Session(model).inputs[0].shape[1:])
+        values = np.random.default_rng(0).integers(0, 17, shape)
+        body = json.dumps({"inputs": [{"name": bnrt.Session(model).input_names[0], "shape": list(shape),
+                                       "datatype": "FP32", "data": values.ravel().tolist()}]}).encode()
+        before = rss_kib(proc.pid)
+        start = time.perf_counter()
+        conn = http.client.HTTPConnection(host, int(port), timeout=600)
+        conn.request("POST", f"/v2/models/{model.stem}/infer", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        seconds = time.perf_counter() - start
+        time.sleep(0.5)  # the response is sent before the server drops what it held
+        mb = {key: round(rss_kib(proc.pid, key) / 1024) for key in ("VmHWM", "VmRSS")}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"samples": samples, "body_mb": round(len(body) / 2**20, 1), "status": response.status,
+            "seconds": round(seconds, 2), "rss_before_mb": round(before / 1024), "peak_mb": mb["VmHWM"],
+            "rss_after_mb": mb["VmRSS"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?")
     parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--large", type=int, metavar="N", help="one request of N samples: the server's memory")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else None
         if model is None:
             bnrt.fold_file(bnrt.ModelSource(ROOT / "models" / "digits_cnn.pt", trust_code=True), tmp, check=None, exporter="torchscript")
             model = Path(tmp) / "digits_cnn.onnx"
-        stats = load_test(model, args.requests, args.clients)
+        stats = large_request(model, args.large) if args.large else load_test(model, args.requests, args.clients)
     print(json.dumps(stats, indent=2))
 
 

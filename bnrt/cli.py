@@ -513,18 +513,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:
         return _interrupted(exc)
-    except BnrtError as exc:
-        if interruption(exc):
-            return _interrupted(interruption(exc))
-        if args.debug:
-            traceback.print_exc()
-        print(f"bnrt: error: {exc.as_flag() if isinstance(exc, OptionError) else exc}", file=sys.stderr)
-        return exc.exit_code
     except Exception as exc:  # a model's own code can raise anything; never show a bare traceback
-        if interruption(exc):
-            return _interrupted(interruption(exc))
+        stop = interruption(exc)  # Ctrl-C or SIGTERM that a library wrapped in its own error
+        if stop is not None:
+            return _interrupted(stop)
         if args.debug:
             traceback.print_exc()
+        if isinstance(exc, BnrtError):
+            print(f"bnrt: error: {exc.as_flag() if isinstance(exc, OptionError) else exc}", file=sys.stderr)
+            return exc.exit_code
         subject = getattr(args, "model", None) or getattr(args, "candidate", "")
         print(f"bnrt: error: {subject}: {type(exc).__name__}: {first_line(exc)} (--debug shows the traceback)",
               file=sys.stderr)

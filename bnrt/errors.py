@@ -51,7 +51,8 @@ class CaptureError(InputError):
 
 class HealthError(InputError):
     """BatchNorm statistics that would produce a broken model; ``code`` says which
-    (``nonfinite-statistics``, ``negative-variance``, ``zero-variance``: see ``bnrt.engine.health``)."""
+    (``nonfinite-statistics``, ``shape-mismatch``, ``negative-variance``, ``zero-variance``: see
+    ``bnrt.engine.health``; the default only serves ``copy``, which rebuilds it from its message)."""
 
     def __init__(self, message: str, code: str = "nonfinite-statistics"):
         super().__init__(message)

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .run import resolve_provider
-from .verify import NOISE_FACTOR, Divergence, finite_where_both, nonfinite_problem, torch_tf32, within_noise
+from .verify import (NOISE_FACTOR, Divergence, finite_part, finite_where_both, nonfinite_problem, torch_tf32,
+                     within_noise)
 
 def partners(folds: Iterable[dict]) -> tuple[set[str], dict[str, str]]:
     """Modules whose outputs differ by design after folding, and for each folded BN the layer it
@@ -142,10 +143,9 @@ def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.n
         if name in skip or cand is None or cand.shape != ref.shape:
             continue
         r, c = ref.astype(np.float64), cand.astype(np.float64)
-        diff = np.abs(c - r)
         if nonfinite_problem(r, c, allow_nonfinite):
-            return Divergence(name, float(np.nanmax(diff, initial=0.0)), layer_of.get(name))
-        r, c = np.where(np.isfinite(r), r, 0.0), np.where(np.isfinite(r), c, 0.0)
+            return Divergence(name, float(np.nanmax(np.abs(c - r), initial=0.0)), layer_of.get(name))
+        r, c = finite_part(r, c)
         diff = np.abs(c - r)
         if fixed is not None:
             if not np.all(diff <= fixed[0] + fixed[1] * np.abs(r)):

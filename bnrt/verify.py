@@ -93,6 +93,13 @@ class NoiseReference:
         return (noise, reference) if self.kind == "float64" else (reference, noise)
 
 
+def finite_part(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both with zero where the reference is not finite: once ``nonfinite_problem`` passed them,
+    the candidate holds the same non-finite values there, and the rest is what is compared."""
+    finite = np.isfinite(ref)
+    return np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
+
+
 def finite_where_both(anchor: np.ndarray, noisy: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, ...]:
     """The three in float64, zero wherever the anchor or the noisy run is not finite: the noise runs
     may meet a reference's allowed non-finite positions (or overflow in float64 where float32 did
@@ -304,8 +311,7 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | N
     if r.size == 0:
         return OutputMetrics(name, list(ref.shape), 0.0, 0.0, 0.0, 1.0, None, None, None, *(fixed or (None, None)),
                              True, None, criterion)
-    finite = np.isfinite(r)  # where it is not, the candidate holds the same value (nonfinite_problem)
-    r, c = np.where(finite, r, 0.0), np.where(finite, c, 0.0)
+    r, c = finite_part(r, c)
     diff = np.abs(c - r)
     scale = np.abs(r)
     rel_floor = max(REL_FLOOR * float(scale.max()), np.finfo(np.float64).tiny)

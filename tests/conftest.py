@@ -26,8 +26,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import bnrt
-from bnrt.export import count_ops
-from bnrt.onnxfold import fold_onnx
+from bnrt.io.export import count_ops
+from bnrt.folding.onnxfold import fold_onnx
 from tools import child_env
 
 ROOT = Path(__file__).resolve().parents[1]

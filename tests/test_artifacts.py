@@ -12,9 +12,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 import bnrt
-from bnrt.artifacts import FOLDS_KEY, artifact_names, folds_in, folds_of, onnx_metadata
-from bnrt.decision import CODES
-from bnrt.onnxfold import fold_onnx
+from bnrt.io.artifacts import FOLDS_KEY, artifact_names, folds_in, folds_of, onnx_metadata
+from bnrt.folding.decision import CODES
+from bnrt.folding.onnxfold import fold_onnx
 
 from .conftest import report_schema, EXAMPLE, bn_node, bn_params, onnx_graph, trusted
 

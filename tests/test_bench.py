@@ -6,7 +6,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from bnrt.bench import BenchReport, Row, bench_model, bn_free, markdown
+from bnrt.pipeline.bench import BenchReport, Row, bench_model, bn_free, markdown
 
 from .conftest import EXAMPLE, run_cli
 

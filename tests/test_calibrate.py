@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 import bnrt
-from bnrt.calibrate import batches_of, calibrate, execution_order, residuals
+from bnrt.train.calibrate import batches_of, calibrate, execution_order, residuals
 from bnrt.errors import InputError
 from models.zoo import ZOO, build
 
@@ -55,7 +55,7 @@ def test_exact_mode_leaves_standardised_inputs_at_mean_0_var_1(name):
 
 
 def test_fast_mode_first_bn_matches_the_reference_pooled_statistics():
-    from bnrt import reference
+    from bnrt.train import reference
 
     model = build("resnet", batches=1)
     x = _data("resnet", 50)

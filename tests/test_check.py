@@ -13,12 +13,12 @@ import torch
 from onnx import numpy_helper
 
 import bnrt
-from bnrt.data import random_inputs
+from bnrt.io.data import random_inputs
 from bnrt.errors import InputError
-from bnrt.export import count_ops
-from bnrt.data import InputSpec
-from bnrt.sides import CheckOptions, check_files
-from bnrt.verify import Tolerances, compare_output
+from bnrt.io.export import count_ops
+from bnrt.io.data import InputSpec
+from bnrt.check.sides import CheckOptions, check_files
+from bnrt.check.metrics import Tolerances, compare_output
 from models.digits import digits_split
 
 from .conftest import report_schema, EXAMPLE, assert_one_line_error, run_cli, save_checkpoint, trusted
@@ -131,7 +131,7 @@ def test_corrupted_fold_is_caught_and_the_layer_named(tmp_path, folded, kind):
 
 
 def test_torchscript_scope_names_resolve_to_module_paths():
-    from bnrt.localise import resolve_scope
+    from bnrt.check.localise import resolve_scope
 
     known = {"stem", "stem.0", "block", "block.body", "block.body.0", "block.body.0.0", "block.act", "fc"}
     assert resolve_scope("/stem/stem.0", known) == "stem.0"
@@ -199,7 +199,7 @@ def test_mismatched_sides_and_bad_data_are_one_line_exit_2(tmp_path, case):
 
 
 def test_report_json_never_holds_non_finite_numbers(tmp_path):
-    from bnrt.save import write_json
+    from bnrt.io.save import write_json
 
     write_json(tmp_path / "r.json", {"a": float("inf"), "b": [float("nan"), 1.0]})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [None, 1.0]}

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from bnrt.export import count_ops
+from bnrt.io.export import count_ops
 from models.digits import DigitsNet
 
 from .conftest import EXAMPLE, assert_one_line_error, run_cli, save_checkpoint

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bnrt.data import load_data, random_inputs
+from bnrt.io.data import load_data, random_inputs
 from bnrt.errors import InputError
 
 

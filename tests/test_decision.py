@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bnrt.decision import CODES, Refusal, Target, folded, skipped
+from bnrt.folding.decision import CODES, Refusal, Target, folded, skipped
 
 
 def test_an_unknown_refusal_code_is_a_programming_error():

@@ -25,7 +25,7 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
 
 
 def test_package_and_submodules_import():
-    proc = subprocess.run([sys.executable, "-c", "import bnrt, bnrt.calibrate; from bnrt.calibrate import residuals"],
+    proc = subprocess.run([sys.executable, "-c", "import bnrt, bnrt.train.calibrate; from bnrt.train.calibrate import residuals"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 

@@ -15,11 +15,11 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import bnrt
-from bnrt import engine, foldmath
-from bnrt.capture import quiet
-from bnrt.engine import RULES, BnStats
+from bnrt.folding import engine, foldmath
+from bnrt.folding.capture import quiet
+from bnrt.folding.engine import RULES, BnStats
 from bnrt.errors import HealthError
-from bnrt.onnxfold import fold_onnx
+from bnrt.folding.onnxfold import fold_onnx
 from models.zoo import ZOO, build
 
 from .conftest import F32, assert_folds_exactly, assert_onnx_folds, bn_node, bn_params, onnx_graph, randomise_bn

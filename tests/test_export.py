@@ -6,8 +6,8 @@ from torch import nn
 
 import bnrt
 from bnrt.errors import InputError
-from bnrt.export import count_ops, export_onnx, input_names
-from bnrt.run import Session
+from bnrt.io.export import count_ops, export_onnx, input_names
+from bnrt.deploy.run import Session
 from models.digits import DigitsNet
 
 

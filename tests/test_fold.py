@@ -339,7 +339,7 @@ def test_bn_subclasses_fold_with_identity_statistics_under_torch_export(tmp_path
         for batch in (x, torch.randn(5, 3, 7, 9)):  # not specialised to the example's shape
             torch.testing.assert_close(folded(batch), model(batch), rtol=1e-5, atol=1e-5)
     proto = bnrt.export_onnx(folded, (x,), tmp_path / "m.onnx", names=(["x"], ["y"]))
-    from bnrt.export import count_ops
+    from bnrt.io.export import count_ops
 
     assert count_ops(proto, "BatchNormalization") == 0
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import bnrt
 
-from bnrt import foldmath
+from bnrt.folding import foldmath
 
 
 def test_scale_shift_by_hand():

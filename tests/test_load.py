@@ -9,7 +9,7 @@ from torch import nn
 
 import bnrt
 from bnrt.errors import InputError, OptionError
-from bnrt.load import load_model, resolve_arch
+from bnrt.io.load import load_model, resolve_arch
 from models.digits import DigitsNet
 
 from .conftest import assert_one_line_error, run_cli, save_checkpoint, trusted
@@ -162,7 +162,7 @@ def test_load_folded_into_users_class(tmp_path, example):
 
 
 def test_functional_batch_norm_round_trip_through_the_folded_checkpoint(tmp_path):
-    from bnrt.export import count_ops
+    from bnrt.io.export import count_ops
 
     torch.manual_seed(0)
     model = FunctionalBN().eval()

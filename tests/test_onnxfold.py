@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnrt
 from bnrt.errors import HealthError
-from bnrt.export import count_ops
-from bnrt.onnxfold import fold_onnx
+from bnrt.io.export import count_ops
+from bnrt.folding.onnxfold import fold_onnx
 from models.zoo import ZOO, build
 
 from .conftest import (EXAMPLE, F32, assert_one_line_error, assert_onnx_folds, bn_node, bn_params, onnx_graph,

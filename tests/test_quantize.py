@@ -14,8 +14,8 @@ from torch import nn
 
 import bnrt
 from bnrt.errors import InputError
-from bnrt.export import count_ops
-from bnrt.quantize import QuantizeOptions, quantize_file
+from bnrt.io.export import count_ops
+from bnrt.pipeline.quantize import QuantizeOptions, quantize_file
 
 from .conftest import report_schema, EXAMPLE, assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli, trusted
 

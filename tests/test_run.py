@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from bnrt.errors import InputError
-from bnrt.export import export_onnx
-from bnrt.run import Session, resolve_provider
+from bnrt.io.export import export_onnx
+from bnrt.deploy.run import Session, resolve_provider
 
 from .conftest import EXAMPLE, assert_one_line_error, run_cli
 

@@ -17,7 +17,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from bnrt.errors import InputError
-from bnrt.save import atomic_path, files_read, refuse_overwrite
+from bnrt.io.save import atomic_path, files_read, refuse_overwrite
 from tools import child_env
 
 from .nets import ExportTrap

@@ -15,8 +15,8 @@ from tritonclient.grpc import model_config_pb2
 
 import bnrt
 from bnrt.errors import OptionError
-from bnrt.run import Session
-from bnrt.serve import serve
+from bnrt.deploy.run import Session
+from bnrt.deploy.serve import serve
 
 from .conftest import Server, assert_one_line_error, run_cli
 
@@ -251,7 +251,7 @@ def test_fixed_batch_model_is_not_batched_in_triton_config(tmp_path):
     model = torch.nn.Linear(3, 2).eval()
     bnrt.export_onnx(model, (torch.randn(2, 3),), tmp_path / "fixed.onnx", names=(["x"], ["y"]), dynamic_batch=False,
                      exporter="torchscript")
-    from bnrt.triton import build_config
+    from bnrt.deploy.triton import build_config
 
     config = build_config(Session(tmp_path / "fixed.onnx"), "fixed", max_batch=8, gpu=True)
     assert config.max_batch_size == 0 and list(config.input[0].dims) == [2, 3]

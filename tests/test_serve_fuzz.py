@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnrt.kserve import _numbers
+from bnrt.deploy.kserve import _numbers
 from tools.load_test import load_test, valid_body
 
 from .conftest import Server

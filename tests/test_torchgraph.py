@@ -229,7 +229,7 @@ def test_functional_batch_norm_refusals(kwargs, reason):
 @pytest.mark.parametrize("eps", [1e-5, 1e-3, 1e-1, 3e-5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_identity_statistics_are_exact(eps, dtype):
-    from bnrt.structure import set_identity_statistics
+    from bnrt.folding.structure import set_identity_statistics
 
     holder = nn.Module()
     holder.register_buffer("m", torch.randn(3, dtype=dtype))
@@ -261,7 +261,7 @@ def test_sync_batchnorm_left_in_the_model_becomes_plain_batchnorm():
 
 
 def test_convert_sync_batchnorm_by_input_rank():
-    from bnrt.fold import convert_sync_batchnorm
+    from bnrt.folding.torchfold import convert_sync_batchnorm
 
     model = nn.Sequential(nn.SyncBatchNorm(3), nn.Unflatten(2, (2, 2)), nn.SyncBatchNorm(3)).eval()
     x = torch.randn(2, 3, 4)
@@ -383,7 +383,7 @@ def test_merged_rep_blocks_round_trip_through_the_folded_checkpoint(tmp_path):
     assert outcome.passed and outcome.onnx_batchnorm_nodes == 0
     assert outcome.report["summary"]["merged_blocks"] == 5 and len(outcome.report["merges"]) == 5
     import onnx
-    from bnrt.export import count_ops
+    from bnrt.io.export import count_ops
 
     exported = onnx.load(str(tmp_path / "out" / "rep.onnx"))
     assert (count_ops(exported, "Conv"), count_ops(exported, "Add")) == (5, 0)
@@ -404,8 +404,8 @@ def test_a_frozen_bn_exported_as_mul_and_add_after_a_conv_folds_in_onnx(tmp_path
     import onnx
     import onnxruntime as ort
 
-    from bnrt.export import count_ops
-    from bnrt.onnxfold import fold_onnx
+    from bnrt.io.export import count_ops
+    from bnrt.folding.onnxfold import fold_onnx
     model = nn.Sequential(nn.Conv2d(3, 4, 3), _random_frozen(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU()).eval()
     x = torch.randn(2, 3, 6, 6)
     torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"], output_names=["y"])
@@ -437,8 +437,8 @@ def test_a_scale_and_shift_after_a_flat_linear_fold_into_it_in_torch_and_onnx(tm
     import onnx
     import onnxruntime as ort
 
-    from bnrt.export import count_ops
-    from bnrt.onnxfold import fold_onnx
+    from bnrt.io.export import count_ops
+    from bnrt.folding.onnxfold import fold_onnx
 
     model = ScaledLinear().eval()
     x, t = torch.randn(2, 5), torch.randn(2, 4, 5)
@@ -496,7 +496,7 @@ def _rep_vgg_dw(bn: bool = True) -> nn.Module:
 def test_a_block_with_the_input_itself_merges_in_the_runnable_graph_and_its_bn_after_folds(tmp_path):
     import onnx
 
-    from bnrt.export import count_ops
+    from bnrt.io.export import count_ops
 
     from .conftest import save_checkpoint
 
@@ -534,8 +534,8 @@ def test_onnx_graphs_merge_the_input_itself_and_fold_the_bn_after(tmp_path, bn):
     import onnx
     import onnxruntime as ort
 
-    from bnrt.export import count_ops
-    from bnrt.onnxfold import fold_onnx
+    from bnrt.io.export import count_ops
+    from bnrt.folding.onnxfold import fold_onnx
 
     model = _rep_vgg_dw(bn)
     x = torch.randn(2, 4, 6, 6)
@@ -576,8 +576,8 @@ def test_a_rep_mixer_merges_into_one_conv_and_a_layer_scale_folds_into_the_conv_
     import onnx
     import onnxruntime as ort
 
-    from bnrt.export import count_ops
-    from bnrt.onnxfold import fold_onnx
+    from bnrt.io.export import count_ops
+    from bnrt.folding.onnxfold import fold_onnx
 
     model = _randomised(RepMixer())
     x = torch.randn(2, 4, 6, 6)

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnrt.run import Session
-from bnrt.triton import write_repository
+from bnrt.deploy.run import Session
+from bnrt.deploy.triton import write_repository
 
 from .conftest import assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli
 

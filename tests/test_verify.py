@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from bnrt.data import Dataset
+from bnrt.io.data import Dataset
 from bnrt.errors import OptionError
-from bnrt.report import check_table
-from bnrt.sides import CheckOptions
-from bnrt.verify import (NoiseReference, accuracy, check, compare_output, flatten_outputs, run_batched, torch_runner,
+from bnrt.check.report import check_table
+from bnrt.check.sides import CheckOptions
+from bnrt.check.metrics import (NoiseReference, accuracy, check, compare_output, flatten_outputs, run_batched, torch_runner,
                          truth_samples)
 
 from .conftest import EXAMPLE, assert_one_line_error, report_schema, run_cli

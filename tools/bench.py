@@ -23,8 +23,8 @@ import numpy as np
 
 import torch
 
-from bnrt.bench import bench_model, environment, markdown, plot
-from bnrt.save import write_json, write_text
+from bnrt.pipeline.bench import bench_model, environment, markdown, plot
+from bnrt.io.save import write_json, write_text
 from tools import child_env
 from tools.provenance import provenance
 from models.zoo import ZOO, build

@@ -6,7 +6,7 @@
 Folds a zoo model (random weights, statistics of random data), quantizes it with ``bnrt quantize``
 (INT8: calibrated on random inputs, which is fine for timing and nothing else; the budget is
 opened, since random data says nothing about accuracy), and times float32, INT8 and FP16 on ORT's
-CPU provider (and CUDA where present) with bnrt.bench's interleaved method. Prints a table of p50
+CPU provider (and CUDA where present) with bnrt.pipeline.bench's interleaved method. Prints a table of p50
 latencies and the speed-ups.
 """
 
@@ -20,10 +20,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bnrt.bench import measure
-from bnrt.load import ModelSource
-from bnrt.quantize import QuantizeOptions, quantize_file
-from bnrt.run import Session
+from bnrt.pipeline.bench import measure
+from bnrt.io.load import ModelSource
+from bnrt.pipeline.quantize import QuantizeOptions, quantize_file
+from bnrt.deploy.run import Session
 from models.zoo import ZOO, build
 from tools.provenance import provenance
 
@@ -57,7 +57,7 @@ def main() -> None:
             outcome = quantize_file(ModelSource(tmp / "m.pt", trust_code=True), tmp / "d.npz", tmp / "q",
                                     QuantizeOptions(precision=precision, max_disagreement=1.0))
             paths[precision] = Path(outcome.report["output"])
-        from bnrt.pipeline import fold_file
+        from bnrt.pipeline.convert import fold_file
         fold_file(ModelSource(tmp / "m.pt", trust_code=True), tmp / "f", check=None)
         paths = {"float32": tmp / "f" / "m.onnx", **paths}
         print(provenance("python -m tools.bench_quantize") + f" {args.model}, {args.threads} thread(s), "

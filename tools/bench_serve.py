@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 import bnrt
-from bnrt.run import Session
-from bnrt.save import write_text
+from bnrt.deploy.run import Session
+from bnrt.io.save import write_text
 from tools import child_env
 from tools.provenance import provenance
 

@@ -5,7 +5,7 @@
 
 Each model gets non-trivial statistics (models.zoo.build), then the data shifts (x·1.7 + 0.4) so
 that the old statistics are wrong. Residuals: max over BNs and channels of |mean| and |var − 1| of
-the BN inputs standardised with the new running statistics (bnrt.calibrate.residuals). Cost: wall
+the BN inputs standardised with the new running statistics (bnrt.train.calibrate.residuals). Cost: wall
 time of bnrt's ``fast`` and ``exact`` modes and of torch.optim.swa_utils.update_bn, and the
 throughput ratio plain eval forward / calibration over the same batches (median of 3 runs).
 Per-BN residuals of every mode go to docs/calibration.json.
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import update_bn
 
-from bnrt.calibrate import batches_of, calibrate, residuals
-from bnrt.save import write_json, write_text
+from bnrt.train.calibrate import batches_of, calibrate, residuals
+from bnrt.io.save import write_json, write_text
 from tools.provenance import provenance
 from models.zoo import ZOO, build
 

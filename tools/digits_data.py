@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnrt.save import atomic_path
+from bnrt.io.save import atomic_path
 from models.digits import digits_split
 
 

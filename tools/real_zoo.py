@@ -110,7 +110,7 @@ def bn_like_nodes(proto) -> int:
     """BatchNormalization nodes, plus per-channel constant Muls straight after a Conv/Gemm/MatMul."""
     from onnx import numpy_helper
 
-    from bnrt.export import count_ops
+    from bnrt.io.export import count_ops
 
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
@@ -135,12 +135,12 @@ def one(source: str, name: str, size: int, samples: int) -> dict:
     from torch.fx.experimental.optimization import fuse
 
     import bnrt
-    from bnrt.capture import quiet
-    from bnrt.data import random_inputs
-    from bnrt.export import export_onnx, output_names
-    from bnrt.run import Session
-    from bnrt.sides import float64_noise
-    from bnrt.verify import check, flatten_outputs, torch_runner
+    from bnrt.folding.capture import quiet
+    from bnrt.io.data import random_inputs
+    from bnrt.io.export import export_onnx, output_names
+    from bnrt.deploy.run import Session
+    from bnrt.check.sides import float64_noise
+    from bnrt.check.metrics import check, flatten_outputs, torch_runner
 
     torch.set_num_threads(2)
     model, nn = build(source, name, size)
@@ -263,7 +263,7 @@ def main() -> None:
             " Rebuilt from its rows"
         header = (first or f"Rows from `{args.rows}`.") + what + " — " + provenance(command)
     doc = "# Real-model zoo\n\n" + header + "\n\n" + table + "\n"
-    from bnrt.save import write_text
+    from bnrt.io.save import write_text
     write_text(Path(args.jsonl), "".join(json.dumps(row) + "\n" for row in rows))
     write_text(Path(args.output), doc)
     print(f"wrote {args.output}", file=sys.stderr)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnrt.save import write_torch
+from bnrt.io.save import write_torch
 from models.digits import INPUT_SHAPE, DigitsNet, digits_split
 
 
@@ -47,7 +47,7 @@ def reference_agreement(model: DigitsNet, seed: int = 0) -> dict[str, float]:
     """Max abs difference, relative to the largest |torch value|, between torch's BatchNorm and
     bnrt's numpy reference on the stem BN in training mode: output, input gradient, running
     statistics after the update (torch computes in float32, the reference in float64)."""
-    from bnrt.reference import ReferenceBatchNorm
+    from bnrt.train.reference import ReferenceBatchNorm
 
     x_tr, _, _, _ = digits_split()
     bn = model.stem[1]

@@ -28,11 +28,11 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 import bnrt
-from bnrt.capture import quiet
-from bnrt.export import count_ops, export_onnx, input_names, output_names
-from bnrt.onnxfold import fold_onnx
-from bnrt.run import Session
-from bnrt.save import write_text
+from bnrt.folding.capture import quiet
+from bnrt.io.export import count_ops, export_onnx, input_names, output_names
+from bnrt.folding.onnxfold import fold_onnx
+from bnrt.deploy.run import Session
+from bnrt.io.save import write_text
 from tools.provenance import provenance
 from models.zoo import ZOO, build
 

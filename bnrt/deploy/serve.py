@@ -1,0 +1,388 @@
+"""Deploy stage, served: ``bnrt serve`` speaks the KServe v2 / Open Inference Protocol over HTTP
+on Starlette + uvicorn, with Triton's binary tensor extension, so that the stock
+``tritonclient.http`` client works with ``binary_data`` True or False.
+
+Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``
+(metadata), ``…/ready``, ``POST …/infer``. Errors are ``{"error": "…"}`` with 400 (bad request),
+404 (unknown model), 413 (request too large) or 503 (queue full).
+
+Dynamic batching: requests for a model whose batch axis is dynamic are merged, up to
+``max_batch`` samples or ``max_delay_ms`` after the first one arrived, into one ORT run; each
+request gets its own slice of the outputs back. Requests with different per-sample shapes or
+dtypes are never merged. At most ``max_queue`` requests per model are in flight; more get 503. A
+request of more than ``max_batch`` samples runs in parts of ``max_batch``: memory follows
+``max_batch``, not the request. Connections idle for ``keep_alive_s`` are closed (see ``serve``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import socket
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnrt.version import __version__
+from bnrt.errors import InputError, OptionError
+from bnrt.deploy.kserve import HEADER_LENGTH, RequestError, ServedModel, build_response, discover, parse_request
+
+KEEP_ALIVE_S = 5.0  # uvicorn's default keep-alive, here also the wait for a new connection's first request
+
+
+# --- dynamic batching -----------------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    feeds: dict[str, np.ndarray]
+    future: asyncio.Future
+
+    @property
+    def size(self) -> int:
+        return int(next(iter(self.feeds.values())).shape[0]) if self.feeds else 1
+
+    @property
+    def signature(self) -> tuple:
+        return tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(self.feeds.items()))
+
+
+class Batcher:
+    """Merges requests for one model into ORT runs (see module doc). ``submit`` awaits the
+    request's own outputs; raises ``RequestError(503)`` when ``max_queue`` requests are in flight."""
+
+    def __init__(self, model: ServedModel, max_batch: int, max_delay_ms: float, max_queue: int):
+        self.model, self.max_batch, self.max_delay = model, max_batch, max_delay_ms / 1000
+        self.max_queue = max_queue
+        self.in_flight = 0
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.held: deque[_Pending] = deque()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The request's outputs. A request of more than ``max_batch`` samples runs in parts of
+        ``max_batch``, one after the other: memory follows ``max_batch``, not the request."""
+        if self.in_flight >= self.max_queue:
+            raise RequestError(503, f"model {self.model.name!r} has {self.in_flight} requests queued; retry later")
+        self.in_flight += 1
+        try:
+            size = _Pending(feeds, None).size
+            if not self.model.batching or size <= self.max_batch:
+                return await self._one(feeds)
+            parts = [await self._one({k: v[i:i + self.max_batch] for k, v in feeds.items()})
+                     for i in range(0, size, self.max_batch)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        finally:
+            self.in_flight -= 1
+
+    async def _one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pending = _Pending(feeds, asyncio.get_running_loop().create_future())
+        await self.queue.put(pending)
+        return await pending.future
+
+    async def _next(self, timeout: float | None) -> _Pending | None:
+        if self.held:
+            return self.held.popleft()
+        try:
+            return await (asyncio.wait_for(self.queue.get(), timeout) if timeout is not None else self.queue.get())
+        except asyncio.TimeoutError:
+            return None
+
+    async def _loop(self) -> None:
+        # no local variable outlives a batch: the last one's inputs (a part of a large request is a
+        # view of all of it) would stay in memory until the next request
+        while True:
+            await self._run(await self._gather())
+
+    async def _gather(self) -> list[_Pending]:
+        loop = asyncio.get_running_loop()
+        first = await self._next(None)
+        batch, total = [first], first.size
+        if self.model.batching:
+            deadline = loop.time() + self.max_delay
+            postponed = []
+            while total < self.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0 and self.queue.empty() and not self.held:
+                    break
+                item = await self._next(max(remaining, 0))
+                if item is None:
+                    break
+                if item.signature != first.signature or total + item.size > self.max_batch:
+                    postponed.append(item)
+                    if total + item.size > self.max_batch:
+                        break
+                    continue
+                batch.append(item)
+                total += item.size
+            self.held.extendleft(reversed(postponed))
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        if len(batch) == 1:
+            feeds = batch[0].feeds
+        else:
+            feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
+        try:
+            outputs = await loop.run_in_executor(None, self.model.session.run_dict, feeds)
+        except Exception as exc:  # an ORT failure fails the requests of this batch, not the server
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(RequestError(400, f"inference failed: {exc}"))
+            return
+        start = 0
+        for p in batch:
+            n = p.size
+            if not p.future.done():
+                p.future.set_result({k: v[start:start + n] if len(batch) > 1 else v for k, v in outputs.items()})
+            start += n
+
+
+# --- the ASGI application -------------------------------------------------------------------------
+
+class _Endpoints:
+    """The protocol's endpoints over ``models`` (see ``discover``), one ``Batcher`` per model version."""
+
+    def __init__(self, models: dict[str, dict[str, ServedModel]], max_batch: int, max_delay_ms: float,
+                 max_queue: int, max_request_bytes: int):
+        from starlette.responses import JSONResponse, Response  # imported here: the CLI imports this module
+
+        self.json, self.response = JSONResponse, Response
+        self.models, self.max_request_bytes = models, max_request_bytes
+        self.batchers = {(m.name, m.version): Batcher(m, max_batch, max_delay_ms, max_queue)
+                         for versions in models.values() for m in versions.values()}
+
+    def find(self, request) -> ServedModel:
+        name = request.path_params["name"]
+        version = request.path_params.get("version")
+        versions = self.models.get(name)
+        if not versions:
+            raise RequestError(404, f"unknown model {name!r}")
+        if version is None or version == "":
+            return versions[max(versions, key=int)]
+        if version not in versions:
+            raise RequestError(404, f"model {name!r} has no version {version!r}")
+        return versions[version]
+
+    def error(self, status: int, message: str):
+        return self.json({"error": message}, status_code=status)
+
+    async def server_metadata(self, request):
+        return self.json({"name": "bnrt", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def live(self, request):
+        return self.response(status_code=200)
+
+    async def model_metadata(self, request):
+        try:
+            model = self.find(request)
+        except RequestError as exc:
+            return self.error(exc.status, str(exc))
+        return self.json({**model.metadata(), "versions": sorted(self.models[model.name], key=int)})
+
+    async def model_ready(self, request):
+        try:
+            self.find(request)
+        except RequestError as exc:
+            return self.error(exc.status, str(exc))
+        return await self.live(request)
+
+    async def body(self, request) -> bytes:
+        """The request's body; ``RequestError(413)`` as soon as it is known to exceed the limit."""
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"request of {declared} bytes exceeds the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def infer(self, request):
+        from starlette.requests import ClientDisconnect
+
+        try:
+            model = self.find(request)
+            parsed, feeds = parse_request(await self.body(request), request.headers.get(HEADER_LENGTH), model)
+            sizes = {a.shape[0] for a in feeds.values()} if model.batching else set()
+            if len(sizes) > 1 or 0 in sizes:  # parts and merged runs are cut along one batch axis
+                raise RequestError(400, f"inputs of different batch sizes {sorted(sizes)}" if len(sizes) > 1
+                                   else "empty batch")
+            outputs = await self.batchers[(model.name, model.version)].submit(feeds)
+            payload, head_length = build_response(parsed, model, outputs)
+        except RequestError as exc:
+            return self.error(exc.status, str(exc))
+        except ClientDisconnect:  # closed mid-body (by the client, or idle for keep_alive_s): no one to answer
+            return self.response(status_code=400)
+        if head_length is None:
+            return self.response(payload, media_type="application/json")
+        return self.response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head_length)})
+
+
+def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32, max_delay_ms: float = 2.0,
+               max_queue: int = 256, max_request_bytes: int = 64 << 20):
+    """The Starlette application serving ``models`` (see ``discover``)."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    api = _Endpoints(models, max_batch, max_delay_ms, max_queue, max_request_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for b in api.batchers.values():
+            b.start()
+        yield
+        for b in api.batchers.values():
+            await b.stop()
+
+    routes = [
+        Route("/v2", api.server_metadata),
+        Route("/v2/health/live", api.live),
+        Route("/v2/health/ready", api.live),
+        Route("/v2/models/{name}", api.model_metadata),
+        Route("/v2/models/{name}/versions/{version}", api.model_metadata),
+        Route("/v2/models/{name}/ready", api.model_ready),
+        Route("/v2/models/{name}/versions/{version}/ready", api.model_ready),
+        Route("/v2/models/{name}/infer", api.infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", api.infer, methods=["POST"]),
+    ]
+
+    async def http_error(request, exc):
+        # unmatched paths and methods also answer in the protocol's error shape
+        return api.error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+
+def _http_protocol(max_connections: int):
+    """uvicorn's HTTP protocol, with limits: its keep-alive timer ran only between requests, so a
+    connection that never sent one, or stopped half-way, stayed open (enough of them exhaust the file
+    descriptors). Here it also runs from the connection's start and while a request arrives, and a
+    connection beyond ``max_connections`` is closed as soon as it is accepted."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class Limited(Base):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.close()
+            else:
+                self._idle()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            receiving = self.cycle is None or self.cycle.response_complete or self.cycle.more_body
+            if receiving and not self.transport.is_closing():
+                self._idle()
+
+        def timeout_keep_alive_handler(self) -> None:
+            if self.flow.read_paused:  # the server stopped reading (its buffer is full): the client is not idle
+                self._idle()
+            elif not self.transport.is_closing():  # h11's own handler cannot close mid-request
+                self.transport.close()
+
+        def _idle(self) -> None:
+            self._unset_keepalive_if_required()
+            handler = self.timeout_keep_alive_handler
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, handler)
+
+    return Limited
+
+
+def default_max_connections() -> int:
+    """The open-file limit less 64 descriptors for the server's own files and sockets."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 16 if soft == resource.RLIM_INFINITY else max(1, soft - 64)
+
+
+_INTEGER_RANGES = {"port": (0, 65535), "threads": (0, None), "max_batch": (1, None), "max_queue": (1, None),
+                   "max_connections": (1, None)}
+
+
+def _check_options(**options) -> None:
+    """``OptionError`` naming the first option out of its range; each test is written so that NaN,
+    which compares false both ways, fails it."""
+    for option, value in options.items():
+        if option in _INTEGER_RANGES:
+            low, high = _INTEGER_RANGES[option]
+            ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= (high or value)
+            wanted = f"an integer in [{low}, {high}]" if high else f"an integer >= {low}"
+        else:
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and (
+                value >= 0 if option == "max_delay_ms" else value > 0)
+            wanted = "a finite number " + (">= 0" if option == "max_delay_ms" else "> 0")
+        if not ok:
+            shown = format(value, "g") if isinstance(value, float) else value
+            raise OptionError(f"`{option}` {shown}: must be {wanted}")
+
+
+def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, provider: str = "cpu",
+          threads: int = 0, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
+          max_request_mb: float = 64.0, tf32: bool | None = None, keep_alive_s: float = KEEP_ALIVE_S,
+          max_connections: int | None = None, announce=print) -> None:
+    """Serve the model(s) at ``path`` until SIGINT/SIGTERM (uvicorn's handlers shut down cleanly).
+    ``tf32``: CUDA only; None keeps ORT's default (on), announced at start. A connection idle for
+    ``keep_alive_s`` is closed, also before its first request and half-way through one; at most
+    ``max_connections`` are open (None: ``default_max_connections()``), more are closed when
+    accepted. A numeric option that is NaN, infinite or out of its range is an ``OptionError``."""
+    import uvicorn
+
+    if max_connections is None:
+        max_connections = default_max_connections()
+    _check_options(port=port, threads=threads, max_batch=max_batch, max_queue=max_queue,
+                   max_connections=max_connections, max_delay_ms=max_delay_ms, max_request_mb=max_request_mb,
+                   keep_alive_s=keep_alive_s)
+    models = discover(path, provider, threads, tf32)
+    app = create_app(models, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                     max_request_bytes=int(max_request_mb * (1 << 20)))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it, Nagle and
+    # delayed ACKs hold every response (header and body are two writes) for 40 ms
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            http=_http_protocol(max_connections), timeout_keep_alive=keep_alive_s)
+    server = uvicorn.Server(config)
+    names = ", ".join(f"{n} (v{', v'.join(sorted(v, key=int))})" for n, v in models.items())
+    tf32_note = "" if provider != "cuda" else f"; TF32 {'on' if tf32 is not False else 'off'}" + (
+        " (ORT's CUDA default; --tf32 off for exact float32)" if tf32 is None else "")
+    announce(f"serving {names} at http://{host}:{port} (KServe v2{tf32_note}; Ctrl-C stops)")
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that
+    # was in place before it: a no-op one here, so that a requested stop exits with status 0
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,469 @@
+"""The fold engine: one rule table, one walker, one channel map and one health check for every
+graph backend. A backend (``bnrt.torchgraph`` for torch captures, ``bnrt.onnxgraph`` for ONNX
+graphs) shows its graph through the small ``GraphView`` protocol below; the engine never looks at
+torch or ONNX objects itself. The arithmetic is ``bnrt.foldmath``'s (float64, rounded once by the
+backend that writes the weights). See docs/ARCHITECTURE.md for how a rule or a pass-through op is
+added.
+
+For each BatchNorm, backward (layer -> BN) is tried first, then forward (BN -> layer); a BN that
+neither can fold keeps one coded refusal per direction. The conditions every fold needs
+(DESIGN.md): the BN has running statistics and is in eval; on the way from the layer to the BN
+(backward) every value has exactly one user that reads its values, or every user of the BN output
+is a foldable layer reached through pass-through ops (forward); the view ops on the way map
+channels one-to-one; the backend's own checks (modules called once, parameters not shared,
+constants in ONNX) pass. Uses of a value's metadata only (shape, dtype) are not uses: folding
+changes values, never shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+
+from . import foldmath
+from bnrt.folding.decision import Decision, DecisionSet, NotFoldable, Refusal, Target, folded, skipped
+from bnrt.errors import HealthError
+from bnrt.folding.reparam import Merge, merged_weights, plan_merges
+
+NEAR_DEAD_SCALE = 1e3
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class BnSite:
+    """One BatchNorm of a graph: its display ``name``, its graph ``node`` (None when never called)
+    and, for a functional call, the paths of its tensors (``functional``)."""
+
+    name: str
+    node: Any
+    functional: dict | None = None
+    module: Any = None
+
+
+@dataclass(frozen=True)
+class BnStats:
+    """A BN's tensors as float64 arrays (weight/bias None: affine=False). ``label`` names the BN in
+    health errors ("BatchNorm 'x'"), ``fields`` names each tensor as the backend calls it."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    eps: float
+    label: str
+    fields: tuple[str, str, str, str] = ("running_mean", "running_var", "weight", "bias")
+
+    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        return foldmath.bn_scale_shift(self.mean, self.var, self.eps, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A node a rule can fold into, in neutral terms. ``node`` is the graph node whose output is
+    the layer's output; ``kind`` is conv, conv-transpose or linear; ``op`` names it in rule labels
+    (conv, convtranspose, linear, gemm, matmul); ``data`` is the backend's own."""
+
+    node: Any
+    name: str
+    kind: str
+    op: str
+    groups: int = 1
+    zero_padded: bool = False
+    transposed_input: bool = False
+    data: Any = field(default=None, repr=False, compare=False)
+    # conv geometry, for merging parallel branches (bnrt.reparam); padding None: asymmetric or implicit
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | None = ()
+    dilation: tuple[int, ...] = ()
+    pads_zeros: bool = True
+
+
+class GraphView(Protocol):
+    """What the engine asks of a graph backend. Nodes are the backend's own objects, compared by
+    identity. ``keeps_structure``: the folded model keeps the user's modules and forward (torch)."""
+
+    keeps_structure: bool
+
+    def batchnorms(self) -> Iterable[BnSite]:
+        """Every BatchNorm-like layer, once, in report order."""
+
+    def bn_stats(self, bn: BnSite) -> BnStats:
+        """The BN's statistics; ``NotFoldable`` when it has none usable (no running stats,
+        not constants, training mode in ONNX)."""
+
+    def check_bn(self, bn: BnSite) -> None:
+        """``NotFoldable`` for a BN the backend cannot fold whatever its neighbours."""
+
+    def input_of(self, node: Any) -> Any:
+        """The node producing ``node``'s data input (its first input)."""
+
+    def users(self, node: Any) -> list:
+        """The nodes that read the values of ``node``'s output (metadata-only reads left out), a
+        graph output counting as a user."""
+
+    def is_graph_input(self, node: Any) -> bool: ...
+
+    def is_passthrough(self, node: Any) -> bool:
+        """A node whose output is its input rearranged (view ops, Identity, Dropout in eval, a
+        BatchNorm already folded): the walker goes through it, ``replay`` maps its channels."""
+
+    def replay(self, node: Any, index: np.ndarray) -> np.ndarray:
+        """``node``'s op applied to an int64 array shaped like its input."""
+
+    def shape(self, node: Any) -> tuple[int, ...] | None:
+        """Static shape of ``node``'s output on the example inputs."""
+
+    def layer(self, node: Any) -> Layer | None:
+        """``node`` as a foldable layer, None if it is none; ``NotFoldable`` for a layer whose
+        weights cannot be folded (not constants)."""
+
+    def check_layer(self, layer: Layer) -> None:
+        """``NotFoldable`` for backend reasons (module called twice, shared parameters...)."""
+
+    def name(self, node: Any) -> str:
+        """Short name of a node in messages."""
+
+    def describe(self, node: Any) -> str:
+        """A node for people: "ReLU '1'", "a graph input", "the model output"."""
+
+    def mark_folded(self, bn: BnSite) -> None:
+        """From now on the BN's node is a pass-through (its fold is planned)."""
+
+    def adds(self) -> list:
+        """Nodes that combine tensors linearly (``terms`` is not None), in graph order
+        (``bnrt.reparam``'s candidate roots)."""
+
+    def terms(self, node: Any) -> list[tuple[Any, Any]] | None:
+        """``node`` as a linear combination of tensor operands of its shape, ``[(operand,
+        coefficient)]``: a sum (coefficients 1, a literal zero operand left out), a difference (1,
+        -1), a product with a constant (the constant's array); None for any other node."""
+
+    def is_value_identity(self, node: Any) -> bool:
+        """A pass-through whose output equals its input (Identity, Dropout in eval, a folded BN)."""
+
+
+Fold = Callable[[np.ndarray, "np.ndarray | None", np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+Check = Callable[[Layer], None]
+
+
+def _no_check(layer: Layer) -> None:
+    return None
+
+
+def _zero_padding(layer: Layer) -> None:
+    if layer.zero_padded:
+        raise NotFoldable("zero-padding", f"'{layer.name}' pads with zeros, which a BN folded into it would not see",
+                          layer.name)
+
+
+def _transposed_input(layer: Layer) -> None:
+    if layer.transposed_input:
+        raise NotFoldable("transposed-input", f"'{layer.name}' transposes its input (transA=1)", layer.name)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One fold placement: a direction, a layer kind, the layer's channel axis in the activation
+    it shares with the BN (its output backward, its input forward), the fold and a check."""
+
+    direction: str
+    kind: str
+    channel_axis: int
+    fold: Fold
+    check: Check = _no_check
+
+    def label(self, layer: Layer) -> str:
+        return f"{layer.op}->bn" if self.direction == "backward" else f"bn->{layer.op}"
+
+
+RULES: dict[tuple[str, str], Rule] = {(r.direction, r.kind): r for r in (
+    Rule("backward", "conv", 1, lambda w, b, s, t, g: foldmath.fold_backward(w, b, s, t)),
+    Rule("backward", "conv-transpose", 1, foldmath.fold_convtranspose_backward),
+    Rule("backward", "linear", -1, lambda w, b, s, t, g: foldmath.fold_backward(w, b, s, t)),
+    Rule("forward", "linear", -1, lambda w, b, s, t, g: foldmath.fold_forward_linear(w, b, s, t), _transposed_input),
+    Rule("forward", "conv", 1, foldmath.fold_forward_conv, _zero_padding),
+)}
+
+
+# --- health -----------------------------------------------------------------------------------------
+
+def health(stats: BnStats) -> tuple[str, ...]:
+    """``HealthError`` for statistics that break a model, each with a code: ``nonfinite-statistics``
+    (NaN/Inf in a tensor or eps), ``shape-mismatch`` (tensors of different lengths),
+    ``negative-variance``, ``zero-variance`` (var + eps <= 0: the
+    normalisation divides by zero, -0.0 included); warnings for weak ones (near-dead channels)."""
+    for label, value in zip((*stats.fields, "eps"), (stats.mean, stats.var, stats.weight, stats.bias, stats.eps)):
+        if value is not None and not np.isfinite(value).all():
+            raise HealthError(f"{stats.label}: {label} holds NaN or Inf", "nonfinite-statistics")
+    lengths = {name: np.size(v) for name, v in zip(stats.fields, (stats.mean, stats.var, stats.weight, stats.bias))
+               if v is not None}
+    if len(set(lengths.values())) > 1:
+        raise HealthError(f"{stats.label}: its tensors differ in length ("
+                          + ", ".join(f"{n} {k}" for n, k in lengths.items()) + ")", "shape-mismatch")
+    if (stats.var < 0).any():
+        raise HealthError(f"{stats.label}: {stats.fields[1]} is negative in some channels", "negative-variance")
+    zero = np.flatnonzero(stats.var + stats.eps <= 0)
+    if zero.size:
+        raise HealthError(f"{stats.label}: {stats.fields[1]} + eps ({stats.eps:g}) is 0 in {zero.size} channel(s), "
+                          f"e.g. channel {int(zero[0])}: the normalisation divides by zero", "zero-variance")
+    s, _ = stats.scale_shift()
+    dead = np.flatnonzero(np.abs(s) > NEAR_DEAD_SCALE)
+    if dead.size:
+        return (f"{dead.size} near-dead channel(s) with |gamma/sigma| > {NEAR_DEAD_SCALE:g} "
+                f"(max {np.abs(s).max():.3g}), e.g. channel {int(dead[0])}",)
+    return ()
+
+
+def fp16_overflow(exact: dict[str, tuple[Any, np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Layers whose folded weights or bias leave float16's range, with the largest magnitude."""
+    found = {}
+    for name, (_, weight, bias) in exact.items():
+        largest = max(float(np.abs(weight).max(initial=0)), float(np.abs(bias).max(initial=0)))
+        if largest > FP16_MAX:
+            found[name] = largest
+    return found
+
+
+# --- channel maps -----------------------------------------------------------------------------------
+
+def _index(shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """An array shaped ``shape`` whose elements hold their index along ``axis``."""
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return np.broadcast_to(np.arange(shape[axis], dtype=np.int64).reshape(view), shape).copy()
+
+
+def _known_shape(view: GraphView, node: Any) -> tuple[int, ...]:
+    shape = view.shape(node)
+    if shape is None:
+        raise NotFoldable("unknown-shape", f"shape of '{view.name(node)}' is unknown", view.name(node))
+    return shape
+
+
+def _identity_or(mapping: np.ndarray) -> tuple[int, ...] | None:
+    values = tuple(int(v) for v in mapping)
+    return None if values == tuple(range(len(values))) else values
+
+
+def _backward_map(view: GraphView, layer: Layer, chain: list, axis: int) -> tuple[int, ...] | None:
+    """Per layer output channel, the BN channel (axis 1 after ``chain``) it lands on."""
+    shape = _known_shape(view, layer.node)
+    axis %= len(shape)
+    if not chain and axis == 1:
+        return None
+    where = _index(shape, axis)
+    for node in chain:
+        where = view.replay(node, where)
+    bn_channels = where.shape[1] if where.ndim > 1 else 0
+    pos = np.broadcast_to(np.arange(bn_channels).reshape([1, -1] + [1] * (where.ndim - 2)), where.shape)
+    lowest, highest = np.full(shape[axis], bn_channels), np.full(shape[axis], -1)
+    np.minimum.at(lowest, where.ravel(), pos.ravel())
+    np.maximum.at(highest, where.ravel(), pos.ravel())
+    if (lowest != highest).any():
+        via = f" through {', '.join(view.name(n) for n in chain)}" if chain else ""
+        raise NotFoldable("channel-map", f"channels of '{layer.name}' do not map one-to-one onto BN channels{via}",
+                          layer.name)
+    return _identity_or(lowest)
+
+
+def _forward_map(view: GraphView, bn: Any, layer: Layer, chain: list, axis: int) -> tuple[int, ...] | None:
+    """Per layer input channel (``axis`` after ``chain``), the BN channel it reads."""
+    shape = _known_shape(view, bn)
+    if not chain and axis % len(shape) == 1:
+        return None
+    where = _index(shape, 1)
+    for node in chain:
+        where = view.replay(node, where)
+    moved = np.moveaxis(where, axis, 0).reshape(where.shape[axis], -1)
+    if (moved.min(axis=1) != moved.max(axis=1)).any():
+        raise NotFoldable("channel-map", f"input channels of '{layer.name}' mix several BN channels", layer.name)
+    return _identity_or(moved[:, 0])
+
+
+# --- the walker -------------------------------------------------------------------------------------
+
+def _only_user(view: GraphView, node: Any, user: Any, name: str | None = None) -> None:
+    others = [u for u in view.users(node) if u is not user]
+    if others:
+        name = name or view.name(node)
+        raise NotFoldable("shared-output", f"output of '{name}' also feeds {view.describe(others[0])}",
+                          name, view.name(others[0]))
+
+
+def _target(view: GraphView, rule: Rule, layer: Layer, chain: list, channels) -> Target:
+    return Target(rule.label(layer), layer.name, layer.kind, layer.groups, tuple(view.name(n) for n in chain),
+                  channels, layer)
+
+
+def _checked(view: GraphView, rule: Rule, layer: Layer) -> None:
+    rule.check(layer)
+    view.check_layer(layer)
+
+
+def _backward(view: GraphView, bn: BnSite) -> list[Target]:
+    chain, user = [], bn.node
+    node = view.input_of(bn.node)
+    while view.is_passthrough(node):
+        _only_user(view, node, user)
+        chain.append(node)
+        user, node = node, view.input_of(node)
+    if view.is_graph_input(node):
+        raise NotFoldable("graph-input", "input comes from a graph input")
+    layer = view.layer(node)
+    rule = RULES.get(("backward", layer.kind)) if layer else None
+    if rule is None:
+        raise NotFoldable("no-layer-before", f"input comes from {view.describe(node)}: no fold rule", view.name(node))
+    _only_user(view, layer.node, user, layer.name)
+    _checked(view, rule, layer)
+    chain.reverse()
+    return [_target(view, rule, layer, chain, _backward_map(view, layer, chain, rule.channel_axis))]
+
+
+def _forward(view: GraphView, bn: BnSite) -> list[Target]:
+    targets = []
+    users = view.users(bn.node)
+    if not users:
+        raise NotFoldable("unused", "output is unused")
+    for user in users:
+        chain, previous, node = [], bn.node, user
+        while view.is_passthrough(node) and view.input_of(node) is previous and len(view.users(node)) == 1:
+            chain.append(node)
+            previous, node = node, view.users(node)[0]
+        layer = view.layer(node)
+        rule = RULES.get(("forward", layer.kind)) if layer else None
+        if rule is None:
+            raise NotFoldable("no-layer-after", f"output feeds {view.describe(node)}, not a layer it can fold into",
+                              view.name(node))
+        if view.input_of(node) is not previous:
+            raise NotFoldable("weight-input", f"output feeds {view.describe(node)} as its weight, not its input",
+                              layer.name)
+        _checked(view, rule, layer)
+        targets.append(_target(view, rule, layer, chain, _forward_map(view, bn.node, layer, chain, rule.channel_axis)))
+    return targets
+
+
+def decide(view: GraphView, bn: BnSite) -> Decision:
+    """The decision for one BN: its statistics checked, then backward, then forward."""
+    try:
+        stats = view.bn_stats(bn)
+    except NotFoldable as exc:
+        return skipped(bn.name, [exc.refusal], functional=bn.functional)
+    warnings = health(stats)
+    try:
+        view.check_bn(bn)
+    except NotFoldable as exc:
+        return skipped(bn.name, [exc.refusal], warnings, bn.functional)
+    refusals: list[Refusal] = []
+    for direction, walk in (("backward", _backward), ("forward", _forward)):
+        try:
+            targets = walk(view, bn)
+        except NotFoldable as exc:
+            refusals.append(replace(exc.refusal, direction=direction))
+            continue
+        view.mark_folded(bn)
+        return folded(bn.name, direction, targets, warnings, bn.functional)
+    return skipped(bn.name, refusals, warnings, bn.functional)
+
+
+@dataclass
+class Plan(DecisionSet):
+    """What folding will do, before any weight is touched: one decision per BatchNorm (``sites``,
+    aligned), the rep blocks merged into one conv (``merges``, bnrt.reparam), and the decisions
+    (indexes, ``late``) that fold a BN into a merged conv, applied after the merges. ``structured``:
+    where the backend keeps the user's forward and this plan merges what that forward cannot
+    express (the input itself, a difference or a scale as a branch), the plan for the
+    user-structured copy."""
+
+    decisions: list[Decision]
+    merges: list[Merge]
+    sites: list[BnSite]
+    late: list[int] = field(default_factory=list)
+    structured: Plan | None = None
+
+
+class _Merged:
+    """``view`` with each merged sum seen as its target conv, which produces the sum once the
+    branches are merged: a BN after a rep block folds into it."""
+
+    def __init__(self, view: GraphView, merges: list[Merge]):
+        self._view = view
+        self._roots = {id(m.root): m for m in merges}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._view, name)
+
+    def layer(self, node: Any) -> Layer | None:
+        merge = self._roots.get(id(node))
+        return replace(merge.target, node=node) if merge is not None else self._view.layer(node)
+
+
+def _late(view: GraphView, sites: list[BnSite], decisions: list[Decision], merges: list[Merge]) -> list[int]:
+    """Backward folds into merged convs, for BNs whose input was a sum before the merge; their
+    decisions are replaced in ``decisions``, their indexes returned."""
+    late = []
+    merged = _Merged(view, merges)
+    for i, (bn, d) in enumerate(zip(sites, decisions)):
+        if d.folded or bn.node is None or not any(r.direction == "backward" and r.code == "no-layer-before"
+                                                  for r in d.refusals):
+            continue
+        try:
+            targets = _backward(merged, bn)
+        except NotFoldable:
+            continue
+        view.mark_folded(bn)
+        decisions[i] = folded(bn.name, "backward", targets, d.warnings, bn.functional)
+        late.append(i)
+    return late
+
+
+def plan(view: GraphView, rewrite: bool | None = None) -> Plan:
+    """One decision per BatchNorm of ``view``, in its order, then the rep blocks, then the BNs
+    after a merged block. A folded BN becomes a pass-through for the BNs after it (conv -> BN -> BN
+    folds both into the conv). ``rewrite``: whether merged convs replace their sums in the graph,
+    so that the input itself, differences and scales may be branches (default: where the view does
+    not keep the user's structure; bnrt.reparam)."""
+    sites = view.batchnorms()
+    decisions = [decide(view, bn) for bn in sites]
+    merges, decisions = plan_merges(view, sites, decisions, not view.keeps_structure if rewrite is None else rewrite)
+    late = _late(view, sites, decisions, merges) if merges else []
+    return Plan(decisions, merges, sites, late)
+
+
+def fold_weights(plan: Plan, read: Callable[[Layer], tuple[np.ndarray, np.ndarray | None]],
+                 scale_shift: Callable[[Decision], tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple]:
+    """Every folded decision applied, in order, in float64, then every merge, then the late folds:
+    ``{layer name: (layer, weight, bias)}``. A layer's weights are read once (``read``) and take
+    every fold planned for them (a forward fold from the BN before it, a backward fold from the BN
+    after it, a merge of the branches beside it), so the backend rounds once. A conv merged into
+    another gets zero weight and bias (its node is dropped where the graph can be edited)."""
+    exact: dict[str, tuple] = {}
+
+    def current(layer: Layer) -> tuple[np.ndarray, np.ndarray | None]:
+        return exact[layer.name][1:] if layer.name in exact else read(layer)
+
+    def fold(decision: Decision) -> None:
+        s, t = scale_shift(decision)
+        for target in decision.targets:
+            weight, bias = current(target.handle)
+            index = slice(None) if target.channels is None else np.asarray(target.channels)
+            rule = RULES[(decision.direction, target.kind)]
+            exact[target.layer] = (target.handle, *rule.fold(weight, bias, s[index], t[index], target.groups))
+
+    late = set(plan.late)
+    for i, decision in enumerate(plan.decisions):
+        if decision.folded and decision.direction != "merge" and i not in late:
+            fold(decision)
+    decision_of = {id(s.node): d for s, d in zip(plan.sites, plan.decisions)}
+    for merge in plan.merges:
+        weights = {layer.name: current(layer) for layer in [merge.target, *merge.convs]}
+        scales = [scale_shift(decision_of[id(site.node)]) for site in merge.bns]
+        exact[merge.target.name] = (merge.target, *merged_weights(merge, weights, scales))
+        for conv in merge.convs:
+            w = weights[conv.name][0]
+            exact[conv.name] = (conv, np.zeros_like(w), np.zeros(w.shape[0]))
+    for i in plan.late:  # a BN after a rep block scales the merged conv
+        fold(plan.decisions[i])
+    return exact

@@ -52,17 +52,11 @@ class CaptureError(InputError):
 class HealthError(InputError):
     """BatchNorm statistics that would produce a broken model; ``code`` says which
     (``nonfinite-statistics``, ``shape-mismatch``, ``negative-variance``, ``zero-variance``: see
-    ``bnrt.engine.health``; the default only serves ``copy``, which rebuilds it from its message)."""
+    ``bnrt.folding.engine.health``; the default only serves ``copy``, which rebuilds it from its message)."""
 
     def __init__(self, message: str, code: str = "nonfinite-statistics"):
         super().__init__(message)
         self.code = code
-
-
-class CheckFailed(BnrtError):
-    """Outputs of the reference and the candidate differ beyond tolerance (exit code 1)."""
-
-    exit_code = 1
 
 
 class Terminated(KeyboardInterrupt):

@@ -26,9 +26,9 @@ def test_schema_lists_exactly_the_refusal_codes():
 
 
 def test_artifact_names():
-    assert artifact_names(Path("a/m.v2.pt")) == {"folded": "m.v2.folded.pt", "onnx": "m.v2.onnx",
+    assert artifact_names(Path("a/m.v2.pt"), "torch") == {"folded": "m.v2.folded.pt", "onnx": "m.v2.onnx",
                                                 "report": "m.v2.report.json"}
-    assert artifact_names(Path("g.ONNX")) == {"folded": "g.folded.onnx", "report": "g.report.json"}
+    assert artifact_names(Path("g.ONNX"), "onnx") == {"folded": "g.folded.onnx", "report": "g.report.json"}
 
 
 def test_torch_fold_report_is_schema_valid(tmp_path):

@@ -17,8 +17,8 @@ from bnrt.io.data import random_inputs
 from bnrt.errors import InputError
 from bnrt.io.export import count_ops
 from bnrt.io.data import InputSpec
-from bnrt.check.sides import CheckOptions, check_files
-from bnrt.check.metrics import Tolerances, compare_output
+from bnrt.verify.check import CheckOptions, check_files
+from bnrt.verify.metrics import Tolerances, compare_output
 from models.digits import digits_split
 
 from .conftest import report_schema, EXAMPLE, assert_one_line_error, run_cli, save_checkpoint, trusted
@@ -131,7 +131,7 @@ def test_corrupted_fold_is_caught_and_the_layer_named(tmp_path, folded, kind):
 
 
 def test_torchscript_scope_names_resolve_to_module_paths():
-    from bnrt.check.localise import resolve_scope
+    from bnrt.verify.localise import resolve_scope
 
     known = {"stem", "stem.0", "block", "block.body", "block.body.0", "block.body.0.0", "block.act", "fc"}
     assert resolve_scope("/stem/stem.0", known) == "stem.0"

@@ -169,7 +169,7 @@ CORPUS = [
      ["cycle.onnx: invalid ONNX graph"], ["o"]),
     ("fold ONNX with a missing initializer", lambda t: ["fold", _missing_initializer_onnx(t), "-o", t / "o"],
      ["noinit.onnx: invalid ONNX graph"], ["o"]),
-    ("inspect a directory", lambda t: ["inspect", t], ["is a directory, expected a checkpoint file"], []),
+    ("inspect a directory", lambda t: ["inspect", t], ["is a directory, expected a model file"], []),
     ("inspect data with strings", lambda t: ["inspect", EXAMPLE, "--data", _npz(t, "s.npz", x=np.array(["a", "b"]))],
      ["s.npz: array 'x' has dtype <U1, expected numbers"], []),
     ("check data of the wrong shape", lambda t: ["check", EXAMPLE, EXAMPLE, "--data", _npz(t, "w.npz", x=np.zeros((2, 1, 4, 4), np.float32)), "--json", t / "r.json"],

@@ -17,7 +17,8 @@ from torch import nn
 import bnrt
 from bnrt.folding import engine, foldmath
 from bnrt.folding.capture import quiet
-from bnrt.folding.engine import RULES, BnStats
+from bnrt.folding.rules import RULES
+from bnrt.folding.view import BnStats
 from bnrt.errors import HealthError
 from bnrt.folding.onnxfold import fold_onnx
 from models.zoo import ZOO, build

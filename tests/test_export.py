@@ -7,7 +7,7 @@ from torch import nn
 import bnrt
 from bnrt.errors import InputError
 from bnrt.io.export import count_ops, export_onnx, input_names
-from bnrt.deploy.run import Session
+from bnrt.session import Session
 from models.digits import DigitsNet
 
 

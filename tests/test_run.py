@@ -6,7 +6,7 @@ from torch import nn
 
 from bnrt.errors import InputError
 from bnrt.io.export import export_onnx
-from bnrt.deploy.run import Session, resolve_provider
+from bnrt.session import Session, resolve_provider
 
 from .conftest import EXAMPLE, assert_one_line_error, run_cli
 

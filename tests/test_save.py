@@ -17,7 +17,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from bnrt.errors import InputError
-from bnrt.io.save import atomic_path, files_read, refuse_overwrite
+from bnrt.io.save import atomic_path, refuse_overwrite
+from bnrt.io.source import files_read
 from tools import child_env
 
 from .nets import ExportTrap

@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2
 
 import bnrt
 from bnrt.errors import OptionError
-from bnrt.deploy.run import Session
+from bnrt.session import Session
 from bnrt.deploy.serve import serve
 
 from .conftest import Server, assert_one_line_error, run_cli

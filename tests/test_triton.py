@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnrt.deploy.run import Session
+from bnrt.session import Session
 from bnrt.deploy.triton import write_repository
 
 from .conftest import assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli

@@ -8,10 +8,15 @@ from torch import nn
 
 from bnrt.io.data import Dataset
 from bnrt.errors import OptionError
-from bnrt.check.report import check_table
-from bnrt.check.sides import CheckOptions
-from bnrt.check.metrics import (NoiseReference, accuracy, check, compare_output, flatten_outputs, run_batched, torch_runner,
-                         truth_samples)
+from bnrt.verify.report import check_table
+from dataclasses import replace
+
+from bnrt.io.data import run_batched
+from bnrt.io.export import flatten_outputs
+from bnrt.verify.check import CheckOptions, check, side
+from bnrt.verify.metrics import accuracy, compare_output, truth_samples
+from bnrt.verify.sides import Candidate
+from bnrt.verify.torchside import torch_runner
 
 from .conftest import EXAMPLE, assert_one_line_error, report_schema, run_cli
 
@@ -79,7 +84,7 @@ def test_check_catches_a_corrupted_layer():
     with torch.no_grad():
         bad[0].weight[1] *= 1.01
     data = Dataset([np.random.default_rng(0).standard_normal((32, 4)).astype(np.float32)], np.zeros(32, np.int64), "r")
-    report = check(("torch", torch_runner(ref)), [("same", torch_runner(ref)), ("bad", torch_runner(bad))], data, ["y"])
+    report = check(ref, [side(ref, label="same"), side(bad, label="bad")], data, output_names=["y"])
     assert [c.passed for c in report.comparisons] == [True, False]
     assert report.comparisons[0].outputs[0].max_abs == 0.0
     assert not report.passed
@@ -130,34 +135,33 @@ def test_truth_samples_cover_2048_values_of_the_smallest_output_between_2_and_8(
 def _noisy_pair():
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 512)).eval()
-    noise = NoiseReference("float64", lambda xs: torch_runner(copy.deepcopy(ref).double())(
-        [x.astype(np.float64) for x in xs]))
     bad = copy.deepcopy(ref)
     with torch.no_grad():
         bad[2].weight[0] *= 1.01
     data = Dataset([np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32)], None, "r")
-    return ref, bad, noise, data
+    return ref, bad, data
 
 
 def test_a_head_only_candidate_runs_on_the_noise_floor_samples():
-    ref, _, noise, data = _noisy_pair()
+    ref, _, data = _noisy_pair()
     seen = []
 
     def counting(xs):
         seen.append(len(xs[0]))
         return torch_runner(ref)(xs)
 
-    report = check(("torch", torch_runner(ref)), [("head", counting, True), ("all", torch_runner(ref))], data,
-                   ["y"], noise=noise)
+    head = Candidate(replace(side(ref, label="head"), runner=counting), head_only=True)
+    report = check(ref, [head, side(ref, label="all")], data, output_names=["y"])
+    assert report.noise == "float64"
     assert report.noise_samples == 4 and seen == [4]  # ceil(2048 / 512) = 4 of the 40 samples
     assert [c.samples for c in report.comparisons] == [4, None] and report.passed
     assert report.to_json()["comparisons"][0]["samples"] == 4
 
 
 def test_an_informational_candidate_is_reported_and_never_fails_the_check():
-    ref, bad, noise, data = _noisy_pair()
-    report = check(("torch", torch_runner(ref)), [("same", torch_runner(ref)), ("tf32-like", torch_runner(bad), True, True)],
-                   data, ["y"], noise=noise)
+    ref, bad, data = _noisy_pair()
+    report = check(ref, [side(ref, label="same"), Candidate(side(bad, label="tf32-like"), head_only=True, informational=True)],
+                   data, output_names=["y"])
     same, info = report.comparisons
     assert same.passed and not info.passed and info.informational and info.outputs[0].ratio > 100
     assert report.passed and report.to_json()["passed"] is True

@@ -21,9 +21,9 @@ import onnxruntime as ort
 import torch
 
 from bnrt.pipeline.bench import measure
-from bnrt.io.load import ModelSource
+from bnrt.io.source import ModelSource
 from bnrt.pipeline.quantize import QuantizeOptions, quantize_file
-from bnrt.deploy.run import Session
+from bnrt.session import Session
 from models.zoo import ZOO, build
 from tools.provenance import provenance
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import bnrt
-from bnrt.deploy.run import Session
+from bnrt.session import Session
 from bnrt.io.save import write_text
 from tools import child_env
 from tools.provenance import provenance

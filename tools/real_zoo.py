@@ -138,9 +138,8 @@ def one(source: str, name: str, size: int, samples: int) -> dict:
     from bnrt.folding.capture import quiet
     from bnrt.io.data import random_inputs
     from bnrt.io.export import export_onnx, output_names
-    from bnrt.deploy.run import Session
-    from bnrt.check.sides import float64_noise
-    from bnrt.check.metrics import check, flatten_outputs, torch_runner
+    from bnrt.io.export import flatten_outputs
+    from bnrt.verify.check import check, side
 
     torch.set_num_threads(2)
     model, nn = build(source, name, size)
@@ -161,10 +160,8 @@ def one(source: str, name: str, size: int, samples: int) -> dict:
         row["export_s"] = time.perf_counter() - start
         row["bn_left_bnrt"] = bn_like_nodes(proto)
         data = random_inputs([(1, 3, size, size)], samples, seed=2)
-        session = Session(Path(tmp) / "f.onnx")
-        report = check(("torch", torch_runner(model)), [("torch folded", torch_runner(result.model)),
-                                                       ("onnx cpu", session.run)], data, output_names(outs),
-                       noise=float64_noise(model))
+        report = check(model, [side(result.model, label="torch folded"), Path(tmp) / "f.onnx"], data,
+                       output_names=output_names(outs))
         row["check"] = report.passed
         onnx_cmp = report.comparisons[1].outputs[0]
         row["ort_err"] = (onnx_cmp.max_abs, onnx_cmp.max_rel)

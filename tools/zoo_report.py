@@ -31,7 +31,7 @@ import bnrt
 from bnrt.folding.capture import quiet
 from bnrt.io.export import count_ops, export_onnx, input_names, output_names
 from bnrt.folding.onnxfold import fold_onnx
-from bnrt.deploy.run import Session
+from bnrt.session import Session
 from bnrt.io.save import write_text
 from tools.provenance import provenance
 from models.zoo import ZOO, build

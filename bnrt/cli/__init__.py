@@ -19,12 +19,14 @@ from bnrt.io.export import DEFAULT_OPSET, EXPORTERS
 from bnrt.train.calibrate import MODES
 from bnrt.pipeline.quantize import CALIBRATIONS, PRECISIONS
 from bnrt.io.data import DEFAULT_SAMPLES, InputSpec
-from bnrt.io.load import ModelSource
+from bnrt.io.source import ModelSource
 from bnrt.io.save import refuse_overwrite
-from bnrt.check.sides import CheckOptions
-from bnrt.deploy.run import PROVIDERS, show_ort_logs
+from bnrt.verify.check import CheckOptions
+from bnrt.session import PROVIDERS, show_ort_logs
 from bnrt.deploy.serve import KEEP_ALIVE_S
-from bnrt.check.metrics import DEVICES, DEFAULT_ATOL, DEFAULT_BATCH, DEFAULT_RTOL, DEFAULT_TOP_K, NOISE_FACTOR, Tolerances
+from bnrt.io.data import DEFAULT_BATCH
+from bnrt.verify.metrics import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, NOISE_FACTOR, Tolerances
+from bnrt.verify.torchside import DEVICES
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -285,7 +287,7 @@ def _refuse_torch_flags(args: argparse.Namespace, why: str) -> None:
 
 def cmd_fold(args: argparse.Namespace) -> int:
     from bnrt.pipeline.convert import fold_file
-    from bnrt.check.report import check_table, decision_table
+    from bnrt.verify.report import check_table, decision_table
 
     start = time.perf_counter()
     _refuse_torch_flags(args, "; an ONNX file is folded as it is")
@@ -318,8 +320,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bnrt.check.sides import check_files
-    from bnrt.check.report import check_table, plot_errors
+    from bnrt.verify.check import check_files
+    from bnrt.verify.report import check_table, plot_errors
     from bnrt.io.save import write_json
 
     refuse_overwrite([args.json, args.plot, args.save_inputs], [args.reference, args.candidate])
@@ -366,9 +368,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from bnrt.io.data import load_data
-    from bnrt.deploy.run import Session
+    from bnrt.session import Session
     from bnrt.io.save import atomic_path
-    from bnrt.check.metrics import run_batched
+    from bnrt.io.data import run_batched
 
     _positive(args, "batch_size")
     refuse_overwrite([args.output], [args.model, args.input])
@@ -414,7 +416,8 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from bnrt.pipeline.bench import bench_model, markdown, plot
-    from bnrt.check.sides import example_data
+    from bnrt.pipeline.convert import example_data
+    from bnrt.io.load import load
     from bnrt.io.save import write_json
 
     try:
@@ -424,7 +427,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not batches or min(batches) <= 0 or args.threads <= 0 or args.repeats <= 0 or args.iterations <= 0:
         raise InputError("--batch-sizes, --threads, --repeats and --iterations must be positive")
     refuse_overwrite([args.json, args.plot], [args.model])
-    loaded = source_from(args, args.model).load()
+    loaded = load(source_from(args, args.model))
     data = example_data(loaded, args.input_shape, args.data, args.model)
     if len(data.inputs) != 1:
         raise InputError(f"{args.model}: bnrt bench handles single-input models")
@@ -480,7 +483,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bnrt.pipeline.convert import inspect_file
-    from bnrt.check.report import decision_table
+    from bnrt.verify.report import decision_table
 
     loaded, decisions = inspect_file(source_from(args, args.model), data=args.data)
     if loaded is not None:

@@ -1,7 +1,7 @@
 """The KServe v2 / Open Inference Protocol on the wire, for ``bnrt serve``: the models of a file or
 a model repository, a served model's metadata, request parsing (JSON tensors and Triton's binary
 tensor extension) and response building. Pure functions of bytes and arrays; the server
-(``bnrt.serve``) owns sockets, batching and sessions' lifetimes.
+(``bnrt.deploy.serve``) owns sockets, batching and sessions' lifetimes.
 
 Every field of a request is type-checked and every size bounded before anything is allocated for
 it: a request the server cannot serve is a ``RequestError`` (4xx), never an exception of numpy or
@@ -10,6 +10,7 @@ the JSON decoder (5xx).
 
 from __future__ import annotations
 
+import os
 import json
 import math
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bnrt.errors import InputError
-from bnrt.deploy.run import Session
+from bnrt.session import Session
 
 KSERVE_TYPES = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,

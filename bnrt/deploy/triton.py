@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from bnrt.errors import InputError, OptionError
-from bnrt.deploy.run import Session
-from bnrt.io.save import files_read, output_folder
+from bnrt.session import Session
+from bnrt.io.save import output_folder
+from bnrt.io.source import files_read
 
 TRITON_TYPES = {
     np.dtype(np.float32): "TYPE_FP32", np.dtype(np.float64): "TYPE_FP64", np.dtype(np.float16): "TYPE_FP16",

@@ -83,7 +83,7 @@ class Target:
 class Decision:
     """What happens to one BatchNorm: folded into ``targets`` in ``direction`` (backward: the layer
     runs before the BN; forward: after it; merge: an identity branch merged with the convs beside it
-    into one conv, bnrt.reparam), or skipped with ``refusals`` (one per direction tried, or one
+    into one conv, bnrt.folding.reparam), or skipped with ``refusals`` (one per direction tried, or one
     about the BN itself). ``functional`` is set for an ``F.batch_norm`` call: the graph
     node's name and the paths of its tensors."""
 

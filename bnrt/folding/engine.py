@@ -1,13 +1,12 @@
-"""The fold engine: one rule table, one walker, one channel map and one health check for every
-graph backend. A backend (``bnrt.torchgraph`` for torch captures, ``bnrt.onnxgraph`` for ONNX
-graphs) shows its graph through the small ``GraphView`` protocol below; the engine never looks at
-torch or ONNX objects itself. The arithmetic is ``bnrt.foldmath``'s (float64, rounded once by the
-backend that writes the weights). See docs/ARCHITECTURE.md for how a rule or a pass-through op is
-added.
+"""The fold engine: one walker, one channel map and one health check for every graph backend,
+applying the rule table (``rules``). A backend (``torchgraph`` for torch captures, ``onnxgraph``
+for ONNX graphs) shows its graph through the ``GraphView`` protocol (``view``); the engine never
+looks at torch or ONNX objects itself. The arithmetic is ``foldmath``'s (float64, rounded once by
+the backend that writes the weights). See docs/ARCHITECTURE.md for how a rule or a pass-through op
+is added.
 
 For each BatchNorm, backward (layer -> BN) is tried first, then forward (BN -> layer); a BN that
-neither can fold keeps one coded refusal per direction. The conditions every fold needs
-(DESIGN.md): the BN has running statistics and is in eval; on the way from the layer to the BN
+neither can fold keeps one coded refusal per direction. The conditions every fold needs: the BN has running statistics and is in eval; on the way from the layer to the BN
 (backward) every value has exactly one user that reads its values, or every user of the BN output
 is a foldable layer reached through pass-through ops (forward); the view ops on the way map
 channels one-to-one; the backend's own checks (modules called once, parameters not shared,
@@ -18,174 +17,18 @@ changes values, never shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 
-from . import foldmath
-from bnrt.folding.decision import Decision, DecisionSet, NotFoldable, Refusal, Target, folded, skipped
 from bnrt.errors import HealthError
+from bnrt.folding.decision import Decision, DecisionSet, NotFoldable, Refusal, Target, folded, skipped
 from bnrt.folding.reparam import Merge, merged_weights, plan_merges
+from bnrt.folding.rules import RULES, Rule
+from bnrt.folding.view import BnSite, BnStats, GraphView, Layer
 
 NEAR_DEAD_SCALE = 1e3
 FP16_MAX = 65504.0
-
-
-@dataclass(frozen=True)
-class BnSite:
-    """One BatchNorm of a graph: its display ``name``, its graph ``node`` (None when never called)
-    and, for a functional call, the paths of its tensors (``functional``)."""
-
-    name: str
-    node: Any
-    functional: dict | None = None
-    module: Any = None
-
-
-@dataclass(frozen=True)
-class BnStats:
-    """A BN's tensors as float64 arrays (weight/bias None: affine=False). ``label`` names the BN in
-    health errors ("BatchNorm 'x'"), ``fields`` names each tensor as the backend calls it."""
-
-    mean: np.ndarray
-    var: np.ndarray
-    weight: np.ndarray | None
-    bias: np.ndarray | None
-    eps: float
-    label: str
-    fields: tuple[str, str, str, str] = ("running_mean", "running_var", "weight", "bias")
-
-    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
-        return foldmath.bn_scale_shift(self.mean, self.var, self.eps, self.weight, self.bias)
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A node a rule can fold into, in neutral terms. ``node`` is the graph node whose output is
-    the layer's output; ``kind`` is conv, conv-transpose or linear; ``op`` names it in rule labels
-    (conv, convtranspose, linear, gemm, matmul); ``data`` is the backend's own."""
-
-    node: Any
-    name: str
-    kind: str
-    op: str
-    groups: int = 1
-    zero_padded: bool = False
-    transposed_input: bool = False
-    data: Any = field(default=None, repr=False, compare=False)
-    # conv geometry, for merging parallel branches (bnrt.reparam); padding None: asymmetric or implicit
-    kernel: tuple[int, ...] = ()
-    stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] | None = ()
-    dilation: tuple[int, ...] = ()
-    pads_zeros: bool = True
-
-
-class GraphView(Protocol):
-    """What the engine asks of a graph backend. Nodes are the backend's own objects, compared by
-    identity. ``keeps_structure``: the folded model keeps the user's modules and forward (torch)."""
-
-    keeps_structure: bool
-
-    def batchnorms(self) -> Iterable[BnSite]:
-        """Every BatchNorm-like layer, once, in report order."""
-
-    def bn_stats(self, bn: BnSite) -> BnStats:
-        """The BN's statistics; ``NotFoldable`` when it has none usable (no running stats,
-        not constants, training mode in ONNX)."""
-
-    def check_bn(self, bn: BnSite) -> None:
-        """``NotFoldable`` for a BN the backend cannot fold whatever its neighbours."""
-
-    def input_of(self, node: Any) -> Any:
-        """The node producing ``node``'s data input (its first input)."""
-
-    def users(self, node: Any) -> list:
-        """The nodes that read the values of ``node``'s output (metadata-only reads left out), a
-        graph output counting as a user."""
-
-    def is_graph_input(self, node: Any) -> bool: ...
-
-    def is_passthrough(self, node: Any) -> bool:
-        """A node whose output is its input rearranged (view ops, Identity, Dropout in eval, a
-        BatchNorm already folded): the walker goes through it, ``replay`` maps its channels."""
-
-    def replay(self, node: Any, index: np.ndarray) -> np.ndarray:
-        """``node``'s op applied to an int64 array shaped like its input."""
-
-    def shape(self, node: Any) -> tuple[int, ...] | None:
-        """Static shape of ``node``'s output on the example inputs."""
-
-    def layer(self, node: Any) -> Layer | None:
-        """``node`` as a foldable layer, None if it is none; ``NotFoldable`` for a layer whose
-        weights cannot be folded (not constants)."""
-
-    def check_layer(self, layer: Layer) -> None:
-        """``NotFoldable`` for backend reasons (module called twice, shared parameters...)."""
-
-    def name(self, node: Any) -> str:
-        """Short name of a node in messages."""
-
-    def describe(self, node: Any) -> str:
-        """A node for people: "ReLU '1'", "a graph input", "the model output"."""
-
-    def mark_folded(self, bn: BnSite) -> None:
-        """From now on the BN's node is a pass-through (its fold is planned)."""
-
-    def adds(self) -> list:
-        """Nodes that combine tensors linearly (``terms`` is not None), in graph order
-        (``bnrt.reparam``'s candidate roots)."""
-
-    def terms(self, node: Any) -> list[tuple[Any, Any]] | None:
-        """``node`` as a linear combination of tensor operands of its shape, ``[(operand,
-        coefficient)]``: a sum (coefficients 1, a literal zero operand left out), a difference (1,
-        -1), a product with a constant (the constant's array); None for any other node."""
-
-    def is_value_identity(self, node: Any) -> bool:
-        """A pass-through whose output equals its input (Identity, Dropout in eval, a folded BN)."""
-
-
-Fold = Callable[[np.ndarray, "np.ndarray | None", np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-Check = Callable[[Layer], None]
-
-
-def _no_check(layer: Layer) -> None:
-    return None
-
-
-def _zero_padding(layer: Layer) -> None:
-    if layer.zero_padded:
-        raise NotFoldable("zero-padding", f"'{layer.name}' pads with zeros, which a BN folded into it would not see",
-                          layer.name)
-
-
-def _transposed_input(layer: Layer) -> None:
-    if layer.transposed_input:
-        raise NotFoldable("transposed-input", f"'{layer.name}' transposes its input (transA=1)", layer.name)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One fold placement: a direction, a layer kind, the layer's channel axis in the activation
-    it shares with the BN (its output backward, its input forward), the fold and a check."""
-
-    direction: str
-    kind: str
-    channel_axis: int
-    fold: Fold
-    check: Check = _no_check
-
-    def label(self, layer: Layer) -> str:
-        return f"{layer.op}->bn" if self.direction == "backward" else f"bn->{layer.op}"
-
-
-RULES: dict[tuple[str, str], Rule] = {(r.direction, r.kind): r for r in (
-    Rule("backward", "conv", 1, lambda w, b, s, t, g: foldmath.fold_backward(w, b, s, t)),
-    Rule("backward", "conv-transpose", 1, foldmath.fold_convtranspose_backward),
-    Rule("backward", "linear", -1, lambda w, b, s, t, g: foldmath.fold_backward(w, b, s, t)),
-    Rule("forward", "linear", -1, lambda w, b, s, t, g: foldmath.fold_forward_linear(w, b, s, t), _transposed_input),
-    Rule("forward", "conv", 1, foldmath.fold_forward_conv, _zero_padding),
-)}
 
 
 # --- health -----------------------------------------------------------------------------------------
@@ -371,7 +214,7 @@ def decide(view: GraphView, bn: BnSite) -> Decision:
 @dataclass
 class Plan(DecisionSet):
     """What folding will do, before any weight is touched: one decision per BatchNorm (``sites``,
-    aligned), the rep blocks merged into one conv (``merges``, bnrt.reparam), and the decisions
+    aligned), the rep blocks merged into one conv (``merges``, bnrt.folding.reparam), and the decisions
     (indexes, ``late``) that fold a BN into a merged conv, applied after the merges. ``structured``:
     where the backend keeps the user's forward and this plan merges what that forward cannot
     express (the input itself, a difference or a scale as a branch), the plan for the
@@ -424,7 +267,7 @@ def plan(view: GraphView, rewrite: bool | None = None) -> Plan:
     after a merged block. A folded BN becomes a pass-through for the BNs after it (conv -> BN -> BN
     folds both into the conv). ``rewrite``: whether merged convs replace their sums in the graph,
     so that the input itself, differences and scales may be branches (default: where the view does
-    not keep the user's structure; bnrt.reparam)."""
+    not keep the user's structure; bnrt.folding.reparam)."""
     sites = view.batchnorms()
     decisions = [decide(view, bn) for bn in sites]
     merges, decisions = plan_merges(view, sites, decisions, not view.keeps_structure if rewrite is None else rewrite)

@@ -1,7 +1,7 @@
 """BatchNorm fold arithmetic: pure functions on float64 numpy arrays.
 
-This is the only place the fold formulas live; the torch folder (``bnrt.fold``) and any graph
-folder call these and cast the results back to the model dtype once. Notation (DESIGN.md):
+This is the only place the fold formulas live; the torch folder (``bnrt.folding.torchfold``) and any graph
+folder call these and cast the results back to the model dtype once. Notation:
 BN in eval is ``y = s * x + t`` per channel with ``s = gamma / sqrt(var + eps)`` and
 ``t = beta - mean * s``.
 """

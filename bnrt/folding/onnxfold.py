@@ -1,7 +1,7 @@
-"""Fold stage for ONNX graphs: the engine's plan over ``bnrt.onnxgraph.OnnxView`` applied to a
+"""Fold stage for ONNX graphs: the engine's plan over ``bnrt.folding.onnxgraph.OnnxView`` applied to a
 copy of the model. BatchNormalization nodes fold into Conv, ConvTranspose, Gemm and MatMul(+Add)
 nodes, backward and forward, through Reshape, Flatten, Transpose, Squeeze, Unsqueeze and Identity
-when the channel map is exact; decisions are the same ``bnrt.decision.Decision``s as for torch.
+when the channel map is exact; decisions are the same ``bnrt.folding.decision.Decision``s as for torch.
 
 Folded weights are written to new initializers (copy on write), so a weight shared with another
 node is never changed under it; initializers, Constant and Identity nodes left unused are removed.

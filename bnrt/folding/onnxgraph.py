@@ -7,7 +7,7 @@ in inference (no training_mode, mask unused), their channel maps replayed with n
 (``Shape -> Gather -> Concat``) come from one ORT run of the model on zeros. ``Shape`` and
 ``Size`` read only metadata and are not uses of a value. A value an ``If``/``Loop``/``Scan`` body
 reads by name is used by that body (``SubgraphRead``); BatchNorms inside bodies are listed and
-refused (``in-subgraph``): bnrt folds the main graph only (``bnrt.onnxscope``).
+refused (``in-subgraph``): bnrt folds the main graph only (``bnrt.folding.onnxscope``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from onnx import helper, numpy_helper
 
 from . import onnxscope
 from bnrt.folding.decision import NotFoldable
-from bnrt.folding.engine import BnSite, BnStats, Layer
+from bnrt.folding.view import BnSite, BnStats, Layer
+from bnrt.session import probe
 
 _PASSTHROUGH_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 _METADATA_OPS = {"Shape", "Size"}
@@ -93,7 +94,7 @@ class OnnxLayer:
 
 
 class OnnxView:
-    """``engine.GraphView`` over ``model.graph``; node objects are those of ``self.nodes``."""
+    """``view.GraphView`` over ``model.graph``; node objects are those of ``self.nodes``."""
 
     keeps_structure = False
 
@@ -366,14 +367,6 @@ def _runtime_shapes(model: onnx.ModelProto, view: OnnxView) -> dict[str, np.ndar
                                 and view.const(n.input[1]) is None))
     if not wanted:
         return {}
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in wanted:
-        if name not in present:
-            probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
     feeds = {}
     for vi in model.graph.input:
         if vi.name in view.inits:
@@ -381,8 +374,7 @@ def _runtime_shapes(model: onnx.ModelProto, view: OnnxView) -> dict[str, np.ndar
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in vi.type.tensor_type.shape.dim]
         feeds[vi.name] = np.zeros(dims, dtype=helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        values = session.run(wanted, feeds)
+        values = probe(model, wanted, feeds)
     except Exception:  # the shapes stay unknown; the BNs behind these Reshapes are refused with a reason
         return {}
-    return dict(zip(wanted, values))
+    return {name: values[name] for name in wanted if name in values}

@@ -13,22 +13,20 @@ Where the merged conv replaces the sum in the graph (``rewrite``: the runnable t
 the combination may also hold the input itself, differences and per-channel constant scales
 (FastViT's RepMixer ``x + γ·(mixer(x) − norm(x))``): each branch then enters with its
 coefficient. A model that keeps the user's forward (a folded torch checkpoint) would still compute
-those, so it merges plain sums of layers only; torch plans twice (``bnrt.torchgraph.plan``).
+those, so it merges plain sums of layers only; torch plans twice (``bnrt.folding.torchgraph.plan``).
 A BN that could have merged but does not keeps a ``branch-mismatch`` refusal naming why.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from . import foldmath
 from bnrt.folding.decision import Decision, NotFoldable, Target, folded
-
-if TYPE_CHECKING:
-    from bnrt.folding.engine import BnSite, GraphView, Layer
+from bnrt.folding.view import BnSite, GraphView, Layer
 
 
 @dataclass

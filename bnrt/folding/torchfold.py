@@ -3,7 +3,7 @@
 Folded BatchNorm modules become ``nn.Identity``; layers gain a bias when they had none. Each
 layer's weights are taken to float64 once, receive every fold planned for them (a layer can take
 a forward fold from the BN before it and a backward fold from the BN after it) with
-``bnrt.foldmath``, and are cast back to the layer's dtype once. A folded functional
+``bnrt.folding.foldmath``, and are cast back to the layer's dtype once. A folded functional
 ``F.batch_norm`` call is removed from the captured graph, so the model returned is then a
 ``torch.fx.GraphModule``; the user-structured copy (``structured``) keeps the call with identity
 statistics. The input model is never modified.
@@ -25,7 +25,8 @@ from bnrt.folding.decision import Decision, DecisionSet
 from bnrt.folding.engine import Plan
 from bnrt.folding.reparam import Merge
 from bnrt.folding.structure import set_identity_statistics, set_submodule, zero_affine
-from bnrt.folding.torchgraph import plan, statistics, to_f64
+from bnrt.folding.torchgraph import plan
+from bnrt.folding.torchops import statistics, to_f64
 
 
 @dataclass
@@ -64,7 +65,7 @@ class FoldResult(DecisionSet):
         return [d.bn for d, s in zip(self.decisions, self.structured_decisions) if d.folded and not s.folded]
 
     def structure(self) -> dict[str, list]:
-        """What ``bnrt.structure.apply_folded_structure`` needs to rebuild the folded (structured)
+        """What ``bnrt.folding.structure.apply_folded_structure`` needs to rebuild the folded (structured)
         model from the user's class."""
         in_place = [d for d in self.structured_decisions if d.folded and d.direction != "merge"]
         return {

@@ -10,9 +10,6 @@ and ``nn.Flatten``/``nn.Unflatten``; their channel map is replayed on a tensor o
 
 from __future__ import annotations
 
-import builtins
-import inspect
-import operator
 from typing import Any, Iterable
 
 import numpy as np
@@ -20,130 +17,17 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils import parametrize
 
 from . import engine
 from bnrt.folding.capture import OPS_KEY, SHAPE_KEY, VALUE_KEY, Capture, is_frozen_batchnorm
-from bnrt.folding.decision import Decision, NotFoldable
-from bnrt.folding.engine import BnSite, BnStats, Layer
+from bnrt.folding.decision import NotFoldable
+from bnrt.folding.view import BnSite, BnStats, Layer
 from bnrt.folding.structure import tensor_at
-
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-# kind, op label, the classes whose forward a module must keep
-_LAYERS: tuple[tuple[str, str, tuple[type[nn.Module], ...]], ...] = (
-    ("conv-transpose", "convtranspose", (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)),
-    ("conv", "conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
-    ("linear", "linear", (nn.Linear,)),
-)
-
-_aten = torch.ops.aten
-_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
-                   torch.unsqueeze, torch.movedim, torch.swapaxes, torch.swapdims,
-                   _aten.flatten.using_ints, _aten.view.default, _aten.reshape.default, _aten.transpose.int,
-                   _aten.permute.default, _aten.squeeze.dim, _aten.squeeze.dims, _aten.unsqueeze.default,
-                   _aten.movedim.int, _aten.contiguous.default, _aten._unsafe_view.default}
-_VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "squeeze",
-                 "unsqueeze", "movedim", "swapaxes", "swapdims", "view_as", "reshape_as"}
-_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
-_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-                      _aten.dropout.default}
-
-# Reads of a tensor's metadata only (folding changes values, never shapes, dtypes or devices).
-_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
-_METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "element_size", "stride",
-                     "is_contiguous", "is_floating_point", "is_complex", "new_zeros", "new_ones", "new_empty",
-                     "new_full", "new_tensor"}
-_SECOND_OPERAND_METADATA = {"reshape_as", "view_as", "expand_as", "type_as"}
-_METADATA_FUNCTIONS = {builtins.getattr, builtins.len, torch.numel, torch.zeros_like, torch.ones_like,
-                       torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
-                       _aten.sym_size.int, _aten.sym_numel.default, _aten.sym_stride.int}
-
-_ADDS = {operator.add, operator.iadd, torch.add, _aten.add.Tensor}
-_SUBS = {operator.sub, torch.sub}
-_MULS = {operator.mul, torch.mul}
-_FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
-_EVAL_BN_OPS = {torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default,
-                operator.getitem}
-_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
-
-
-def to_f64(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().cpu().double().numpy()
-
-
-def _f64_or_none(tensor: torch.Tensor | None) -> np.ndarray | None:
-    return None if tensor is None else to_f64(tensor)
-
-
-def module_stats(name: str, bn: _BatchNorm) -> BnStats:
-    return BnStats(to_f64(bn.running_mean), to_f64(bn.running_var), _f64_or_none(bn.weight), _f64_or_none(bn.bias),
-                   bn.eps, f"BatchNorm '{name}'")
-
-
-def functional_stats(root: nn.Module, name: str, f: dict) -> BnStats:
-    """The tensors an ``F.batch_norm`` call reads, from the paths recorded in ``f``."""
-    def at(key):
-        return to_f64(tensor_at(root, f[key])) if f[key] else None
-
-    return BnStats(at("mean"), at("var"), at("weight"), at("bias"), f["eps"], f"BatchNorm '{name}'")
-
-
-def statistics(root: nn.Module, decision: Decision) -> BnStats:
-    """The statistics a decision folds, read from ``root`` (the model or its folded copy)."""
-    if decision.functional:
-        return functional_stats(root, decision.bn, decision.functional)
-    return module_stats(decision.bn, root.get_submodule(decision.bn))
-
-
-def reads_metadata_only(user: torch.fx.Node, node: torch.fx.Node) -> bool:
-    """Whether ``user`` reads only the shape, dtype or device of ``node``'s output."""
-    args = user.args
-    if user.op == "call_function" and user.target is builtins.getattr:
-        return len(args) > 1 and args[1] in _METADATA_ATTRS
-    if user.op == "call_function":
-        return user.target in _METADATA_FUNCTIONS and args[:1] == (node,) and node not in args[1:]
-    if user.op == "call_method" and user.target in _METADATA_METHODS:
-        return args[:1] == (node,) and node not in args[1:] and node not in user.kwargs.values()
-    if user.op == "call_method" and user.target in _SECOND_OPERAND_METADATA:
-        return len(args) > 1 and args[1] is node and args[0] is not node
-    return False
-
-
-def _standard(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> str | None:
-    """Why ``module`` cannot be trusted to compute what its base class computes, or None."""
-    if not any(type(module).forward is base.forward for base in bases if isinstance(module, base)):
-        return f"{type(module).__name__} overrides forward"
-    if parametrize.is_parametrized(module):
-        return "has parametrizations"
-    if module._forward_hooks or module._forward_pre_hooks:
-        return "has forward hooks"
-    return None
-
-
-def is_batchnorm(module: nn.Module | None) -> bool:
-    return isinstance(module, _BatchNorm) or is_frozen_batchnorm(module)
-
-
-def _not_called() -> None:
-    raise NotFoldable("not-called", "not called in forward")
-
-
-def _dropout_off(node: torch.fx.Node) -> bool:
-    """An ``F.dropout``-family call traced with ``training=False`` (an identity)."""
-    if node.target is _aten.dropout.default:
-        return (node.args[2] if len(node.args) > 2 else node.kwargs.get("train")) is False
-    try:
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-    except TypeError:
-        return False
-    bound.apply_defaults()
-    return bound.arguments.get("training") is False
+from bnrt.folding.torchops import (ADDS, BATCH_NORM_SIGNATURE, BN_TYPES, DROPOUT_FUNCTIONS, DROPOUT_MODULES, EVAL_BN_OPS, FUNCTIONAL_BN, LAYERS, MULS, SUBS, VIEW_FUNCTIONS, VIEW_METHODS, VIEW_MODULES, dropout_off, functional_stats, is_batchnorm, module_stats, not_called, reads_metadata_only, standard)
 
 
 class TorchView:
-    """``engine.GraphView`` over a capture."""
+    """``view.GraphView`` over a capture."""
 
     keeps_structure = True
 
@@ -162,7 +46,7 @@ class TorchView:
         cap = self.cap
         nodes = {n.target: n for n in cap.graph.nodes if is_batchnorm(cap.module_of(n))}
         calls = {n: self._functional(n) for n in cap.graph.nodes
-                 if n.op == "call_function" and n.target in _FUNCTIONAL_BN}
+                 if n.op == "call_function" and n.target in FUNCTIONAL_BN}
         inside = {f["mean"].rpartition(".")[0]: n for n, f in calls.items() if f.get("mean")}
         sites = []
         for name, module in cap.modules.items():
@@ -171,7 +55,7 @@ class TorchView:
             call = inside.get(name)
             if name not in nodes and call is not None and calls[call]["mean"] == f"{name}.running_mean":
                 sites.append(BnSite(name, call, calls.pop(call)))
-            elif self._eval_batch_norm_only(name, nodes.get(name)) and _standard(module, _BN_TYPES):
+            elif self._eval_batch_norm_only(name, nodes.get(name)) and standard(module, BN_TYPES):
                 # a BN subclass (timm's BatchNormAct2d) that torch.export shows computing one eval
                 # batch_norm on its own tensors, its activation a child: folded with identity statistics
                 node = nodes[name]
@@ -186,7 +70,7 @@ class TorchView:
     def _eval_batch_norm_only(self, name: str, node: torch.fx.Node | None) -> bool:
         """Whether the torch.export call of module ``name`` is one eval batch_norm on its own tensors."""
         ops, reads, training = node.meta.get(OPS_KEY, ((), (), ())) if node is not None else ((), (), ())
-        return bool(ops) and set(ops) <= _EVAL_BN_OPS and all(r.startswith(f"{name}.") for r in reads) and \
+        return bool(ops) and set(ops) <= EVAL_BN_OPS and all(r.startswith(f"{name}.") for r in reads) and \
             all(t is False for t in training)
 
     def _functional(self, node: torch.fx.Node) -> dict:
@@ -194,7 +78,7 @@ class TorchView:
         or buffer); its bound arguments are kept for ``bn_stats``' checks."""
         paths = {"node": node.name}
         if node.target is F.batch_norm:
-            bound = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
+            bound = BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
             bound.apply_defaults()
             self.calls[node] = a = bound.arguments
             paths["eps"] = float(a["eps"])
@@ -233,12 +117,12 @@ class TorchView:
         if bn.functional is not None and bn.module is None:
             return
         if is_frozen_batchnorm(bn.module):
-            return self._single_use(bn.name) if bn.node is not None else _not_called()
+            return self._single_use(bn.name) if bn.node is not None else not_called()
         if bn.module.training:
             raise NotFoldable("training-mode", "in training mode: call model.eval() before folding")
         if bn.node is None:
-            _not_called()
-        reason = _standard(bn.module, _BN_TYPES) if bn.functional is None else None  # replaced by nn.Identity
+            not_called()
+        reason = standard(bn.module, BN_TYPES) if bn.functional is None else None  # replaced by nn.Identity
         if reason:
             raise NotFoldable("custom-forward", reason, bn.name)
         self._single_use(bn.name)
@@ -261,18 +145,18 @@ class TorchView:
             return False
         if node in self.folded:
             return True
-        if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
-            return _dropout_off(node)
+        if node.op == "call_function" and node.target in DROPOUT_FUNCTIONS:
+            return dropout_off(node)
         if node.op == "call_function":
-            return node.target in _VIEW_FUNCTIONS
+            return node.target in VIEW_FUNCTIONS
         if node.op == "call_method":
-            return node.target in _VIEW_METHODS
+            return node.target in VIEW_METHODS
         module = self.cap.module_of(node)
-        return isinstance(module, _VIEW_MODULES) or (isinstance(module, _DROPOUT_MODULES) and not module.training)
+        return isinstance(module, VIEW_MODULES) or (isinstance(module, DROPOUT_MODULES) and not module.training)
 
     def replay(self, node: torch.fx.Node, index: np.ndarray) -> np.ndarray:
-        if node in self.folded or node.target in _DROPOUT_FUNCTIONS or isinstance(
-                self.cap.module_of(node), _DROPOUT_MODULES):
+        if node in self.folded or node.target in DROPOUT_FUNCTIONS or isinstance(
+                self.cap.module_of(node), DROPOUT_MODULES):
             return index
         source = torch.from_numpy(index)
 
@@ -300,7 +184,7 @@ class TorchView:
 
     def layer(self, node: Any) -> Layer | None:
         module = self.cap.module_of(node) if isinstance(node, torch.fx.Node) else None
-        for kind, op, bases in _LAYERS:
+        for kind, op, bases in LAYERS:
             if isinstance(module, bases):
                 zero_padded = kind == "conv" and module.padding_mode == "zeros" and any(
                     module._reversed_padding_repeated_twice)
@@ -313,7 +197,7 @@ class TorchView:
         return None
 
     def check_layer(self, layer: Layer) -> None:
-        reason = _standard(self.cap.modules[layer.name], layer.data)
+        reason = standard(self.cap.modules[layer.name], layer.data)
         if reason:
             raise NotFoldable("custom-forward", f"'{layer.name}' {reason}", layer.name)
         self._single_use(layer.name)
@@ -344,8 +228,8 @@ class TorchView:
         return shape is not None and all(isinstance(v, torch.fx.Node) and self.cap.shape(v) == shape for v in operands)
 
     def terms(self, node: Any) -> list[tuple[Any, Any]] | None:
-        sub = self._binary(node, _SUBS, "sub")
-        if sub or self._binary(node, _ADDS, "add"):
+        sub = self._binary(node, SUBS, "sub")
+        if sub or self._binary(node, ADDS, "add"):
             signs = (1.0, -1.0) if sub else (1.0, 1.0)
             operands = [(a, sign) for a, sign in zip(node.args, signs)
                         if not (isinstance(a, (int, float)) and a == 0)]  # 0 + x: x
@@ -357,7 +241,7 @@ class TorchView:
                 return None
             return [(a, sign) if c is None else (None, v * sign)  # an added constant: operand None
                     for (a, sign), c, v in zip(operands, consts, arrays)]
-        if self._binary(node, _MULS, "mul"):
+        if self._binary(node, MULS, "mul"):
             consts = [self._constant(a) for a in node.args]
             data = [a for a, c in zip(node.args, consts) if c is None]
             if len(data) != 1 or not self._same_shape(node, data):
@@ -386,8 +270,8 @@ class TorchView:
             except AttributeError:  # a constant the tracer made (``_tensor_constant0``): not the model's
                 return None
             return tensor if isinstance(tensor, torch.Tensor) else None
-        if not node.args or not ((node.op == "call_method" and node.target in _VIEW_METHODS) or (
-                node.op == "call_function" and node.target in _VIEW_FUNCTIONS)):
+        if not node.args or not ((node.op == "call_method" and node.target in VIEW_METHODS) or (
+                node.op == "call_function" and node.target in VIEW_FUNCTIONS)):
             return None
         base = self._constant(node.args[0])
         rest = node.args[1:]
@@ -401,8 +285,8 @@ class TorchView:
     def is_value_identity(self, node: Any) -> bool:
         if not isinstance(node, torch.fx.Node) or not self.is_passthrough(node):
             return False
-        return node in self.folded or node.target in _DROPOUT_FUNCTIONS or isinstance(
-            self.cap.module_of(node), (nn.Identity, *_DROPOUT_MODULES))
+        return node in self.folded or node.target in DROPOUT_FUNCTIONS or isinstance(
+            self.cap.module_of(node), (nn.Identity, *DROPOUT_MODULES))
 
     def name(self, node: Any) -> str:
         return node.name if isinstance(node, torch.fx.Node) else repr(node)

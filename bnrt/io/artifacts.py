@@ -1,8 +1,9 @@
-"""Every file format bnrt writes, in one place: the folded checkpoint (``bnrt_folded`` entry), the
-calibrated checkpoint (``bnrt_calibration`` entry), the ONNX metadata keys, the fold records that
-the localiser reads back, and the fold report (schema ``bnrt.fold/1``,
-bnrt/schemas/fold-1.schema.json). Readers (``bnrt.load``, ``bnrt.localise``) import the keys from
-here.
+"""What ``bnrt fold`` and ``bnrt calibrate`` write: the file names, the folded checkpoint
+(``bnrt_folded`` entry), the calibrated checkpoint (``bnrt_calibration`` entry), the ONNX metadata
+keys, the fold records that the localiser reads back, and the fold report (schema ``bnrt.fold/1``,
+bnrt/schemas/fold-1.schema.json). Readers (``bnrt.io.load``, ``bnrt.verify.sides``) import the
+keys from here. The check's report is ``bnrt.verify.metrics``' (``bnrt.check/2``), quantize's
+``bnrt.pipeline.quantize``'s (``bnrt.quantize/1``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
     from bnrt.folding.decision import Decision
     from bnrt.folding.torchfold import FoldResult
-    from bnrt.io.load import Loaded
+    from bnrt.io.source import Loaded
 
 FOLDED_KEY = "bnrt_folded"
 CALIBRATION_KEY = "bnrt_calibration"
@@ -31,11 +32,11 @@ def stem_of(source: Path) -> str:
     return source.name.rsplit(".", 1)[0] if "." in source.name else source.name
 
 
-def artifact_names(source: Path) -> dict[str, str]:
-    """File names ``bnrt fold`` writes for ``source``: the folded model, the ONNX (torch sources
-    only) and the report."""
-    stem = stem_of(source)
-    if source.suffix.lower() == ".onnx":
+def artifact_names(path: Path, kind: str) -> dict[str, str]:
+    """File names ``bnrt fold`` writes for the model at ``path`` of ``kind`` (``ModelSource.kind``):
+    the folded model, the ONNX (torch sources only) and the report."""
+    stem = stem_of(path)
+    if kind == "onnx":
         return {"folded": f"{stem}.folded.onnx", "report": f"{stem}.report.json"}
     return {"folded": f"{stem}.folded.pt", "onnx": f"{stem}.onnx", "report": f"{stem}.report.json"}
 
@@ -68,7 +69,7 @@ def set_onnx_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
 
 def folded_checkpoint(result: FoldResult, loaded: Loaded, input_shapes: list[tuple[int, ...]]) -> dict[str, Any]:
     """The folded checkpoint: the user's state_dict structure with folded BNs as ``nn.Identity``
-    (``bnrt_folded``: what ``bnrt.structure.apply_folded_structure`` needs, and the fold records)."""
+    (``bnrt_folded``: what ``bnrt.folding.structure.apply_folded_structure`` needs, and the fold records)."""
     return {
         FOLDED_KEY: {**result.structure(), "folds": folds_of(result.structured_decisions)},
         "state_dict": result.structured.state_dict(),

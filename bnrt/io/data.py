@@ -11,6 +11,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from bnrt.io.save import atomic_path
 
 LABEL_KEYS = ("y", "labels", "label", "targets")
 DEFAULT_SAMPLES = 8
+DEFAULT_BATCH = 256
+
+Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]  # a model run: inputs in, outputs out
 
 
 @dataclass
@@ -33,6 +37,14 @@ class Dataset:
 
     def shapes(self) -> list[tuple[int, ...]]:
         return [(1, *x.shape[1:]) for x in self.inputs]
+
+
+def run_batched(runner: Runner, data: Dataset, batch_size: int = DEFAULT_BATCH) -> list[np.ndarray]:
+    """Outputs of ``runner`` over all of ``data``, in batches, concatenated along axis 0."""
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, data.size, batch_size):
+        parts.append(runner([x[start:start + batch_size] for x in data.inputs]))
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
 DISTRIBUTIONS = ("normal", "uniform")

@@ -54,6 +54,18 @@ def output_names(count: int) -> list[str]:
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
+def flatten_outputs(out) -> list[torch.Tensor]:
+    """A model's output (tensor, tuple/list or dict of them, nested) as a flat list of tensors, in
+    the order ``output_names`` numbers them."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in flatten_outputs(item)]
+    raise TypeError(f"model output of type {type(out).__name__} is not a tensor or a collection of tensors")
+
+
 def _batch_of_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     # torch.export specialises a dimension of size 1, so the traced batch must be >= 2.
     return tuple(torch.cat([x[:1], x[:1]]) if x.shape[0] < 2 else x[:2] for x in inputs)

@@ -22,7 +22,6 @@ that are missing, truncated or not torch checkpoints, each with an ``InputError`
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -33,7 +32,6 @@ import sys
 import warnings
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,59 +40,15 @@ from torch import nn
 
 from bnrt.io.artifacts import FOLDED_KEY
 from bnrt.errors import InputError, OptionError, first_line
+from bnrt.io.source import Loaded, ModelSource, Shape, file_kind, file_sha256
 from bnrt.folding.structure import apply_folded_structure
-
-Shape = tuple[int, ...]
 
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-@dataclass
-class Loaded:
-    """A model read from ``path`` with what the file said about it."""
-
-    model: nn.Module
-    path: Path
-    sha256: str
-    input_shapes: list[Shape] | None
-    arch: str | None
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    source_format: str = "state_dict"
-    structure: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from and what bnrt may run to read it: ``arch`` overrides the
-    checkpoint's architecture ("module:Name", or a class or factory), ``trust_pickle`` allows
-    unpickling a full ``nn.Module`` (runs code from the file), ``trust_code`` allows importing the
-    checkpoint's ``arch`` from a file in the current directory or the checkpoint's folder,
-    ``input_shapes`` (with batch) override the checkpoint's ``input_shape``."""
-
-    path: Path
-    arch: str | Callable[..., nn.Module] | None = None
-    trust_pickle: bool = False
-    input_shapes: list[Shape] | None = None
-    trust_code: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-
-    @classmethod
-    def of(cls, source: "ModelSource | str | os.PathLike") -> "ModelSource":
-        """``source`` itself, or a source for the path with the defaults."""
-        return source if isinstance(source, ModelSource) else cls(Path(source))
-
-    def load(self) -> Loaded:
-        return load_model(self.path, arch=self.arch, trust_pickle=self.trust_pickle, trust_code=self.trust_code)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def load(source: ModelSource) -> Loaded:
+    """The torch model ``source`` names, as ``load_model`` reads it with the source's options."""
+    return load_model(source.path, arch=source.arch, trust_pickle=source.trust_pickle, trust_code=source.trust_code)
 
 
 def parse_shapes(value: Any, where: str) -> list[Shape]:
@@ -258,7 +212,7 @@ def _torch_load(path: Path, *, weights_only: bool, code_from: list[Path] = ()) -
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a checkpoint file")
-    if path.suffix.lower() == ".onnx":
+    if file_kind(path) == "onnx":
         raise InputError(f"{path}: an ONNX file, where a PyTorch checkpoint is needed")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file, not a torch checkpoint")

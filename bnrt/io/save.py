@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from bnrt.errors import InputError
+from bnrt.io.source import files_read
 
 
 def _umask() -> int:
@@ -76,43 +77,6 @@ def json_safe(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [json_safe(v) for v in data]
     return data
-
-
-def files_read(path: str | os.PathLike) -> list[Path]:
-    """Every file reading ``path`` opens: the file, and for an ONNX model each external data file
-    its tensors name (resolved against the model's folder)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            onnx_like = f.read(1) == b"\x08"  # a ModelProto starts with ir_version (field 1, varint)
-    except OSError:
-        return [path]
-    if not onnx_like:
-        return [path]
-    import onnx
-
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except Exception:  # not ONNX after all: the reader reports it
-        return [path]
-    locations = {entry.value for tensor in _tensors(model.graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
-                 for entry in tensor.external_data if entry.key == "location"}
-    return [path, *(path.parent / loc for loc in sorted(locations))]
-
-
-def _tensors(graph) -> Iterator:
-    """Initializers and constant tensors of ``graph`` and of its subgraphs."""
-    from bnrt.folding.onnxscope import subgraphs
-
-    yield from graph.initializer
-    yield from (sparse.values for sparse in graph.sparse_initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-        for _, body in subgraphs(node):
-            yield from _tensors(body)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -34,7 +34,7 @@ from bnrt.version import __version__
 from bnrt.folding.capture import quiet
 from bnrt.io.export import export_onnx, input_names, output_names
 from bnrt.folding.torchfold import fold
-from bnrt.deploy.run import Session
+from bnrt.session import Session
 from bnrt.folding.structure import set_submodule
 
 Runner = Callable[[np.ndarray], object]
@@ -101,7 +101,7 @@ def variants(model: nn.Module, example: torch.Tensor, workdir: Path, threads: in
              torch_cuda: bool = False, calibration: np.ndarray | None = None) -> dict[str, Runner]:
     """The runners to compare, built from ``model`` (eval mode): ``cuda`` adds ORT's CUDA provider,
     ``torch_cuda`` torch eager on the GPU, ``calibration`` (real inputs) bnrt's INT8 and FP16 graphs
-    of the folded model (``bnrt.quantize``; timed here, verified by ``bnrt quantize``). A variant
+    of the folded model (``bnrt.pipeline.quantize``; timed here, verified by ``bnrt quantize``). A variant
     whose tool fails on the model is left out, with the reason in ``unavailable``."""
     from torch.fx.experimental.optimization import fuse
 

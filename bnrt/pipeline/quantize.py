@@ -29,14 +29,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnrt.io.artifacts import artifact_names, stem_of
-from bnrt.io.data import InputSpec, make_inputs
 from bnrt.errors import InputError, OptionError
-from bnrt.folding.onnxfold import fold_onnx, load_onnx
-from bnrt.progress import Steps
-from bnrt.deploy.run import Session
+from bnrt.folding.onnxfold import load_onnx
+from bnrt.io.artifacts import artifact_names, stem_of
+from bnrt.io.data import Dataset, InputSpec, make_inputs
 from bnrt.io.save import atomic_path, publish, refuse_overwrite, staging, write_json
-from bnrt.check.metrics import compare_output, sqnr_db
+from bnrt.io.source import ModelSource
+from bnrt.pipeline.convert import fold_file
+from bnrt.progress import Steps
+from bnrt.session import probe
+from bnrt.verify.check import CheckOptions, check, side
+from bnrt.verify.metrics import Tolerances, sqnr_db
+from bnrt.verify.sides import Side
 
 SCHEMA = "bnrt.quantize/1"
 PRECISIONS = ("int8", "fp16")
@@ -101,27 +105,16 @@ def _tensor_types(model: onnx.ModelProto) -> set[int]:
 
 
 def folded_float_graph(source, work: Path) -> tuple[Path, list[dict], str]:
-    """The float32 graph to quantize, folded: (path, kept BatchNorms [{bn, reason}], sha256 of the
-    source). An ``.onnx`` is folded by the ONNX folder; a checkpoint goes through ``bnrt fold``'s
-    pipeline without its check (the quantized graph is checked against this one)."""
-    from bnrt.io.load import ModelSource, file_sha256
-    from bnrt.pipeline.convert import fold_file
-
+    """The float32 graph to quantize, folded by ``bnrt fold``'s pipeline without its check (the
+    quantized graph is checked against this one): (path, kept BatchNorms [{bn, reason}], sha256 of
+    the source). An ONNX model that already holds float16 tensors is refused."""
     source = ModelSource.of(source)
-    if source.path.suffix.lower() == ".onnx":
-        model = load_onnx(source.path)
-        if onnx.TensorProto.FLOAT16 in _tensor_types(model):
-            raise InputError(f"{source.path}: already has float16 tensors; quantize its float32 original")
-        result = fold_onnx(model, str(source.path))
-        path = work / "folded.onnx"
-        onnx.save(result.model, str(path))
-        decisions, sha = result.decisions, file_sha256(source.path)
-    else:
-        outcome = fold_file(source, work, check=None)
-        path = work / artifact_names(source.path)["onnx"]
-        decisions, sha = outcome.result.decisions, outcome.report["source"]["sha256"]
-    kept = [{"bn": d.bn, "reason": d.reason} for d in decisions if d.status != "folded"]
-    return path, kept, sha
+    if source.kind == "onnx" and onnx.TensorProto.FLOAT16 in _tensor_types(load_onnx(source.path)):
+        raise InputError(f"{source.path}: already has float16 tensors; quantize its float32 original")
+    outcome = fold_file(source, work, check=None)
+    path = work / artifact_names(source.path, source.kind)["folded" if source.kind == "onnx" else "onnx"]
+    kept = [{"bn": d.bn, "reason": d.reason} for d in outcome.result.decisions if d.status != "folded"]
+    return path, kept, outcome.report["source"]["sha256"]
 
 
 class _Reader:
@@ -168,15 +161,9 @@ def to_int8(float_path: Path, out: Path, names: list[str], inputs: list[np.ndarr
 
 
 def _values(model: onnx.ModelProto, names, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """The values ``names`` (and the graph outputs) of ``model`` on ``inputs``: ORT CPU on a copy
-    with them added as outputs, no graph optimisation (the values are the graph's own)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in dict.fromkeys(n for n in names if n not in present):
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = Session(Path("probe.onnx"), optimization="disable", model_bytes=probe.SerializeToString())
-    return dict(zip(session.output_names, session.run(inputs)))
+    """The values ``names`` (and the graph outputs) of ``model`` on ``inputs`` (ORT CPU, no graph
+    optimisation: the values are the graph's own)."""
+    return probe(model, names, inputs)
 
 
 def _activation_ranges(model: onnx.ModelProto, inputs: list[np.ndarray]) -> dict[str, float]:
@@ -202,22 +189,44 @@ def to_fp16(float_path: Path, out: Path, inputs: list[np.ndarray], options: Quan
             kept.append({"node": node.name, "op": node.op_type,
                          "why": ", ".join([f"weight {w} reaches {weights[w]:.3g}" for w in big_w]
                                           + [f"output {o} reaches {ranges[o]:.3g}" for o in big_a])})
-    converted = convert_float_to_float16(model, keep_io_types=options.keep_io_types,
-                                         node_block_list=[k["node"] for k in kept] or None)
+    converted = _drop_round_trips(convert_float_to_float16(model, keep_io_types=options.keep_io_types,
+                                                           node_block_list=[k["node"] for k in kept] or None))
     with atomic_path(out) as tmp:
         onnx.save(converted, str(tmp))
     return {"keep_io_types": options.keep_io_types, "kept_float32": kept}
 
 
-def _classify(outputs: list[np.ndarray], labels, where: str) -> None:
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+
+def _drop_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The converter casts a kept node's float32 output to float16 and back before the next kept
+    node (or a float32 graph output) reads it: a round trip that turns the values beyond float16's
+    range, the very ones the node was kept for, into Inf. Each Cast to float32 of a Cast to float16
+    of a float32 value becomes an Identity of that value; Casts nobody reads any more go."""
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    types.update({v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]})
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        first = producer.get(node.input[0]) if node.input else None
+        if (_cast_to(node) == onnx.TensorProto.FLOAT and first is not None
+                and _cast_to(first) == onnx.TensorProto.FLOAT16 and types.get(first.input[0]) == onnx.TensorProto.FLOAT):
+            node.op_type, node.input[0] = "Identity", first.input[0]
+            del node.attribute[:]
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in read for o in n.output)]
+    for node in dead:
+        graph.node.remove(node)
+    return model
+
+
+def _classify(outputs: list[np.ndarray], labels, where: str, samples: int) -> None:
     if labels is None and not (outputs and outputs[0].ndim == 2 and outputs[0].shape[1] > 1):
-        shape = tuple(outputs[0].shape) if outputs else ()
+        shape = (samples, *outputs[0].shape[1:]) if outputs else ()
         raise InputError(f"{where}: no labels (y) in the data and the first output has shape {shape}, not "
                          "(N, classes) logits: top-1 agreement cannot be measured; add integer labels under 'y'")
-
-
-def _top1(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a.argmax(1) == b.argmax(1)).mean())
 
 
 def _worst_layers(float_path: Path, quant_path: Path, inputs: list[np.ndarray]) -> list[dict]:
@@ -258,14 +267,33 @@ def _worst_layers(float_path: Path, quant_path: Path, inputs: list[np.ndarray]) 
     return rows[:WORST_LAYERS]
 
 
+def _verify(reference: Side, quant_path: Path, dataset: Dataset, options: QuantizeOptions,
+            steps: Steps) -> tuple[list[dict], float | None, dict | None, dict]:
+    """The quantized graph against the float32 one on all of ``dataset`` (the check, every output
+    measured, none judged by tolerance): per-output errors, top-1 agreement, accuracies with labels
+    and the budget's measure."""
+    everything = CheckOptions(tolerances=Tolerances(atol=np.inf, rtol=0.0), localise=False,
+                              batch_size=max(1, dataset.size))
+    verdict = check(reference, [side(quant_path, label=options.precision)], dataset, everything, note=steps.note)
+    metrics = verdict.comparisons[0].outputs
+    outputs = [{"name": m.name, "max_abs": m.max_abs, "mean_abs": m.mean_abs, "sqnr_db": m.sqnr_db,
+                "top1_agreement": m.top1_agreement, "problem": m.problem} for m in metrics]
+    agreement = metrics[0].top1_agreement
+    if dataset.labels is None:  # no agreement: a non-finite or reshaped output, nothing agrees
+        return outputs, agreement, None, {"kind": "top-1 disagreement", "limit": options.max_disagreement,
+                                          "value": 1.0 - (agreement or 0.0)}
+    accuracy = {"float32": verdict.accuracy[reference.label], options.precision: verdict.accuracy[options.precision]}
+    drop = 100 * (accuracy["float32"] - accuracy[options.precision])
+    return outputs, agreement, accuracy, {"kind": "accuracy drop (points)", "limit": options.max_accuracy_drop,
+                                          "value": drop}
+
+
 def quantize_file(source, data: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                   options: QuantizeOptions = QuantizeOptions(), *, progress: bool = False) -> QuantizeOutcome:
     """Fold ``source`` (a checkpoint, or an ``.onnx``) and quantize it to ``options.precision``,
     verified on ``data`` (an .npz with the inputs and, optionally, integer labels under ``y``).
     Writes ``<stem>.int8.onnx`` (or ``.fp16.onnx``) and ``<stem>.int8.quantize.json`` into ``out_dir``
     (default: the model's folder); over budget, only the report (``outcome.passed`` False)."""
-    from bnrt.io.load import ModelSource
-
     source = ModelSource.of(source)
     src = source.path
     out = Path(out_dir) if out_dir is not None else src.parent
@@ -276,40 +304,22 @@ def quantize_file(source, data: str | os.PathLike, out_dir: str | os.PathLike | 
         with steps.step("fold"):
             float_path, kept_bns, sha = folded_float_graph(source, work)
         with steps.step("float32 run"):
-            reference = Session(float_path)
-            dataset = make_inputs(InputSpec(data=data), reference.input_names,
-                                  [s.shape for s in reference.inputs], [s.dtype for s in reference.inputs],
-                                  str(src))
-            inputs = [x.astype(s.dtype) for x, s in zip(dataset.inputs, reference.inputs)]
-            ref_out = reference.run(inputs)
-            _classify(ref_out, dataset.labels, str(data))
+            reference = side(float_path, label="float32")
+            dataset = make_inputs(InputSpec(data=data), reference.input_names, reference.input_shapes,
+                                  reference.input_dtypes, str(src))
+            dataset.inputs = [x.astype(d) for x, d in zip(dataset.inputs, reference.input_dtypes)]
+            _classify(reference.runner([x[:1] for x in dataset.inputs]), dataset.labels, str(data), dataset.size)
         quant_path = work / model_name
         with steps.step(f"{options.precision} conversion"):
             if options.precision == "int8":
-                details = to_int8(float_path, quant_path, reference.input_names, inputs, options, work)
+                details = to_int8(float_path, quant_path, reference.input_names, dataset.inputs, options, work)
             else:
-                details = to_fp16(float_path, quant_path, inputs, options)
+                details = to_fp16(float_path, quant_path, dataset.inputs, options)
         with steps.step("verify"):
-            quantized = Session(quant_path)
-            got = quantized.run(inputs)
-            outputs = []
-            for name, r, c in zip(reference.output_names, ref_out, got):
-                m = compare_output(name, r.astype(np.float64), c.astype(np.float64), np.inf, 0.0)
-                outputs.append({"name": name, "max_abs": m.max_abs, "mean_abs": m.mean_abs, "sqnr_db": m.sqnr_db,
-                                "top1_agreement": m.top1_agreement})
-            agreement = _top1(ref_out[0], got[0]) if ref_out[0].ndim == 2 and ref_out[0].shape[1] > 1 else None
-            accuracy = None
-            if dataset.labels is not None:
-                accuracy = {"float32": float((ref_out[0].argmax(1) == dataset.labels).mean()),
-                            options.precision: float((got[0].argmax(1) == dataset.labels).mean())}
-                drop = 100 * (accuracy["float32"] - accuracy[options.precision])
-                budget = {"kind": "accuracy drop (points)", "limit": options.max_accuracy_drop, "value": drop}
-            else:
-                budget = {"kind": "top-1 disagreement", "limit": options.max_disagreement,
-                          "value": 1.0 - agreement}
-            passed = budget["value"] <= budget["limit"] + 1e-12
+            outputs, agreement, accuracy, budget = _verify(reference, quant_path, dataset, options, steps)
+            passed = budget["value"] <= budget["limit"] + 1e-12 and not any(o["problem"] for o in outputs)
             worst = [] if passed or options.precision != "int8" else _worst_layers(
-                work / "pre.onnx", quant_path, inputs)
+                work / "pre.onnx", quant_path, dataset.inputs)
         report = {
             "schema": SCHEMA, "source": {"path": str(src), "sha256": sha}, "data": str(data),
             "samples": dataset.size, "precision": options.precision, options.precision: details,

@@ -30,7 +30,8 @@ from bnrt.io.artifacts import calibrated_checkpoint
 from bnrt.io.data import load_data
 from bnrt.errors import InputError, OptionError, first_line
 from bnrt.io.export import model_input_names
-from bnrt.io.load import ModelSource, file_sha256
+from bnrt.io.load import load
+from bnrt.io.source import ModelSource, file_sha256
 from bnrt.io.save import output_folder, refuse_overwrite, write_torch
 
 MODES = ("fast", "exact")
@@ -327,7 +328,7 @@ def calibrate_file(
     refuse_overwrite([out], [source.path, data])
     if batch_size <= 0:
         raise OptionError(f"`batch_size` {batch_size}: must be positive")
-    loaded = source.load()
+    loaded = load(source)
     dataset = load_data(data, model_input_names(loaded.model, loaded.input_shapes))
     group, rank, world = _process_group()
     try:

@@ -1,18 +1,22 @@
-"""Run stage: a thin layer over ``onnxruntime.InferenceSession``.
+"""The session layer: the only place bnrt makes an ``onnxruntime.InferenceSession`` (checks,
+probes of intermediate values, ``bnrt run``, ``bnrt serve``, benchmarks). Imports nothing of bnrt
+but its errors.
 
 Providers are asked for by short name (``cpu``, ``cuda``). A provider that is not available, or a
 session that silently fell back to another provider, is an error: bnrt never runs on the CPU when
 CUDA was asked for. Inputs are validated against the model (name, dtype, shape) with errors that
-name the input, what it expects and what it got. On CUDA, runs go through IO binding.
+name the input, what it expects and what it got. On CUDA, runs go through IO binding. ``probe``
+reads a graph's intermediate values the same way (provider check, TF32 rule).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from bnrt.errors import InputError, OptionError, first_line
@@ -163,3 +167,22 @@ class Session:
         if self.provider == "cuda":
             return self._run_bound(feeds)
         return self.session.run(None, feeds)
+
+
+def probe(model: onnx.ModelProto, values: Iterable[str], inputs: Sequence[np.ndarray] | dict[str, np.ndarray], *,
+          provider: str = "cpu", tf32: bool | None = None) -> dict[str, np.ndarray]:
+    """The values named ``values`` (and the graph outputs) of ``model`` on ``inputs`` (positional,
+    in the model's input order, or by name): a copy of the graph with them added as outputs, run
+    without graph optimisation (the values are the graph's own, not those of a fused rewrite) on
+    ``provider``, TF32 off on CUDA unless ``tf32`` (exact float32). ``InputError`` when ORT cannot
+    load the copy; ORT's own error when it cannot run it."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    for name in dict.fromkeys(values):
+        if name and name not in present:
+            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = Session("(graph probe)", provider, optimization="disable", model_bytes=copy.SerializeToString(),
+                      tf32=bool(tf32) if provider == "cuda" else None)
+    feeds = inputs if isinstance(inputs, dict) else dict(zip(session.input_names, inputs))
+    return dict(zip(session.output_names, session.session.run(None, feeds)))

@@ -1,4 +1,5 @@
-"""Verify stage: run a reference and candidates on the same inputs and compare their outputs.
+"""The check's metrics and pass criterion, numpy only (the runs that produce the arrays are
+``bnrt.verify.check``'s).
 
 Metrics per output (all computed in float64):
 - ``max_abs``: max |c − r|; ``mean_abs``: mean |c − r|;
@@ -28,25 +29,17 @@ accuracy (argmax of the first output) is reported per runner.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
-from bnrt.io.data import Dataset
-from bnrt.errors import OptionError
-
-Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 
 SCHEMA = "bnrt.check/2"
 DEFAULT_ATOL = 1e-4  # the fixed criterion's defaults, when only one of atol/rtol is given
 DEFAULT_RTOL = 1e-3
 DEFAULT_TOP_K = 5
 REL_FLOOR = 1e-3
-DEFAULT_BATCH = 256
 NOISE_FACTOR = 8.0
 TRUTH_SAMPLES = 8  # at most this many samples for the noise floor (the float64 truth is costly)
 TRUTH_VALUES = 2048  # ... and enough of them for this many values of every output
@@ -85,7 +78,7 @@ class NoiseReference:
     run's intermediate outputs, for localisation."""
 
     kind: str
-    runner: Runner
+    runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]]
     taps: Callable[[list[np.ndarray]], dict[str, np.ndarray]] | None = None
 
     def anchor_and_noisy(self, reference, noise):
@@ -199,66 +192,6 @@ def truth_samples(outputs: Sequence[np.ndarray], size: int) -> int:
     return min(size, TRUTH_SAMPLES, max(2, -(-TRUTH_VALUES // per_sample)))
 
 
-def flatten_outputs(out) -> list[torch.Tensor]:
-    """A model's output (tensor, tuple/list or dict of them, nested) as a flat list of tensors."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in flatten_outputs(item)]
-    raise TypeError(f"model output of type {type(out).__name__} is not a tensor or a collection of tensors")
-
-
-DEVICES = ("cpu", "cuda")
-
-
-def check_device(device: str) -> None:
-    """``OptionError`` unless torch can run on ``device`` here."""
-    if device not in DEVICES:
-        raise OptionError(f"`device` {device!r}: choose one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"`device` cuda: torch {torch.__version__} has no CUDA device here "
-                          f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'})")
-
-
-@contextmanager
-def torch_tf32(enabled: bool) -> Iterator[None]:
-    """TF32 in torch's CUDA matmuls and cuDNN convolutions on (``enabled``) or off within the block.
-    (cuDNN's default is on: an exact float32 check must turn it off.)"""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
-
-
-def torch_runner(model: nn.Module, device: str | None = None, tf32: bool = False) -> Runner:
-    """Run ``model`` on numpy inputs; with ``device`` the model moves there (in place) on the first
-    run, its inputs follow it, and on CUDA TF32 is as ``tf32`` says (off: exact float32)."""
-    def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if device is not None and model_device(model).type != device:
-            model.to(device)
-        where = model_device(model)
-        with torch.inference_mode(), torch_tf32(tf32 and where.type == "cuda"):
-            out = model(*(torch.from_numpy(np.asarray(x)).to(where) for x in inputs))
-        return [t.detach().cpu().numpy() for t in flatten_outputs(out)]
-    return run
-
-
-def run_batched(runner: Runner, data: Dataset, batch_size: int = DEFAULT_BATCH) -> list[np.ndarray]:
-    """Outputs of ``runner`` over all of ``data``, in batches, concatenated along axis 0."""
-    parts: list[list[np.ndarray]] = []
-    for start in range(0, data.size, batch_size):
-        parts.append(runner([x[start:start + batch_size] for x in data.inputs]))
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-
 def _topk_overlap(r: np.ndarray, c: np.ndarray, k: int) -> float:
     k = min(k, r.shape[1])
     top_r = np.argsort(-r, axis=1, kind="stable")[:, :k]
@@ -281,57 +214,18 @@ def sqnr_db(ref: np.ndarray, cand: np.ndarray) -> float | None:
     return 10.0 * np.log10(signal / energy) if signal else float("-inf")
 
 
-def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | None = None,
-                   rtol: float | None = None, top_k: int = DEFAULT_TOP_K, *,
-                   noise: tuple[np.ndarray, np.ndarray] | None = None, factor: float = NOISE_FACTOR,
-                   allow_nonfinite: bool = False) -> OutputMetrics:
-    """Metrics of ``cand`` against ``ref``. With ``atol``/``rtol`` (either), the fixed criterion;
-    else with ``noise`` = (anchor, noisy) on the first samples, the noise-aware one; else the fixed
-    criterion with its defaults. Non-finite values are findings: NaN/Inf in the candidate where
-    the reference is finite fails, and so does NaN/Inf in the reference unless ``allow_nonfinite``,
-    which requires the candidate to hold the same non-finite values at the same positions and
-    compares the rest."""
-    # a floor needs finite values to be measured on (allowed non-finite outputs may leave none)
-    measurable = noise is not None and (np.size(noise[0]) == 0 or bool((np.isfinite(noise[0]) & np.isfinite(noise[1])).any()))
-    fixed = None if atol is None and rtol is None and measurable else (
-        DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol)
-    criterion = "fixed" if fixed else "noise"
-
-    def failed(problem: str) -> OutputMetrics:
-        inf = float("inf")
-        return OutputMetrics(name, list(ref.shape), inf, inf, inf, 0.0, None, None, None, *(fixed or (None, None)),
-                             False, problem, criterion)
-
-    if ref.shape != cand.shape:
-        return failed(f"shape {list(cand.shape)} differs from the reference's {list(ref.shape)}")
-    r, c = ref.astype(np.float64), cand.astype(np.float64)
-    problem = nonfinite_problem(r, c, allow_nonfinite)
-    if problem:
-        return failed(problem)
-    if r.size == 0:
-        return OutputMetrics(name, list(ref.shape), 0.0, 0.0, 0.0, 1.0, None, None, None, *(fixed or (None, None)),
-                             True, None, criterion)
-    r, c = finite_part(r, c)
-    diff = np.abs(c - r)
-    scale = np.abs(r)
-    rel_floor = max(REL_FLOOR * float(scale.max()), np.finfo(np.float64).tiny)
+def _cosine(r: np.ndarray, c: np.ndarray) -> float:
     norm_r, norm_c = float(np.linalg.norm(r)), float(np.linalg.norm(c))
     if norm_r == 0.0 and norm_c == 0.0:
-        cosine = 1.0
-    elif norm_r == 0.0 or norm_c == 0.0:
-        cosine = 0.0
-    else:
-        cosine = float(np.dot(r.ravel(), c.ravel()) / (norm_r * norm_c))
-    sqnr = sqnr_db(r, c)
-    classifier = r.ndim == 2 and r.shape[1] > 1
-    metrics = OutputMetrics(name, list(ref.shape), float(diff.max()), float((diff / np.maximum(scale, rel_floor)).max()),
-                            float(diff.mean()), cosine, sqnr, _agreement(r, c) if classifier else None,
-                            _topk_overlap(r, c, top_k) if classifier else None, *(fixed or (None, None)), True,
-                            None, criterion)
-    if fixed:
-        metrics.passed = bool(np.all(diff <= fixed[0] + fixed[1] * scale))
-        return metrics
-    head = c[: len(noise[0])]
+        return 1.0
+    if norm_r == 0.0 or norm_c == 0.0:
+        return 0.0
+    return float(np.dot(r.ravel(), c.ravel()) / (norm_r * norm_c))
+
+
+def _judge_by_noise(metrics: OutputMetrics, head: np.ndarray, noise: tuple[np.ndarray, np.ndarray],
+                    factor: float, classifier: bool) -> OutputMetrics:
+    """The noise-aware verdict on the first samples (``head``: the candidate's, in float64)."""
     anchor, noisy, head = finite_where_both(noise[0], noise[1], head)
     metrics.floor = float(np.abs(noisy - anchor).max())
     metrics.error = float(np.abs(head - anchor).max())
@@ -351,6 +245,55 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | N
     return metrics
 
 
+def _fixed_or_none(atol: float | None, rtol: float | None,
+                   noise: tuple[np.ndarray, np.ndarray] | None) -> tuple[float, float] | None:
+    """The fixed criterion's (atol, rtol), or None where the noise floor decides: no tolerance
+    given and a floor measurable (finite values in both noise runs; allowed non-finite outputs
+    may leave none)."""
+    measurable = noise is not None and (np.size(noise[0]) == 0
+                                        or bool((np.isfinite(noise[0]) & np.isfinite(noise[1])).any()))
+    if atol is None and rtol is None and measurable:
+        return None
+    return DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol
+
+
+def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | None = None,
+                   rtol: float | None = None, top_k: int = DEFAULT_TOP_K, *,
+                   noise: tuple[np.ndarray, np.ndarray] | None = None, factor: float = NOISE_FACTOR,
+                   allow_nonfinite: bool = False) -> OutputMetrics:
+    """Metrics of ``cand`` against ``ref``. With ``atol``/``rtol`` (either), the fixed criterion;
+    else with ``noise`` = (anchor, noisy) on the first samples, the noise-aware one; else the fixed
+    criterion with its defaults. Non-finite values are findings: NaN/Inf in the candidate where
+    the reference is finite fails, and so does NaN/Inf in the reference unless ``allow_nonfinite``,
+    which requires the candidate to hold the same non-finite values at the same positions and
+    compares the rest."""
+    fixed = _fixed_or_none(atol, rtol, noise)
+    tolerance, criterion = fixed or (None, None), "fixed" if fixed else "noise"
+    if ref.shape != cand.shape:
+        problem = f"shape {list(cand.shape)} differs from the reference's {list(ref.shape)}"
+    else:
+        r, c = ref.astype(np.float64), cand.astype(np.float64)
+        problem = nonfinite_problem(r, c, allow_nonfinite)
+    if problem:
+        inf = float("inf")
+        return OutputMetrics(name, list(ref.shape), inf, inf, inf, 0.0, None, None, None, *tolerance, False, problem,
+                             criterion)
+    if r.size == 0:
+        return OutputMetrics(name, list(ref.shape), 0.0, 0.0, 0.0, 1.0, None, None, None, *tolerance, True, None,
+                             criterion)
+    r, c = finite_part(r, c)
+    diff, scale = np.abs(c - r), np.abs(r)
+    rel_floor = max(REL_FLOOR * float(scale.max()), np.finfo(np.float64).tiny)
+    classifier = r.ndim == 2 and r.shape[1] > 1
+    metrics = OutputMetrics(name, list(ref.shape), float(diff.max()), float((diff / np.maximum(scale, rel_floor)).max()),
+                            float(diff.mean()), _cosine(r, c), sqnr_db(r, c), _agreement(r, c) if classifier else None,
+                            _topk_overlap(r, c, top_k) if classifier else None, *tolerance, True, None, criterion)
+    if fixed:
+        metrics.passed = bool(np.all(diff <= fixed[0] + fixed[1] * scale))
+        return metrics
+    return _judge_by_noise(metrics, c[: len(noise[0])], noise, factor, classifier)
+
+
 def nonfinite_problem(ref: np.ndarray, cand: np.ndarray, allow_nonfinite: bool = False) -> str | None:
     """Why non-finite values fail a comparison of ``cand`` with ``ref`` (same shapes), or None."""
     ref_bad, cand_bad = ~np.isfinite(ref), ~np.isfinite(cand)
@@ -368,60 +311,3 @@ def nonfinite_problem(ref: np.ndarray, cand: np.ndarray, allow_nonfinite: bool =
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits.reshape(len(labels), -1), axis=1) == labels))
-
-
-def check(
-    reference: tuple[str, Runner],
-    candidates: list[tuple[str, Runner] | tuple[str, Runner, bool] | tuple[str, Runner, bool, bool]],
-    data: Dataset,
-    output_names: list[str],
-    *,
-    tolerances: Tolerances = Tolerances(),
-    top_k: int = DEFAULT_TOP_K,
-    batch_size: int = DEFAULT_BATCH,
-    noise: NoiseReference | None = None,
-    note: Callable[[str], None] | None = None,
-) -> CheckReport:
-    """Run ``reference`` and every candidate (label, runner) on ``data`` and compare outputs; with
-    ``noise``, the noise-aware criterion on the first ``truth_samples`` samples (module docstring)
-    for every output without fixed tolerances. A candidate given as (label, runner, True) runs on
-    those first samples only (a second view of what another candidate checks on all of them);
-    (label, runner, head, True) is informational: reported, never failing the check.
-    ``note`` hears which run starts."""
-    note = note or (lambda text: None)
-    ref_label, ref_runner = reference
-    note(f"{ref_label} on {data.size} samples")
-    ref_out = run_batched(ref_runner, data, batch_size)
-    pairs, truth = None, truth_samples(ref_out, data.size)
-    if noise is not None and not all(tolerances.fixed(n) for n in output_names):
-        note(f"noise floor: {noise.kind} run on {truth} samples")
-        try:
-            noise_out = noise.runner([x[:truth] for x in data.inputs])
-        except Exception:  # e.g. a model whose own code cannot run in float64: fixed tolerances decide
-            noise_out = []
-        if len(noise_out) == len(ref_out):
-            pairs = list(zip(*noise.anchor_and_noisy([o[:truth] for o in ref_out], noise_out)))
-    comparisons, acc, errors = [], {}, {}
-    if data.labels is not None:
-        acc[ref_label] = accuracy(ref_out[0], data.labels)
-    for label, runner, *flags in candidates:
-        head, informational = (list(flags) + [False, False])[:2]
-        part = truth if head and truth < data.size else None
-        sub = data if part is None else Dataset([x[:part] for x in data.inputs], None, data.source)
-        ref = ref_out if part is None else [o[:part] for o in ref_out]
-        note(f"{label} on {sub.size} samples")
-        out = run_batched(runner, sub, batch_size)
-        if len(out) != len(ref):
-            metrics = [compare_output("(outputs)", np.zeros(len(ref)), np.zeros(len(out)), 0.0, 0.0)]
-        else:
-            metrics = [compare_output(n, r, c, *(tolerances.fixed(n) or (None, None)), top_k=top_k,
-                                      noise=pairs[i] if pairs else None, factor=tolerances.factor,
-                                      allow_nonfinite=tolerances.allow_nonfinite)
-                       for i, (n, r, c) in enumerate(zip(output_names, ref, out))]
-            errors.update({(label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(output_names, ref, out)
-                           if r.shape == c.shape})
-        comparisons.append(Comparison(ref_label, label, metrics, samples=part, informational=informational))
-        if data.labels is not None and out and part is None and not informational:
-            acc[label] = accuracy(out[0], data.labels)
-    return CheckReport(data.size, data.source, top_k, comparisons, acc, errors, noise.kind if pairs else None,
-                       truth if pairs else None)

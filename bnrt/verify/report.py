@@ -9,7 +9,7 @@ import numpy as np
 
 from bnrt.errors import OptionError
 from bnrt.folding.decision import Decision
-from bnrt.check.metrics import CheckReport
+from bnrt.verify.metrics import CheckReport
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

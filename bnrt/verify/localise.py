@@ -1,5 +1,6 @@
-"""Where two models part ways: intermediate outputs ("taps") of torch modules and of ONNX values
-that map to torch modules, and the first module whose output diverges beyond tolerance.
+"""Where two models part ways: the ONNX values that hold torch modules' outputs (from the
+exporters' name scopes) and the first module whose output diverges beyond tolerance, given both
+models' intermediate outputs ("taps": ``torchside.torch_taps``, ``onnxside.onnx_taps``).
 
 A folded layer and its BatchNorm compute different intermediate values by design (a conv folded
 with the BN after it outputs what the BN used to output); the folds recorded by bnrt (folded
@@ -9,19 +10,14 @@ checkpoint, ONNX metadata ``bnrt_folds``) name these partners so that they are n
 from __future__ import annotations
 
 import ast
-from collections import Counter
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-import torch
-from torch import nn
 
-from bnrt.deploy.run import resolve_provider
-from bnrt.check.metrics import (NOISE_FACTOR, Divergence, finite_part, finite_where_both, nonfinite_problem, torch_tf32,
-                     within_noise)
+from bnrt.verify.metrics import (NOISE_FACTOR, Divergence, finite_part, finite_where_both, nonfinite_problem,
+                                 within_noise)
+
 
 def partners(folds: Iterable[dict]) -> tuple[set[str], dict[str, str]]:
     """Modules whose outputs differ by design after folding, and for each folded BN the layer it
@@ -34,31 +30,6 @@ def partners(folds: Iterable[dict]) -> tuple[set[str], dict[str, str]]:
         else:
             skip.add(f["bn"])
     return skip, layer_of
-
-
-def torch_taps(model: nn.Module, inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Output of every submodule called exactly once, in the order the calls finished."""
-    taps: dict[str, np.ndarray] = {}
-    calls: Counter = Counter()
-    handles = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-
-        def hook(_module, _args, out, name=name):
-            calls[name] += 1
-            if isinstance(out, torch.Tensor):
-                taps[name] = out.detach().cpu().numpy().copy()  # copy: an in-place op may follow
-
-        handles.append(module.register_forward_hook(hook))
-    where = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
-    try:
-        with torch.inference_mode(), torch_tf32(False):  # module outputs in exact float32
-            model(*(torch.from_numpy(np.asarray(x)).to(where) for x in inputs))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {k: v for k, v in taps.items() if calls[k] == 1}
 
 
 def _scopes(node: onnx.NodeProto) -> list[str]:
@@ -100,28 +71,6 @@ def onnx_module_values(model: onnx.ModelProto) -> dict[str, str]:
         for scope in _scopes(node):
             last[scope] = node.output[0]
     return last
-
-
-def onnx_taps(source: str | Path | onnx.ModelProto, inputs: Sequence[np.ndarray],
-              provider: str = "cpu") -> dict[str, np.ndarray]:
-    """Values of ``onnx_module_values`` computed by ORT on ``inputs``, keyed by module path; ``source``
-    is an ONNX file or a model."""
-    if isinstance(source, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(source)
-    else:
-        model = onnx.load(str(source))
-    values = onnx_module_values(model)
-    inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    present = {o.name for o in model.graph.output}
-    for value in dict.fromkeys(values.values()):
-        if value not in present and value in inferred:
-            model.graph.output.append(inferred[value])
-    session = ort.InferenceSession(model.SerializeToString(), providers=[resolve_provider(provider)])
-    feeds = dict(zip([i.name for i in session.get_inputs()], inputs))
-    names = [o.name for o in session.get_outputs()]
-    results = dict(zip(names, session.run(names, feeds)))
-    return {module: results[value] for module, value in values.items() if value in results}
 
 
 def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], folds: Iterable[dict],

@@ -1,0 +1,211 @@
+"""The check, the one entry point for every comparison (``bnrt fold``'s check, ``bnrt check``,
+``bnrt quantize``'s verification): ``side`` makes a side of any model (torch module, loaded
+checkpoint, model file of either kind, ONNX bytes); ``check`` runs the reference and the
+candidates on the same data, measures the noise floor, judges each output (``bnrt.verify.metrics``)
+and names the first divergent module of each failed comparison (``bnrt.verify.localise``);
+``check_files`` is ``bnrt check``: two model files, their inputs matched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+from torch import nn
+
+from bnrt.io.data import DEFAULT_BATCH, Dataset, InputSpec, make_inputs, run_batched, save_dataset
+from bnrt.io.export import output_names as numbered_outputs
+from bnrt.io.load import load
+from bnrt.io.save import refuse_overwrite
+from bnrt.io.source import Loaded, ModelSource
+from bnrt.progress import Steps
+from bnrt.session import check_tf32
+from bnrt.verify.localise import first_divergence
+from bnrt.verify.metrics import (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, Comparison, Tolerances,
+                                 accuracy, compare_output, truth_samples)
+from bnrt.verify.onnxside import onnx_side, tf32_deployment
+from bnrt.verify.sides import Candidate, Side, batching, merge_inputs
+from bnrt.verify.torchside import check_device, torch_side
+
+LOCALISE_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How a check runs: its inputs, the ORT provider of ONNX sides, tolerances, top-k, batch size,
+    whether a failed comparison is localised to its first divergent module, TF32 (CUDA only, off
+    unless asked for) and the ``device`` torch sides run on."""
+
+    inputs: InputSpec = InputSpec()
+    provider: str = "cpu"
+    tolerances: Tolerances = Tolerances()
+    top_k: int = DEFAULT_TOP_K
+    batch_size: int = DEFAULT_BATCH
+    localise: bool = True
+    tf32: bool | None = None  # CUDA only; None: off in checks (exact float32)
+    device: str = "cpu"  # where torch sides run
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        check_tf32("cuda" if self.device == "cuda" else self.provider, self.tf32)
+
+
+Model = Side | nn.Module | Loaded | ModelSource | bytes | onnx.ModelProto | str | os.PathLike
+
+
+def side(model: Model, *, label: str | None = None, provider: str = "cpu", device: str = "cpu",
+         tf32: bool | None = None, input_shapes: list[tuple[int, ...]] | None = None,
+         folds: list[dict] | None = None) -> Side:
+    """A check side for ``model``: a torch module or loaded checkpoint (run on ``device``, label
+    "torch"), an ONNX model as bytes or proto, or a model file of either kind (``ModelSource.kind``;
+    ONNX runs on ORT's ``provider``, label "onnx <provider>"). ``folds``: the folds bnrt made in a
+    torch module (a loaded checkpoint and an ONNX file carry their own)."""
+    if isinstance(model, Side):
+        return model
+    if isinstance(model, Loaded):
+        return torch_side(model.model, label=label or "torch", input_shapes=input_shapes or model.input_shapes,
+                          device=device, tf32=tf32, folds=(model.structure or {}).get("folds", []))
+    if isinstance(model, nn.Module):
+        return torch_side(model, label=label or "torch", input_shapes=input_shapes, device=device, tf32=tf32,
+                          folds=folds)
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    if isinstance(model, bytes):
+        return onnx_side(label or f"onnx {provider}", model, provider, tf32)
+    source = ModelSource.of(model)
+    if source.kind == "onnx":
+        return onnx_side(label or f"onnx {provider}", source.path, provider, tf32)
+    return side(load(source), label=label, device=device, tf32=tf32, input_shapes=source.input_shapes)
+
+
+def _noise_pairs(reference: Side, ref_out: list[np.ndarray], data: Dataset, names: list[str],
+                 tolerances: Tolerances, note: Callable[[str], None]) -> tuple[list | None, int]:
+    """(anchor, noisy) per output on the first ``truth_samples`` samples, or None when fixed
+    tolerances decide every output (or the noise run cannot run); and that sample count."""
+    truth = truth_samples(ref_out, data.size)
+    noise = reference.noise
+    if noise is None or all(tolerances.fixed(n) for n in names):
+        return None, truth
+    note(f"noise floor: {noise.kind} run on {truth} samples")
+    try:
+        noise_out = noise.runner([x[:truth] for x in data.inputs])
+    except Exception:  # e.g. a model whose own code cannot run in float64: fixed tolerances decide
+        noise_out = []
+    if len(noise_out) != len(ref_out):
+        return None, truth
+    return list(zip(*noise.anchor_and_noisy([o[:truth] for o in ref_out], noise_out))), truth
+
+
+def _compare(ref_label: str, ref_out: list[np.ndarray], candidate: Candidate, data: Dataset, names: list[str],
+             options: CheckOptions, pairs: list | None, truth: int, note: Callable[[str], None],
+             errors: dict) -> tuple[Comparison, list[np.ndarray]]:
+    """One candidate run and judged output by output; its absolute errors go into ``errors``."""
+    part = truth if candidate.head_only and truth < data.size else None
+    sub = data if part is None else Dataset([x[:part] for x in data.inputs], None, data.source)
+    ref = ref_out if part is None else [o[:part] for o in ref_out]
+    note(f"{candidate.label} on {sub.size} samples")
+    out = run_batched(candidate.side.runner, sub, options.batch_size)
+    tol = options.tolerances
+    if len(out) != len(ref):
+        metrics = [compare_output("(outputs)", np.zeros(len(ref)), np.zeros(len(out)), 0.0, 0.0)]
+    else:
+        metrics = [compare_output(n, r, c, *(tol.fixed(n) or (None, None)), top_k=options.top_k,
+                                  noise=pairs[i] if pairs else None, factor=tol.factor,
+                                  allow_nonfinite=tol.allow_nonfinite)
+                   for i, (n, r, c) in enumerate(zip(names, ref, out))]
+        errors.update({(candidate.label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(names, ref, out)
+                       if r.shape == c.shape})
+    return Comparison(ref_label, candidate.label, metrics, samples=part, informational=candidate.informational), out
+
+
+def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict], tolerances: Tolerances,
+             noisy: bool):
+    """First divergent module between two sides, on the first few samples; judged against the
+    reference's noise floor per module when ``noisy`` (the check used it), else by tolerances."""
+    if reference.taps is None or candidate.taps is None:
+        return None
+    head = [x[:LOCALISE_SAMPLES] for x in data.inputs]
+    ref_taps, cand_taps = reference.taps(head), candidate.taps(head)
+    if noisy and reference.noise is not None and reference.noise.taps is not None:
+        noise = reference.noise.anchor_and_noisy(ref_taps, reference.noise.taps(head))
+        return first_divergence(ref_taps, cand_taps, folds, None, noise, tolerances.factor, tolerances.allow_nonfinite)
+    return first_divergence(ref_taps, cand_taps, folds, tolerances.fixed("") or (DEFAULT_ATOL, DEFAULT_RTOL),
+                            allow_nonfinite=tolerances.allow_nonfinite)
+
+
+def check(reference: Model, candidates: Sequence[Model | Candidate], data: Dataset,
+          options: CheckOptions = CheckOptions(), *, output_names: list[str] | None = None,
+          folds: list[dict] | None = None, note: Callable[[str], None] | None = None) -> CheckReport:
+    """Run ``reference`` and every candidate on ``data`` and compare their outputs (a model that is
+    not a ``Side`` becomes one with ``side``, on ``options``' provider and device). Outputs
+    without fixed tolerances are judged against the reference's noise floor on the first
+    ``truth_samples`` samples (``bnrt.verify.metrics``). Each failed comparison names its first
+    divergent module unless ``options.localise`` is False; ``folds`` (default: every side's) are
+    the intended differences it skips. ``output_names``: default the reference's (or the first
+    candidate's, or numbered). ``note`` hears which run starts."""
+    note = note or (lambda text: None)
+    made = dict(provider=options.provider, device=options.device, tf32=options.tf32)
+    reference = side(reference, **made)
+    candidates = [c if isinstance(c, Candidate) else Candidate(side(c, **made)) for c in candidates]
+    note(f"{reference.label} on {data.size} samples")
+    ref_out = run_batched(reference.runner, data, options.batch_size)
+    names = output_names or reference.output_names or next(
+        (c.side.output_names for c in candidates if c.side.output_names), numbered_outputs(len(ref_out)))
+    folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
+    pairs, truth = _noise_pairs(reference, ref_out, data, names, options.tolerances, note)
+    acc = {reference.label: accuracy(ref_out[0], data.labels)} if data.labels is not None else {}
+    comparisons, errors = [], {}
+    for candidate in candidates:
+        comparison, out = _compare(reference.label, ref_out, candidate, data, names, options, pairs, truth, note,
+                                   errors)
+        comparisons.append(comparison)
+        if data.labels is not None and out and comparison.samples is None and not candidate.informational:
+            acc[candidate.label] = accuracy(out[0], data.labels)
+        if options.localise and not comparison.passed and not candidate.informational:
+            note(f"looking for the first divergent module of {candidate.label}")
+            comparison.divergence = localise(reference, candidate.side, data, folds, options.tolerances,
+                                             pairs is not None)
+    return CheckReport(data.size, data.source, options.top_k, comparisons, acc, errors,
+                       reference.noise.kind if pairs else None, truth if pairs else None)
+
+
+def inputs_for(reference: Side, candidates: Sequence[Side], options: CheckOptions, where: str,
+               paths: Sequence = ()) -> tuple[Dataset, int]:
+    """The check's data for these sides (names, shapes and dtypes matched across them; ``paths``
+    name the sides in errors) and the batch size their fixed batches allow."""
+    names, shapes, dtypes = reference.input_names, reference.input_shapes, reference.input_dtypes
+    for i, cand in enumerate(candidates):
+        known = replace(reference, input_names=names, input_shapes=shapes, input_dtypes=dtypes)
+        names, shapes, dtypes = merge_inputs(known, cand, *(paths[0], paths[i + 1]) if paths else
+                                             (reference.label, cand.label))
+    spec, batch_size = batching([reference, *candidates], options.inputs, options.batch_size)
+    return make_inputs(spec, names, shapes, dtypes, where), batch_size
+
+
+def check_files(reference: ModelSource | str | os.PathLike, candidate: ModelSource | str | os.PathLike,
+                options: CheckOptions = CheckOptions(), *, reference_provider: str = "cpu",
+                save_inputs: str | os.PathLike | None = None, progress: bool = False) -> CheckReport:
+    """Compare ``candidate`` with ``reference``; each a torch checkpoint or an ONNX file run on ORT
+    (``options.provider`` for the candidate, ``reference_provider`` for the reference). When they
+    differ, the report names the first module whose output diverges (``Comparison.divergence``).
+    ``save_inputs`` writes the inputs used to an .npz; ``progress`` lists the steps on stderr."""
+    reference, candidate = ModelSource.of(reference), ModelSource.of(candidate)
+    refuse_overwrite([save_inputs], [reference.path, candidate.path])
+    with Steps(progress) as steps:
+        with steps.step("load"):
+            ref, cand = (side(s, label=f"{role} onnx {provider}" if s.kind == "onnx" else f"{role} torch",
+                              provider=provider, device=options.device, tf32=options.tf32)
+                         for s, role, provider in ((reference, "reference", reference_provider),
+                                                   (candidate, "candidate", options.provider)))
+            data, batch_size = inputs_for(ref, [cand], options, str(reference.path), (reference.path, candidate.path))
+            if save_inputs is not None:
+                save_dataset(data, ref.input_names, Path(save_inputs))
+        with steps.step("check"):
+            extra = tf32_deployment(candidate.path, cand.label, options.provider, options.tf32) \
+                if candidate.kind == "onnx" else []
+            return check(ref, [cand, *(Candidate(s, head_only=True, informational=True) for s in extra)], data,
+                         replace(options, batch_size=batch_size), note=steps.note)

@@ -1,0 +1,89 @@
+"""ONNX models in a check: an ONNX file (or bytes) on ORT as a side, its values that hold torch
+modules' outputs ("taps", read by ``bnrt.session.probe``) and its rounding-noise reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bnrt.io.artifacts import folds_in
+from bnrt.session import Session, probe
+from bnrt.verify.localise import onnx_module_values
+from bnrt.verify.metrics import NoiseReference
+from bnrt.verify.sides import Side
+
+
+def session_tf32(provider: str, tf32: bool | None) -> bool | None:
+    """The ``tf32`` of a check's ORT session: on CUDA off unless asked for (exact float32); None
+    (not applicable) elsewhere."""
+    return bool(tf32) if provider == "cuda" else None
+
+
+def onnx_taps(model: onnx.ModelProto, inputs: Sequence[np.ndarray], provider: str = "cpu",
+              tf32: bool | None = None) -> dict[str, np.ndarray]:
+    """Values of ``onnx_module_values`` computed on ``inputs``, keyed by module path."""
+    values = onnx_module_values(model)
+    got = probe(model, values.values(), inputs, provider=provider, tf32=tf32)
+    return {module: got[value] for module, value in values.items() if value in got}
+
+
+def rounding_noise(model: onnx.ModelProto, label: str, provider: str, tf32: bool | None = None,
+                   seed: int = 0) -> NoiseReference:
+    """The graph with every float32 initializer moved by one ULP on a random half of its elements:
+    its difference from the graph is the float32 noise that re-rounding the weights (any fold) causes."""
+    rng = np.random.default_rng(seed)
+    noisy = onnx.ModelProto()
+    noisy.CopyFrom(model)
+    for init in noisy.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        w = numpy_helper.to_array(init)
+        away = np.where(rng.random(w.shape) < 0.5, np.float32(np.inf), np.float32(-np.inf))
+        moved = np.where(rng.random(w.shape) < 0.5, np.nextafter(w, away), w)
+        init.CopyFrom(numpy_helper.from_array(moved.astype(np.float32), init.name))
+    session = Session(f"{label} (weights re-rounded)", provider, model_bytes=noisy.SerializeToString(), tf32=tf32)
+    return NoiseReference("rounding", session.run, lambda xs: onnx_taps(noisy, xs, provider, tf32))
+
+
+def _once(make: Callable):
+    made: list = []
+
+    def get():
+        if not made:
+            made.append(make())
+        return made[0]
+    return get
+
+
+def onnx_side(label: str, model: Path | bytes, provider: str = "cpu", tf32: bool | None = None) -> Side:
+    """An ONNX file (or serialized model) on ORT, on CUDA with TF32 as asked (off by default); its
+    graph (for taps) and its noise reference (``rounding_noise``) are made on first use."""
+    tf32 = session_tf32(provider, tf32)
+    if isinstance(model, bytes):
+        session = Session(label, provider, model_bytes=model, tf32=tf32)
+        graph = _once(lambda: onnx.load_from_string(model))
+    else:
+        session = Session(model, provider=provider, tf32=tf32)
+        graph = _once(lambda: onnx.load(str(model)))
+    shapes = [spec.shape for spec in session.inputs]
+    noise = _once(lambda: rounding_noise(graph(), label, provider, tf32))
+    return Side(label=label, runner=session.run, input_names=session.input_names, input_shapes=shapes,
+                input_dtypes=[spec.dtype for spec in session.inputs], output_names=session.output_names,
+                taps=lambda xs: onnx_taps(graph(), xs, provider, tf32),
+                folds=folds_in(session.session.get_modelmeta().custom_metadata_map),
+                fixed_batch=shapes[0][0] if shapes and shapes[0] else None,
+                noise=NoiseReference("rounding", lambda xs: noise().runner(xs), lambda xs: noise().taps(xs)))
+
+
+def tf32_deployment(model: Path, label: str, provider: str, tf32: bool | None) -> list[Side]:
+    """On CUDA with the check in exact float32: the ONNX file under TF32 (ORT's CUDA default, what a
+    deployment gets), to be an informational candidate. Elsewhere: none."""
+    if provider != "cuda" or tf32:
+        return []
+    session = Session(model, provider=provider, tf32=True)
+    return [Side(label=f"{label} tf32 (ORT default)", runner=session.run, input_names=session.input_names,
+                 input_shapes=[], input_dtypes=[])]

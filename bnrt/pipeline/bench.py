@@ -17,6 +17,7 @@ throughput = batch / median latency.
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import tempfile
 import time
@@ -30,6 +31,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnrt.errors import InputError
+from bnrt.io.load import load
+from bnrt.io.save import refuse_overwrite, write_json
+from bnrt.io.source import ModelSource
+from bnrt.pipeline.convert import example_data
 from bnrt.version import __version__
 from bnrt.folding.capture import quiet
 from bnrt.io.export import export_onnx, input_names, output_names
@@ -183,6 +189,29 @@ def bench_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
                 ms = t * 1000
                 report.rows.append(Row(variant, batch, float(np.percentile(ms, 50)), float(np.percentile(ms, 90)),
                                        float(np.percentile(ms, 99)), batch / float(np.median(t))))
+    return report
+
+
+def bench_file(source: ModelSource | str | os.PathLike, *, data: str | os.PathLike | None = None,
+               batch_sizes: tuple[int, ...] = (1, 8, 32), threads: int = 1, repeats: int = 5, iterations: int = 20,
+               json_out: str | os.PathLike | None = None, plot_out: str | os.PathLike | None = None) -> BenchReport:
+    """``bnrt bench``: ``bench_model`` on the checkpoint ``source`` (single-input models), on random
+    inputs of its input shape, or with ``data`` (real inputs) INT8 and FP16 variants too,
+    calibrated on up to 256 of them; the report written as JSON to ``json_out`` and as a chart to
+    ``plot_out`` when given."""
+    source = ModelSource.of(source)
+    refuse_overwrite([json_out, plot_out], [source.path])
+    loaded = load(source)
+    dataset = example_data(loaded, source.input_shapes, data, str(source.path))
+    if len(dataset.inputs) != 1:
+        raise InputError(f"{source.path}: bnrt bench handles single-input models")
+    report = bench_model(loaded.model, dataset.shapes()[0], name=source.path.stem, batch_sizes=batch_sizes,
+                         threads=threads, repeats=repeats, iterations=iterations,
+                         calibration=dataset.inputs[0][:256] if data else None)
+    if json_out is not None:
+        write_json(Path(json_out), report.to_json())
+    if plot_out is not None:
+        plot([report], Path(plot_out))
     return report
 
 

@@ -1,0 +1,190 @@
+"""One function per command: build the library objects from the flags (``bnrt.cli.groups``), call
+one library function, print what it returns. Exit codes: 0 ok, 1 a check failed or a budget was
+exceeded; errors are raised (``bnrt.cli.main`` turns them into one line and exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from bnrt.cli.groups import CheckArgs, ProgressArgs, RuntimeArgs, SourceArgs, positive
+from bnrt.errors import InputError
+from bnrt.io.export import DEFAULT_OPSET
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    from bnrt.pipeline.convert import fold_file
+    from bnrt.verify.report import check_table, decision_table
+
+    start = time.perf_counter()
+    source = SourceArgs.build(args, args.model)
+    SourceArgs.refuse_on_onnx(args, source, "; an ONNX file is folded as it is", ("opset", "exporter"))
+    outcome = fold_file(source, args.output_dir, check=None if args.no_check else CheckArgs.build(args),
+                        opset=DEFAULT_OPSET if args.opset is None else args.opset, exporter=args.exporter or "dynamo",
+                        progress=ProgressArgs.build(args))
+    print(decision_table(outcome.result.decisions))
+    for merge in outcome.result.merges:
+        print(f"merged into '{merge.target.name}': " + ", ".join(
+            [*(f"'{c.name}'" for c in merge.convs), *(f"identity BN '{b.name}'" for b in merge.bns),
+             *(["the input"] * merge.inputs)]))
+    print(f"BatchNormalization nodes in {'the folded ONNX' if outcome.kind == 'onnx' else 'ONNX'}: "
+          f"{outcome.onnx_batchnorm_nodes}")
+    keeps = outcome.report["summary"].get("checkpoint_keeps", [])
+    if keeps:
+        print(f"kept in the folded checkpoint (the forward it keeps still computes the blocks the ONNX merged): {', '.join(keeps)}")
+    for layer, largest in outcome.result.fp16_overflow.items():
+        print(f"warning: folded weights of '{layer}' reach {largest:.3g}, beyond float16's range (65504)")
+    if outcome.check is not None:
+        print()
+        print(check_table(outcome.check))
+    print()
+    if outcome.passed:
+        print(f"wrote {', '.join(str(p) for p in outcome.written)} in {time.perf_counter() - start:.2f} s")
+        return 0
+    print(f"wrote only {outcome.report_path}: the folded model is not written when the check fails", file=sys.stderr)
+    return 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bnrt.verify.check import check_files
+    from bnrt.verify.report import check_table
+
+    report = check_files(SourceArgs.build(args, args.reference), SourceArgs.build(args, args.candidate),
+                         CheckArgs.build(args), reference_provider=args.reference_provider,
+                         save_inputs=args.save_inputs, json_out=args.json, plot_out=args.plot,
+                         progress=ProgressArgs.build(args))
+    print(check_table(report))
+    return 0 if report.passed else 1
+
+
+def _calibration_progress(stage: str, i: int, total: int | None) -> None:
+    sys.stderr.write(f"\rcalibrate {stage}: batch {i}" + (f"/{total}" if total else "") + " " * 8)
+    sys.stderr.flush()
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from bnrt.train.calibrate import calibrate_file
+
+    start = time.perf_counter()
+    shown = ProgressArgs.build(args)
+    outcome = calibrate_file(SourceArgs.build(args, args.model), args.data, args.output, mode=args.mode,
+                             batch_size=args.batch_size, progress=_calibration_progress if shown else None,
+                             measure=not args.no_residuals)
+    if shown:
+        sys.stderr.write("\n")
+    if outcome.rank != 0:
+        return 0
+    r = outcome.report
+    print(f"calibrated {len(r.bn)} BatchNorm ({r.mode}) on {r.samples} samples in {r.batches} batches, "
+          f"{r.passes} pass(es), {time.perf_counter() - start:.2f} s")
+    if outcome.residuals:
+        worst_mean = max(v[0] for v in outcome.residuals.values())
+        worst_var = max(v[1] for v in outcome.residuals.values())
+        print(f"residuals over the data (standardised BN inputs): max |mean| {worst_mean:.3g}, max |var - 1| {worst_var:.3g}")
+    print(f"wrote {outcome.written}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bnrt.deploy.run import run_file
+
+    positive(args, "batch_size")
+    outcome = run_file(args.model, args.input, args.output, batch_size=args.batch_size, **RuntimeArgs.build(args))
+    if outcome.tf32 is not None:
+        print(f"TF32 {'on' if outcome.tf32 else 'off'}" + (" (ORT's CUDA default)" if args.tf32 is None else ""))
+    for name, (dtype, shape) in outcome.outputs.items():
+        print(f"{name}: {dtype} {shape}")
+    print(f"wrote {outcome.written}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bnrt.deploy.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+          max_queue=args.max_queue, max_request_mb=args.max_request_mb, keep_alive_s=args.keep_alive_s,
+          max_connections=args.max_connections, announce=lambda m: print(m, flush=True), **RuntimeArgs.build(args))
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from bnrt.deploy.triton import write_repository
+
+    target = write_repository(args.model, args.output, name=args.name, max_batch=args.max_batch, gpu=args.gpu,
+                              instances=args.instances)
+    print((target / "config.pbtxt").read_text().rstrip())
+    print(f"wrote {target}/config.pbtxt and {target}/1/model.onnx")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bnrt.pipeline.bench import bench_file, markdown
+
+    try:
+        batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise InputError(f"--batch-sizes {args.batch_sizes!r}: expected integers like 1,8,32") from None
+    if not batches or min(batches) <= 0 or args.threads <= 0 or args.repeats <= 0 or args.iterations <= 0:
+        raise InputError("--batch-sizes, --threads, --repeats and --iterations must be positive")
+    report = bench_file(SourceArgs.build(args, args.model), data=args.data, batch_sizes=batches, threads=args.threads,
+                        repeats=args.repeats, iterations=args.iterations, json_out=args.json, plot_out=args.plot)
+    print(markdown(report))
+    return 0
+
+
+def _db(value: float | None) -> str:
+    return "identical" if value is None else f"{value:.1f} dB"
+
+
+def _print_quantize(r: dict) -> None:
+    for kept in r["batchnorm_kept"]:
+        print(f"warning: BatchNorm '{kept['bn']}' is not folded and stays float32 between quantize/dequantize "
+              f"pairs: {kept['reason']}")
+    for kept in r.get("fp16", {}).get("kept_float32", []):
+        print(f"kept in float32: {kept['node']} ({kept['op']}): {kept['why']}")
+    for o in r["outputs"]:
+        print(f"output {o['name']}: SQNR {_db(o['sqnr_db'])}, max abs error {o['max_abs']:.3g}"
+              + (f", top-1 agreement {100 * o['top1_agreement']:.2f}%" if o["top1_agreement"] is not None else "")
+              + (f" ({o['problem']})" if o.get("problem") else ""))
+    if r["accuracy"]:
+        print("accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in r["accuracy"].items()))
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from bnrt.pipeline.quantize import QuantizeOptions, quantize_file
+
+    source = SourceArgs.build(args, args.model)
+    SourceArgs.refuse_on_onnx(args, source, "")
+    start = time.perf_counter()
+    options = QuantizeOptions(args.precision, args.calibration, args.calibration_samples, tuple(args.exclude),
+                              not args.no_keep_io_types, args.max_accuracy_drop, args.max_disagreement)
+    outcome = quantize_file(source, args.data, args.output_dir, options, progress=ProgressArgs.build(args))
+    r = outcome.report
+    _print_quantize(r)
+    b = r["budget"]
+    print(f"{b['kind']}: {b['value']:.3g} (budget {b['limit']:g}) -> {'ok' if outcome.passed else 'OVER BUDGET'}")
+    if outcome.passed:
+        print(f"wrote {', '.join(str(p) for p in outcome.written)} in {time.perf_counter() - start:.2f} s")
+        return 0
+    if r["worst_layers"]:
+        print("worst layers by SQNR (exclude with --exclude NODE …): " + ", ".join(
+            f"{w['node']} ({_db(w['sqnr_db'])})" for w in r["worst_layers"]))
+    print(f"wrote only {outcome.report_path}: the {r['precision']} model is not written when it is over budget",
+          file=sys.stderr)
+    return 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bnrt.pipeline.convert import inspect_file
+    from bnrt.verify.report import decision_table
+
+    loaded, decisions = inspect_file(SourceArgs.build(args, args.model), data=args.data)
+    if loaded is not None:
+        print(f"{loaded.path}  arch {loaded.arch}  sha256 {loaded.sha256[:12]}")
+    print(decision_table(decisions))
+    return 0
+
+
+COMMANDS = {"fold": cmd_fold, "check": cmd_check, "calibrate": cmd_calibrate, "run": cmd_run, "serve": cmd_serve,
+            "triton": cmd_triton, "bench": cmd_bench, "inspect": cmd_inspect, "quantize": cmd_quantize}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import bnrt
+from bnrt.cli.parser import build_parser
 from models.digits import digits_split
 from tools.provenance import recorded_hash, source_hash
 
@@ -43,9 +45,35 @@ def readme_dir(tmp_path_factory) -> Path:
     return work
 
 
-def test_the_readme_has_its_python_blocks():
-    assert len(BLOCKS) == 4
-    assert sum("tritonclient" in b for b in BLOCKS) == 1
+def _synopses() -> dict[str, str]:
+    """Each command's synopsis in the README: a line ``bnrt CMD ARG ...`` with its indented
+    continuation lines."""
+    found = {}
+    for match in re.finditer(r"^bnrt ([a-z]+) [A-Z].*(?:\n {5,}.*)*", README, re.M):
+        found.setdefault(match.group(1), match.group(0))
+    return found
+
+
+def test_every_command_has_a_readme_synopsis_naming_only_its_real_flags():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    synopses = _synopses()
+    assert sorted(synopses) == sorted(commands)
+    for name, text in synopses.items():
+        flags = set(re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*|-[oq])\b", text))
+        unknown = sorted(flags - set(commands[name]._option_string_actions))
+        assert not unknown, f"bnrt {name}: the README names {unknown}, which bnrt {name} does not take"
+
+
+def test_every_example_command_line_in_the_readme_parses():
+    examples = re.findall(r"^\$ (bnrt .*)$", README, re.M)
+    assert len(examples) >= 5
+    parser = build_parser()
+    for line in examples:
+        argv = shlex.split(line.split("  #")[0])[1:]
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"the README shows `{line}`, which bnrt does not parse")
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
@@ -97,3 +125,40 @@ def test_real_zoo_rebuilds_its_doc_from_recorded_rows(tmp_path, monkeypatch):
     assert text.count("\n| timm:") + text.count("\n| tv:") == 48
     assert text.rstrip().splitlines()[-1] == (ROOT / "docs" / "REAL_ZOO.md").read_text().rstrip().splitlines()[-1]
     assert [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()] == rows
+
+
+ARCHITECTURE = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+PACKAGES = ("folding", "io", "verify", "train", "deploy", "pipeline", "cli", "session", "errors", "progress", "version")
+
+
+def _resolves(dotted: str) -> bool:
+    """``bnrt.a.b.Name.attr`` (or ``a.b...`` under bnrt): a module, then attributes of it."""
+    import importlib
+
+    parts = dotted.removeprefix("bnrt.").split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module("bnrt." + ".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_every_path_and_name_the_architecture_page_gives_exists():
+    paths = set(re.findall(r"`((?:bnrt|tests|tools|docs)/[\w/.-]+)`", ARCHITECTURE))
+    names = set(re.findall(rf"`((?:bnrt\.)?(?:{'|'.join(PACKAGES)})\.[\w.]+)`", ARCHITECTURE))
+    names |= set(re.findall(r"(?<![\w.])(bnrt\.(?:[a-z_]+\.)+[A-Za-z_]+)(?![\w/])", ARCHITECTURE))
+    assert len(paths) > 40 and len(names) > 30
+    assert sorted(p for p in paths if not (ROOT / p).exists()) == []
+    assert sorted(n for n in names if not _resolves(n)) == []
+
+
+def test_the_architecture_page_lists_every_module():
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "bnrt").rglob("*.py") if p.name != "__init__.py"}
+    modules -= {"bnrt/__main__.py"}
+    assert sorted(m for m in modules if f"`{m}`" not in ARCHITECTURE) == []

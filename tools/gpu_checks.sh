@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bnrt's CUDA paths, run for real: on a machine with a CUDA GPU, torch built with CUDA and
-# onnxruntime-gpu (plus the serving packages for tests/test_serve.py, and timm for step 3).
+# onnxruntime-gpu (plus the serving packages for tests/deploy/test_serve.py, and timm for step 3).
 #
 #     tools/gpu_checks.sh OUTDIR        # about 6 minutes on one H100/H200 with 16 cores
 #
@@ -32,7 +32,7 @@ print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), torch.c
 print(\"onnxruntime\", ort.__version__, ort.get_available_providers(), \"onnx\", onnx.__version__)'"
 
 step "tests that change on CUDA" 300 $py -m pytest -q -p no:cacheprovider -rs --hypothesis-profile=dev -n 8 \
-    tests/test_run.py tests/test_serve.py tests/test_bench.py tests/test_verify.py tests/test_check.py
+    tests/test_session.py tests/deploy/test_serve.py tests/pipeline/test_bench.py tests/verify/test_metrics.py tests/verify/test_check.py
 
 step "ResNet-50 checkpoint" 120 $py -c "
 from pathlib import Path; from tools.bench import pipeline_checkpoint

@@ -136,7 +136,7 @@ def markdown(rows: list[dict]) -> str:
             f"{r['error_ratio']:.2f} | {ulp['ulp_bnrt']} | {ulp['ulp_fx']} | {1000 * r['fold_s']:.0f} | "
             f"{r['ts_bn'][0]} → {r['ts_bn'][1]} |")
     lines.append("")
-    lines.append("Skipped BatchNorms by refusal code (backward / forward, or the BN's own; `bnrt/decision.py` CODES):")
+    lines.append("Skipped BatchNorms by refusal code (backward / forward, or the BN's own; `bnrt/folding/decision.py` CODES):")
     lines.append("")
     for r in rows:
         for reason, count in r["reasons"].items():

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import re
+
 import pytest
 
+from bnrt.errors import HealthError
 from bnrt.folding.decision import CODES, Refusal, Target, folded, skipped
+
+from ..conftest import ROOT
 
 
 def test_an_unknown_refusal_code_is_a_programming_error():
@@ -39,6 +45,30 @@ def test_folded_decision_derives_rule_layers_views_and_maps_from_its_targets():
         "bn->linear,bn->conv", ("a", "b"), ("flatten",), ((0, 0, 1, 1), None), (), None)
 
 
-def test_every_code_is_documented():
-    assert all(isinstance(text, str) and text for text in CODES.values())
-    assert all(code == code.lower() and " " not in code for code in CODES)
+def _raised_codes(exception: str) -> set[str]:
+    """The codes bnrt's sources pass to ``exception(...)``: the first argument of NotFoldable, the
+    second of HealthError (string literals; a computed code would be missed, and is not used)."""
+    position = {"NotFoldable": 0, "HealthError": 1}[exception]
+    found = set()
+    for path in (ROOT / "bnrt").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == exception and len(node.args) > position:
+                arg = node.args[position]
+                assert isinstance(arg, ast.Constant), f"{path}:{node.lineno}: a code that is not a literal"
+                found.add(arg.value)
+    return found
+
+
+def test_the_refusal_codes_raised_are_exactly_the_documented_ones():
+    """An undocumented code would reach users and CI gates with no meaning; a documented one never
+    raised is dead."""
+    assert _raised_codes("NotFoldable") == set(CODES)
+    assert all(code == code.lower() and " " not in code and CODES[code] for code in CODES)
+
+
+def test_the_health_codes_raised_are_the_ones_health_error_lists():
+    listed = set(re.findall(r"``([a-z]+-[a-z-]+)``", HealthError.__doc__))
+    assert _raised_codes("HealthError") == listed == {"nonfinite-statistics", "shape-mismatch", "negative-variance",
+                                                       "zero-variance"}
+
+

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from bnrt.deploy.kserve import _numbers
 from tools.load_test import load_test, valid_body
 
-from .conftest import Server
+from ..conftest import Server
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=8),

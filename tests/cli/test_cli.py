@@ -13,8 +13,8 @@ import torch
 from bnrt.io.export import count_ops
 from models.digits import DigitsNet
 
-from .conftest import EXAMPLE, assert_one_line_error, run_cli, save_checkpoint
-from .nets import DataDependent
+from ..conftest import EXAMPLE, assert_one_line_error, run_cli, save_checkpoint
+from ..nets import DataDependent
 
 
 def test_fold_example_end_to_end(tmp_path, digits_npz):
@@ -98,7 +98,7 @@ def _text(tmp_path):
 
 
 def _marker_pickle(tmp_path):
-    from .test_load import Marker
+    from ..io.test_load import Marker
 
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump(Marker(tmp_path / "ran"), f)

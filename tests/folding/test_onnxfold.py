@@ -21,7 +21,7 @@ from bnrt.io.export import count_ops
 from bnrt.folding.onnxfold import fold_onnx
 from models.zoo import ZOO, build
 
-from .conftest import (EXAMPLE, F32, assert_one_line_error, assert_onnx_folds, bn_node, bn_params, onnx_graph,
+from ..conftest import (EXAMPLE, F32, assert_one_line_error, assert_onnx_folds, bn_node, bn_params, onnx_graph,
                        report_schema, run_cli, typed_outputs)
 
 

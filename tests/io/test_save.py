@@ -21,8 +21,8 @@ from bnrt.io.save import atomic_path, refuse_overwrite
 from bnrt.io.source import files_read
 from tools import child_env
 
-from .nets import ExportTrap
-from .conftest import ROOT, assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli, save_checkpoint
+from ..nets import ExportTrap
+from ..conftest import ROOT, assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli, save_checkpoint
 
 
 def _external_onnx(folder: Path, location: str) -> Path:

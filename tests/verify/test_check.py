@@ -21,7 +21,7 @@ from bnrt.verify.check import CheckOptions, check_files
 from bnrt.verify.metrics import Tolerances, compare_output
 from models.digits import digits_split
 
-from .conftest import report_schema, EXAMPLE, assert_one_line_error, run_cli, save_checkpoint, trusted
+from ..conftest import report_schema, EXAMPLE, assert_one_line_error, run_cli, save_checkpoint, trusted
 
 SCHEMA = report_schema("check-2")
 
@@ -211,7 +211,7 @@ def test_report_json_never_holds_non_finite_numbers(tmp_path):
 def deep(tmp_path_factory):
     """A 24-layer network where nothing folds (tests/nets.py DeepNoFold), its checkpoint, and a copy
     with one conv's weights scaled by 1.01."""
-    from .nets import DeepNoFold
+    from ..nets import DeepNoFold
 
     tmp = tmp_path_factory.mktemp("deep")
     model = DeepNoFold().eval()

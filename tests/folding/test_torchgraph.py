@@ -13,8 +13,8 @@ from torch import nn
 
 import bnrt
 
-from .conftest import assert_folds_exactly, randomise_bn, trusted
-from .nets import FunctionalBN
+from ..conftest import assert_folds_exactly, randomise_bn, trusted
+from ..nets import FunctionalBN
 
 CONVT = {1: (nn.ConvTranspose1d, nn.BatchNorm1d), 2: (nn.ConvTranspose2d, nn.BatchNorm2d),
          3: (nn.ConvTranspose3d, nn.BatchNorm3d)}
@@ -375,7 +375,7 @@ def test_rep_block_that_does_not_line_up_keeps_its_identity_bn_with_a_coded_reas
 def test_merged_rep_blocks_round_trip_through_the_folded_checkpoint(tmp_path):
     from models.zoo import RepNet, build
 
-    from .conftest import save_checkpoint
+    from ..conftest import save_checkpoint
 
     model = build("repnet", batches=1)
     save_checkpoint(tmp_path / "rep.pt", model, "models.zoo:RepNet", (1, 3, 32, 32))
@@ -387,7 +387,7 @@ def test_merged_rep_blocks_round_trip_through_the_folded_checkpoint(tmp_path):
 
     exported = onnx.load(str(tmp_path / "out" / "rep.onnx"))
     assert (count_ops(exported, "Conv"), count_ops(exported, "Add")) == (5, 0)
-    from .conftest import run_cli
+    from ..conftest import run_cli
 
     proc = run_cli("fold", str(tmp_path / "rep.pt"), "-o", str(tmp_path / "cli"), "--no-check", "--exporter",
                    "torchscript")
@@ -488,7 +488,7 @@ def _randomised(model: nn.Module) -> nn.Module:
 
 
 def _rep_vgg_dw(bn: bool = True) -> nn.Module:
-    from .nets import RepVggDw
+    from ..nets import RepVggDw
 
     return _randomised(RepVggDw(bn=bn))
 
@@ -498,7 +498,7 @@ def test_a_block_with_the_input_itself_merges_in_the_runnable_graph_and_its_bn_a
 
     from bnrt.io.export import count_ops
 
-    from .conftest import save_checkpoint
+    from ..conftest import save_checkpoint
 
     model = _rep_vgg_dw()
     x = torch.randn(2, 4, 6, 6)
@@ -521,7 +521,7 @@ def test_a_block_with_the_input_itself_merges_in_the_runnable_graph_and_its_bn_a
     assert outcome.passed and outcome.report["summary"]["checkpoint_keeps"] == ["bn"]
     exported = onnx.load(str(tmp_path / "out" / "rep.onnx"))
     assert [count_ops(exported, op) for op in ("Conv", "Add", "BatchNormalization")] == [1, 0, 0]
-    from .nets import RepVggDw
+    from ..nets import RepVggDw
 
     reloaded = bnrt.load_folded(RepVggDw(), tmp_path / "out" / "rep.folded.pt")
     assert isinstance(reloaded.bn, nn.BatchNorm2d) and isinstance(reloaded.conv[1], nn.Identity)

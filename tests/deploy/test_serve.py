@@ -18,7 +18,7 @@ from bnrt.errors import OptionError
 from bnrt.session import Session
 from bnrt.deploy.serve import serve
 
-from .conftest import Server, assert_one_line_error, run_cli
+from ..conftest import Server, assert_one_line_error, run_cli
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 

@@ -17,7 +17,7 @@ from bnrt.errors import InputError
 from bnrt.io.export import count_ops
 from bnrt.pipeline.quantize import QuantizeOptions, quantize_file
 
-from .conftest import report_schema, EXAMPLE, assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli, trusted
+from ..conftest import report_schema, EXAMPLE, assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli, trusted
 
 SCHEMA = report_schema("quantize-1")
 

@@ -1,10 +1,14 @@
+"""The session layer: exactly the provider asked for, inputs validated, TF32 as asked, and the one
+probe of intermediate values; `bnrt run`."""
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
-from bnrt.errors import InputError
+from bnrt.errors import InputError, OptionError
 from bnrt.io.export import export_onnx
 from bnrt.session import Session, resolve_provider
 
@@ -128,3 +132,26 @@ def test_onnxruntime_errors_are_one_line_without_its_own_log(tmp_path):
     assert_one_line_error(proc, "bad.onnx:")
     assert "[E:onnxruntime" not in proc.stderr and "\x1b[" not in proc.stderr
     assert not (tmp_path / "y.npz").exists()
+
+
+def test_probe_reads_intermediate_values_and_leaves_the_model_alone():
+    from onnx import TensorProto, helper
+
+    from bnrt.session import probe
+
+    two, one = (onnx.numpy_helper.from_array(np.array(v, np.float32), n) for v, n in ((2.0, "two"), (1.0, "one")))
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["h"]), helper.make_node("Add", ["h", "one"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [two, one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for inputs in ([x], {"x": x}):
+        values = probe(model, ["h", "h"], inputs)
+        assert sorted(values) == ["h", "y"]
+        np.testing.assert_array_equal(values["h"], 2 * x)
+        np.testing.assert_array_equal(values["y"], 2 * x + 1)
+    assert [o.name for o in model.graph.output] == ["y"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(OptionError, match="cuda: CUDAExecutionProvider is not available"):
+            probe(model, ["h"], [x], provider="cuda")

@@ -12,8 +12,8 @@ from bnrt.errors import InputError, OptionError
 from bnrt.io.load import load_model, resolve_arch
 from models.digits import DigitsNet
 
-from .conftest import assert_one_line_error, run_cli, save_checkpoint, trusted
-from .nets import FunctionalBN
+from ..conftest import assert_one_line_error, run_cli, save_checkpoint, trusted
+from ..nets import FunctionalBN
 
 
 class Marker:

@@ -18,7 +18,7 @@ from bnrt.verify.metrics import accuracy, compare_output, truth_samples
 from bnrt.verify.sides import Candidate
 from bnrt.verify.torchside import torch_runner
 
-from .conftest import EXAMPLE, assert_one_line_error, report_schema, run_cli
+from ..conftest import EXAMPLE, assert_one_line_error, report_schema, run_cli
 
 
 def test_metrics_by_hand():

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 from bnrt.session import Session
 from bnrt.deploy.triton import write_repository
 
-from .conftest import assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli
+from ..conftest import assert_one_line_error, bn_node, bn_params, onnx_graph, run_cli
 
 
 def _external(folder, location="weights/m.onnx.data"):

@@ -23,7 +23,7 @@ from bnrt.errors import HealthError
 from bnrt.folding.onnxfold import fold_onnx
 from models.zoo import ZOO, build
 
-from .conftest import F32, assert_folds_exactly, assert_onnx_folds, bn_node, bn_params, onnx_graph, randomise_bn
+from ..conftest import F32, assert_folds_exactly, assert_onnx_folds, bn_node, bn_params, onnx_graph, randomise_bn
 
 
 def test_rule_table_holds_each_placement_once():

@@ -10,7 +10,7 @@ from torch import nn
 
 import bnrt
 
-from .conftest import randomise_bn
+from ..conftest import randomise_bn
 
 C = 3
 

@@ -18,7 +18,7 @@ from bnrt.train.calibrate import batches_of, calibrate, execution_order, residua
 from bnrt.errors import InputError
 from models.zoo import ZOO, build
 
-from .conftest import EXAMPLE, ROOT, assert_one_line_error, run_cli
+from ..conftest import EXAMPLE, ROOT, assert_one_line_error, run_cli
 
 
 def _data(name: str, n: int, seed: int = 0) -> np.ndarray:

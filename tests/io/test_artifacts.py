@@ -16,7 +16,7 @@ from bnrt.io.artifacts import FOLDS_KEY, artifact_names, folds_in, folds_of, onn
 from bnrt.folding.decision import CODES
 from bnrt.folding.onnxfold import fold_onnx
 
-from .conftest import report_schema, EXAMPLE, bn_node, bn_params, onnx_graph, trusted
+from ..conftest import report_schema, EXAMPLE, bn_node, bn_params, onnx_graph, trusted
 
 SCHEMA = report_schema("fold-1")
 

@@ -12,8 +12,8 @@ from torch import nn
 import bnrt
 from bnrt.errors import CaptureError, HealthError
 
-from .conftest import assert_folds_exactly, randomise_bn
-from .nets import DataDependent
+from ..conftest import assert_folds_exactly, randomise_bn
+from ..nets import DataDependent
 
 CONV = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
 

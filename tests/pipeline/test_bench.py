@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark: structure of the report on a tiny model, no timing assertions."""
+"""The benchmark: structure of the report on a tiny model, the figures it prints are the ones it\nmeasured; no timing assertions."""
 
 import json
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from bnrt.pipeline.bench import BenchReport, Row, bench_model, bn_free, markdown
 
-from .conftest import EXAMPLE, run_cli
+from ..conftest import EXAMPLE, run_cli
 
 VARIANTS = ["torch eager", "torch eager, bnrt folded", "torch.fx fuse", "ORT, torch.onnx.export (cpu)",
             "ORT, bnrt (cpu)", "ORT, BN-free limit (cpu)"]
@@ -75,8 +75,12 @@ def test_tools_bench_regenerates_the_docs(tmp_path, monkeypatch):
     assert [r["model"] for r in data["reports"]] == ["tabular"]
     cost = data["pipeline_cost"]
     assert set(cost) == {"bnrt fold", "torch.fx fuse + torch.onnx.export"}
-    assert all(c["wall_s"] > 0.5 and c["peak_mb"] > 100 for c in cost.values())  # whole processes: torch imports
     text = (tmp_path / "BENCHMARKS.md").read_text()
+    # the page quotes the figures it measured (the command lines ran to completion: tools.bench exits otherwise)
+    b, a = cost["bnrt fold"], cost["torch.fx fuse + torch.onnx.export"]
+    assert (f"- ratio: wall {b['wall_s'] / a['wall_s']:.2f}, peak memory {b['peak_mb'] / a['peak_mb']:.2f} "
+            "(target ≤ 1.3 each)") in text
+    assert f"{b['wall_s']:.2f} s, peak {b['peak_mb']:.0f} MB" in text
     assert "bnrt ONNX / BN-free limit" in text and "| tabular |" in text and "- ratio: wall " in text
     assert (tmp_path / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnrt
 
-from .conftest import EXAMPLE, assert_one_line_error, run_cli, trusted
+from ..conftest import EXAMPLE, assert_one_line_error, run_cli, trusted
 
 
 def _state(tmp: Path, name: str, mutate) -> Path:

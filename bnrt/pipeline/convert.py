@@ -31,7 +31,6 @@ from bnrt.progress import Steps
 from bnrt.session import resolve_provider
 from bnrt.verify.check import CheckOptions, check as run_check, inputs_for, side
 from bnrt.verify.metrics import CheckReport
-from bnrt.verify.onnxside import tf32_deployment
 from bnrt.verify.sides import Candidate, Side
 
 
@@ -61,12 +60,6 @@ def _finish(stage: Path, out: Path, names: dict[str, str], report: dict[str, Any
     written = publish(stage, list(names.values()) if passed else [names["report"]], out)
     return FoldOutcome(result, check, report, written if passed else [], out / names["report"],
                        report["summary"]["batchnorm_nodes_in_onnx"], kind)
-
-
-def _deployments(model: Path, candidate: Side, check: CheckOptions) -> list[Candidate]:
-    """The ONNX file under TF32 beside an exact float32 check on CUDA (informational)."""
-    return [Candidate(s, head_only=True, informational=True)
-            for s in tf32_deployment(model, candidate.label, check.provider, check.tf32)]
 
 
 def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
@@ -146,8 +139,8 @@ def _check_torch(original: Side, folded_model: torch.nn.Module, folds: list[dict
     noise-floor samples (the same weights need no second full pass)."""
     folded = side(folded_model, label="torch folded", device=check.device, tf32=check.tf32, folds=folds)
     onnx_run = side(onnx_path, provider=check.provider, tf32=check.tf32)
-    return run_check(original, [Candidate(folded, head_only=True), onnx_run, *_deployments(onnx_path, onnx_run, check)],
-                     dataset, check, output_names=out_names, folds=folds, note=steps.note)
+    return run_check(original, [Candidate(folded, head_only=True), onnx_run], dataset, check, output_names=out_names,
+                     folds=folds, note=steps.note)
 
 
 def _fold_onnx(src: Path, out: Path, names: dict[str, str], check: CheckOptions | None, steps: Steps) -> FoldOutcome:
@@ -171,8 +164,7 @@ def _fold_onnx(src: Path, out: Path, names: dict[str, str], check: CheckOptions 
                 folded = side(stage / names["folded"], label=f"onnx folded {check.provider}", provider=check.provider,
                               tf32=check.tf32)
                 data, batch_size = inputs_for(original, [], check, str(src))
-                report_check = run_check(original, [folded, *_deployments(stage / names["folded"], folded, check)],
-                                         data, replace(check, batch_size=batch_size),
+                report_check = run_check(original, [folded], data, replace(check, batch_size=batch_size),
                                          output_names=original.output_names, folds=folds_of(result.decisions),
                                          note=steps.note)
         report = fold_report(

@@ -27,7 +27,7 @@ from bnrt.session import check_tf32
 from bnrt.verify.localise import first_divergence
 from bnrt.verify.metrics import (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, Comparison, Tolerances,
                                  accuracy, compare_output, truth_samples)
-from bnrt.verify.onnxside import onnx_side, tf32_deployment
+from bnrt.verify.onnxside import onnx_side
 from bnrt.verify.report import plot_errors
 from bnrt.verify.sides import Candidate, Side, batching, merge_inputs
 from bnrt.verify.torchside import check_device, torch_side
@@ -138,6 +138,17 @@ def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict],
                             allow_nonfinite=tolerances.allow_nonfinite)
 
 
+def _with_deployments(candidates: list[Candidate]) -> list[Candidate]:
+    """Each candidate followed by its deployed twin where it has one (``Side.deployed``): reported
+    on the noise-floor samples, deciding nothing."""
+    out = []
+    for candidate in candidates:
+        out.append(candidate)
+        if candidate.side.deployed is not None and not candidate.informational:
+            out.append(Candidate(candidate.side.deployed(), head_only=True, informational=True))
+    return out
+
+
 def check(reference: Model, candidates: Sequence[Model | Candidate], data: Dataset,
           options: CheckOptions = CheckOptions(), *, output_names: list[str] | None = None,
           folds: list[dict] | None = None, note: Callable[[str], None] | None = None) -> CheckReport:
@@ -151,7 +162,7 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
     note = note or (lambda text: None)
     made = dict(provider=options.provider, device=options.device, tf32=options.tf32)
     reference = side(reference, **made)
-    candidates = [c if isinstance(c, Candidate) else Candidate(side(c, **made)) for c in candidates]
+    candidates = _with_deployments([c if isinstance(c, Candidate) else Candidate(side(c, **made)) for c in candidates])
     note(f"{reference.label} on {data.size} samples")
     ref_out = run_batched(reference.runner, data, options.batch_size)
     names = output_names or reference.output_names or next(
@@ -208,10 +219,7 @@ def check_files(reference: ModelSource | str | os.PathLike, candidate: ModelSour
             if save_inputs is not None:
                 save_dataset(data, ref.input_names, Path(save_inputs))
         with steps.step("check"):
-            extra = tf32_deployment(candidate.path, cand.label, options.provider, options.tf32) \
-                if candidate.kind == "onnx" else []
-            report = check(ref, [cand, *(Candidate(s, head_only=True, informational=True) for s in extra)], data,
-                           replace(options, batch_size=batch_size), note=steps.note)
+            report = check(ref, [cand], data, replace(options, batch_size=batch_size), note=steps.note)
     if json_out is not None:
         write_json(Path(json_out), report.to_json())
     if plot_out is not None:

@@ -61,7 +61,8 @@ def _once(make: Callable):
 
 def onnx_side(label: str, model: Path | bytes, provider: str = "cpu", tf32: bool | None = None) -> Side:
     """An ONNX file (or serialized model) on ORT, on CUDA with TF32 as asked (off by default); its
-    graph (for taps) and its noise reference (``rounding_noise``) are made on first use."""
+    graph (for taps) and its noise reference (``rounding_noise``) are made on first use. On CUDA
+    with TF32 off, ``deployed`` makes the same model under ORT's default TF32."""
     tf32 = session_tf32(provider, tf32)
     if isinstance(model, bytes):
         session = Session(label, provider, model_bytes=model, tf32=tf32)
@@ -71,19 +72,17 @@ def onnx_side(label: str, model: Path | bytes, provider: str = "cpu", tf32: bool
         graph = _once(lambda: onnx.load(str(model)))
     shapes = [spec.shape for spec in session.inputs]
     noise = _once(lambda: rounding_noise(graph(), label, provider, tf32))
+
+    def deployed() -> Side:  # what a deployment gets: ORT's CUDA default, TF32 on
+        twin = (Session(label, provider, model_bytes=model, tf32=True) if isinstance(model, bytes)
+                else Session(model, provider=provider, tf32=True))
+        return Side(label=f"{label} tf32 (ORT default)", runner=twin.run, input_names=twin.input_names,
+                    input_shapes=[], input_dtypes=[])
+
     return Side(label=label, runner=session.run, input_names=session.input_names, input_shapes=shapes,
                 input_dtypes=[spec.dtype for spec in session.inputs], output_names=session.output_names,
                 taps=lambda xs: onnx_taps(graph(), xs, provider, tf32),
                 folds=folds_in(session.session.get_modelmeta().custom_metadata_map),
                 fixed_batch=shapes[0][0] if shapes and shapes[0] else None,
-                noise=NoiseReference("rounding", lambda xs: noise().runner(xs), lambda xs: noise().taps(xs)))
-
-
-def tf32_deployment(model: Path, label: str, provider: str, tf32: bool | None) -> list[Side]:
-    """On CUDA with the check in exact float32: the ONNX file under TF32 (ORT's CUDA default, what a
-    deployment gets), to be an informational candidate. Elsewhere: none."""
-    if provider != "cuda" or tf32:
-        return []
-    session = Session(model, provider=provider, tf32=True)
-    return [Side(label=f"{label} tf32 (ORT default)", runner=session.run, input_names=session.input_names,
-                 input_shapes=[], input_dtypes=[])]
+                noise=NoiseReference("rounding", lambda xs: noise().runner(xs), lambda xs: noise().taps(xs)),
+                deployed=deployed if provider == "cuda" and not tf32 else None)

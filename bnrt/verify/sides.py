@@ -23,7 +23,10 @@ Taps = Callable[[list[np.ndarray]], dict[str, np.ndarray]]
 class Side:
     """One model taking part in a check. ``input_dtypes`` entries are None where any dtype goes (a
     torch model takes what it is given); ``fixed_batch``: the batch size an ONNX graph fixes;
-    ``noise``: what the noise floor is measured with when this side is the reference."""
+    ``noise``: what the noise floor is measured with when this side is the reference; ``deployed``:
+    the same model as a deployment would run it, where that differs from the exact float32 run the
+    check judges (an ONNX file on CUDA under ORT's default TF32): the check reports it beside this
+    side as an informational candidate."""
 
     label: str
     runner: Runner
@@ -35,6 +38,7 @@ class Side:
     folds: list[dict] = field(default_factory=list)
     fixed_batch: int | None = None
     noise: NoiseReference | None = None
+    deployed: Callable[[], "Side"] | None = None
 
 
 @dataclass(frozen=True)

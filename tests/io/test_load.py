@@ -65,10 +65,10 @@ def test_plain_state_dict_without_arch_says_what_to_pass(tmp_path):
 
 
 def test_factory_accepted_from_command_line_only(tmp_path):
-    torch.save({"state_dict": small_net().state_dict(), "arch": "tests.test_load:small_net"}, tmp_path / "m.pt")
-    with pytest.raises(InputError, match=r"arch 'tests.test_load:small_net' is not an nn.Module subclass; refusing"):
+    torch.save({"state_dict": small_net().state_dict(), "arch": "tests.io.test_load:small_net"}, tmp_path / "m.pt")
+    with pytest.raises(InputError, match=r"arch 'tests.io.test_load:small_net' is not an nn.Module subclass; refusing"):
         load_model(tmp_path / "m.pt", trust_code=True)
-    assert isinstance(load_model(tmp_path / "m.pt", arch="tests.test_load:small_net").model, nn.Sequential)
+    assert isinstance(load_model(tmp_path / "m.pt", arch="tests.io.test_load:small_net").model, nn.Sequential)
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -215,3 +215,15 @@ def test_a_noise_floor_over_only_non_finite_values_falls_back_to_fixed_tolerance
     cand = np.array([[np.nan, np.nan], [1.0, 3.0]])
     m = compare_output("y", ref, cand, noise=(ref[:1], ref[:1]), allow_nonfinite=True)
     assert m.criterion == "fixed" and not m.passed and m.max_abs == pytest.approx(1.0)
+
+
+def test_a_candidate_with_a_deployed_twin_is_followed_by_it_informational():
+    """An ONNX side on CUDA carries its TF32 twin (``Side.deployed``); the check reports the twin
+    right after it, on the noise-floor samples, deciding nothing (here a torch stand-in that differs)."""
+    ref, bad, data = _noisy_pair()
+    made = []
+    candidate = replace(side(ref, label="onnx cuda"), deployed=lambda: made.append(1) or side(bad, label="twin"))
+    report = check(ref, [candidate], data, output_names=["y"])
+    assert [(c.candidate, c.informational, c.samples) for c in report.comparisons] == [
+        ("onnx cuda", False, None), ("twin", True, report.noise_samples)]
+    assert made == [1] and report.passed and not report.comparisons[1].passed

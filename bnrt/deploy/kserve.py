@@ -10,9 +10,9 @@ the JSON decoder (5xx).
 
 from __future__ import annotations
 
-import os
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -21,7 +21,6 @@ from bnrt.errors import InputError
 from bnrt.folding.onnxscope import subgraphs
 
 Shape = tuple[int, ...]
-KINDS = ("torch", "onnx")
 _ZIP, _PICKLE = b"PK\x03\x04", b"\x80"
 # ModelProto's fields by tag byte: producer_name, producer_version, domain, model_version,
 # doc_string, graph, opset_import, metadata_props, training_info, functions
@@ -85,12 +84,6 @@ class ModelSource:
     @cached_property
     def kind(self) -> str:
         return file_kind(self.path)
-
-    def torch_options(self) -> list[str]:
-        """The options given that only a torch file can use (for refusing them on an ONNX model)."""
-        return [name for name, value in (("arch", self.arch), ("trust_pickle", self.trust_pickle),
-                                         ("input_shapes", self.input_shapes), ("trust_code", self.trust_code))
-                if value not in (None, False)]
 
 
 @dataclass

@@ -18,9 +18,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from bnrt.verify.report import check_table, decision_table
 
     start = time.perf_counter()
-    source = SourceArgs.build(args, args.model)
+    source, check = SourceArgs.build(args, args.model), None if args.no_check else CheckArgs.build(args)
     SourceArgs.refuse_on_onnx(args, source, "; an ONNX file is folded as it is", ("opset", "exporter"))
-    outcome = fold_file(source, args.output_dir, check=None if args.no_check else CheckArgs.build(args),
+    outcome = fold_file(source, args.output_dir, check=check,
                         opset=DEFAULT_OPSET if args.opset is None else args.opset, exporter=args.exporter or "dynamo",
                         progress=ProgressArgs.build(args))
     print(decision_table(outcome.result.decisions))
@@ -47,14 +47,16 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from bnrt.io.save import refuse_overwrite
     from bnrt.verify.check import check_files
-    from bnrt.verify.report import check_table
+    from bnrt.verify.report import check_table, save_report
 
+    refuse_overwrite([args.json, args.plot, args.save_inputs], [args.reference, args.candidate])
     report = check_files(SourceArgs.build(args, args.reference), SourceArgs.build(args, args.candidate),
                          CheckArgs.build(args), reference_provider=args.reference_provider,
-                         save_inputs=args.save_inputs, json_out=args.json, plot_out=args.plot,
-                         progress=ProgressArgs.build(args))
+                         save_inputs=args.save_inputs, progress=ProgressArgs.build(args))
     print(check_table(report))
+    save_report(report, args.json, args.plot)
     return 0 if report.passed else 1
 
 
@@ -95,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"TF32 {'on' if outcome.tf32 else 'off'}" + (" (ORT's CUDA default)" if args.tf32 is None else ""))
     for name, (dtype, shape) in outcome.outputs.items():
         print(f"{name}: {dtype} {shape}")
-    print(f"wrote {outcome.written}")
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -119,7 +121,7 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bnrt.pipeline.bench import bench_file, markdown
+    from bnrt.pipeline.bench import bench_file, markdown, save_bench
 
     try:
         batches = tuple(int(b) for b in args.batch_sizes.split(","))
@@ -128,8 +130,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not batches or min(batches) <= 0 or args.threads <= 0 or args.repeats <= 0 or args.iterations <= 0:
         raise InputError("--batch-sizes, --threads, --repeats and --iterations must be positive")
     report = bench_file(SourceArgs.build(args, args.model), data=args.data, batch_sizes=batches, threads=args.threads,
-                        repeats=args.repeats, iterations=args.iterations, json_out=args.json, plot_out=args.plot)
+                        repeats=args.repeats, iterations=args.iterations, refuse=[args.json, args.plot])
     print(markdown(report))
+    save_bench(report, args.json, args.plot)
     return 0
 
 
@@ -154,11 +157,11 @@ def _print_quantize(r: dict) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from bnrt.pipeline.quantize import QuantizeOptions, quantize_file
 
-    source = SourceArgs.build(args, args.model)
-    SourceArgs.refuse_on_onnx(args, source, "")
     start = time.perf_counter()
     options = QuantizeOptions(args.precision, args.calibration, args.calibration_samples, tuple(args.exclude),
                               not args.no_keep_io_types, args.max_accuracy_drop, args.max_disagreement)
+    source = SourceArgs.build(args, args.model)
+    SourceArgs.refuse_on_onnx(args, source, "")
     outcome = quantize_file(source, args.data, args.output_dir, options, progress=ProgressArgs.build(args))
     r = outcome.report
     _print_quantize(r)

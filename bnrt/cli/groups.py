@@ -89,11 +89,10 @@ class SourceArgs:
 
     @classmethod
     def refuse_on_onnx(cls, args: argparse.Namespace, source: ModelSource, why: str, extra: tuple[str, ...] = ()) -> None:
-        """One line naming every torch-only flag given with an ONNX model."""
-        if source.kind != "onnx":
-            return
+        """One line naming every torch-only flag given with an ONNX model (the file is read only
+        when such a flag is given)."""
         given = ["--" + n.replace("_", "-") for n in (*extra, *cls.TORCH_ONLY) if getattr(args, n, None) not in (None, False)]
-        if given:
+        if given and source.kind == "onnx":
             raise InputError(f"{source.path}: {', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to torch "
                              f"checkpoints only{why}")
 

@@ -1,7 +1,7 @@
 """What ``bnrt fold`` and ``bnrt calibrate`` write: the file names, the folded checkpoint
 (``bnrt_folded`` entry), the calibrated checkpoint (``bnrt_calibration`` entry), the ONNX metadata
 keys, the fold records that the localiser reads back, and the fold report (schema ``bnrt.fold/1``,
-bnrt/schemas/fold-1.schema.json). Readers (``bnrt.io.load``, ``bnrt.verify.sides``) import the
+bnrt/schemas/fold-1.schema.json). Readers (``bnrt.io.load``, ``bnrt.verify.onnxside``) import the
 keys from here. The check's report is ``bnrt.verify.metrics``' (``bnrt.check/2``), quantize's
 ``bnrt.pipeline.quantize``'s (``bnrt.quantize/1``).
 """

@@ -194,13 +194,13 @@ def bench_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
 
 def bench_file(source: ModelSource | str | os.PathLike, *, data: str | os.PathLike | None = None,
                batch_sizes: tuple[int, ...] = (1, 8, 32), threads: int = 1, repeats: int = 5, iterations: int = 20,
-               json_out: str | os.PathLike | None = None, plot_out: str | os.PathLike | None = None) -> BenchReport:
+               refuse: list[str | os.PathLike | None] = ()) -> BenchReport:
     """``bnrt bench``: ``bench_model`` on the checkpoint ``source`` (single-input models), on random
     inputs of its input shape, or with ``data`` (real inputs) INT8 and FP16 variants too,
-    calibrated on up to 256 of them; the report written as JSON to ``json_out`` and as a chart to
-    ``plot_out`` when given."""
+    calibrated on up to 256 of them. ``refuse``: the paths the report will be saved to
+    (``save_bench``), refused up front when they would overwrite the model."""
     source = ModelSource.of(source)
-    refuse_overwrite([json_out, plot_out], [source.path])
+    refuse_overwrite(list(refuse), [source.path])
     loaded = load(source)
     dataset = example_data(loaded, source.input_shapes, data, str(source.path))
     if len(dataset.inputs) != 1:
@@ -208,11 +208,16 @@ def bench_file(source: ModelSource | str | os.PathLike, *, data: str | os.PathLi
     report = bench_model(loaded.model, dataset.shapes()[0], name=source.path.stem, batch_sizes=batch_sizes,
                          threads=threads, repeats=repeats, iterations=iterations,
                          calibration=dataset.inputs[0][:256] if data else None)
+    return report
+
+
+def save_bench(report: BenchReport, json_out: str | os.PathLike | None = None,
+               plot_out: str | os.PathLike | None = None) -> None:
+    """The report as JSON to ``json_out`` and as a latency chart to ``plot_out``, each when given."""
     if json_out is not None:
         write_json(Path(json_out), report.to_json())
     if plot_out is not None:
         plot([report], Path(plot_out))
-    return report
 
 
 def markdown(report: BenchReport) -> str:

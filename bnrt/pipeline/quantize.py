@@ -31,6 +31,7 @@ from onnx import numpy_helper
 
 from bnrt.errors import InputError, OptionError
 from bnrt.folding.onnxfold import load_onnx
+from bnrt.folding.onnxscope import outer_reads, subgraphs
 from bnrt.io.artifacts import artifact_names, stem_of
 from bnrt.io.data import Dataset, InputSpec, make_inputs
 from bnrt.io.save import atomic_path, publish, refuse_overwrite, staging, write_json
@@ -216,6 +217,7 @@ def _drop_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
             node.op_type, node.input[0] = "Identity", first.input[0]
             del node.attribute[:]
     read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    read |= {name for n in graph.node for _, body in subgraphs(n) for name in outer_reads(body)}
     dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in read for o in n.output)]
     for node in dead:
         graph.node.remove(node)
@@ -273,7 +275,7 @@ def _verify(reference: Side, quant_path: Path, dataset: Dataset, options: Quanti
     measured, none judged by tolerance): per-output errors, top-1 agreement, accuracies with labels
     and the budget's measure."""
     everything = CheckOptions(tolerances=Tolerances(atol=np.inf, rtol=0.0), localise=False,
-                              batch_size=max(1, dataset.size))
+                              batch_size=reference.fixed_batch or max(1, dataset.size))
     verdict = check(reference, [side(quant_path, label=options.precision)], dataset, everything, note=steps.note)
     metrics = verdict.comparisons[0].outputs
     outputs = [{"name": m.name, "max_abs": m.max_abs, "mean_abs": m.mean_abs, "sqnr_db": m.sqnr_db,
@@ -308,7 +310,8 @@ def quantize_file(source, data: str | os.PathLike, out_dir: str | os.PathLike | 
             dataset = make_inputs(InputSpec(data=data), reference.input_names, reference.input_shapes,
                                   reference.input_dtypes, str(src))
             dataset.inputs = [x.astype(d) for x, d in zip(dataset.inputs, reference.input_dtypes)]
-            _classify(reference.runner([x[:1] for x in dataset.inputs]), dataset.labels, str(data), dataset.size)
+            _classify(reference.runner([x[:reference.fixed_batch or 1] for x in dataset.inputs]), dataset.labels,
+                      str(data), dataset.size)
         quant_path = work / model_name
         with steps.step(f"{options.precision} conversion"):
             if options.precision == "int8":

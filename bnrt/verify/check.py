@@ -20,7 +20,7 @@ from torch import nn
 from bnrt.io.data import DEFAULT_BATCH, Dataset, InputSpec, make_inputs, run_batched, save_dataset
 from bnrt.io.export import output_names as numbered_outputs
 from bnrt.io.load import load
-from bnrt.io.save import refuse_overwrite, write_json
+from bnrt.io.save import refuse_overwrite
 from bnrt.io.source import Loaded, ModelSource
 from bnrt.progress import Steps
 from bnrt.session import check_tf32
@@ -28,7 +28,6 @@ from bnrt.verify.localise import first_divergence
 from bnrt.verify.metrics import (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, Comparison, Tolerances,
                                  accuracy, compare_output, truth_samples)
 from bnrt.verify.onnxside import onnx_side
-from bnrt.verify.report import plot_errors
 from bnrt.verify.sides import Candidate, Side, batching, merge_inputs
 from bnrt.verify.torchside import check_device, torch_side
 
@@ -177,6 +176,7 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
         comparisons.append(comparison)
         if data.labels is not None and out and comparison.samples is None and not candidate.informational:
             acc[candidate.label] = accuracy(out[0], data.labels)
+    for comparison, candidate in zip(comparisons, candidates):
         if options.localise and not comparison.passed and not candidate.informational:
             note(f"looking for the first divergent module of {candidate.label}")
             comparison.divergence = localise(reference, candidate.side, data, folds, options.tolerances,
@@ -200,15 +200,14 @@ def inputs_for(reference: Side, candidates: Sequence[Side], options: CheckOption
 
 def check_files(reference: ModelSource | str | os.PathLike, candidate: ModelSource | str | os.PathLike,
                 options: CheckOptions = CheckOptions(), *, reference_provider: str = "cpu",
-                save_inputs: str | os.PathLike | None = None, json_out: str | os.PathLike | None = None,
-                plot_out: str | os.PathLike | None = None, progress: bool = False) -> CheckReport:
+                save_inputs: str | os.PathLike | None = None, progress: bool = False) -> CheckReport:
     """Compare ``candidate`` with ``reference``; each a torch checkpoint or an ONNX file run on ORT
     (``options.provider`` for the candidate, ``reference_provider`` for the reference). When they
     differ, the report names the first module whose output diverges (``Comparison.divergence``).
-    ``save_inputs`` writes the inputs used to an .npz, ``json_out`` the report (``bnrt.check/2``),
-    ``plot_out`` error histograms per output (matplotlib); ``progress`` lists the steps on stderr."""
+    ``save_inputs`` writes the inputs used to an .npz (``verify.report.save_report`` the report and
+    its plot); ``progress`` lists the steps on stderr."""
     reference, candidate = ModelSource.of(reference), ModelSource.of(candidate)
-    refuse_overwrite([json_out, plot_out, save_inputs], [reference.path, candidate.path])
+    refuse_overwrite([save_inputs], [reference.path, candidate.path])
     with Steps(progress) as steps:
         with steps.step("load"):
             ref, cand = (side(s, label=f"{role} onnx {provider}" if s.kind == "onnx" else f"{role} torch",
@@ -219,9 +218,4 @@ def check_files(reference: ModelSource | str | os.PathLike, candidate: ModelSour
             if save_inputs is not None:
                 save_dataset(data, ref.input_names, Path(save_inputs))
         with steps.step("check"):
-            report = check(ref, [cand], data, replace(options, batch_size=batch_size), note=steps.note)
-    if json_out is not None:
-        write_json(Path(json_out), report.to_json())
-    if plot_out is not None:
-        plot_errors(report, report.errors, Path(plot_out))
-    return report
+            return check(ref, [cand], data, replace(options, batch_size=batch_size), note=steps.note)

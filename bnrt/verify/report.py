@@ -98,3 +98,14 @@ def plot_errors(report: CheckReport, errors: dict[tuple[str, str], np.ndarray], 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
+
+
+def save_report(report: CheckReport, json_out: str | Path | None = None, plot_out: str | Path | None = None) -> None:
+    """Write the report (schema ``bnrt.check/2``) to ``json_out`` and its error histograms to
+    ``plot_out``, each when given (atomically; the caller refused overwrites up front)."""
+    from bnrt.io.save import write_json
+
+    if json_out is not None:
+        write_json(Path(json_out), report.to_json())
+    if plot_out is not None:
+        plot_errors(report, report.errors, Path(plot_out))

@@ -173,3 +173,19 @@ def test_unwritable_output_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     proc = run_cli("fold", str(EXAMPLE), "-o", str(tmp_path / "file" / "sub"), "--exporter", "torchscript")
     assert_one_line_error(proc, "cannot create output folder")
+
+
+def test_option_errors_come_before_reading_the_model(tmp_path):
+    """A bad option is reported as such even when the model path is wrong too: options are checked
+    before any file is read."""
+    proc = run_cli("fold", str(tmp_path / "missing.pt"), "--samples", "0")
+    assert_one_line_error(proc, "--samples 0: must be positive")
+
+
+def test_check_prints_its_table_before_a_report_file_that_cannot_be_written(tmp_path, digits_npz):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = run_cli("check", str(EXAMPLE), str(EXAMPLE), "--data", str(digits_npz), "--json", str(blocker / "r.json"))
+    assert proc.returncode == 2
+    assert proc.stdout.rstrip().endswith("check passed") and f"{blocker}: cannot write here" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -59,7 +59,7 @@ def test_digits_example_quantizes_within_its_budget(digits_npz, tmp_path, precis
     assert out[0].shape == (4, 10) and out[0].dtype == np.float32
 
 
-def _conv_bn_onnx(path, *, out_shape_4d=True, unfoldable=False, big=False, seed=0):
+def _conv_bn_onnx(path, *, out_shape_4d=True, unfoldable=False, big=False, seed=0, batch="N"):
     """x (N, 3, 6, 6) -> Conv -> BN [-> Relu -> BN, which cannot fold] -> (4-d output, or GAP + Flatten)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * (3e4 if big else 1.0)
@@ -75,8 +75,18 @@ def _conv_bn_onnx(path, *, out_shape_4d=True, unfoldable=False, big=False, seed=
     else:
         nodes += [helper.make_node("GlobalAveragePool", [last], ["p"], name="gap"),
                   helper.make_node("Flatten", ["p"], ["y"], name="flat")]
-    onnx.save(onnx_graph(nodes, inits, ["N", 3, 6, 6]), str(path))
+    onnx.save(onnx_graph(nodes, inits, [batch, 3, 6, 6]), str(path))
     return path
+
+
+def test_a_graph_with_a_fixed_batch_runs_in_batches_of_that_size(tmp_path):
+    """Quantize feeds a fixed-batch graph whole batches (its label check included). Data that is not
+    exactly one batch is not supported yet: the FP16 range probe and INT8 calibration feed other sizes."""
+    model = _conv_bn_onnx(tmp_path / "m.onnx", out_shape_4d=False, batch=4)
+    x = np.random.default_rng(3).standard_normal((4, 3, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    outcome = quantize_file(model, tmp_path / "d.npz", tmp_path / "out", QuantizeOptions(precision="fp16"))
+    assert outcome.passed and outcome.report["samples"] == 4 and outcome.report["top1_agreement"] == 1.0
 
 
 def test_without_labels_the_output_must_be_logits(tmp_path):
@@ -185,3 +195,24 @@ def test_quantize_onnx_refuses_torch_only_flags(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 6, 6), np.float32))
     proc = run_cli("quantize", str(model), "--data", str(tmp_path / "d.npz"), "--arch", "models.digits:DigitsNet")
     assert_one_line_error(proc, "m.onnx: --arch applies to torch checkpoints only")
+
+
+def test_round_trip_casts_go_but_a_cast_a_subgraph_reads_stays():
+    from bnrt.pipeline.quantize import _drop_round_trips
+
+    F16 = TensorProto.FLOAT16
+    body = lambda name: helper.make_graph([helper.make_node("Identity", ["a16"], [name])], name, [],  # noqa: E731
+                                          [helper.make_tensor_value_info(name, F16, [2])])
+    nodes = [helper.make_node("Cast", ["x"], ["a16"], to=F16, name="to16"),
+             helper.make_node("Cast", ["a16"], ["y"], to=TensorProto.FLOAT, name="to32"),
+             helper.make_node("If", ["c"], ["z"], then_branch=body("t"), else_branch=body("e"), name="if")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+                               helper.make_tensor_value_info("z", F16, [2])])
+    model = _drop_round_trips(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [(n.name, n.op_type, list(n.input)) for n in model.graph.node] == [
+        ("to16", "Cast", ["x"]), ("to32", "Identity", ["x"]), ("if", "If", ["c"])]
+    without_if = helper.make_graph(nodes[:2], "g", graph.input[:1], graph.output[:1])
+    model = _drop_round_trips(helper.make_model(without_if, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [(n.op_type, list(n.input)) for n in model.graph.node] == [("Identity", ["x"])]

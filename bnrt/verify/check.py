@@ -100,6 +100,16 @@ def _noise_pairs(reference: Side, ref_out: list[np.ndarray], data: Dataset, name
     return list(zip(*noise.anchor_and_noisy([o[:truth] for o in ref_out], noise_out))), truth
 
 
+def _fed_its_dtypes(model: Side) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
+    """The side's runner, float inputs cast to the float type its graph declares (a float16 graph
+    takes the check's float32 data as a deployment would feed it); nothing else is converted."""
+    def run(xs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        dtypes = model.input_dtypes if len(model.input_dtypes) == len(xs) else [None] * len(xs)
+        return model.runner([x.astype(d) if d is not None and x.dtype != d and np.issubdtype(x.dtype, np.floating)
+                             and np.issubdtype(d, np.floating) else x for x, d in zip(xs, dtypes)])
+    return run
+
+
 def _compare(ref_label: str, ref_out: list[np.ndarray], candidate: Candidate, data: Dataset, names: list[str],
              options: CheckOptions, pairs: list | None, truth: int, note: Callable[[str], None],
              errors: dict) -> tuple[Comparison, list[np.ndarray]]:
@@ -108,7 +118,7 @@ def _compare(ref_label: str, ref_out: list[np.ndarray], candidate: Candidate, da
     sub = data if part is None else Dataset([x[:part] for x in data.inputs], None, data.source)
     ref = ref_out if part is None else [o[:part] for o in ref_out]
     note(f"{candidate.label} on {sub.size} samples")
-    out = run_batched(candidate.side.runner, sub, options.batch_size)
+    out = run_batched(_fed_its_dtypes(candidate.side), sub, options.batch_size)
     tol = options.tolerances
     if len(out) != len(ref):
         metrics = [compare_output("(outputs)", np.zeros(len(ref)), np.zeros(len(out)), 0.0, 0.0)]

@@ -216,3 +216,14 @@ def test_round_trip_casts_go_but_a_cast_a_subgraph_reads_stays():
     without_if = helper.make_graph(nodes[:2], "g", graph.input[:1], graph.output[:1])
     model = _drop_round_trips(helper.make_model(without_if, opset_imports=[helper.make_opsetid("", 17)]))
     assert [(n.op_type, list(n.input)) for n in model.graph.node] == [("Identity", ["x"])]
+
+
+def test_fp16_with_float16_inputs_and_outputs_is_verified_on_the_same_data(tmp_path):
+    model = _conv_bn_onnx(tmp_path / "m.onnx", out_shape_4d=False)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(4).standard_normal((32, 3, 6, 6)).astype(np.float32))
+    outcome = quantize_file(model, tmp_path / "d.npz", tmp_path / "out",
+                            QuantizeOptions(precision="fp16", keep_io_types=False))
+    graph = onnx.load(str(tmp_path / "out" / "m.fp16.onnx")).graph
+    assert graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert outcome.passed and outcome.report["top1_agreement"] == 1.0
+    assert 0 < outcome.report["outputs"][0]["max_abs"] < 0.05 and outcome.report["outputs"][0]["problem"] is None

@@ -137,8 +137,7 @@ def one(source: str, name: str, size: int, samples: int) -> dict:
     import bnrt
     from bnrt.folding.capture import quiet
     from bnrt.io.data import random_inputs
-    from bnrt.io.export import export_onnx, output_names
-    from bnrt.io.export import flatten_outputs
+    from bnrt.io.export import export_onnx, flatten_outputs, output_names
     from bnrt.verify.check import check, side
 
     torch.set_num_threads(2)

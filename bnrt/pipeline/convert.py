@@ -84,7 +84,7 @@ def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLik
     refuse_overwrite([out / n for n in names.values()], [source.path])
     with Steps(progress) as steps:
         if source.kind == "onnx":
-            return _fold_onnx(source.path, out, names, check, steps)
+            return _fold_onnx(source, out, names, check, steps)
         return _fold_torch(source, out, names, check, opset, exporter, steps)
 
 
@@ -143,8 +143,10 @@ def _check_torch(original: Side, folded_model: torch.nn.Module, folds: list[dict
                      folds=folds, note=steps.note)
 
 
-def _fold_onnx(src: Path, out: Path, names: dict[str, str], check: CheckOptions | None, steps: Steps) -> FoldOutcome:
+def _fold_onnx(source: ModelSource, out: Path, names: dict[str, str], check: CheckOptions | None,
+               steps: Steps) -> FoldOutcome:
     """``fold_file`` for an ONNX model: the folded graph checked against the original, both on ORT."""
+    src = source.path
     with steps.step("load"):
         model = load_onnx(src)
         sha = file_sha256(src)
@@ -157,7 +159,7 @@ def _fold_onnx(src: Path, out: Path, names: dict[str, str], check: CheckOptions 
         with steps.step("save"):
             with atomic_path(stage / names["folded"]) as tmp:
                 onnx.save(result.model, str(tmp))
-        original = side(src, provider=options.provider, tf32=options.tf32)
+        original = side(source, provider=options.provider, tf32=options.tf32)
         report_check = None
         if check is not None:
             with steps.step("check"):

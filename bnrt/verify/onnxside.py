@@ -3,8 +3,9 @@ modules' outputs ("taps", read by ``bnrt.session.probe``) and its rounding-noise
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -49,33 +50,24 @@ def rounding_noise(model: onnx.ModelProto, label: str, provider: str, tf32: bool
     return NoiseReference("rounding", session.run, lambda xs: onnx_taps(noisy, xs, provider, tf32))
 
 
-def _once(make: Callable):
-    made: list = []
-
-    def get():
-        if not made:
-            made.append(make())
-        return made[0]
-    return get
-
-
 def onnx_side(label: str, model: Path | bytes, provider: str = "cpu", tf32: bool | None = None) -> Side:
     """An ONNX file (or serialized model) on ORT, on CUDA with TF32 as asked (off by default); its
     graph (for taps) and its noise reference (``rounding_noise``) are made on first use. On CUDA
     with TF32 off, ``deployed`` makes the same model under ORT's default TF32."""
     tf32 = session_tf32(provider, tf32)
-    if isinstance(model, bytes):
-        session = Session(label, provider, model_bytes=model, tf32=tf32)
-        graph = _once(lambda: onnx.load_from_string(model))
-    else:
-        session = Session(model, provider=provider, tf32=tf32)
-        graph = _once(lambda: onnx.load(str(model)))
+
+    def session_with(tf32: bool | None) -> Session:
+        if isinstance(model, bytes):
+            return Session(label, provider, model_bytes=model, tf32=tf32)
+        return Session(model, provider=provider, tf32=tf32)
+
+    session = session_with(tf32)
+    graph = cache(lambda: onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model)))
     shapes = [spec.shape for spec in session.inputs]
-    noise = _once(lambda: rounding_noise(graph(), label, provider, tf32))
+    noise = cache(lambda: rounding_noise(graph(), label, provider, tf32))
 
     def deployed() -> Side:  # what a deployment gets: ORT's CUDA default, TF32 on
-        twin = (Session(label, provider, model_bytes=model, tf32=True) if isinstance(model, bytes)
-                else Session(model, provider=provider, tf32=True))
+        twin = session_with(True)
         return Side(label=f"{label} tf32 (ORT default)", runner=twin.run, input_names=twin.input_names,
                     input_shapes=[], input_dtypes=[])
 

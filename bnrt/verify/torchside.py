@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from contextlib import contextmanager
+from functools import cache
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -88,12 +89,10 @@ def torch_taps(model: nn.Module, inputs: Sequence[np.ndarray]) -> dict[str, np.n
 
 def float64_noise(model: nn.Module) -> NoiseReference:
     """The float64 truth of a torch model: a float64 copy (made on first use) run on float64 inputs."""
-    double: list[nn.Module] = []
+    double = cache(lambda: copy.deepcopy(model).double())
 
     def inputs64(xs):
-        if not double:
-            double.append(copy.deepcopy(model).double())
-        return double[0], [x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x for x in xs]
+        return double(), [x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x for x in xs]
 
     def run(xs):
         m, xs = inputs64(xs)

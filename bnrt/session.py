@@ -169,20 +169,24 @@ class Session:
         return self.session.run(None, feeds)
 
 
-def probe(model: onnx.ModelProto, values: Iterable[str], inputs: Sequence[np.ndarray] | dict[str, np.ndarray], *,
-          provider: str = "cpu", tf32: bool | None = None) -> dict[str, np.ndarray]:
+def probe(model: onnx.ModelProto | bytes, values: Iterable[str], inputs: Sequence[np.ndarray] | dict[str, np.ndarray],
+          *, provider: str = "cpu", tf32: bool | None = None, outputs: Iterable[str] = ()) -> dict[str, np.ndarray]:
     """The values named ``values`` (and the graph outputs) of ``model`` on ``inputs`` (positional,
-    in the model's input order, or by name): a copy of the graph with them added as outputs, run
-    without graph optimisation (the values are the graph's own, not those of a fused rewrite) on
-    ``provider``, TF32 off on CUDA unless ``tf32`` (exact float32). ``InputError`` when ORT cannot
-    load the copy; ORT's own error when it cannot run it."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output}
+    in the model's input order, or by name): the graph with them added as outputs, run without
+    graph optimisation (the values are the graph's own, not those of a fused rewrite) on
+    ``provider``, TF32 off on CUDA unless ``tf32`` (exact float32). ``model`` is a ModelProto or
+    its serialized bytes (a file's contents; ``outputs`` then names its graph outputs): the outputs
+    are appended to the serialized model as a second message, which protobuf merges into the
+    first, so the weights are never copied as a message. ``InputError`` when ORT cannot load it;
+    ORT's own error when it cannot run it."""
+    present = {o.name for o in model.graph.output} if isinstance(model, onnx.ModelProto) else set(outputs)
+    extra = onnx.ModelProto()
     for name in dict.fromkeys(values):
         if name and name not in present:
-            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = Session("(graph probe)", provider, optimization="disable", model_bytes=copy.SerializeToString(),
+            extra.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    data = (model.SerializeToString() if isinstance(model, onnx.ModelProto) else model) + extra.SerializeToString()
+    session = Session("(graph probe)", provider, optimization="disable", model_bytes=data,
                       tf32=bool(tf32) if provider == "cuda" else None)
+    del data
     feeds = inputs if isinstance(inputs, dict) else dict(zip(session.input_names, inputs))
     return dict(zip(session.output_names, session.session.run(None, feeds)))

@@ -104,7 +104,7 @@ def digits_npz(tmp_path_factory) -> Path:
 
 
 def report_schema(name: str) -> dict:
-    """A JSON schema shipped in bnrt/schemas (``check-2``, ``fold-1``, ``quantize-1``)."""
+    """A JSON schema shipped in bnrt/schemas (``check-3``, ``fold-1``, ``quantize-1``)."""
     return json.loads((Path(bnrt.__file__).parent / "schemas" / f"{name}.schema.json").read_text())
 
 

@@ -134,19 +134,26 @@ def one(source: str, name: str, size: int, samples: int) -> dict:
     import torch
     from torch.fx.experimental.optimization import fuse
 
-    import bnrt
-    from bnrt.folding.capture import quiet
+    from bnrt.folding.capture import capture, quiet
+    from bnrt.folding.torchfold import apply
+    from bnrt.folding.torchgraph import plan
+    from bnrt.io.artifacts import folds_of
     from bnrt.io.data import random_inputs
     from bnrt.io.export import export_onnx, flatten_outputs, output_names
+    from bnrt.pipeline.convert import torch_certificate
     from bnrt.verify.check import check, side
+    from bnrt.verify.sides import Candidate
 
     torch.set_num_threads(2)
     model, nn = build(source, name, size)
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     row = {"source": source, "name": name, "params": sum(p.numel() for p in model.parameters())}
     start = time.perf_counter()
-    result = bnrt.fold(model, (example,))
+    cap = capture(model, (example,))
+    planned = plan(cap)
+    result = apply(model, planned, cap)
     row["fold_s"] = time.perf_counter() - start
+    result.tracer = cap.tracer
     row["bn"] = len(result.decisions)
     row["folded"] = len(result.folded)
     row["codes"] = dict(collections.Counter(" / ".join(d.codes) for d in result.skipped))
@@ -159,9 +166,19 @@ def one(source: str, name: str, size: int, samples: int) -> dict:
         row["export_s"] = time.perf_counter() - start
         row["bn_left_bnrt"] = bn_like_nodes(proto)
         data = random_inputs([(1, 3, size, size)], samples, seed=2)
-        report = check(model, [side(result.model, label="torch folded"), Path(tmp) / "f.onnx"], data,
-                       output_names=output_names(outs))
+        folds = folds_of(planned.decisions, planned.merges)  # as bnrt fold checks: fold partners known
+        # both candidates compared layer by layer (bnrt fold compares the torch one; bnrt check an ONNX file)
+        report = check(model, [Candidate(side(result.model, label="torch folded", folds=folds), head_only=True,
+                                         per_layer=True), Path(tmp) / "f.onnx"], data,
+                       output_names=output_names(outs), folds=folds)
+        report.certificate = torch_certificate(planned, model, proto, result.model)
         row["check"] = report.passed
+        row["outputs_pass"] = all(o.passed for c in report.comparisons for o in c.outputs)
+        row["layers"] = [None if c.layers is None else [c.layers.points, c.layers.failed, c.layers.worst,
+                                                        c.layers.margin] for c in report.comparisons]
+        worst = report.certificate.worst
+        row["certificate"] = [report.certificate.passed, len(report.certificate.layers),
+                              worst.worst_ulp if worst else None, worst.layer if worst else None]
         onnx_cmp = report.comparisons[1].outputs[0]
         row["ort_err"] = (onnx_cmp.max_abs, onnx_cmp.max_rel)
         row["ratio"] = max(o.ratio or 0.0 for c in report.comparisons for o in c.outputs)
@@ -182,9 +199,23 @@ def one(source: str, name: str, size: int, samples: int) -> dict:
     return row
 
 
+def _layers_and_weights(row: dict) -> str:
+    """The per-layer comparison's worst margin and the certificate's worst ULP, where measured."""
+    layers = [c for c in row.get("layers") or [] if c]
+    text = ""
+    if layers:
+        worst = max(layers, key=lambda c: c[3] if c[3] is not None else -1)
+        failed = sum(c[1] for c in layers)
+        text += f"; layers {worst[3]:.2f}" + (f", {failed} beyond" if failed else "") if worst[3] is not None else ""
+    if row.get("certificate") and row["certificate"][2] is not None:
+        text += f"; {row['certificate'][2]:.2f} ULP" + ("" if row["certificate"][0] else " FAIL")
+    return text
+
+
 def markdown(rows: list[dict]) -> str:
     head = ("| model | family | params | BN-like | folded by bnrt | left in bnrt's ONNX | left by dynamo export | "
-            "left by fx fuse | check (worst error / noise floor) | ORT vs eager max abs / rel | fold s | "
+            "left by fx fuse | check (worst error / noise floor; per-layer worst margin, 1 fails; "
+            "weights' worst ULP) | ORT vs eager max abs / rel | fold s | "
             "kept BNs by refusal code |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
@@ -195,7 +226,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['source']}:{r['name']} | {r['family']} | {r['params'] / 1e6:.1f}M | {r['bn']} | {r['folded']} | "
             f"{r['bn_left_bnrt']} | {r['bn_left_dynamo']} | {r['bn_left_fx']} | "
-            f"{'pass' if r['check'] else 'FAIL'} ({r['ratio']:.2f}) | "
+            f"{'pass' if r['check'] else 'FAIL'} ({r['ratio']:.2f}{_layers_and_weights(r)}) | "
             f"{r['ort_err'][0]:.2e} / {r['ort_err'][1]:.2e} | {r['fold_s']:.2f} | {codes} |")
     ok = [r for r in rows if "error" not in r]
     lines += ["", f"{len(rows)} models ({len(ok)} measured): {sum(r['bn'] for r in ok)} BatchNorm-like layers, "

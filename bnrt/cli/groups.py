@@ -134,6 +134,9 @@ class CheckArgs:
         g.add_argument("--allow-nonfinite", action="store_true",
                        help="accept NaN/Inf in --data and in the reference's outputs, compared position by position "
                             "(default: a finding that fails the check)")
+        g.add_argument("--no-per-layer", action="store_true",
+                       help="judge the model outputs only, not also every folded layer's output against its own "
+                            "noise floor (default: both)")
 
     @staticmethod
     def tolerances(args: argparse.Namespace) -> Tolerances:
@@ -158,7 +161,7 @@ class CheckArgs:
         inputs = InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range, args.allow_nonfinite)
         return CheckOptions(inputs, args.provider, cls.tolerances(args), args.top_k,
                             getattr(args, "batch_size", DEFAULT_BATCH), not getattr(args, "no_localise", False),
-                            args.tf32, args.device)
+                            args.tf32, args.device, not args.no_per_layer)
 
 
 class RuntimeArgs:

@@ -40,7 +40,7 @@ def _check(sub) -> None:
                    help="ORT provider when the reference is ONNX (default cpu)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"samples per run (default {DEFAULT_BATCH})")
     p.add_argument("--save-inputs", metavar="FILE.npz", help="write the inputs used to FILE.npz")
-    p.add_argument("--json", metavar="FILE", help="write the report (schema bnrt.check/2) to FILE")
+    p.add_argument("--json", metavar="FILE", help="write the report (schema bnrt.check/3) to FILE")
     p.add_argument("--plot", metavar="FILE.png", help="write error histograms per output (needs matplotlib)")
     p.add_argument("--no-localise", action="store_true", help="do not look for the first divergent module")
     ProgressArgs.add(p)

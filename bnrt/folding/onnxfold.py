@@ -23,7 +23,9 @@ from . import engine, onnxscope
 from bnrt.folding.decision import Decision, DecisionSet
 from bnrt.errors import InputError, first_line
 from bnrt.folding.onnxgraph import OnnxLayer, OnnxView, label
+from bnrt.folding.engine import Plan
 from bnrt.folding.reparam import Merge
+from bnrt.folding.view import BnStats, Layer
 
 MIN_OPSET = 7
 
@@ -37,6 +39,20 @@ class OnnxFoldResult(DecisionSet):
     decisions: list[Decision]
     fp16_overflow: dict[str, float] = field(default_factory=dict)
     merges: list[Merge] = field(default_factory=list)
+    plan: Plan | None = None
+    statistics: dict[int, BnStats] = field(default_factory=dict, repr=False)  # by id of a folded decision
+    written: dict[str, tuple[str, str, bool]] = field(default_factory=dict, repr=False)
+
+    def stored(self, layer: Layer) -> tuple[np.ndarray, np.ndarray] | None:
+        """The weight (neutral layout: [out, in] for Gemm and MatMul) and bias a folded layer has in
+        ``model``, read back from its initializers; None when the graph no longer holds them (a
+        merged branch dropped)."""
+        names = self.written.get(layer.name)
+        tensors = {i.name: i for i in self.model.graph.initializer}
+        if names is None or names[0] not in tensors or names[1] not in tensors:
+            return None
+        weight = numpy_helper.to_array(tensors[names[0]])
+        return weight.T if names[2] else weight, numpy_helper.to_array(tensors[names[1]])
 
 
 class _Writer:
@@ -45,6 +61,7 @@ class _Writer:
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
         self.fresh = len(graph.initializer)
+        self.written: dict[str, tuple[str, str, bool]] = {}  # layer -> (weight, bias, weight transposed)
 
     def const(self, base: str, value: np.ndarray) -> str:
         self.fresh += 1
@@ -65,12 +82,13 @@ class _Writer:
                 if v == old:
                     node.input[i] = new
 
-    def write(self, layer: OnnxLayer, weight: np.ndarray, bias: np.ndarray) -> None:
-        """Store a folded layer, cast once to the layer's dtype."""
+    def write(self, layer_name: str, layer: OnnxLayer, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Store a folded layer, cast once to the layer's dtype; ``written[layer_name]`` names its tensors."""
         node, name = layer.node, label(layer.node)
         if layer.kind in ("conv", "convtranspose"):
             node.input[1] = self.const(f"{name}.weight", weight.astype(layer.dtype))
             self.set_input(node, 2, self.const(f"{name}.bias", bias.astype(layer.dtype)))
+            self.written[layer_name] = (node.input[1], node.input[2], False)
         elif layer.kind == "gemm":
             node.input[1] = self.const(f"{name}.B", weight.astype(layer.dtype))
             for key, value in (("transB", 1), ("alpha", 1.0), ("beta", 1.0)):
@@ -78,9 +96,11 @@ class _Writer:
                     node.attribute.remove(a)
                 node.attribute.append(helper.make_attribute(key, value))
             self.set_input(node, 2, self.const(f"{name}.C", bias.astype(layer.dtype)))
+            self.written[layer_name] = (node.input[1], node.input[2], False)
         else:
             node.input[1] = self.const(f"{name}.B", weight.T.astype(layer.dtype))
             bias_name = self.const(f"{name}.bias", bias.astype(layer.dtype))
+            self.written[layer_name] = (node.input[1], bias_name, True)
             if layer.add is not None:
                 layer.add.input[layer.add_const_index] = bias_name
             else:  # a MatMul without bias gains an Add that takes over its output name
@@ -147,8 +167,8 @@ def fold_onnx(model: onnx.ModelProto, where: str = "model") -> OnnxFoldResult:
     exact = engine.fold_weights(plan, lambda layer: (layer.data.weight, layer.data.bias),
                                 lambda d: stats[id(d)].scale_shift())
     writer = _Writer(folded.graph)
-    for layer, weight, bias in exact.values():
-        writer.write(layer.data, weight, bias)
+    for name, (layer, weight, bias) in exact.items():
+        writer.write(name, layer.data, weight, bias)
     for decision, bn in zip(plan.decisions, plan.sites):
         if decision.folded and decision.direction != "merge":
             writer.bypass(bn.node, view.outputs | set(view.scoped))
@@ -157,7 +177,8 @@ def fold_onnx(model: onnx.ModelProto, where: str = "model") -> OnnxFoldResult:
             folded.graph.node.remove(node)
         merge.target.data.node.output[0] = merge.root.output[0]
     _prune(folded.graph)
-    return OnnxFoldResult(folded, plan.decisions, engine.fp16_overflow(exact), plan.merges)
+    return OnnxFoldResult(folded, plan.decisions, engine.fp16_overflow(exact), plan.merges, plan, stats,
+                          writer.written)
 
 
 def load_onnx(path) -> onnx.ModelProto:

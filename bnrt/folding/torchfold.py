@@ -27,6 +27,7 @@ from bnrt.folding.reparam import Merge
 from bnrt.folding.structure import set_identity_statistics, set_submodule, zero_affine
 from bnrt.folding.torchgraph import plan
 from bnrt.folding.torchops import statistics, to_f64
+from bnrt.folding.view import Layer
 
 
 @dataclass
@@ -76,8 +77,32 @@ class FoldResult(DecisionSet):
         }
 
 
+def layer_weights(model: nn.Module, layer: Layer) -> tuple[np.ndarray, np.ndarray | None]:
+    """``layer``'s weight and bias in ``model``, as float64 (bias None when it has none)."""
+    module = model.get_submodule(layer.name)
+    return to_f64(module.weight), None if module.bias is None else to_f64(module.bias)
+
+
+def stored_weights(model: nn.Module, layer: Layer) -> tuple[np.ndarray, np.ndarray] | None:
+    """``layer``'s weight and bias as ``model`` stores them (their dtype), None when ``model`` has no
+    such layer (a merged branch its graph dropped) or no numpy dtype holds them (bfloat16)."""
+    try:
+        module = model.get_submodule(layer.name)
+    except AttributeError:
+        return None
+    if module.bias is None or module.weight.dtype == torch.bfloat16:
+        return None
+    return module.weight.detach().cpu().numpy(), module.bias.detach().cpu().numpy()
+
+
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _set_param(layer: nn.Module, name: str, value: np.ndarray, like: torch.Tensor) -> None:
-    tensor = torch.from_numpy(value).to(dtype=like.dtype, device=like.device)
+    """``value`` (float64) rounded once to ``like``'s dtype: numpy rounds float64 to float16
+    directly, where torch's cast goes through float32 (two roundings)."""
+    dtype = _NUMPY_DTYPES.get(like.dtype)
+    tensor = torch.from_numpy(value.astype(dtype) if dtype else value).to(dtype=like.dtype, device=like.device)
     setattr(layer, name, nn.Parameter(tensor, requires_grad=like.requires_grad))
 
 
@@ -131,11 +156,8 @@ def _fold_into(model: nn.Module, plan: Plan) -> tuple[list[str], dict[str, float
     """Apply ``plan``'s folds and merges to ``model`` in place: the layers that gained a bias, and
     those whose folded weights leave float16's range."""
 
-    def read(layer):
-        module = model.get_submodule(layer.name)
-        return to_f64(module.weight), None if module.bias is None else to_f64(module.bias)
-
-    exact = engine.fold_weights(plan, read, lambda d: statistics(model, d).scale_shift())
+    exact = engine.fold_weights(plan, lambda layer: layer_weights(model, layer),
+                                lambda d: statistics(model, d).scale_shift())
     for decision in plan.decisions:
         if decision.folded and decision.direction == "merge":  # the BN stays, adding an exact zero
             zero_affine(model, decision.functional or {"weight": f"{decision.bn}.weight",

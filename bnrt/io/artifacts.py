@@ -2,7 +2,7 @@
 (``bnrt_folded`` entry), the calibrated checkpoint (``bnrt_calibration`` entry), the ONNX metadata
 keys, the fold records that the localiser reads back, and the fold report (schema ``bnrt.fold/1``,
 bnrt/schemas/fold-1.schema.json). Readers (``bnrt.io.load``, ``bnrt.verify.onnxside``) import the
-keys from here. The check's report is ``bnrt.verify.metrics``' (``bnrt.check/2``), quantize's
+keys from here. The check's report is ``bnrt.verify.metrics``' (``bnrt.check/3``), quantize's
 ``bnrt.pipeline.quantize``'s (``bnrt.quantize/1``).
 """
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import onnx
 
     from bnrt.folding.decision import Decision
+    from bnrt.folding.reparam import Merge
     from bnrt.folding.torchfold import FoldResult
     from bnrt.io.source import Loaded
 
@@ -41,10 +42,17 @@ def artifact_names(path: Path, kind: str) -> dict[str, str]:
     return {"folded": f"{stem}.folded.pt", "onnx": f"{stem}.onnx", "report": f"{stem}.report.json"}
 
 
-def folds_of(decisions: Iterable[Decision]) -> list[dict]:
-    """The folded decisions as plain data, ``[{"bn", "into", "direction"}]``: what the localiser
-    needs to tell a fold's intended differences from a divergence."""
-    return [{"bn": d.bn, "into": list(d.into), "direction": d.direction} for d in decisions if d.folded]
+def folds_of(decisions: Iterable[Decision], merges: Iterable[Merge] = ()) -> list[dict]:
+    """The folds as plain data, what the check needs to tell a fold's intended differences from a
+    divergence: per folded BN ``{"bn", "into", "direction", "through", "functional"}``
+    (``through``: the view ops between it and its layers, whose values change too; ``functional``:
+    the BN is a call inside a module that may do more, as timm's ``BatchNormAct2d``), per merged
+    rep block ``{"bn": None, "into": [target, *branches], "direction": "rep-block", "through": [],
+    "functional": False}``."""
+    return ([{"bn": d.bn, "into": list(d.into), "direction": d.direction, "through": list(d.through),
+              "functional": bool(d.functional)} for d in decisions if d.folded]
+            + [{"bn": None, "into": [m.target.name, *(c.name for c in m.convs)], "direction": "rep-block",
+                "through": [], "functional": False} for m in merges])
 
 
 def folds_in(metadata: dict[str, str]) -> list[dict]:
@@ -52,11 +60,11 @@ def folds_in(metadata: dict[str, str]) -> list[dict]:
     return json.loads(metadata.get(FOLDS_KEY, "[]"))
 
 
-def onnx_metadata(source_sha256: str, decisions: list[Decision]) -> dict[str, str]:
+def onnx_metadata(source_sha256: str, decisions: list[Decision], merges: Iterable[Merge] = ()) -> dict[str, str]:
     """The metadata_props bnrt writes into an ONNX file it folded."""
     return {"bnrt_version": __version__, "source_sha256": source_sha256,
             "bn_folded": str(sum(d.folded for d in decisions)), "bn_total": str(len(decisions)),
-            FOLDS_KEY: json.dumps(folds_of(decisions))}
+            FOLDS_KEY: json.dumps(folds_of(decisions, merges))}
 
 
 def set_onnx_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
@@ -71,7 +79,7 @@ def folded_checkpoint(result: FoldResult, loaded: Loaded, input_shapes: list[tup
     """The folded checkpoint: the user's state_dict structure with folded BNs as ``nn.Identity``
     (``bnrt_folded``: what ``bnrt.folding.structure.apply_folded_structure`` needs, and the fold records)."""
     return {
-        FOLDED_KEY: {**result.structure(), "folds": folds_of(result.structured_decisions)},
+        FOLDED_KEY: {**result.structure(), "folds": folds_of(result.structured_decisions, result.merges)},
         "state_dict": result.structured.state_dict(),
         "arch": loaded.arch,
         "arch_kwargs": loaded.arch_kwargs,

@@ -13,13 +13,16 @@ from typing import Any
 
 import onnx
 import torch
+from onnx import numpy_helper
 
 from bnrt.errors import about
 from bnrt.folding.capture import capture
 from bnrt.folding.decision import Decision
+from bnrt.folding.engine import Plan
 from bnrt.folding.onnxfold import OnnxFoldResult, fold_onnx, load_onnx
-from bnrt.folding.torchfold import FoldResult, apply
+from bnrt.folding.torchfold import FoldResult, apply, layer_weights, stored_weights
 from bnrt.folding.torchgraph import plan
+from bnrt.folding.torchops import statistics
 from bnrt.io.artifacts import (artifact_names, fold_report, folded_checkpoint, folds_of, onnx_metadata,
                                set_onnx_metadata)
 from bnrt.io.data import Dataset, InputSpec, make_inputs
@@ -29,6 +32,7 @@ from bnrt.io.save import atomic_path, publish, refuse_overwrite, staging, write_
 from bnrt.io.source import Loaded, ModelSource, file_sha256
 from bnrt.progress import Steps
 from bnrt.session import resolve_provider
+from bnrt.verify.certify import Certificate, certify
 from bnrt.verify.check import CheckOptions, check as run_check, inputs_for, side
 from bnrt.verify.metrics import CheckReport
 from bnrt.verify.sides import Candidate, Side
@@ -112,21 +116,25 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
     with staging(out) as stage:
         with steps.step("export"):
             proto = export_onnx(result.model, example, stage / names["onnx"], names=(original.input_names, out_names),
-                                opset=opset, metadata=onnx_metadata(loaded.sha256, planned.decisions),
+                                opset=opset, metadata=onnx_metadata(loaded.sha256, planned.decisions, planned.merges),
                                 exporter=exporter)
+            batchnorm_nodes = count_ops(proto, "BatchNormalization")
         with steps.step("save"):
             write_torch(stage / names["folded"], folded_checkpoint(result, loaded, dataset.shapes()))
         report_check = None
         if check is not None:
             with steps.step("check"):
-                report_check = _check_torch(original, result.model, folds_of(planned.decisions), stage / names["onnx"],
-                                            dataset, out_names, check, steps)
+                certificate = torch_certificate(planned, loaded.model, proto, result.model)
+                del proto  # the check reads the file; its weights need not stay in memory twice
+                report_check = _check_torch(original, result.model, folds_of(planned.decisions, planned.merges),
+                                            stage / names["onnx"], dataset, out_names, check, steps)
+                report_check.certificate = certificate
         report = fold_report(
             source={"path": str(source.path), "sha256": loaded.sha256, "format": loaded.source_format,
                     "arch": loaded.arch},
             input_names=original.input_names, output_names=out_names, input_shapes=dataset.shapes(), opset=opset,
             exporter=exporter, tracer=cap.tracer, decisions=planned.decisions, merges=result.merges,
-            fp16_overflow=result.fp16_overflow, batchnorm_nodes=count_ops(proto, "BatchNormalization"),
+            fp16_overflow=result.fp16_overflow, batchnorm_nodes=batchnorm_nodes,
             check=report_check.to_json() if report_check else None, timings=steps.timings,
             outputs={k: str(out / v) for k, v in names.items()}, checkpoint_keeps=result.checkpoint_keeps)
         return _finish(stage, out, names, report, result, report_check, "torch")
@@ -136,11 +144,32 @@ def _check_torch(original: Side, folded_model: torch.nn.Module, folds: list[dict
                  out_names: list[str], check: CheckOptions, steps: Steps) -> CheckReport:
     """The original torch model against the folded one and the exported ONNX file: the ONNX file,
     exported from the folded model, runs on every sample; the folded torch model on the
-    noise-floor samples (the same weights need no second full pass)."""
+    noise-floor samples (the same weights need no second full pass), and it is the one compared
+    layer by layer (its module outputs by hooks, no second ORT session; the ONNX file's weights
+    are the certificate's)."""
     folded = side(folded_model, label="torch folded", device=check.device, tf32=check.tf32, folds=folds)
     onnx_run = side(onnx_path, provider=check.provider, tf32=check.tf32)
-    return run_check(original, [Candidate(folded, head_only=True), onnx_run], dataset, check, output_names=out_names,
-                     folds=folds, note=steps.note)
+    return run_check(original, [Candidate(folded, head_only=True, per_layer=True), Candidate(onnx_run, per_layer=False)],
+                     dataset, check, output_names=out_names, folds=folds, note=steps.note)
+
+
+def torch_certificate(planned: Plan, original: torch.nn.Module, proto: onnx.ModelProto,
+                      folded: torch.nn.Module) -> Certificate:
+    """The weight certificate of a torch fold: each folded layer as the ONNX file stores it (the
+    exporter keeps the parameter names: ``<layer>.weight``, ``<layer>.bias``), else as the folded
+    model holds it, against the exact fold of ``original``'s parameters and statistics."""
+    tensors = {t.name: t for t in proto.graph.initializer}
+
+    def stored(layer):
+        held = stored_weights(folded, layer)
+        names = (f"{layer.name}.weight", f"{layer.name}.bias")
+        if held is not None and all(n in tensors for n in names):
+            exported = tuple(numpy_helper.to_array(tensors[n]) for n in names)
+            if all(a.shape == b.shape for a, b in zip(exported, held)):
+                return exported
+        return held
+
+    return certify(planned, lambda layer: layer_weights(original, layer), lambda d: statistics(original, d), stored)
 
 
 def _fold_onnx(source: ModelSource, out: Path, names: dict[str, str], check: CheckOptions | None,
@@ -152,7 +181,7 @@ def _fold_onnx(source: ModelSource, out: Path, names: dict[str, str], check: Che
         sha = file_sha256(src)
     with steps.step("fold"), about(src):
         result = fold_onnx(model, str(src))
-        set_onnx_metadata(result.model, onnx_metadata(sha, result.decisions))
+        set_onnx_metadata(result.model, onnx_metadata(sha, result.decisions, result.merges))
         onnx.checker.check_model(result.model, full_check=True)
     options = check or CheckOptions()
     with staging(out) as stage:
@@ -167,8 +196,10 @@ def _fold_onnx(source: ModelSource, out: Path, names: dict[str, str], check: Che
                               tf32=check.tf32)
                 data, batch_size = inputs_for(original, [], check, str(src))
                 report_check = run_check(original, [folded], data, replace(check, batch_size=batch_size),
-                                         output_names=original.output_names, folds=folds_of(result.decisions),
-                                         note=steps.note)
+                                         output_names=original.output_names,
+                                         folds=folds_of(result.decisions, result.merges), note=steps.note)
+                report_check.certificate = certify(result.plan, lambda layer: (layer.data.weight, layer.data.bias),
+                                                   lambda d: result.statistics[id(d)], result.stored)
         report = fold_report(
             source={"path": str(src), "sha256": sha, "format": "onnx", "arch": None},
             input_names=original.input_names, output_names=original.output_names,

@@ -2,7 +2,8 @@
 ``bnrt quantize``'s verification): ``side`` makes a side of any model (torch module, loaded
 checkpoint, model file of either kind, ONNX bytes); ``check`` runs the reference and the
 candidates on the same data, measures the noise floor, judges each output (``bnrt.verify.metrics``)
-and names the first divergent module of each failed comparison (``bnrt.verify.localise``);
+and the folded layers' outputs, each against its own floor (the per-layer comparison), and names
+the first divergent module of each failed comparison (``bnrt.verify.localise``);
 ``check_files`` is ``bnrt check``: two model files, their inputs matched.
 """
 
@@ -24,21 +25,25 @@ from bnrt.io.save import refuse_overwrite
 from bnrt.io.source import Loaded, ModelSource
 from bnrt.progress import Steps
 from bnrt.session import check_tf32
-from bnrt.verify.localise import first_divergence
-from bnrt.verify.metrics import (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, Comparison, Tolerances,
-                                 accuracy, compare_output, truth_samples)
+from bnrt.verify.localise import Point, compare_points, divergence_at, first_divergence, fold_points
+from bnrt.verify.metrics import (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, Comparison, LayerCheck,
+                                 Tolerances, accuracy, compare_output, truth_samples)
 from bnrt.verify.onnxside import onnx_side
 from bnrt.verify.sides import Candidate, Side, batching, merge_inputs
 from bnrt.verify.torchside import check_device, torch_side
 
 LOCALISE_SAMPLES = 8
+LAYER_VALUES = 1 << 23  # values per run the per-layer comparison taps (its float64 copy: 64 MB)
+POINT_VALUES = 1 << 16  # values per sample kept of each module output there (every channel, strided positions)
 
 
 @dataclass(frozen=True)
 class CheckOptions:
     """How a check runs: its inputs, the ORT provider of ONNX sides, tolerances, top-k, batch size,
     whether a failed comparison is localised to its first divergent module, TF32 (CUDA only, off
-    unless asked for) and the ``device`` torch sides run on."""
+    unless asked for), the ``device`` torch sides run on, and whether the folded layers' outputs
+    are compared against their own noise floor too (``per_layer``; under the noise-aware
+    criterion)."""
 
     inputs: InputSpec = InputSpec()
     provider: str = "cpu"
@@ -48,6 +53,7 @@ class CheckOptions:
     localise: bool = True
     tf32: bool | None = None  # CUDA only; None: off in checks (exact float32)
     device: str = "cpu"  # where torch sides run
+    per_layer: bool = True  # every fold point's output judged against its own noise floor
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -147,6 +153,60 @@ def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict],
                             allow_nonfinite=tolerances.allow_nonfinite)
 
 
+def layer_check(points: list[Point], samples: int) -> LayerCheck:
+    """The per-layer summary of judged points: how many, how many failed, the worst one."""
+    worst = max(points, key=lambda p: p.margin, default=None)
+    if worst is None:
+        return LayerCheck(0, 0, samples=samples)
+    return LayerCheck(len(points), sum(not p.passed for p in points), worst.module, worst.margin, worst.error,
+                      worst.floor, samples)
+
+
+def _per_layer(reference: Side, candidates: list[Candidate], comparisons: list[Comparison], data: Dataset,
+               folds: list[dict], options: CheckOptions, truth: int, note: Callable[[str], None]) -> None:
+    """Every deciding candidate's intermediate outputs against the reference's, each judged against
+    its own noise floor: a torch reference's modules (floor: its float64 truth), an ONNX
+    reference's values by name against the ONNX files bnrt folded from it (their metadata's
+    ``source_sha256`` is its digest; floor: its re-rounded weights). At the fold
+    points where the folds are known (``localise.fold_points``), else at every point both have;
+    each output thinned to about ``POINT_VALUES`` values per sample (every channel, strided
+    positions); on the noise-floor samples, as many as keep the first run's values under
+    ``LAYER_VALUES`` (at least one); for the candidates ``Candidate.layer_checked`` says. A point
+    past its floor fails the comparison and becomes its divergence, the first one in execution
+    order."""
+    noise = reference.noise
+    if not options.per_layer or noise is None or noise.taps is None or reference.taps is None:
+        return
+    by_value = noise.kind == "rounding"  # two graphs, compared value by value: only a fold of this very graph
+    if by_value and (reference.value_folds is None or reference.digest is None or not folds):
+        return
+    judged = [(c, comp) for c, comp in zip(candidates, comparisons) if c.layer_checked and c.side.taps
+              and (not by_value or (c.side.origin is not None and c.side.origin == reference.digest()))]
+    if not judged:
+        return
+    folds = reference.value_folds(folds) if by_value else folds
+    points, kind = fold_points(folds), {"by": "value"} if by_value else {}
+    fixed = next((s.fixed_batch for s in [reference, *(c.side for c, _ in judged)] if s.fixed_batch), None)
+    if fixed is not None and fixed > min(truth, data.size):
+        return  # a graph that takes more samples at once than the noise floor was measured on
+    first = noise.taps([x[:fixed or 1] for x in data.inputs], points, POINT_VALUES, **kind)
+    samples = fixed or max(1, min(truth, LAYER_VALUES // max(1, sum(v.size for v in first.values()))))
+    note(f"per-layer comparison on {samples} sample(s)")
+    head = [x[:samples] for x in data.inputs]
+    noisy = first if samples == (fixed or 1) else noise.taps(head, points, POINT_VALUES, **kind)
+    ref_taps = reference.taps(head, points, POINT_VALUES, **kind)
+    pair = noise.anchor_and_noisy(ref_taps, noisy)
+    del first, noisy
+    known = set(reference.module_names) | set(ref_taps)
+    for candidate, comparison in judged:
+        found = list(compare_points(ref_taps, candidate.side.taps(head, points, POINT_VALUES, **kind), folds, None,
+                                    pair, options.tolerances.factor, options.tolerances.allow_nonfinite, known))
+        comparison.layers = layer_check(found, samples)
+        failed = next((p for p in found if not p.passed), None)
+        if failed is not None:
+            comparison.divergence = divergence_at(failed)
+
+
 def _with_deployments(candidates: list[Candidate]) -> list[Candidate]:
     """Each candidate followed by its deployed twin where it has one (``Side.deployed``): reported
     on the noise-floor samples, deciding nothing."""
@@ -186,8 +246,11 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
         comparisons.append(comparison)
         if data.labels is not None and out and comparison.samples is None and not candidate.informational:
             acc[candidate.label] = accuracy(out[0], data.labels)
+    if pairs is not None:
+        _per_layer(reference, candidates, comparisons, data, folds, options, truth, note)
     for comparison, candidate in zip(comparisons, candidates):
-        if options.localise and not comparison.passed and not candidate.informational:
+        if options.localise and not comparison.passed and not candidate.informational \
+                and comparison.divergence is None:
             note(f"looking for the first divergent module of {candidate.label}")
             comparison.divergence = localise(reference, candidate.side, data, folds, options.tolerances,
                                              pairs is not None)

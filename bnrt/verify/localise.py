@@ -10,26 +10,52 @@ checkpoint, ONNX metadata ``bnrt_folds``) name these partners so that they are n
 from __future__ import annotations
 
 import ast
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
 
-from bnrt.verify.metrics import (NOISE_FACTOR, Divergence, finite_part, finite_where_both, nonfinite_problem,
-                                 within_noise)
+from bnrt.verify.metrics import (NOISE_FACTOR, Divergence, channel_max, finite_part, finite_where_both,
+                                 noise_allowance, nonfinite_problem)
 
 
-def partners(folds: Iterable[dict]) -> tuple[set[str], dict[str, str]]:
-    """Modules whose outputs differ by design after folding, and for each folded BN the layer it
-    went into (to name the layer when the divergence shows at the BN)."""
-    skip, layer_of = set(), {}
+def partners(folds: Iterable[dict]) -> tuple[set[str], dict[str, str], dict[str, str]]:
+    """Modules whose outputs differ by design after folding; for each folded BN the layer it went
+    into (to name the layer when the divergence shows at the BN); and the layer whose output
+    stands in for a BN module the folded model no longer has (a BN module, not a call inside a
+    module that does more). Backward, a layer outputs what its BN output: compared at the BN;
+    forward, the BN is gone: compared at the layer; the view ops between a BN and its layers, and
+    every conv of a merged rep block (and the BNs folded into them), are not compared."""
+    skip, layer_of, stand_in = set(), {}, {}
+    merged = {name for f in folds if f["direction"] == "rep-block" for name in f["into"]}
     for f in folds:
-        if f["direction"] == "backward":
-            skip.update(f["into"])
+        skip.update(f.get("through", ()))
+        into = set(f["into"])
+        if f["direction"] == "rep-block" or into & merged:
+            skip.update(into)
+            if f["bn"] is not None:
+                skip.add(f["bn"])
+        elif f["direction"] == "backward":
+            skip.update(into)
             layer_of[f["bn"]] = f["into"][0]
+            if not f.get("functional"):
+                stand_in[f["bn"]] = f["into"][0]
         else:
             skip.add(f["bn"])
-    return skip, layer_of
+    return skip, layer_of, stand_in
+
+
+def fold_points(folds: Iterable[dict]) -> set[str] | None:
+    """The modules where folded layers are compared (with the layers standing in for BN modules
+    the folded model no longer has); None when there are no folds (every module is a point)."""
+    folds = list(folds)
+    if not folds:
+        return None
+    skip, _, stand_in = partners(folds)
+    points = {f["bn"] if f["direction"] == "backward" else name for f in folds if f["direction"] != "rep-block"
+              for name in f["into"]}
+    return (points - skip) | {stand_in[p] for p in points if p in stand_in}
 
 
 def _scopes(node: onnx.NodeProto) -> list[str]:
@@ -73,37 +99,84 @@ def onnx_module_values(model: onnx.ModelProto) -> dict[str, str]:
     return last
 
 
-def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], folds: Iterable[dict],
-                     fixed: tuple[float, float] | None, noise: tuple[dict, dict] | None = None,
-                     factor: float = NOISE_FACTOR, allow_nonfinite: bool = False) -> Divergence | None:
-    """The first module of ``reference`` (execution order) whose output in ``candidate`` differs
-    beyond tolerance, skipping fold partners; None when all agree. With ``fixed`` = (atol, rtol):
-    ``|c − r| > atol + rtol·|r|``; else with ``noise`` = (anchor taps, noisy taps): the candidate's
-    error against the anchor there exceeds ``factor`` times the noise floor there (modules without
-    a noise tap are not judged). Non-finite values diverge as in ``verify.nonfinite_problem``: the
-    first module whose reference output holds NaN/Inf is where they start."""
-    skip, layer_of = partners(folds)
-    known = set(reference)
+@dataclass
+class Point:
+    """One module output compared: ``max_abs`` against the reference, ``error`` and ``floor``
+    against the noise anchor (None under fixed tolerances), ``allowance`` the most ``error`` (or
+    ``max_abs``) may be, ``layer`` the layer a folded BN went into when compared at the BN."""
+
+    module: str
+    max_abs: float
+    allowance: float
+    passed: bool
+    error: float | None = None
+    floor: float | None = None
+    layer: str | None = None
+
+    @property
+    def margin(self) -> float:
+        """How far into the allowance the point is: above 1 fails."""
+        measured = self.max_abs if self.error is None else self.error
+        return measured / self.allowance if self.allowance else (0.0 if measured == 0 else float("inf"))
+
+
+def compare_points(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], folds: Iterable[dict],
+                   fixed: tuple[float, float] | None, noise: tuple[dict, dict] | None = None,
+                   factor: float = NOISE_FACTOR, allow_nonfinite: bool = False,
+                   known: set[str] | None = None) -> Iterator[Point]:
+    """Every module of ``reference`` (execution order) whose output ``candidate`` also has, judged,
+    fold partners skipped. With ``fixed`` = (atol, rtol): ``|c − r| <= atol + rtol·|r|``; else with
+    ``noise`` = (anchor taps, noisy taps): the candidate's error against the anchor within
+    ``factor`` times the noise floor there, channel by channel (axis 1, where there is one more
+    axis; a module without a noise tap is not judged; the allowance's few ULPs are of the whole
+    output's largest value). Non-finite values fail as in ``verify.nonfinite_problem``. ``known``: the module names that
+    TorchScript-exporter scopes resolve against (default: the reference's taps)."""
+    skip, layer_of, stand_in = partners(folds)
+    known = set(reference) if known is None else known
     candidate = {resolve_scope(k, known) or k: v for k, v in candidate.items()}
     anchor, noisy = ({resolve_scope(k, known) or k: v for k, v in taps.items()} for taps in (noise or ({}, {})))
+    # a module whose value is a skipped one's (an ONNX scope ending in a merged conv) is skipped too
+    skipped_values = {id(candidate[n]) for n in skip if n in candidate}
     for name, ref in reference.items():
         # an ONNX graph has no node for a folded BN: its output is the layer's output there
-        cand = candidate.get(name, candidate.get(layer_of.get(name, "")))
-        if name in skip or cand is None or cand.shape != ref.shape:
+        cand = candidate.get(name, candidate.get(stand_in.get(name, "")))
+        if name in skip or cand is None or cand.shape != ref.shape \
+                or (name not in stand_in and id(cand) in skipped_values):
             continue
         r, c = ref.astype(np.float64), cand.astype(np.float64)
+        layer = layer_of.get(name)
         if nonfinite_problem(r, c, allow_nonfinite):
-            return Divergence(name, float(np.nanmax(np.abs(c - r), initial=0.0)), layer_of.get(name))
+            yield Point(name, float(np.nanmax(np.abs(c - r), initial=0.0)), 0.0, False, layer=layer)
+            continue
         r, c = finite_part(r, c)
-        diff = np.abs(c - r)
+        diff = float(np.abs(c - r).max(initial=0.0))
         if fixed is not None:
-            if not np.all(diff <= fixed[0] + fixed[1] * np.abs(r)):
-                return Divergence(name, float(np.nanmax(diff)), layer_of.get(name))
+            bound = fixed[0] + fixed[1] * np.abs(r)
+            yield Point(name, diff, float(bound.max(initial=0.0)), bool(np.all(np.abs(c - r) <= bound)), layer=layer)
             continue
         a, n = anchor.get(name), noisy.get(name)
         if a is None or n is None or a.shape != r.shape or n.shape != r.shape:
             continue
         a, n, c = finite_where_both(a, n, c)
-        if not within_noise(float(np.abs(c - a).max()), float(np.abs(n - a).max()), float(np.abs(a).max()), factor):
-            return Divergence(name, float(np.nanmax(diff)), layer_of.get(name))
+        # per channel: a small channel's error is not hidden under a large channel's floor
+        errors, floors = channel_max(c - a), channel_max(n - a)
+        allowances = noise_allowance(floors, float(np.abs(a).max(initial=0.0)), factor)
+        worst = int(np.argmax(errors / np.maximum(allowances, np.finfo(np.float64).tiny)))
+        yield Point(name, diff, float(allowances[worst]), bool(np.all(errors <= allowances)), float(errors[worst]),
+                    float(floors[worst]), layer)
+
+
+def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], folds: Iterable[dict],
+                     fixed: tuple[float, float] | None, noise: tuple[dict, dict] | None = None,
+                     factor: float = NOISE_FACTOR, allow_nonfinite: bool = False) -> Divergence | None:
+    """The first module of ``reference`` (execution order) whose output in ``candidate`` differs
+    beyond tolerance (``compare_points``), skipping fold partners; None when all agree. Non-finite
+    values: the first module whose reference output holds NaN/Inf is where they start."""
+    for point in compare_points(reference, candidate, folds, fixed, noise, factor, allow_nonfinite):
+        if not point.passed:
+            return divergence_at(point)
     return None
+
+
+def divergence_at(point: Point) -> Divergence:
+    return Divergence(point.module, point.max_abs, point.layer)

@@ -30,12 +30,12 @@ accuracy (argmax of the first output) is reported per runner.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 
-SCHEMA = "bnrt.check/2"
+SCHEMA = "bnrt.check/3"
 DEFAULT_ATOL = 1e-4  # the fixed criterion's defaults, when only one of atol/rtol is given
 DEFAULT_RTOL = 1e-3
 DEFAULT_TOP_K = 5
@@ -79,11 +79,43 @@ class NoiseReference:
 
     kind: str
     runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]]
-    taps: Callable[[list[np.ndarray]], dict[str, np.ndarray]] | None = None
+    taps: Callable[..., dict[str, np.ndarray]] | None = None  # (inputs, names=None)
 
     def anchor_and_noisy(self, reference, noise):
         """(anchor, noisy) from the reference's and this run's outputs (or taps)."""
         return (noise, reference) if self.kind == "float64" else (reference, noise)
+
+
+MIN_POSITIONS = 64  # positions per channel thinning keeps (the per-channel floor needs values)
+
+
+def thinned(shape: Sequence[int], limit: int | None) -> tuple[slice, ...]:
+    """The slices that keep about ``limit`` values per sample of an activation shaped ``shape``
+    (N, C, spatial...): every sample and channel, the spatial axes strided evenly (at least
+    ``MIN_POSITIONS`` positions per channel where there are that many), so that an error in one
+    channel shows at every position kept. Empty (keep all) below the limit and for fewer than two
+    spatial axes (where axis 1 may not be the channels)."""
+    if limit is None or len(shape) < 4:
+        return ()
+    spatial = [int(d) for d in shape[2:]]
+    per_sample = int(np.prod(shape[1:]))
+    stride = int(np.ceil((per_sample / limit) ** (1 / len(spatial)))) if per_sample > limit else 1
+    while stride > 1 and np.prod([-(-d // stride) for d in spatial]) < min(MIN_POSITIONS, np.prod(spatial)):
+        stride -= 1
+    return () if stride == 1 else (slice(None), slice(None)) + (slice(None, None, stride),) * len(spatial)
+
+
+MIN_CHANNEL_VALUES = 32  # values per channel a channel's own floor needs (else the whole output's)
+
+
+def channel_max(x: np.ndarray) -> np.ndarray:
+    """max |x| per channel (axis 1) of an activation with at least one more axis (N, C, ...) and
+    ``MIN_CHANNEL_VALUES`` values per channel, else the max over all of it (one value): where
+    channels are known and a floor can be measured on each, each is judged on its own."""
+    x = np.abs(x)
+    if x.ndim < 3 or x.size < MIN_CHANNEL_VALUES * x.shape[1]:
+        return np.asarray([x.max(initial=0.0)])
+    return x.max(axis=(0, *range(2, x.ndim)), initial=0.0)
 
 
 def finite_part(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,9 +134,15 @@ def finite_where_both(anchor: np.ndarray, noisy: np.ndarray, candidate: np.ndarr
     return tuple(np.where(usable, x, 0.0) for x in (a, n, c))
 
 
+def noise_allowance(floor, scale: float, factor: float):
+    """The most error the noise-aware test allows: ``factor·floor + tiny`` (tiny: a few float32
+    ULPs of ``scale``, the largest reference value, for exact zeros)."""
+    return factor * floor + _TINY_ULPS * float(np.spacing(np.float32(scale)))
+
+
 def within_noise(error: float, floor: float, scale: float, factor: float) -> bool:
-    """The noise-aware test: ``error <= factor·floor + tiny`` (tiny: a few float32 ULPs of ``scale``)."""
-    return error <= factor * floor + _TINY_ULPS * float(np.spacing(np.float32(scale)))
+    """The noise-aware test: ``error <= noise_allowance(floor, scale, factor)``."""
+    return error <= noise_allowance(floor, scale, factor)
 
 
 @dataclass
@@ -141,6 +179,27 @@ class Divergence:
 
 
 @dataclass
+class LayerCheck:
+    """The per-layer comparison of one candidate: every module output both sides have (fold
+    partners aside: a folded layer is compared where its BN's output was) judged against that
+    point's own float32 noise floor, on the first ``samples``. ``worst``: the point nearest to or
+    furthest past its allowance (``margin``: error over allowance, above 1 fails), with its
+    ``error`` and ``floor``."""
+
+    points: int
+    failed: int
+    worst: str | None = None
+    margin: float | None = None
+    error: float | None = None
+    floor: float | None = None
+    samples: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return self.failed == 0
+
+
+@dataclass
 class Comparison:
     """One candidate against the reference; ``samples``: how many of the check's samples it ran on
     (the first ones; None: all); an ``informational`` comparison is reported but decides nothing
@@ -152,17 +211,18 @@ class Comparison:
     divergence: Divergence | None = None
     samples: int | None = None
     informational: bool = False
+    layers: LayerCheck | None = None
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+        return all(o.passed for o in self.outputs) and (self.layers is None or self.layers.passed)
 
 
 @dataclass
 class CheckReport:
     """Comparisons of each candidate against the reference, and accuracy per runner when the data
     has labels; ``noise``: where the noise floor came from (``float64``, ``rounding``, or None when
-fixed tolerances decided) and ``noise_samples`` the samples it was measured on. ``to_json`` gives the documented, versioned schema (``bnrt.check/2``)."""
+fixed tolerances decided) and ``noise_samples`` the samples it was measured on. ``to_json`` gives the documented, versioned schema (``bnrt.check/3``)."""
 
     samples: int
     source: str
@@ -172,14 +232,17 @@ fixed tolerances decided) and ``noise_samples`` the samples it was measured on. 
     errors: dict[tuple[str, str], np.ndarray] = field(default_factory=dict, repr=False)
     noise: str | None = None
     noise_samples: int | None = None
+    certificate: Any = None  # bnrt.verify.certify.Certificate, for folds bnrt made
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.comparisons if not c.informational)
+        return (all(c.passed for c in self.comparisons if not c.informational)
+                and (self.certificate is None or self.certificate.passed))
 
     def to_json(self) -> dict:
         out = {"schema": SCHEMA, **asdict(self), "passed": self.passed}
         del out["errors"]
+        out["certificate"] = None if self.certificate is None else self.certificate.to_json()
         for comp, data in zip(self.comparisons, out["comparisons"]):
             data["passed"] = comp.passed
         return out

@@ -9,7 +9,7 @@ import numpy as np
 
 from bnrt.errors import OptionError
 from bnrt.folding.decision import Decision
-from bnrt.verify.metrics import CheckReport
+from bnrt.verify.metrics import CheckReport, LayerCheck
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -63,16 +63,45 @@ def check_table(report: CheckReport) -> str:
                 "top1_agree", f"top{report.top_k}_agree", "criterion", "result"], rows),
     ]
     for comp in report.comparisons:
+        if comp.layers is not None:
+            lines.append(f"{comp.candidate}: {layer_line(comp.layers)}")
         if comp.divergence is not None:
             d = comp.divergence
             where = f"'{d.layer}' (seen at its folded BatchNorm '{d.module}')" if d.layer else f"'{d.module}'"
             lines.append(f"{comp.candidate}: first divergent module {where}, max abs error {d.max_abs:.3g}")
         elif not comp.passed and not comp.informational:  # informational rows are not localised
             lines.append(f"{comp.candidate}: no single module diverges beyond tolerance on the first samples")
+    if report.certificate is not None:
+        lines.append(report.certificate.summary())
     if report.accuracy:
         lines.append("accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in report.accuracy.items()))
-    lines.append("check passed" if report.passed else "check FAILED: outputs differ beyond tolerance")
+    lines.append("check passed" if report.passed else f"check FAILED: {_failure(report)}")
     return "\n".join(lines)
+
+
+def layer_line(layers: LayerCheck) -> str:
+    """The per-layer comparison in one line."""
+    if not layers.points:
+        return "per-layer comparison: no layer output both models have"
+    worst = (f"worst '{layers.worst}' at {_num(layers.margin)} of its allowance "
+             f"({_num(layers.error)} vs floor {_num(layers.floor)})")
+    head = f"per-layer comparison on {layers.samples} sample{'s' if layers.samples != 1 else ''}: "
+    if layers.passed:
+        return f"{head}{layers.points} layer outputs within noise, {worst}"
+    return f"{head}{layers.failed} of {layers.points} layer outputs beyond noise, {worst}"
+
+
+def _failure(report: CheckReport) -> str:
+    """What failed, in a few words."""
+    deciding = [c for c in report.comparisons if not c.informational]
+    reasons = []
+    if any(not all(o.passed for o in c.outputs) for c in deciding):
+        reasons.append("outputs differ beyond tolerance")
+    if any(c.layers is not None and not c.layers.passed for c in deciding):
+        reasons.append("layer outputs differ beyond noise")
+    if report.certificate is not None and not report.certificate.passed:
+        reasons.append("folded weights are not the exact fold")
+    return "; ".join(reasons) or "outputs differ beyond tolerance"
 
 
 def plot_errors(report: CheckReport, errors: dict[tuple[str, str], np.ndarray], path: Path) -> None:
@@ -101,7 +130,7 @@ def plot_errors(report: CheckReport, errors: dict[tuple[str, str], np.ndarray], 
 
 
 def save_report(report: CheckReport, json_out: str | Path | None = None, plot_out: str | Path | None = None) -> None:
-    """Write the report (schema ``bnrt.check/2``) to ``json_out`` and its error histograms to
+    """Write the report (schema ``bnrt.check/3``) to ``json_out`` and its error histograms to
     ``plot_out``, each when given (atomically; the caller refused overwrites up front)."""
     from bnrt.io.save import write_json
 

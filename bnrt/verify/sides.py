@@ -16,7 +16,7 @@ from bnrt.errors import InputError
 from bnrt.io.data import InputSpec, Runner, fmt_shape
 from bnrt.verify.metrics import NoiseReference
 
-Taps = Callable[[list[np.ndarray]], dict[str, np.ndarray]]
+Taps = Callable[..., dict[str, np.ndarray]]  # (inputs, names=None): module outputs (only ``names``, where given)
 
 
 @dataclass(kw_only=True)
@@ -39,17 +39,30 @@ class Side:
     fixed_batch: int | None = None
     noise: NoiseReference | None = None
     deployed: Callable[[], "Side"] | None = None
+    module_names: list[str] = field(default_factory=list)  # a torch model's, to resolve another side's scopes
+    value_folds: Callable[[list[dict]], list[dict]] | None = None  # an ONNX graph's: fold records by value name
+    digest: Callable[[], str] | None = None  # an ONNX graph's sha256 (its file's, or its bytes')
+    origin: str | None = None  # the sha256 of the model bnrt folded this one from (ONNX metadata)
 
 
 @dataclass(frozen=True)
 class Candidate:
     """A side compared with the reference. ``head_only``: run on the noise-floor samples only (a
     second view of what another candidate checks on all of them); ``informational``: reported,
-    never deciding the check (the TF32 deployment beside an exact float32 check)."""
+    never deciding the check (the TF32 deployment beside an exact float32 check); ``per_layer``:
+    whether its module outputs are compared too (default: a deciding candidate run on all samples;
+    ``bnrt fold`` compares the folded torch model's, whose weights its ONNX file holds)."""
 
     side: Side
     head_only: bool = False
     informational: bool = False
+    per_layer: bool | None = None
+
+    @property
+    def layer_checked(self) -> bool:
+        if self.informational:
+            return False
+        return (not self.head_only) if self.per_layer is None else self.per_layer
 
     @property
     def label(self) -> str:

@@ -9,7 +9,7 @@ import copy
 from collections import Counter
 from contextlib import contextmanager
 from functools import cache
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 from bnrt.errors import OptionError
 from bnrt.io.export import flatten_outputs, model_input_names
 from bnrt.io.data import Runner
-from bnrt.verify.metrics import NoiseReference
+from bnrt.verify.metrics import NoiseReference, thinned
 from bnrt.verify.sides import Side
 
 DEVICES = ("cpu", "cuda")
@@ -62,19 +62,21 @@ def torch_runner(model: nn.Module, device: str | None = None, tf32: bool = False
     return run
 
 
-def torch_taps(model: nn.Module, inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Output of every submodule called exactly once, in the order the calls finished."""
+def torch_taps(model: nn.Module, inputs: Sequence[np.ndarray], names: Collection[str] | None = None,
+               limit: int | None = None) -> dict[str, np.ndarray]:
+    """Output of every submodule (or of those ``names``) called exactly once, in the order the
+    calls finished; ``limit``: about that many values kept per sample (``metrics.thinned``)."""
     taps: dict[str, np.ndarray] = {}
     calls: Counter = Counter()
     handles = []
     for name, module in model.named_modules():
-        if not name:
+        if not name or (names is not None and name not in names):
             continue
 
         def hook(_module, _args, out, name=name):
             calls[name] += 1
-            if isinstance(out, torch.Tensor):
-                taps[name] = out.detach().cpu().numpy().copy()  # copy: an in-place op may follow
+            if isinstance(out, torch.Tensor):  # copy: an in-place op may follow
+                taps[name] = out.detach()[thinned(out.shape, limit)].cpu().numpy().copy()
 
         handles.append(module.register_forward_hook(hook))
     where = model_device(model)
@@ -98,9 +100,9 @@ def float64_noise(model: nn.Module) -> NoiseReference:
         m, xs = inputs64(xs)
         return torch_runner(m)(xs)  # where the model is: the reference ran first and placed it
 
-    def taps(xs):
+    def taps(xs, names=None, limit=None):
         m, xs = inputs64(xs)
-        return torch_taps(m, xs)
+        return torch_taps(m, xs, names, limit)
 
     return NoiseReference("float64", run, taps)
 
@@ -113,5 +115,6 @@ def torch_side(model: nn.Module, *, label: str = "torch", input_shapes: list[tup
     names = model_input_names(model, input_shapes)
     return Side(label=label + (" cuda" if device == "cuda" else ""), runner=torch_runner(model, device, bool(tf32)),
                 input_names=names, input_shapes=list(input_shapes) if input_shapes else [None] * len(names),
-                input_dtypes=[None] * len(names), taps=lambda xs: torch_taps(model, xs), folds=list(folds or []),
-                noise=float64_noise(model))
+                input_dtypes=[None] * len(names), taps=lambda xs, names=None, limit=None: torch_taps(model, xs, names, limit),
+                folds=list(folds or []), noise=float64_noise(model),
+                module_names=[name for name, _ in model.named_modules() if name])

@@ -50,6 +50,20 @@ def test_fold_example_end_to_end(tmp_path, digits_npz):
     assert lines[0].split() == ["batchnorm", "status", "rule", "into", "reason"]
     assert "6 BatchNorm: 6 folded, 0 skipped" in lines
     assert "check passed" in lines
+    # the folded torch model compared layer by layer at the 6 fold points; the ONNX file's weights certified
+    torch_folded, onnx_run = check["comparisons"]
+    assert onnx_run["layers"] is None and torch_folded["layers"]["points"] == 6
+    assert torch_folded["layers"]["failed"] == 0 and torch_folded["layers"]["samples"] == 8
+    assert any(ln.startswith("torch folded: per-layer comparison on 8 samples: 6 layer outputs within noise, worst")
+               for ln in lines)
+    assert check["certificate"]["passed"] and check["certificate"]["layers"] == 6
+    assert any(ln.startswith("weights: 6 folded layer(s) within 0.5 ULP of the exact fold (worst 0.50 ULP")
+               for ln in lines)
+    outputs_only = run_cli("fold", str(src), "-o", str(tmp_path / "plain"), "--data", str(digits_npz), "--no-per-layer")
+    assert outputs_only.returncode == 0, outputs_only.stderr
+    plain = json.loads((tmp_path / "plain" / "digits_cnn.report.json").read_text())["check"]
+    assert [c["layers"] for c in plain["comparisons"]] == [None, None] and plain["certificate"]["passed"]
+    assert "per-layer" not in outputs_only.stdout
 
 
 def test_folding_a_folded_checkpoint_finds_no_batchnorm(tmp_path):

@@ -62,7 +62,8 @@ def test_onnx_fold_report_is_schema_valid_and_codes_each_direction(tmp_path):
         ("bn2", [("backward", "no-layer-before", "relu"), ("forward", "no-layer-after", "the model output")])]
     folded = onnx.load(str(tmp_path / "out" / "g.folded.onnx"))
     meta = {p.key: p.value for p in folded.metadata_props}
-    assert folds_in(meta) == [{"bn": "bn1", "into": ["conv"], "direction": "backward"}]
+    assert folds_in(meta) == [{"bn": "bn1", "into": ["conv"], "direction": "backward", "through": [],
+                               "functional": False}]
     assert (meta["bn_folded"], meta["bn_total"]) == ("1", "2")
 
 
@@ -70,5 +71,6 @@ def test_fold_records_round_trip_through_onnx_metadata(tmp_path):
     decisions = fold_onnx(onnx.load(str(_partly_foldable_onnx(tmp_path / "g.onnx")))).decisions
     meta = onnx_metadata("0" * 64, decisions)
     assert set(meta) == {"bnrt_version", "source_sha256", "bn_folded", "bn_total", FOLDS_KEY}
-    assert folds_in(meta) == folds_of(decisions) == [{"bn": "bn1", "into": ["conv"], "direction": "backward"}]
+    assert folds_in(meta) == folds_of(decisions) == [{"bn": "bn1", "into": ["conv"], "direction": "backward",
+                                                      "through": [], "functional": False}]
     assert folds_in({}) == []

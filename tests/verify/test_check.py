@@ -23,7 +23,7 @@ from models.digits import digits_split
 
 from ..conftest import report_schema, EXAMPLE, assert_one_line_error, run_cli, save_checkpoint, trusted
 
-SCHEMA = report_schema("check-2")
+SCHEMA = report_schema("check-3")
 
 
 @pytest.fixture(scope="module")

@@ -167,8 +167,10 @@ def test_an_informational_candidate_is_reported_and_never_fails_the_check():
     assert report.passed and report.to_json()["passed"] is True
     table = check_table(report).splitlines()
     assert "info: beyond" in table[2 + 1]
-    assert table[4:] == ["check passed"]  # an informational row is not localised, nor said to be
-    jsonschema.validate(report.to_json(), report_schema("check-2"))
+    # an informational row is not localised, nor said to be, nor compared layer by layer
+    assert table[4].startswith("same: per-layer comparison on") and table[5:] == ["check passed"]
+    assert same.layers is not None and same.layers.passed and info.layers is None
+    jsonschema.validate(report.to_json(), report_schema("check-3"))
 
 
 def test_torch_on_cuda_is_refused_where_torch_has_none():

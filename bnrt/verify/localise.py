@@ -16,8 +16,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 
-from bnrt.verify.metrics import (NOISE_FACTOR, Divergence, channel_max, finite_part, finite_where_both,
-                                 noise_allowance, nonfinite_problem)
+from bnrt.verify.metrics import (NOISE_FACTOR, Divergence, finite_part, finite_where_both, noise_allowance,
+                                 nonfinite_problem, within_noise)
 
 
 def partners(folds: Iterable[dict]) -> tuple[set[str], dict[str, str], dict[str, str]]:
@@ -127,9 +127,8 @@ def compare_points(reference: dict[str, np.ndarray], candidate: dict[str, np.nda
     """Every module of ``reference`` (execution order) whose output ``candidate`` also has, judged,
     fold partners skipped. With ``fixed`` = (atol, rtol): ``|c − r| <= atol + rtol·|r|``; else with
     ``noise`` = (anchor taps, noisy taps): the candidate's error against the anchor within
-    ``factor`` times the noise floor there, channel by channel (axis 1, where there is one more
-    axis; a module without a noise tap is not judged; the allowance's few ULPs are of the whole
-    output's largest value). Non-finite values fail as in ``verify.nonfinite_problem``. ``known``: the module names that
+    ``factor`` times the noise floor there (a module without a noise tap is not judged).
+    Non-finite values fail as in ``verify.nonfinite_problem``. ``known``: the module names that
     TorchScript-exporter scopes resolve against (default: the reference's taps)."""
     skip, layer_of, stand_in = partners(folds)
     known = set(reference) if known is None else known
@@ -158,12 +157,12 @@ def compare_points(reference: dict[str, np.ndarray], candidate: dict[str, np.nda
         if a is None or n is None or a.shape != r.shape or n.shape != r.shape:
             continue
         a, n, c = finite_where_both(a, n, c)
-        # per channel: a small channel's error is not hidden under a large channel's floor
-        errors, floors = channel_max(c - a), channel_max(n - a)
-        allowances = noise_allowance(floors, float(np.abs(a).max(initial=0.0)), factor)
-        worst = int(np.argmax(errors / np.maximum(allowances, np.finfo(np.float64).tiny)))
-        yield Point(name, diff, float(allowances[worst]), bool(np.all(errors <= allowances)), float(errors[worst]),
-                    float(floors[worst]), layer)
+        # the whole output's floor: per channel, float32 noise in ill-conditioned models varies
+        # between realizations far beyond the factor (EfficientNetV2 with random weights: 17x)
+        error, floor = float(np.abs(c - a).max(initial=0.0)), float(np.abs(n - a).max(initial=0.0))
+        scale = float(np.abs(a).max(initial=0.0))
+        yield Point(name, diff, noise_allowance(floor, scale, factor), within_noise(error, floor, scale, factor),
+                    error, floor, layer)
 
 
 def first_divergence(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], folds: Iterable[dict],

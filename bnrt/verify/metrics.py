@@ -86,7 +86,7 @@ class NoiseReference:
         return (noise, reference) if self.kind == "float64" else (reference, noise)
 
 
-MIN_POSITIONS = 64  # positions per channel thinning keeps (the per-channel floor needs values)
+MIN_POSITIONS = 64  # positions per channel thinning keeps (where the activation has that many)
 
 
 def thinned(shape: Sequence[int], limit: int | None) -> tuple[slice, ...]:
@@ -105,19 +105,6 @@ def thinned(shape: Sequence[int], limit: int | None) -> tuple[slice, ...]:
     return () if stride == 1 else (slice(None), slice(None)) + (slice(None, None, stride),) * len(spatial)
 
 
-MIN_CHANNEL_VALUES = 32  # values per channel a channel's own floor needs (else the whole output's)
-
-
-def channel_max(x: np.ndarray) -> np.ndarray:
-    """max |x| per channel (axis 1) of an activation with at least one more axis (N, C, ...) and
-    ``MIN_CHANNEL_VALUES`` values per channel, else the max over all of it (one value): where
-    channels are known and a floor can be measured on each, each is judged on its own."""
-    x = np.abs(x)
-    if x.ndim < 3 or x.size < MIN_CHANNEL_VALUES * x.shape[1]:
-        return np.asarray([x.max(initial=0.0)])
-    return x.max(axis=(0, *range(2, x.ndim)), initial=0.0)
-
-
 def finite_part(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both with zero where the reference is not finite: once ``nonfinite_problem`` passed them,
     the candidate holds the same non-finite values there, and the rest is what is compared."""
@@ -134,7 +121,7 @@ def finite_where_both(anchor: np.ndarray, noisy: np.ndarray, candidate: np.ndarr
     return tuple(np.where(usable, x, 0.0) for x in (a, n, c))
 
 
-def noise_allowance(floor, scale: float, factor: float):
+def noise_allowance(floor: float, scale: float, factor: float) -> float:
     """The most error the noise-aware test allows: ``factor·floor + tiny`` (tiny: a few float32
     ULPs of ``scale``, the largest reference value, for exact zeros)."""
     return factor * floor + _TINY_ULPS * float(np.spacing(np.float32(scale)))

@@ -1,5 +1,5 @@
-"""The per-layer comparison: fold partners and points, thinning, channel by channel against each
-point's own noise floor; what it catches that the outputs miss, for torch and ONNX references."""
+"""The per-layer comparison: fold partners and points, thinning, each point against its own noise
+floor; what it catches that the outputs miss, for torch and ONNX references."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 
 import bnrt
 from bnrt.verify.check import CheckOptions, check_files
-from bnrt.verify.localise import compare_points, fold_points, partners
+from bnrt.verify.localise import fold_points, partners
 from bnrt.verify.metrics import thinned
 from bnrt.verify.onnxside import value_folds
 from models.zoo import ZOO, build
@@ -72,22 +72,6 @@ def test_one_channel_off_by_1e3_is_caught_layer_by_layer_and_nothing_else_fails(
     outputs_only = check_files(source, tmp_path / "bad.onnx", CheckOptions(per_layer=False))
     assert outputs_only.comparisons[0].layers is None
     assert outputs_only.passed == all(o.passed for o in comparison.outputs)
-
-
-def test_a_small_channel_is_judged_against_its_own_floor():
-    rng = np.random.default_rng(0)
-    anchor = rng.standard_normal((2, 3, 8, 8))
-    anchor[:, 1] *= 1e-3  # a channel a thousand times smaller than the others
-    noisy = anchor * (1 + 1e-7 * rng.standard_normal(anchor.shape))
-    good = anchor * (1 + 1e-7 * rng.standard_normal(anchor.shape))
-    bad = good.copy()
-    bad[:, 1] *= 1 + 1e-3  # below the whole output's floor, far above channel 1's
-    taps = lambda x: {"conv": x}  # noqa: E731
-    (ok,) = compare_points(taps(noisy), taps(good), [], None, (taps(anchor), taps(noisy)))
-    (caught,) = compare_points(taps(noisy), taps(bad), [], None, (taps(anchor), taps(noisy)))
-    assert ok.passed and not caught.passed and caught.margin > 2
-    whole_floor = float(np.abs(noisy - anchor).max())
-    assert float(np.abs(bad - anchor).max()) < 8 * whole_floor  # a single floor would have passed it
 
 
 def _conv_bn_matmul_graph(rng) -> onnx.ModelProto:

@@ -202,6 +202,8 @@ def apply(model: nn.Module, plan: Plan, cap: Capture | None = None) -> FoldResul
         if cap.tracer == "torch.fx":  # a torch.export graph is specialised to the example's shapes: the
             runnable = _edited(folded_model, cap.graph, functional, merged)  # identity statistics stay
             runnable.train(folded_model.training)
+    for copied, its_plan in ((runnable, plan), (structured, structured_plan)):  # what a check needs to know
+        copied.bnrt_folded = (its_plan.decisions, plan.merges)  # read by the check's torch sides (fold partners)
     return FoldResult(runnable, decisions, bias_added, structured=structured, fp16_overflow=overflow,
                       merges=plan.merges, structured_decisions=structured_plan.decisions,
                       structured_bias_added=structured_bias)

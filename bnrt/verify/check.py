@@ -167,18 +167,18 @@ def _per_layer(reference: Side, candidates: list[Candidate], comparisons: list[C
     """Every deciding candidate's intermediate outputs against the reference's, each judged against
     its own noise floor: a torch reference's modules (floor: its float64 truth), an ONNX
     reference's values by name against the ONNX files bnrt folded from it (their metadata's
-    ``source_sha256`` is its digest; floor: its re-rounded weights). At the fold
-    points where the folds are known (``localise.fold_points``), else at every point both have;
-    each output thinned to about ``POINT_VALUES`` values per sample (every channel, strided
+    ``source_sha256`` is its digest; floor: its re-rounded weights). At the fold points of bnrt's
+    fold records (``localise.fold_points``); without them nothing is compared layer by layer (an
+    ONNX export that fused a BN itself differs from its checkpoint by design there). Each output thinned to about ``POINT_VALUES`` values per sample (every channel, strided
     positions); on the noise-floor samples, as many as keep the first run's values under
     ``LAYER_VALUES`` (at least one); for the candidates ``Candidate.layer_checked`` says. A point
     past its floor fails the comparison and becomes its divergence, the first one in execution
     order."""
     noise = reference.noise
-    if not options.per_layer or noise is None or noise.taps is None or reference.taps is None:
-        return
+    if not options.per_layer or not folds or noise is None or noise.taps is None or reference.taps is None:
+        return  # without bnrt's fold records a layer that another tool folded would differ by design
     by_value = noise.kind == "rounding"  # two graphs, compared value by value: only a fold of this very graph
-    if by_value and (reference.value_folds is None or reference.digest is None or not folds):
+    if by_value and (reference.value_folds is None or reference.digest is None):
         return
     judged = [(c, comp) for c, comp in zip(candidates, comparisons) if c.layer_checked and c.side.taps
               and (not by_value or (c.side.origin is not None and c.side.origin == reference.digest()))]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bnrt.errors import OptionError
+from bnrt.io.artifacts import folds_of
 from bnrt.io.export import flatten_outputs, model_input_names
 from bnrt.io.data import Runner
 from bnrt.verify.metrics import NoiseReference, thinned
@@ -111,8 +112,11 @@ def torch_side(model: nn.Module, *, label: str = "torch", input_shapes: list[tup
                device: str = "cpu", tf32: bool | None = None, folds: list[dict] | None = None) -> Side:
     """A torch model as a check side; on ``device`` (moved there at its first run) with TF32 as
     ``tf32`` says (off by default: exact float32); " cuda" ends its label there. Its noise
-    reference is its float64 copy."""
+    reference is its float64 copy. ``folds``: the folds bnrt made in it (default: those a model
+    from ``bnrt.fold`` carries, ``bnrt_folded``)."""
     names = model_input_names(model, input_shapes)
+    if folds is None and isinstance(getattr(model, "bnrt_folded", None), tuple):
+        folds = folds_of(*model.bnrt_folded)
     return Side(label=label + (" cuda" if device == "cuda" else ""), runner=torch_runner(model, device, bool(tf32)),
                 input_names=names, input_shapes=list(input_shapes) if input_shapes else [None] * len(names),
                 input_dtypes=[None] * len(names), taps=lambda xs, names=None, limit=None: torch_taps(model, xs, names, limit),

@@ -122,3 +122,17 @@ def test_an_onnx_fold_is_compared_value_by_value_and_a_corrupted_one_fails(tmp_p
     other = tmp_path / "other.onnx"
     onnx.save(_conv_bn_matmul_graph(rng), str(other))
     assert check_files(other, tmp_path / "out" / "g.folded.onnx").comparisons[0].layers is None
+
+
+def test_a_model_from_bnrt_fold_carries_its_folds_into_a_check():
+    """`bnrt.check(model, [bnrt.fold(model).model])` compares at the fold points; a model folded by
+    another tool is compared at its outputs only (its folded convs output what their BNs did)."""
+    model = build("resnet")
+    x = torch.randn(2, *ZOO["resnet"].input_shape[1:])
+    result = bnrt.fold(model, (x,))
+    data = bnrt.make_inputs(bnrt.InputSpec(samples=8), ["x"], [ZOO["resnet"].input_shape])
+    report = bnrt.check(model, [result.model, result.structured], data)
+    assert report.passed and [c.layers.points for c in report.comparisons] == [20, 20]
+    del result.model.bnrt_folded  # folded by someone else: compared at the outputs only (its layers differ)
+    unknown = bnrt.check(model, [result.model], data)
+    assert unknown.passed and unknown.comparisons[0].layers is None

@@ -167,8 +167,9 @@ def one(source: str, name: str, size: int, samples: int) -> dict:
         row["bn_left_bnrt"] = bn_like_nodes(proto)
         data = random_inputs([(1, 3, size, size)], samples, seed=2)
         folds = folds_of(planned.decisions, planned.merges)  # as bnrt fold checks: fold partners known
-        # both candidates compared layer by layer (bnrt fold compares the torch one; bnrt check an ONNX file)
-        report = check(model, [Candidate(side(result.model, label="torch folded", folds=folds), head_only=True,
+        # both compared layer by layer (bnrt fold compares the torch one; bnrt check an ONNX file)
+        # as bnrt fold checks: the user-structured copy (the folded checkpoint's), and the ONNX file
+        report = check(model, [Candidate(side(result.structured, label="torch folded"), head_only=True,
                                          per_layer=True), Path(tmp) / "f.onnx"], data,
                        output_names=output_names(outs), folds=folds)
         report.certificate = torch_certificate(planned, model, proto, result.model)

@@ -126,8 +126,8 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
             with steps.step("check"):
                 certificate = torch_certificate(planned, loaded.model, proto, result.model)
                 del proto  # the check reads the file; its weights need not stay in memory twice
-                report_check = _check_torch(original, result.model, folds_of(planned.decisions, planned.merges),
-                                            stage / names["onnx"], dataset, out_names, check, steps)
+                report_check = _check_torch(original, result.structured, stage / names["onnx"], dataset, out_names,
+                                            check, steps, folds_of(planned.decisions, planned.merges))
                 report_check.certificate = certificate
         report = fold_report(
             source={"path": str(source.path), "sha256": loaded.sha256, "format": loaded.source_format,
@@ -140,14 +140,15 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
         return _finish(stage, out, names, report, result, report_check, "torch")
 
 
-def _check_torch(original: Side, folded_model: torch.nn.Module, folds: list[dict], onnx_path: Path, dataset: Dataset,
-                 out_names: list[str], check: CheckOptions, steps: Steps) -> CheckReport:
+def _check_torch(original: Side, structured: torch.nn.Module, onnx_path: Path, dataset: Dataset,
+                 out_names: list[str], check: CheckOptions, steps: Steps, folds: list[dict]) -> CheckReport:
     """The original torch model against the folded one and the exported ONNX file: the ONNX file,
-    exported from the folded model, runs on every sample; the folded torch model on the
-    noise-floor samples (the same weights need no second full pass), and it is the one compared
-    layer by layer (its module outputs by hooks, no second ORT session; the ONNX file's weights
-    are the certificate's)."""
-    folded = side(folded_model, label="torch folded", device=check.device, tf32=check.tf32, folds=folds)
+    exported from the folded model, runs on every sample; the folded model in the user's structure
+    (the folded checkpoint's: its modules run, BNs as Identity or with identity statistics) on the
+    noise-floor samples, and it is the one compared layer by layer (module outputs by hooks, no
+    second ORT session; the ONNX file's weights are the certificate's). ``folds``: the ONNX
+    file's, for localising it."""
+    folded = side(structured, label="torch folded", device=check.device, tf32=check.tf32)
     onnx_run = side(onnx_path, provider=check.provider, tf32=check.tf32)
     return run_check(original, [Candidate(folded, head_only=True, per_layer=True), Candidate(onnx_run, per_layer=False)],
                      dataset, check, output_names=out_names, folds=folds, note=steps.note)

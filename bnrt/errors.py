@@ -64,6 +64,27 @@ class Terminated(KeyboardInterrupt):
     the way (temp files, staging folders, created output folders) runs before the process exits."""
 
 
+_STOPS: list[KeyboardInterrupt] = []  # every Ctrl-C / SIGTERM the command line received
+
+
+def stopped(exc: KeyboardInterrupt) -> KeyboardInterrupt:
+    """``exc``, recorded: a library that swallows it (an exporter trying its next strategy) does
+    not make the process forget it (``raise_if_stopped``)."""
+    _STOPS.append(exc)
+    return exc
+
+
+def forget_stops() -> None:
+    _STOPS.clear()
+
+
+def raise_if_stopped() -> None:
+    """Raise again an interrupt received earlier, where nothing may go on after one (before
+    outputs are published, before a command reports success)."""
+    if _STOPS:
+        raise type(_STOPS[-1])()
+
+
 def interruption(exc: BaseException) -> KeyboardInterrupt | None:
     """The ``KeyboardInterrupt`` (or ``Terminated``) behind ``exc``: libraries that wrap what they
     catch (an exporter reporting "export failed") must not turn Ctrl-C into an error."""

@@ -13,12 +13,17 @@ from typing import Sequence
 
 from bnrt.cli.commands import COMMANDS
 from bnrt.cli.parser import build_parser
-from bnrt.errors import BnrtError, OptionError, Terminated, first_line, interruption
+from bnrt.errors import (BnrtError, OptionError, Terminated, first_line, forget_stops, interruption,
+                         raise_if_stopped, stopped)
 from bnrt.session import show_ort_logs
 
 
 def _terminate(signum, frame) -> None:
-    raise Terminated()
+    raise stopped(Terminated())
+
+
+def _interrupt(signum, frame) -> None:
+    raise stopped(KeyboardInterrupt())
 
 
 def _interrupted(exc: KeyboardInterrupt) -> int:
@@ -46,15 +51,20 @@ def _failed(exc: Exception, args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     show_ort_logs(args.debug)
-    # SIGTERM unwinds like Ctrl-C, so temp files go; the server shuts down gracefully by itself
+    # SIGTERM unwinds like Ctrl-C, so temp files go; the server shuts down gracefully by itself.
+    # Both are recorded: one a library swallowed still stops the command before it publishes.
     own = args.command != "serve" and threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if own else None
+    forget_stops()
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, _terminate), (signal.SIGINT, _interrupt))} if own else {}
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        raise_if_stopped()
+        return code
     except KeyboardInterrupt as exc:
         return _interrupted(exc)
     except Exception as exc:  # a model's own code can raise anything; never show a bare traceback
         return _failed(exc, args)
     finally:
-        if own:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

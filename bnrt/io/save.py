@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from bnrt.errors import InputError
+from bnrt.errors import InputError, raise_if_stopped
 from bnrt.io.source import files_read
 
 
@@ -167,7 +167,9 @@ def staging(out_dir: Path) -> Iterator[Path]:
 
 
 def publish(stage: Path, names: list[str], out_dir: Path) -> list[Path]:
-    """Move ``names`` from ``stage`` into ``out_dir`` (each move atomic on the same filesystem)."""
+    """Move ``names`` from ``stage`` into ``out_dir`` (each move atomic on the same filesystem);
+    never after an interrupt, even one a library swallowed (``errors.raise_if_stopped``)."""
+    raise_if_stopped()
     for name in names:
         refuse_special(out_dir / name)
     moved = []

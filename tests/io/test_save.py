@@ -132,3 +132,24 @@ def test_an_interrupted_fold_leaves_nothing_behind(tmp_path, sig, code, word):
         assert err.strip().splitlines()[-1] == f"bnrt: {word}"
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "kept", "kept/mine.txt", "slow.pt"]
+
+
+def test_an_interrupt_a_library_swallowed_still_stops_publishing(tmp_path):
+    """Ctrl-C inside an exporter that catches it and tries another strategy: the command line
+    recorded it (``errors.stopped``), so nothing is published and the command ends interrupted."""
+    from bnrt.errors import forget_stops, raise_if_stopped, stopped
+    from bnrt.io.save import publish
+
+    stage, out = tmp_path / "stage", tmp_path / "out"
+    stage.mkdir(), out.mkdir()
+    (stage / "m.onnx").write_text("folded")
+    try:
+        raise stopped(KeyboardInterrupt())
+    except KeyboardInterrupt:
+        pass  # what the library did with it
+    with pytest.raises(KeyboardInterrupt):
+        publish(stage, ["m.onnx"], out)
+    assert list(out.iterdir()) == [] and (stage / "m.onnx").exists()
+    forget_stops()
+    raise_if_stopped()  # nothing recorded any more
+    assert publish(stage, ["m.onnx"], out) == [out / "m.onnx"]

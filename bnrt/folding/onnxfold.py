@@ -13,6 +13,7 @@ change refuses the fold), and a folded BN whose output a body reads leaves that 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +44,16 @@ class OnnxFoldResult(DecisionSet):
     statistics: dict[int, BnStats] = field(default_factory=dict, repr=False)  # by id of a folded decision
     written: dict[str, tuple[str, str, bool]] = field(default_factory=dict, repr=False)
 
+    @cached_property
+    def _initializers(self) -> dict[str, onnx.TensorProto]:
+        return {i.name: i for i in self.model.graph.initializer}
+
     def stored(self, layer: Layer) -> tuple[np.ndarray, np.ndarray] | None:
         """The weight (neutral layout: [out, in] for Gemm and MatMul) and bias a folded layer has in
         ``model``, read back from its initializers; None when the graph no longer holds them (a
         merged branch dropped)."""
         names = self.written.get(layer.name)
-        tensors = {i.name: i for i in self.model.graph.initializer}
+        tensors = self._initializers
         if names is None or names[0] not in tensors or names[1] not in tensors:
             return None
         weight = numpy_helper.to_array(tensors[names[0]])

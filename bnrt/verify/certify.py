@@ -160,12 +160,17 @@ def _merged(merge, exact: dict[str, _Exact], identities: list) -> _Exact:
     shape = exact[merge.target.name].weight.shape
     kernel, groups = shape[2:], merge.target.groups
     total = _Exact(np.zeros(shape), np.zeros(shape[0]), np.zeros(shape), np.zeros(shape[0]), 1)
+
+    def add(coef, weight, weight_mag, bias, bias_mag) -> None:
+        total.weight += _times(coef, weight)
+        total.weight_mag += np.abs(_times(coef, weight_mag))
+        total.bias += _times(coef, bias)
+        total.bias_mag += np.abs(_times(coef, bias_mag))
+
     for conv in [merge.target, *merge.convs]:
-        part, coef = exact[conv.name], merge.coefs.get(conv.name)
-        total.weight += _times(coef, _embedded(part.weight, kernel))
-        total.weight_mag += np.abs(_times(coef, _embedded(part.weight_mag, kernel)))
-        total.bias += _times(coef, part.bias)
-        total.bias_mag += np.abs(_times(coef, part.bias_mag))
+        part = exact[conv.name]
+        add(merge.coefs.get(conv.name), _embedded(part.weight, kernel), _embedded(part.weight_mag, kernel),
+            part.bias, part.bias_mag)
         total.terms = max(total.terms, part.terms)
     channel = np.arange(shape[0])
     local = channel - (channel // (shape[0] // groups)) * shape[1]
@@ -173,10 +178,7 @@ def _merged(merge, exact: dict[str, _Exact], identities: list) -> _Exact:
     for (s, t, t_mag), coef in identities:
         tap = np.zeros(shape)
         tap[(channel, local, *centre)] = s
-        total.weight += _times(coef, tap)
-        total.weight_mag += np.abs(_times(coef, tap))
-        total.bias += _times(coef, t)
-        total.bias_mag += np.abs(_times(coef, t_mag))
+        add(coef, tap, tap, t, t_mag)
     if merge.constant is not None:
         total.bias += merge.constant
         total.bias_mag += np.abs(merge.constant)

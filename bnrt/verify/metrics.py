@@ -29,7 +29,7 @@ accuracy (argmax of the first output) is reported per runner.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -227,7 +227,8 @@ fixed tolerances decided) and ``noise_samples`` the samples it was measured on. 
                 and (self.certificate is None or self.certificate.passed))
 
     def to_json(self) -> dict:
-        out = {"schema": SCHEMA, **asdict(self), "passed": self.passed}
+        # errors (arrays) and the certificate (per layer) are not copied just to be dropped or summarised
+        out = {"schema": SCHEMA, **asdict(replace(self, errors={}, certificate=None)), "passed": self.passed}
         del out["errors"]
         out["certificate"] = None if self.certificate is None else self.certificate.to_json()
         for comp, data in zip(self.comparisons, out["comparisons"]):

@@ -110,3 +110,45 @@ class ExportTrap(nn.Module):
                 pathlib.Path(self.marker).touch()
                 time.sleep(60)
         return self.bn(self.conv(x))
+
+
+class ShipNet(nn.Module):
+    """A small classifier as users ship them: conv-BN-ReLU twice, global pooling, a linear head;
+    ``randomised`` gives its BNs statistics far from the defaults."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.head = nn.Linear(12, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+    def randomised(self, seed: int = 0) -> "ShipNet":
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    n = module.num_features
+                    module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+                    module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+                    module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                    module.bias.copy_(torch.randn(n, generator=generator) * 0.2)
+        return self.eval()
+
+
+class PinsBatch(nn.Module):
+    """Python that branches on the batch size (as detection heads' shape caches do): torch.export
+    pins the batch to the example's, a trace follows the branch taken (the same function here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if x.shape[0] == 2:
+            return y * 1.0
+        return y

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+SHIPPED = "<!-- shipped -->"  # where tools.shipped_zoo's section of the doc starts (kept by a rebuild)
+
 # (source, name, family, input size)
 MODELS: list[tuple[str, str, str, int]] = [
     ("tv", "resnet50", "ResNet", 224), ("tv", "resnext50_32x4d", "ResNeXt", 224),
@@ -291,6 +293,9 @@ def main() -> None:
             " Rebuilt from its rows"
         header = (first or f"Rows from `{args.rows}`.") + what + " — " + provenance(command)
     doc = "# Real-model zoo\n\n" + header + "\n\n" + table + "\n"
+    previous = Path(args.output).read_text() if Path(args.output).exists() else ""
+    if SHIPPED in previous:  # tools.shipped_zoo's section is its own
+        doc += "\n" + SHIPPED + previous.split(SHIPPED, 1)[1]
     from bnrt.io.save import write_text
     write_text(Path(args.jsonl), "".join(json.dumps(row) + "\n" for row in rows))
     write_text(Path(args.output), doc)

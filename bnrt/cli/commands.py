@@ -23,6 +23,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
     outcome = fold_file(source, args.output_dir, check=check,
                         opset=DEFAULT_OPSET if args.opset is None else args.opset, exporter=args.exporter or "dynamo",
                         progress=ProgressArgs.build(args))
+    for note in outcome.report["source"].get("notes", []):
+        print(f"{source.path}: {note}")
     print(decision_table(outcome.result.decisions))
     for merge in outcome.result.merges:
         print(f"merged into '{merge.target.name}': " + ", ".join(
@@ -30,6 +32,12 @@ def cmd_fold(args: argparse.Namespace) -> int:
              *(["the input"] * merge.inputs)]))
     print(f"BatchNormalization nodes in {'the folded ONNX' if outcome.kind == 'onnx' else 'ONNX'}: "
           f"{outcome.onnx_batchnorm_nodes}")
+    used = outcome.report["exporter"]
+    if outcome.kind not in ("onnx", "torchscript", "exported") and used != (args.exporter or "dynamo"):
+        print(f"exported by the {used} exporter: the {args.exporter or 'dynamo'} one failed or fixed the batch axis")
+    read = outcome.report["source"].get("precision", "float32")
+    if read != "float32" and outcome.kind != "onnx":
+        print(f"precision: read {read}, folded in float64, wrote float32")
     keeps = outcome.report["summary"].get("checkpoint_keeps", [])
     if keeps:
         print(f"kept in the folded checkpoint (the forward it keeps still computes the blocks the ONNX merged): {', '.join(keeps)}")
@@ -184,7 +192,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     loaded, decisions = inspect_file(SourceArgs.build(args, args.model), data=args.data)
     if loaded is not None:
-        print(f"{loaded.path}  arch {loaded.arch}  sha256 {loaded.sha256[:12]}")
+        print(f"{loaded.path}  {loaded.source_format}  arch {loaded.arch}  {loaded.precision}  sha256 {loaded.sha256[:12]}")
+        for note in loaded.notes:
+            print(f"{loaded.path}: {note}")
     print(decision_table(decisions))
     return 0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bnrt.errors import InputError
 from bnrt.io.data import DEFAULT_BATCH, DEFAULT_SAMPLES, DISTRIBUTIONS, InputSpec
-from bnrt.io.source import ModelSource
+from bnrt.io.source import KIND_NAMES, ModelSource
 from bnrt.session import PROVIDERS
 from bnrt.verify.check import CheckOptions
 from bnrt.verify.metrics import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, NOISE_FACTOR, Tolerances
@@ -65,7 +65,8 @@ def positive(args: argparse.Namespace, *names: str) -> None:
 class SourceArgs:
     """Model source flags -> ``ModelSource``; ``shapes``: the command takes ``--input-shape``."""
 
-    TORCH_ONLY = ("input_shape", "arch", "trust_pickle", "trust_code")
+    TORCH_ONLY = ("input_shape", "arch", "trust_pickle", "trust_code", "state_dict_key", "strip_prefix")
+    PROGRAM_FLAGS = {"torchscript": ("input_shape",), "exported": ("input_shape", "trust_pickle")}
 
     def __init__(self, shapes: bool = True):
         self.shapes = shapes
@@ -81,20 +82,33 @@ class SourceArgs:
         g.add_argument("--trust-code", action="store_true",
                        help="allow importing the checkpoint's arch from a file in the current or the model's folder "
                             "(runs that code; installed packages need no flag)")
+        g.add_argument("--state-dict-key", metavar="KEY",
+                       help="the checkpoint entry holding the state_dict (default: state_dict, model_state_dict, model)")
+        g.add_argument("--strip-prefix", metavar="PREFIX",
+                       help="remove this prefix from the state_dict's keys (default: the one that makes them match "
+                            "the architecture, e.g. Lightning's model.)")
 
     @staticmethod
     def build(args: argparse.Namespace, path: str) -> ModelSource:
         return ModelSource(Path(path), args.arch, args.trust_pickle, getattr(args, "input_shape", None),
-                           args.trust_code)
+                           args.trust_code, args.state_dict_key, args.strip_prefix)
 
     @classmethod
     def refuse_on_onnx(cls, args: argparse.Namespace, source: ModelSource, why: str, extra: tuple[str, ...] = ()) -> None:
-        """One line naming every torch-only flag given with an ONNX model (the file is read only
-        when such a flag is given)."""
-        given = ["--" + n.replace("_", "-") for n in (*extra, *cls.TORCH_ONLY) if getattr(args, n, None) not in (None, False)]
-        if given and source.kind == "onnx":
-            raise InputError(f"{source.path}: {', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to torch "
+        """One line naming every flag given that the model's kind does not use: torch-only flags
+        (and ``extra``) with an ONNX model, checkpoint flags with a TorchScript archive or an
+        ExportedProgram (the file is read only when such a flag is given)."""
+        def given(names) -> list[str]:
+            return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) not in (None, False)]
+
+        flags = given((*extra, *cls.TORCH_ONLY))
+        if flags and source.kind == "onnx":
+            raise InputError(f"{source.path}: {', '.join(flags)} appl{'y' if len(flags) > 1 else 'ies'} to torch "
                              f"checkpoints only{why}")
+        flags = given(n for n in cls.TORCH_ONLY if n not in cls.PROGRAM_FLAGS.get(source.kind, cls.TORCH_ONLY))
+        if flags:
+            raise InputError(f"{source.path}: {', '.join(flags)} do{'' if len(flags) > 1 else 'es'} not apply to "
+                             f"{KIND_NAMES[source.kind]}, which is run as it is")
 
 
 def add_data(parser: argparse.ArgumentParser) -> None:

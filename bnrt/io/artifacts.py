@@ -35,10 +35,13 @@ def stem_of(source: Path) -> str:
 
 def artifact_names(path: Path, kind: str) -> dict[str, str]:
     """File names ``bnrt fold`` writes for the model at ``path`` of ``kind`` (``ModelSource.kind``):
-    the folded model, the ONNX (torch sources only) and the report."""
+    the folded model (torch checkpoints and ONNX models), the ONNX (all but ONNX models) and the
+    report. A TorchScript archive or an ExportedProgram is folded as its ONNX graph only."""
     stem = stem_of(path)
     if kind == "onnx":
         return {"folded": f"{stem}.folded.onnx", "report": f"{stem}.report.json"}
+    if kind in ("torchscript", "exported"):
+        return {"onnx": f"{stem}.onnx", "report": f"{stem}.report.json"}
     return {"folded": f"{stem}.folded.pt", "onnx": f"{stem}.onnx", "report": f"{stem}.report.json"}
 
 

@@ -1,54 +1,89 @@
-"""Load stage: a checkpoint file becomes an ``nn.Module`` in eval mode.
+"""Load stage: a model file becomes an ``nn.Module`` in eval mode, float32.
 
-Formats:
+Formats (``ModelSource.kind``):
 - a dict checkpoint read with ``torch.load(weights_only=True)``: a state_dict under ``state_dict``
-  (or ``model_state_dict`` / ``model``) or the dict itself, plus optional ``arch`` ("module:Class"),
-  ``arch_kwargs`` and ``input_shape`` entries;
+  (or ``model_state_dict`` / ``model``, or the entry ``state_dict_key`` names) or the dict itself,
+  plus optional ``arch`` ("module:Class"), ``arch_kwargs`` and ``input_shape`` entries; a key prefix
+  the saving framework added (Lightning's ``model.``, ``module.``, ``_orig_mod.``) is stripped when
+  that makes the keys match (``bnrt.io.statedict``);
+- a safetensors file: a state_dict, the architecture from ``arch``;
 - a checkpoint written by ``bnrt fold`` (``bnrt_folded`` entry): the architecture is rebuilt, its
   folded BatchNorms replaced by ``nn.Identity``, then the weights are loaded;
-- a pickled ``nn.Module``, only with ``trust_pickle=True``: unpickling runs code from the file.
+- a pickled ``nn.Module``, or a dict holding one under ``ema`` (preferred) or ``model`` as
+  Ultralytics' ``best.pt`` does, only with ``trust_pickle=True``: unpickling runs code from the file;
+- TorchScript archives and ExportedPrograms (``load_program``): the program, run as it is.
+Weights stored in float16 or bfloat16 are read into a float32 model (exactly: every such value is a
+float32 one) and the precision read is recorded.
 
-Code from a model's folder runs only with consent: an ``arch`` read from a checkpoint whose module
-would be imported from a file in the current directory or in the checkpoint's folder (not from an
-installed package) is imported only with ``trust_code=True``; an ``arch`` the caller names is consent.
-Those folders are importable only while the consented module (or trusted pickle) is imported, never
-for the rest of the run. An ``arch`` read from a file may not name a ``__main__``, private or
-standard-library module (refused before any import).
+Code from a model's folder runs only with consent (``bnrt.io.arch``): an ``arch`` read from a
+checkpoint is imported from the current or the checkpoint's folder only with ``trust_code``; those
+folders are importable only while the consented module (or a trusted pickle) is imported.
 
 Refuses: an ``arch`` read from a file that is not an ``nn.Module`` subclass (a factory function is
-accepted from the command line only), state_dicts that do not match the architecture, and files
-that are missing, truncated or not torch checkpoints, each with an ``InputError`` naming the file.
+accepted from the command line only), state_dicts that do not match the architecture, an
+optimizer's state, and files that are missing, truncated or not torch checkpoints, each with an
+``InputError`` naming the file.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.machinery
-import importlib.util
 import os
 import pickle
 import re
-import sys
 import warnings
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from bnrt.io.arch import build, importable, resolve_arch
 from bnrt.io.artifacts import FOLDED_KEY
 from bnrt.errors import InputError, OptionError, first_line
-from bnrt.io.source import Loaded, ModelSource, Shape, file_kind, file_sha256
+from bnrt.io.formats import program_inputs, read_exported, read_safetensors, read_torchscript
+from bnrt.io.source import KIND_NAMES, PROGRAMS, Loaded, ModelSource, Shape, file_kind, file_sha256
+from bnrt.io.statedict import load_state, pick_state, precision_of
 from bnrt.folding.structure import apply_folded_structure
 
-_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+LOW_PRECISION = ("float16", "bfloat16")
 
 
-def load(source: ModelSource) -> Loaded:
-    """The torch model ``source`` names, as ``load_model`` reads it with the source's options."""
-    return load_model(source.path, arch=source.arch, trust_pickle=source.trust_pickle, trust_code=source.trust_code)
+def load(source: ModelSource, *, needs_modules: str | None = None) -> Loaded:
+    """The torch model ``source`` names, read with the source's options (``load_model``, or
+    ``load_program`` for a TorchScript archive or an ExportedProgram). ``needs_modules``: the
+    command that needs the model's own modules (recalibration, benchmarking), which refuses a
+    program with that name."""
+    if source.kind in PROGRAMS:
+        if needs_modules:
+            raise InputError(f"{source.path}: {KIND_NAMES[source.kind]}; {needs_modules} needs the model's modules: "
+                             "pass a checkpoint (a state_dict with --arch, or a pickled module with --trust-pickle)")
+        return load_program(source)
+    return load_model(source.path, arch=source.arch, trust_pickle=source.trust_pickle, trust_code=source.trust_code,
+                      state_dict_key=source.state_dict_key, strip_prefix=source.strip_prefix, kind=source.kind)
+
+
+def load_program(source: ModelSource) -> Loaded:
+    """A TorchScript archive (``torch.jit.load``) or an ExportedProgram (``torch.export.load``,
+    run through its ``module()``): ``Loaded.program`` is what was read, ``Loaded.model`` runs it.
+    An ExportedProgram's input shapes and dynamic axes are its own (``input_shapes`` overrides the
+    shapes); a TorchScript archive records none."""
+    path = source.path
+    if source.kind == "torchscript":
+        program = model = read_torchscript(path)
+        shapes, dynamic = source.input_shapes, None
+    else:
+        program = read_exported(path, source.trust_pickle)
+        _, example, dynamic = program_inputs(program, str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = program.module()
+        known = all(d is not None for shape in example for d in shape)
+        shapes = source.input_shapes or (list(example) if known else None)
+    tensors = [*model.parameters(), *model.buffers()]
+    return Loaded(model, path, file_sha256(path), shapes, None, {},
+                  "torchscript" if source.kind == "torchscript" else "exported-program",
+                  precision=precision_of(tensors), program=program, dynamic=dynamic)
 
 
 def parse_shapes(value: Any, where: str) -> list[Shape]:
@@ -67,128 +102,6 @@ def parse_shapes(value: Any, where: str) -> list[Shape]:
     return [tuple(int(d) for d in s) for s in value]
 
 
-def local_source(module_name: str, folders: list[Path]) -> Path | None:
-    """The file (or package folder) that importing ``module_name`` would run, when it lies in one of
-    ``folders`` and not in an installed environment; ``None`` otherwise. Finds without importing:
-    only the top-level name is looked up (a package's submodules live where the package does), on
-    ``sys.path`` and then in ``folders``."""
-    top = module_name.split(".")[0]
-    loaded = sys.modules.get(top)
-    try:
-        spec = loaded.__spec__ if loaded is not None else importlib.util.find_spec(top)
-        if spec is None:
-            spec = importlib.machinery.PathFinder.find_spec(top, [str(f) for f in folders])
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    places = [spec.origin] if spec.origin and spec.has_location else []
-    places += list(spec.submodule_search_locations or [])
-    installed = {Path(p).resolve() for p in (sys.prefix, sys.exec_prefix, sys.base_prefix)}
-    for place in places:
-        path = Path(place).resolve()
-        if any(path.is_relative_to(i) for i in installed) or {"site-packages", "dist-packages"} & set(path.parts):
-            continue
-        if any(path.is_relative_to(f) for f in folders):
-            return path
-    return None
-
-
-@contextmanager
-def importable(folders: list[Path]) -> Iterator[None]:
-    """Within the block, ``folders`` are importable (after the installed packages, which keep
-    precedence); afterwards they are gone from ``sys.path`` again: code from a model's folder runs
-    only while the architecture the user consented to is imported."""
-    added = [str(f) for f in dict.fromkeys(folders) if str(f) not in sys.path]
-    sys.path.extend(added)
-    importlib.invalidate_caches()
-    try:
-        yield
-    finally:
-        for entry in added:
-            if entry in sys.path:
-                sys.path.remove(entry)
-
-
-def _refuse_file_arch(module_name: str, attr: str, where: str) -> None:
-    """An ``arch`` read from a file names a class in an installed package, nothing else: importing
-    a ``__main__`` module runs a program, a standard-library module is no architecture, and a
-    private name is no published class. Checked before anything is imported."""
-    parts = module_name.split(".")
-    if not all(p.isidentifier() for p in parts) or not all(p.isidentifier() for p in attr.split(".")):
-        raise OptionError(f"{where}: not a MODULE:NAME of Python identifiers; name the architecture with `arch`")
-    if any(p == "__main__" or p.startswith("_") for p in [*parts, *attr.split(".")]):
-        raise OptionError(f"{where}: names a __main__ or private module or attribute, which bnrt does not import "
-                          "from a file's arch; name the architecture with `arch` if you trust it")
-    if parts[0] in sys.stdlib_module_names:
-        raise OptionError(f"{where}: names the standard library module {parts[0]!r}, not an architecture; name the "
-                          "architecture with `arch`")
-
-
-def _import(module_name: str, where: str) -> Any:
-    try:
-        return importlib.import_module(module_name)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # an import can fail in any way the imported code chooses, exiting included
-        raise OptionError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {first_line(exc)})") from exc
-
-
-def resolve_arch(spec: str, *, from_file: str | None = None, trust_code: bool = False) -> Callable[..., nn.Module]:
-    """Import ``"package.module:Name"`` and return the class (or, from the command line, a factory).
-
-    Named by the caller (``from_file`` None), the current directory is importable while the module
-    is imported, as with ``python -m``. ``from_file`` names the checkpoint the string came from:
-    such a string must name an ``nn.Module`` subclass of an installed, non-standard-library module
-    (no ``__main__`` or private names, refused before importing), and a module found in the current
-    directory or the checkpoint's folder is imported only with ``trust_code``, those folders
-    importable only during that import.
-    """
-    where = f"{from_file}: arch {spec!r}" if from_file else f"`arch` {spec!r}"
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise OptionError(f"{where}: expected MODULE:NAME, e.g. models.digits:DigitsNet")
-    folders = [Path.cwd().resolve()]
-    if from_file:
-        _refuse_file_arch(module_name, attr, where)
-        folders.append(Path(from_file).resolve().parent)
-        local = local_source(module_name, folders)
-        if local is not None and not trust_code:
-            raise OptionError(
-                f"{where}: importing {module_name!r} would run {local}, code from the current or the "
-                "model's folder; pass `trust_code` to run it, or name the architecture with `arch`"
-            )
-        if not trust_code:
-            folders = []
-    with importable(folders):
-        obj: Any = _import(module_name, where)
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise OptionError(f"{where}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    is_module_class = isinstance(obj, type) and issubclass(obj, nn.Module)
-    if from_file and not is_module_class:
-        raise OptionError(
-            f"{where} is not an nn.Module subclass; refusing to call it "
-            "(a factory function is accepted only when passed as `arch`)"
-        )
-    if not is_module_class and not callable(obj):
-        raise OptionError(f"{where} is neither an nn.Module subclass nor callable")
-    return obj
-
-
-def build(arch: Callable[..., nn.Module], kwargs: dict[str, Any], where: str) -> nn.Module:
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise InputError(f"{where}: arch_kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
-    try:
-        model = arch(**kwargs)
-    except Exception as exc:  # torch's C++ errors span many lines: the first one says it
-        raise InputError(f"{where}: building the architecture failed ({type(exc).__name__}: {first_line(exc)})") from exc
-    if not isinstance(model, nn.Module):
-        raise InputError(f"{where}: the architecture returned {type(model).__name__}, not an nn.Module")
-    return model
-
-
 def load_folded(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a ``*.folded.pt`` written by ``bnrt fold`` into a fresh instance of the user's class.
 
@@ -201,7 +114,7 @@ def load_folded(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not isinstance(ckpt, dict) or FOLDED_KEY not in ckpt:
         raise InputError(f"{path}: not a checkpoint written by bnrt fold (no {FOLDED_KEY!r} entry)")
     apply_folded_structure(model, ckpt[FOLDED_KEY], str(path))
-    _load_state(model, ckpt["state_dict"], str(path))
+    load_state(model, ckpt["state_dict"], str(path))
     return model.eval()
 
 
@@ -212,8 +125,9 @@ def _torch_load(path: Path, *, weights_only: bool, code_from: list[Path] = ()) -
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected a checkpoint file")
-    if file_kind(path) == "onnx":
-        raise InputError(f"{path}: an ONNX file, where a PyTorch checkpoint is needed")
+    kind = file_kind(path)
+    if kind != "torch":
+        raise InputError(f"{path}: {KIND_NAMES[kind]}, where a torch checkpoint is needed")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file, not a torch checkpoint")
     is_zip = is_pickle = False
@@ -261,32 +175,57 @@ def _after(text: str, marker: str) -> str:
     return next((ln.strip() for ln in tail.splitlines() if ln.strip()), "unsupported content")[:200]
 
 
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    )
+def _pickled_model(ckpt: Any) -> tuple[nn.Module | None, str | None]:
+    """The pickled ``nn.Module`` a file holds, and a note on where it was found: the file itself,
+    a dict's ``ema`` (Ultralytics' averaged weights, what it exports) or ``model``; Ultralytics'
+    ``YOLO`` wrapper is unwrapped to the network it holds."""
+    module, note = (ckpt, None) if isinstance(ckpt, nn.Module) else (None, None)
+    if isinstance(ckpt, dict):
+        key = next((k for k in ("ema", "model") if isinstance(ckpt.get(k), nn.Module)), None)
+        if key is not None:
+            module = ckpt[key]
+            note = f"took the model under {key!r}" + (" (the EMA weights, what Ultralytics exports)" if key == "ema" else "")
+    wrapper = module is not None and any(c.__module__ == "ultralytics.engine.model" and c.__name__ == "Model"
+                                         for c in type(module).__mro__)
+    if wrapper and isinstance(getattr(module, "model", None), nn.Module):
+        module, note = module.model, f"took the network from the {type(module).__name__} wrapper"
+    return module, note
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
-        state = {k[len("module."):]: v for k, v in state.items()}
-    expected = model.state_dict()
-    shapes = [f"{k} {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the architecture"
-              for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if shapes:
-        raise InputError(f"{where}: state_dict does not match the architecture: shape of {_few(shapes)}")
-    result = model.load_state_dict(state, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing {_few(result.missing_keys)}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {_few(result.unexpected_keys)}")
-    if problems:
-        raise InputError(f"{where}: state_dict does not match the architecture: {'; '.join(problems)}")
+def _float32(model: nn.Module, precision: str, notes: list[str]) -> None:
+    """A float16/bfloat16 model as float32 (exactly), with a note saying so."""
+    if precision in LOW_PRECISION:
+        model.float()
+        for module in model.modules():  # tensors kept as plain attributes (Ultralytics' anchor cache)
+            for name, value in list(vars(module).items()):
+                if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+                    setattr(module, name, value.float())
+        notes.append(f"read {precision} weights: folded in float64, written as float32 "
+                     "(bnrt quantize --precision fp16 ships float16)")
 
 
-def _few(keys: list[str]) -> str:
-    return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+def _ultralytics_shapes(ckpt: dict, model: nn.Module) -> list[Shape] | None:
+    """The input shape Ultralytics trained at (``train_args['imgsz']``, the model's ``ch``)."""
+    args = ckpt.get("train_args")
+    size = args.get("imgsz") if isinstance(args, dict) else None
+    channels = getattr(model, "yaml", {}).get("ch", 3) if isinstance(getattr(model, "yaml", None), dict) else 3
+    if isinstance(size, int) and size > 0 and isinstance(channels, int):
+        return [(1, channels, size, size)]
+    return None
+
+
+def _from_pickle(ckpt: Any, path: Path, sha: str) -> Loaded | None:
+    model, note = _pickled_model(ckpt)
+    if model is None:
+        return None
+    where = str(path)
+    shapes = parse_shapes(ckpt["input_shape"], where) if isinstance(ckpt, dict) and "input_shape" in ckpt else None
+    if shapes is None and isinstance(ckpt, dict):
+        shapes = _ultralytics_shapes(ckpt, model)
+    precision = precision_of([*model.parameters(), *model.buffers()])
+    notes = [note] if note else []
+    _float32(model, precision, notes)
+    return Loaded(model.eval(), path, sha, shapes, _class_path(model), {}, "pickle", precision=precision, notes=notes)
 
 
 def load_model(
@@ -296,37 +235,39 @@ def load_model(
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
     trust_code: bool = False,
+    state_dict_key: str | None = None,
+    strip_prefix: str | None = None,
+    kind: str = "torch",
 ) -> Loaded:
-    """Read ``path`` into a ``Loaded`` (model in eval mode). ``arch`` ("module:NAME", a class or a
-    factory) overrides the checkpoint's own ``arch`` entry; ``arch_kwargs`` overrides its kwargs.
-    ``trust_code`` allows importing the checkpoint's own ``arch`` from the current directory or the
-    checkpoint's folder (see ``resolve_arch``)."""
+    """Read ``path`` into a ``Loaded`` (model in eval mode, float32). ``arch`` ("module:NAME", a
+    class or a factory) overrides the checkpoint's own ``arch`` entry; ``arch_kwargs`` overrides
+    its kwargs. ``trust_code`` allows importing the checkpoint's own ``arch`` from the current
+    directory or the checkpoint's folder (see ``resolve_arch``). ``state_dict_key`` and
+    ``strip_prefix``: ``bnrt.io.statedict``. ``kind``: ``torch`` or ``safetensors``."""
     path = Path(path)
-    code_from = [Path.cwd().resolve(), path.resolve().parent] if trust_pickle and trust_code else []
-    ckpt = _torch_load(path, weights_only=not trust_pickle, code_from=code_from)
-    sha = file_sha256(path)
     where = str(path)
-
-    if isinstance(ckpt, nn.Module):
-        return Loaded(ckpt.eval(), path, sha, None, _class_path(ckpt), {}, "pickle")
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), nn.Module):
-        shapes = parse_shapes(ckpt["input_shape"], where) if "input_shape" in ckpt else None
-        return Loaded(ckpt["model"].eval(), path, sha, shapes, _class_path(ckpt["model"]), {}, "pickle")
+    if kind == "safetensors":
+        if arch is None:
+            raise OptionError(f"{where}: a safetensors file holds weights only; pass `arch` MODULE:NAME, the class or "
+                              "factory that builds the model they belong to")
+        ckpt: Any = read_safetensors(path)
+    else:
+        code_from = [Path.cwd().resolve(), path.resolve().parent] if trust_pickle and trust_code else []
+        ckpt = _torch_load(path, weights_only=not trust_pickle, code_from=code_from)
+    sha = file_sha256(path)
+    pickled = _from_pickle(ckpt, path, sha)
+    if pickled is not None:
+        return pickled
     if not isinstance(ckpt, dict):
         raise InputError(f"{where}: expected a dict checkpoint or an nn.Module, found {type(ckpt).__name__}")
 
-    state = next((ckpt[k] for k in _STATE_DICT_KEYS if _is_state_dict(ckpt.get(k))), None)
-    if state is None:
-        if not _is_state_dict(ckpt):
-            raise InputError(
-                f"{where}: no state_dict found (looked for {', '.join(_STATE_DICT_KEYS)} or a dict of tensors)"
-            )
-        state = ckpt
-    file_arch = ckpt.get("arch") if state is not ckpt else None
-    kwargs = ckpt.get("arch_kwargs") or {} if state is not ckpt else {}
+    state = pick_state(ckpt, state_dict_key, where)
+    own = state is not ckpt  # the dict holds the state_dict beside its own entries
+    file_arch = ckpt.get("arch") if own else None
+    kwargs = ckpt.get("arch_kwargs") or {} if own else {}
     if arch_kwargs is not None:
         kwargs = arch_kwargs
-    shapes = parse_shapes(ckpt["input_shape"], where) if state is not ckpt and "input_shape" in ckpt else None
+    shapes = parse_shapes(ckpt["input_shape"], where) if own and "input_shape" in ckpt else None
 
     if arch is not None:
         factory = arch if callable(arch) else resolve_arch(arch)
@@ -337,13 +278,16 @@ def load_model(
     else:
         raise OptionError(f"{where}: the checkpoint names no architecture; pass `arch` MODULE:NAME")
     model = build(factory, kwargs, where)
-    kwargs = dict(kwargs)
-    folded = ckpt.get(FOLDED_KEY) if state is not ckpt else None
+    folded = ckpt.get(FOLDED_KEY) if own else None
     if folded:
         apply_folded_structure(model, folded, where)
-    _load_state(model, state, where)
-    return Loaded(model.eval(), path, sha, shapes, arch_name, kwargs, "folded" if folded else "state_dict",
-                  folded or None)
+    matched = load_state(model, state, where, strip_prefix)
+    precision = precision_of(state.values())
+    notes = [matched.note] if matched.note else []
+    _float32(model, precision, notes)
+    source_format = "folded" if folded else "safetensors" if kind == "safetensors" else "state_dict"
+    return Loaded(model.eval(), path, sha, shapes, arch_name, dict(kwargs), source_format, folded or None,
+                  precision=precision, notes=notes)
 
 
 def _class_path(obj: Any) -> str:

@@ -201,7 +201,7 @@ def bench_file(source: ModelSource | str | os.PathLike, *, data: str | os.PathLi
     (``save_bench``), refused up front when they would overwrite the model."""
     source = ModelSource.of(source)
     refuse_overwrite(list(refuse), [source.path])
-    loaded = load(source)
+    loaded = load(source, needs_modules="bnrt bench")
     dataset = example_data(loaded, source.input_shapes, data, str(source.path))
     if len(dataset.inputs) != 1:
         raise InputError(f"{source.path}: bnrt bench handles single-input models")

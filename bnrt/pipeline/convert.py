@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 import torch
@@ -26,10 +26,10 @@ from bnrt.folding.torchops import statistics
 from bnrt.io.artifacts import (artifact_names, fold_report, folded_checkpoint, folds_of, onnx_metadata,
                                set_onnx_metadata)
 from bnrt.io.data import Dataset, InputSpec, make_inputs
-from bnrt.io.export import DEFAULT_OPSET, count_ops, export_onnx, flatten_outputs, output_names
+from bnrt.io.export import DEFAULT_OPSET, EXPORTER_KEY, count_ops, export_onnx, export_program, flatten_outputs, output_names
 from bnrt.io.load import load
 from bnrt.io.save import atomic_path, publish, refuse_overwrite, staging, write_json, write_torch
-from bnrt.io.source import Loaded, ModelSource, file_sha256
+from bnrt.io.source import PROGRAMS, Loaded, ModelSource, file_sha256
 from bnrt.progress import Steps
 from bnrt.session import resolve_provider
 from bnrt.verify.certify import Certificate, certify
@@ -89,6 +89,8 @@ def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLik
     with Steps(progress) as steps:
         if source.kind == "onnx":
             return _fold_onnx(source, out, names, check, steps)
+        if source.kind in PROGRAMS:
+            return _fold_program(source, out, names, check, opset, steps)
         return _fold_torch(source, out, names, check, opset, exporter, steps)
 
 
@@ -119,6 +121,7 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
                                 opset=opset, metadata=onnx_metadata(loaded.sha256, planned.decisions, planned.merges),
                                 exporter=exporter)
             batchnorm_nodes = count_ops(proto, "BatchNormalization")
+            exporter = next((p.value for p in proto.metadata_props if p.key == EXPORTER_KEY), exporter)
         with steps.step("save"):
             write_torch(stage / names["folded"], folded_checkpoint(result, loaded, dataset.shapes()))
         report_check = None
@@ -131,7 +134,7 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
                 report_check.certificate = certificate
         report = fold_report(
             source={"path": str(source.path), "sha256": loaded.sha256, "format": loaded.source_format,
-                    "arch": loaded.arch},
+                    "arch": loaded.arch, "precision": loaded.precision, **({"notes": loaded.notes} if loaded.notes else {})},
             input_names=original.input_names, output_names=out_names, input_shapes=dataset.shapes(), opset=opset,
             exporter=exporter, tracer=cap.tracer, decisions=planned.decisions, merges=result.merges,
             fp16_overflow=result.fp16_overflow, batchnorm_nodes=batchnorm_nodes,
@@ -173,44 +176,95 @@ def torch_certificate(planned: Plan, original: torch.nn.Module, proto: onnx.Mode
     return certify(planned, lambda layer: layer_weights(original, layer), lambda d: statistics(original, d), stored)
 
 
+@dataclass
+class _Graph:
+    """An ONNX graph to fold and what its report says about where it came from: the file's
+    sha256 and format, the reference side the folded graph is checked against (or how to make it,
+    once the graph folder has validated the graph), the artifact key the folded graph is written
+    under, the exporter that wrote the graph (None: the user's file)."""
+
+    model: onnx.ModelProto
+    sha256: str
+    source: dict[str, Any]
+    original: Side | Callable[[], Side]
+    key: str
+    exporter: str | None = None
+
+
 def _fold_onnx(source: ModelSource, out: Path, names: dict[str, str], check: CheckOptions | None,
                steps: Steps) -> FoldOutcome:
     """``fold_file`` for an ONNX model: the folded graph checked against the original, both on ORT."""
-    src = source.path
     with steps.step("load"):
-        model = load_onnx(src)
-        sha = file_sha256(src)
-    with steps.step("fold"), about(src):
-        result = fold_onnx(model, str(src))
-        set_onnx_metadata(result.model, onnx_metadata(sha, result.decisions, result.merges))
-        onnx.checker.check_model(result.model, full_check=True)
+        model = load_onnx(source.path)
+        sha = file_sha256(source.path)
     options = check or CheckOptions()
+    graph = _Graph(model, sha, {"format": "onnx", "arch": None},
+                   lambda: side(source, provider=options.provider, tf32=options.tf32), "folded")
+    return _fold_graph(graph, source, out, names, check, steps)
+
+
+def _program_graph(source: ModelSource, inputs: InputSpec, opset: int, device: str = "cpu",
+                   tf32: bool | None = None) -> tuple[Loaded, Side, onnx.ModelProto]:
+    """A TorchScript archive or an ExportedProgram read, made a check side (its outputs named) and
+    exported to ONNX with its BatchNorms kept, on two samples of ``inputs``."""
+    loaded = load(source)
+    original = side(loaded, label=source.kind, device=device, tf32=tf32)
+    example = _example(make_inputs(inputs, original.input_names, original.input_shapes, where=str(source.path)))
+    with torch.no_grad(), about(source.path):
+        original.output_names = output_names(len(flatten_outputs(loaded.model(*example))))
+        model = export_program(loaded.program, example, kind=source.kind,
+                               names=(original.input_names, original.output_names), opset=opset)
+    return loaded, original, model
+
+
+def _fold_program(source: ModelSource, out: Path, names: dict[str, str], check: CheckOptions | None, opset: int,
+                  steps: Steps) -> FoldOutcome:
+    """``fold_file`` for a TorchScript archive or an ExportedProgram: exported to ONNX with its
+    BatchNorms kept, the graph folded by bnrt, the folded ONNX checked against the program itself."""
+    with steps.step("load+export"):
+        options = check or CheckOptions(InputSpec(samples=2))
+        loaded, original, model = _program_graph(source, options.inputs, opset, options.device, options.tf32)
+    graph = _Graph(model, loaded.sha256, {"format": loaded.source_format, "arch": None, "precision": loaded.precision},
+                   original, "onnx", "torchscript" if source.kind == "torchscript" else "dynamo")
+    return _fold_graph(graph, source, out, names, check, steps)
+
+
+def _fold_graph(graph: _Graph, source: ModelSource, out: Path, names: dict[str, str], check: CheckOptions | None,
+                steps: Steps) -> FoldOutcome:
+    """Fold ``graph`` with bnrt's graph folder, write it and check it against ``graph.original``
+    (outputs, and the weight certificate); the report says where the graph came from."""
+    src = source.path
+    with steps.step("fold"), about(src):
+        result = fold_onnx(graph.model, str(src))
+        set_onnx_metadata(result.model, onnx_metadata(graph.sha256, result.decisions, result.merges))
+        onnx.checker.check_model(result.model, full_check=True)
+    original = graph.original if isinstance(graph.original, Side) else graph.original()
     with staging(out) as stage:
         with steps.step("save"):
-            with atomic_path(stage / names["folded"]) as tmp:
+            with atomic_path(stage / names[graph.key]) as tmp:
                 onnx.save(result.model, str(tmp))
-        original = side(source, provider=options.provider, tf32=options.tf32)
         report_check = None
         if check is not None:
             with steps.step("check"):
-                folded = side(stage / names["folded"], label=f"onnx folded {check.provider}", provider=check.provider,
+                folded = side(stage / names[graph.key], label=f"onnx folded {check.provider}", provider=check.provider,
                               tf32=check.tf32)
-                data, batch_size = inputs_for(original, [], check, str(src))
-                report_check = run_check(original, [folded], data, replace(check, batch_size=batch_size),
+                data, batch_size = inputs_for(original, [folded] if graph.exporter else [], check, str(src))
+                report_check = run_check(original, [Candidate(folded, per_layer=False if graph.exporter else None)],
+                                         data, replace(check, batch_size=batch_size),
                                          output_names=original.output_names,
                                          folds=folds_of(result.decisions, result.merges), note=steps.note)
                 report_check.certificate = certify(result.plan, lambda layer: (layer.data.weight, layer.data.bias),
                                                    lambda d: result.statistics[id(d)], result.stored)
         report = fold_report(
-            source={"path": str(src), "sha256": sha, "format": "onnx", "arch": None},
+            source={"path": str(src), "sha256": graph.sha256, **graph.source},
             input_names=original.input_names, output_names=original.output_names,
             input_shapes=[list(s) if s is not None else [] for s in original.input_shapes],
             opset=next((o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")), None),
-            exporter=None, tracer="onnx graph", decisions=result.decisions, merges=result.merges,
+            exporter=graph.exporter, tracer="onnx graph", decisions=result.decisions, merges=result.merges,
             fp16_overflow=result.fp16_overflow, batchnorm_nodes=count_ops(result.model, "BatchNormalization"),
             check=report_check.to_json() if report_check else None, timings=steps.timings,
             outputs={k: str(out / v) for k, v in names.items()})
-        return _finish(stage, out, names, report, result, report_check, "onnx")
+        return _finish(stage, out, names, report, result, report_check, source.kind)
 
 
 def example_data(loaded: Loaded, input_shapes: list[tuple[int, ...]] | None = None,
@@ -230,6 +284,10 @@ def inspect_file(source: ModelSource | str | os.PathLike, *,
     if source.kind == "onnx":
         with about(source.path):
             return None, fold_onnx(load_onnx(source.path), str(source.path)).decisions
+    if source.kind in PROGRAMS:
+        loaded, _, model = _program_graph(source, InputSpec(data=data, samples=2), DEFAULT_OPSET)
+        with about(source.path):
+            return loaded, fold_onnx(model, str(source.path)).decisions
     loaded = load(source)
     dataset = example_data(loaded, source.input_shapes, data, str(source.path))
     with about(source.path):

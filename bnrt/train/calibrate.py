@@ -328,7 +328,7 @@ def calibrate_file(
     refuse_overwrite([out], [source.path, data])
     if batch_size <= 0:
         raise OptionError(f"`batch_size` {batch_size}: must be positive")
-    loaded = load(source)
+    loaded = load(source, needs_modules="bnrt calibrate")
     dataset = load_data(data, model_input_names(loaded.model, loaded.input_shapes))
     group, rank, world = _process_group()
     try:

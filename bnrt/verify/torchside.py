@@ -6,6 +6,7 @@ measured against. Imports torch; the metrics do not.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from functools import cache
@@ -92,7 +93,12 @@ def torch_taps(model: nn.Module, inputs: Sequence[np.ndarray], names: Collection
 
 def float64_noise(model: nn.Module) -> NoiseReference:
     """The float64 truth of a torch model: a float64 copy (made on first use) run on float64 inputs."""
-    double = cache(lambda: copy.deepcopy(model).double())
+    def copy64() -> nn.Module:
+        with warnings.catch_warnings():  # a TorchScript module's copy touches .grad of non-leaves
+            warnings.simplefilter("ignore")
+            return copy.deepcopy(model).double()
+
+    double = cache(copy64)
 
     def inputs64(xs):
         return double(), [x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x for x in xs]

@@ -26,7 +26,8 @@ def test_export_is_bn_free_checked_and_batch_dynamic(tmp_path, folded_example, e
     assert count_ops(proto, "BatchNormalization") == 0
     on_disk = onnx.load(str(path))
     onnx.checker.check_model(on_disk, full_check=True)
-    assert {p.key: p.value for p in on_disk.metadata_props} == {"bnrt_version": bnrt.__version__, "bn_folded": "6"}
+    assert {p.key: p.value for p in on_disk.metadata_props} == {"bnrt_version": bnrt.__version__, "bn_folded": "6",
+                                                                 "bnrt_exporter": exporter}
     assert [i.name for i in on_disk.graph.input] == ["x"] and [o.name for o in on_disk.graph.output] == ["output"]
     dims = on_disk.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [1, 8, 8]

@@ -87,4 +87,5 @@ def test_a_checkpoint_where_an_onnx_model_is_expected_reads_as_torch(tmp_path):
     proc = run_cli("inspect", str(tmp_path / "weights.onnx"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr == (f"bnrt: error: {tmp_path / 'weights.onnx'}: no state_dict found (looked for state_dict, "
-                           "model_state_dict, model or a dict of tensors)\n")
+                           "model_state_dict, model or a dict of tensors; entries: state_dict); name the entry with "
+                           "--state-dict-key\n")

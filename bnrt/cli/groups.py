@@ -66,7 +66,7 @@ class SourceArgs:
     """Model source flags -> ``ModelSource``; ``shapes``: the command takes ``--input-shape``."""
 
     TORCH_ONLY = ("input_shape", "arch", "trust_pickle", "trust_code", "state_dict_key", "strip_prefix")
-    PROGRAM_FLAGS = {"torchscript": ("input_shape",), "exported": ("input_shape", "trust_pickle")}
+    PROGRAM_FLAGS = {"torchscript": ("input_shape", "opset"), "exported": ("input_shape", "trust_pickle", "opset")}
 
     def __init__(self, shapes: bool = True):
         self.shapes = shapes
@@ -96,16 +96,19 @@ class SourceArgs:
     @classmethod
     def refuse_on_onnx(cls, args: argparse.Namespace, source: ModelSource, why: str, extra: tuple[str, ...] = ()) -> None:
         """One line naming every flag given that the model's kind does not use: torch-only flags
-        (and ``extra``) with an ONNX model, checkpoint flags with a TorchScript archive or an
-        ExportedProgram (the file is read only when such a flag is given)."""
+        (and ``extra``) with an ONNX model, checkpoint flags (and ``--exporter``) with a TorchScript
+        archive or an ExportedProgram (the file is read only when such a flag is given)."""
         def given(names) -> list[str]:
             return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) not in (None, False)]
 
-        flags = given((*extra, *cls.TORCH_ONLY))
-        if flags and source.kind == "onnx":
+        names = (*extra, *cls.TORCH_ONLY)
+        flags = given(names)
+        if not flags:
+            return
+        if source.kind == "onnx":
             raise InputError(f"{source.path}: {', '.join(flags)} appl{'y' if len(flags) > 1 else 'ies'} to torch "
                              f"checkpoints only{why}")
-        flags = given(n for n in cls.TORCH_ONLY if n not in cls.PROGRAM_FLAGS.get(source.kind, cls.TORCH_ONLY))
+        flags = given(n for n in names if n not in cls.PROGRAM_FLAGS.get(source.kind, names))
         if flags:
             raise InputError(f"{source.path}: {', '.join(flags)} do{'' if len(flags) > 1 else 'es'} not apply to "
                              f"{KIND_NAMES[source.kind]}, which is run as it is")

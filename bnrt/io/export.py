@@ -19,6 +19,7 @@ from torch import nn
 from bnrt.folding.capture import quiet
 from bnrt.errors import InputError, OptionError, first_line, raise_if_stopped
 from bnrt.io.save import atomic_path
+from bnrt.session import probe
 
 DEFAULT_OPSET = 18  # ORT >= 1.14 runs it (Triton's ORT backends included); --opset raises it
 EXPORTERS = ("dynamo", "torchscript")
@@ -147,11 +148,27 @@ def _export_trying(model: nn.Module, args: tuple, tmp: Path, names: tuple[list[s
         fixed = [(i.name, i.type.tensor_type.shape.dim[0].dim_value) for i in proto.graph.input
                  if dynamic_batch and i.name in names[0] and i.type.tensor_type.shape.dim
                  and i.type.tensor_type.shape.dim[0].HasField("dim_value")]
-        if not fixed:
+        if fixed:
+            problems.append(f"the batch axis of input {fixed[0][0]!r} came out fixed at {fixed[0][1]}")
+            continue
+        pinned = _pinned_inside(proto, args) if dynamic_batch and name == "torchscript" else None
+        if pinned is None:
             return proto, name
-        problems.append(f"the batch axis of input {fixed[0][0]!r} came out fixed at {fixed[0][1]}")
+        problems.append(f"the graph declares a dynamic batch but runs only at the traced one ({pinned})")
     tried = "; the torchscript exporter: ".join(problems)
     raise InputError(f"ONNX export ({exporter}) of {type(model).__name__} failed: {tried}")
+
+
+def _pinned_inside(proto: onnx.ModelProto, args: tuple) -> str | None:
+    """Why a traced graph fails at a batch of 3 (a trace bakes the example's batch into reshapes
+    while the declared axis stays symbolic), or None when it runs and its outputs have that batch."""
+    inputs = [torch.cat([x[:1]] * 3).numpy() for x in args]
+    try:
+        outputs = probe(proto, [], inputs)
+    except Exception as exc:  # ORT's shape errors
+        return f"batch 3: {first_line(exc)}"
+    wrong = [k for k, v in outputs.items() if v.ndim and v.shape[0] != 3]
+    return f"batch 3 gives output {wrong[0]!r} of batch {outputs[wrong[0]].shape[0]}" if wrong else None
 
 
 def _export_with(exporter: str, model: nn.Module, args: tuple, tmp: Path, names: tuple[list[str], list[str]],

@@ -12,8 +12,9 @@ Formats (``ModelSource.kind``):
 - a pickled ``nn.Module``, or a dict holding one under ``ema`` (preferred) or ``model`` as
   Ultralytics' ``best.pt`` does, only with ``trust_pickle=True``: unpickling runs code from the file;
 - TorchScript archives and ExportedPrograms (``load_program``): the program, run as it is.
-Weights stored in float16 or bfloat16 are read into a float32 model (exactly: every such value is a
-float32 one) and the precision read is recorded.
+A checkpoint's weights stored in float16, bfloat16 (exactly: every such value is a float32 one),
+float64 or a mix are read into a float32 model and the precision read is recorded; a program not in
+float32 is refused.
 
 Code from a model's folder runs only with consent (``bnrt.io.arch``): an ``arch`` read from a
 checkpoint is imported from the current or the checkpoint's folder only with ``trust_code``; those
@@ -46,7 +47,6 @@ from bnrt.io.source import KIND_NAMES, PROGRAMS, Loaded, ModelSource, Shape, fil
 from bnrt.io.statedict import load_state, pick_state, precision_of
 from bnrt.folding.structure import apply_folded_structure
 
-LOW_PRECISION = ("float16", "bfloat16")
 
 
 def load(source: ModelSource, *, needs_modules: str | None = None) -> Loaded:
@@ -67,7 +67,8 @@ def load_program(source: ModelSource) -> Loaded:
     """A TorchScript archive (``torch.jit.load``) or an ExportedProgram (``torch.export.load``,
     run through its ``module()``): ``Loaded.program`` is what was read, ``Loaded.model`` runs it.
     An ExportedProgram's input shapes and dynamic axes are its own (``input_shapes`` overrides the
-    shapes); a TorchScript archive records none."""
+    shapes); a TorchScript archive records none. A program not in float32 is refused (its code
+    may fix dtypes, so it is not converted)."""
     path = source.path
     if source.kind == "torchscript":
         program = model = read_torchscript(path)
@@ -80,10 +81,13 @@ def load_program(source: ModelSource) -> Loaded:
             model = program.module()
         known = all(d is not None for shape in example for d in shape)
         shapes = source.input_shapes or (list(example) if known else None)
-    tensors = [*model.parameters(), *model.buffers()]
+    precision = precision_of([*model.parameters(), *model.buffers()])
+    if precision != "float32":  # a program's code may fix its dtypes: it is not converted
+        raise InputError(f"{path}: {KIND_NAMES[source.kind]} in {precision}; bnrt folds programs written in float32: "
+                         "export it in float32 (Ultralytics: half=False), or pass the checkpoint")
     return Loaded(model, path, file_sha256(path), shapes, None, {},
                   "torchscript" if source.kind == "torchscript" else "exported-program",
-                  precision=precision_of(tensors), program=program, dynamic=dynamic)
+                  precision=precision, program=program, dynamic=dynamic)
 
 
 def parse_shapes(value: Any, where: str) -> list[Shape]:
@@ -193,15 +197,16 @@ def _pickled_model(ckpt: Any) -> tuple[nn.Module | None, str | None]:
 
 
 def _float32(model: nn.Module, precision: str, notes: list[str]) -> None:
-    """A float16/bfloat16 model as float32 (exactly), with a note saying so."""
-    if precision in LOW_PRECISION:
+    """A model stored in any floating precision but float32 (float16, bfloat16, float64, mixed) as
+    float32, with a note saying so (exact for float16 and bfloat16)."""
+    if precision != "float32":
         model.float()
         for module in model.modules():  # tensors kept as plain attributes (Ultralytics' anchor cache)
             for name, value in list(vars(module).items()):
-                if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float32:
                     setattr(module, name, value.float())
-        notes.append(f"read {precision} weights: folded in float64, written as float32 "
-                     "(bnrt quantize --precision fp16 ships float16)")
+        notes.append(f"read {precision} weights: folded in float64, written as float32"
+                     + (" (bnrt quantize --precision fp16 ships float16)" if "float64" not in precision else ""))
 
 
 def _ultralytics_shapes(ckpt: dict, model: nn.Module) -> list[Shape] | None:
@@ -282,7 +287,7 @@ def load_model(
     if folded:
         apply_folded_structure(model, folded, where)
     matched = load_state(model, state, where, strip_prefix)
-    precision = precision_of(state.values())
+    precision = precision_of(matched.state.values())
     notes = [matched.note] if matched.note else []
     _float32(model, precision, notes)
     source_format = "folded" if folded else "safetensors" if kind == "safetensors" else "state_dict"

@@ -50,11 +50,12 @@ def _folder(path: Path) -> InputError:
     names = {p.name for p in path.iterdir()} if os.access(path, os.R_OK | os.X_OK) else set()
     if names & {"saved_model.pb", "saved_model.pbtxt"}:
         return InputError(f"{path}: a TensorFlow SavedModel folder, not a PyTorch or ONNX model; {_TO_ONNX}")
-    weights = sorted(n for n in names if n.endswith(".safetensors") or n in ("pytorch_model.bin", "model.pt"))
+    weights = sorted(n for n in names if n.endswith((".safetensors", ".bin")) or n == "model.pt")
     if "config.json" in names and weights:
-        return InputError(f"{path}: a Hugging Face model folder; pass its weights file ({path / weights[0]}) with "
-                          "--arch MODULE:NAME (the class that builds the model), or export it to ONNX "
-                          "(optimum-cli export onnx) and fold the .onnx file")
+        what = (f"its weights file ({path / weights[0]})" if len(weights) == 1 else
+                f"its weights, sharded over {len(weights)} files, merged into one safetensors file")
+        return InputError(f"{path}: a Hugging Face model folder; pass {what} with --arch MODULE:NAME (the class that "
+                          "builds the model), or export it to ONNX (optimum-cli export onnx) and fold the .onnx file")
     return InputError(f"{path}: is a directory, expected a model file")
 
 

@@ -59,9 +59,13 @@ def pick_state(ckpt: dict, key: str | None, where: str) -> dict[str, torch.Tenso
 
 
 def precision_of(tensors) -> str:
-    """The floating dtype most of ``tensors`` are stored in ("float32" when there are none)."""
-    counts = Counter(str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point())
-    return counts.most_common(1)[0][0] if counts else "float32"
+    """The floating dtype most of the values in ``tensors`` are stored in ("float32" when there are
+    none); several: "float16+float32" (the majority first)."""
+    counts: Counter = Counter()
+    for t in tensors:
+        if t.is_floating_point():
+            counts[str(t.dtype).removeprefix("torch.")] += t.numel()
+    return "+".join(name for name, _ in counts.most_common()) or "float32"
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,12 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> Matched:
 
 
 def _fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> bool:
-    return set(state) == set(expected) and all(tuple(v.shape) == tuple(expected[k].shape) for k, v in state.items())
+    """Names and shapes match (a BatchNorm's ``num_batches_tracked`` may be missing: older files
+    lack it and its loader fills it in)."""
+    missing = set(expected) - set(state)
+    return (set(state) <= set(expected) and all(k.endswith(".num_batches_tracked") or k == "num_batches_tracked"
+                                                 for k in missing)
+            and all(tuple(v.shape) == tuple(expected[k].shape) for k, v in state.items()))
 
 
 def _prefixes(keys, at_least: int) -> list[str]:

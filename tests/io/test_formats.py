@@ -8,7 +8,9 @@ batch 4 (run here, not only by the check)."""
 from __future__ import annotations
 
 import copy
+import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -104,8 +106,8 @@ def test_an_exported_program_with_pickled_entries_needs_trust_pickle(tmp_path):
                 data = json.dumps(config).encode()
             dst.writestr(item, data)
     proc = run_cli("fold", str(pickled), "-o", str(tmp_path / "out"), trust_code=False)
-    assert_one_line_error(proc, str(pickled), "an ExportedProgram holding pickled objects (features.0.weight)",
-                          "--trust-pickle")
+    assert_one_line_error(proc, str(pickled), "an ExportedProgram holding pickled objects or code (",
+                          "features.0.weight", "--trust-pickle")
     assert not (tmp_path / "out").exists()
 
 
@@ -304,3 +306,85 @@ def test_a_batch_axis_the_dynamo_exporter_pins_is_caught_and_the_torchscript_exp
         with torch.no_grad():
             np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], net.eval()(x).numpy(), rtol=1e-4,
                                        atol=1e-5)
+
+
+def test_an_exported_program_whose_sample_inputs_only_unpickle_with_code_needs_trust_pickle(tmp_path):
+    class Payload:  # what a full unpickling would call
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    real = _exported(tmp_path / "real.pt2", ShipNet().randomised())
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(real) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if "sample_inputs" in item.filename:
+                buffer = io.BytesIO()
+                torch.save(Payload(), buffer)
+                data = buffer.getvalue()
+            dst.writestr(item, data)
+    from bnrt.io.formats import pickled_entries
+
+    assert pickled_entries(real) == [] and pickled_entries(evil) == ["data/sample_inputs/model.pt"]
+    with pytest.raises(InputError, match="holding pickled objects or code .data/sample_inputs/model.pt."):
+        bnrt.io.load.load(ModelSource(evil))
+
+
+def test_two_models_without_num_batches_tracked_are_still_ambiguous():
+    expected = ShipNet().state_dict()
+    plain = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
+    state = {**{f"student.{k}": v for k, v in plain.items()}, **{f"teacher.{k}": v for k, v in plain.items()}}
+    with pytest.raises(OptionError, match="several key prefixes"):
+        match_keys(state, expected, "ckpt")
+    assert match_keys({f"model.{k}": v for k, v in plain.items()}, expected, "ckpt").prefix == "model."
+
+
+def test_a_mixed_precision_pickle_is_read_as_float32_and_its_precision_counted_by_values(tmp_path):
+    net = ShipNet().randomised()
+    for conv in (net.features[0], net.features[3]):
+        conv.half()  # convs in float16, BNs and head in float32 (fewer values than the convs)
+    torch.save(net, tmp_path / "mixed.pt")
+    loaded = bnrt.load_model(tmp_path / "mixed.pt", trust_pickle=True, trust_code=True)
+    assert loaded.precision == "float16+float32"
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert loaded.model(torch.randn(2, *SHAPE)).shape == (2, 5)
+
+
+def test_a_half_program_is_refused_in_one_line(tmp_path):
+    torch.jit.trace(ShipNet().randomised().half(), torch.randn(2, *SHAPE).half()).save(str(tmp_path / "half.pt"))
+    with pytest.raises(InputError, match=r"half.pt: a TorchScript archive in float16; bnrt folds programs written "
+                                         r"in float32: export it in float32"):
+        bnrt.io.load.load(ModelSource(tmp_path / "half.pt"))
+
+
+def test_a_trace_that_bakes_the_batch_into_a_reshape_is_not_passed_off_as_dynamic(tmp_path):
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4 * 14 * 14, 5)
+
+        def forward(self, x):
+            return self.head(self.conv(x).reshape(int(x.shape[0]), -1))
+
+    from bnrt.io.export import export_onnx
+
+    with pytest.raises(InputError, match=r"batch axis of input 'x' came out fixed at 2; the torchscript exporter: "
+                                         r"the graph declares a dynamic batch but runs only at the traced one \(batch 3"):
+        export_onnx(Flat().eval(), (torch.randn(1, *SHAPE),), tmp_path / "flat.onnx", names=(["x"], ["y"]))
+    assert not (tmp_path / "flat.onnx").exists()
+
+
+@pytest.mark.parametrize("header, problem", [
+    ({"w": 1}, "tensor 'w': its header entry is not an object"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, "tensor 'w': data_offsets [-4, 0] do not hold shape [1]"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, "tensor 'w': data_offsets [0, 16] do not hold shape [4] in 8"),
+    ({"__metadata__": {"format": "pt"}}, None),
+])
+def test_a_safetensors_header_is_checked_against_its_data(tmp_path, header, problem):
+    from bnrt.io.formats import read_safetensors
+
+    text = json.dumps(header).encode()
+    (tmp_path / "t.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + bytes(8))
+    expected = f"not a readable safetensors file \\({re.escape(problem)}" if problem else "holds no tensors"
+    with pytest.raises(InputError, match=expected):
+        read_safetensors(tmp_path / "t.safetensors")

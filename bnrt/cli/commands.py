@@ -11,6 +11,7 @@ import time
 from bnrt.cli.groups import CheckArgs, ProgressArgs, RuntimeArgs, SourceArgs, positive
 from bnrt.errors import InputError
 from bnrt.io.export import DEFAULT_OPSET
+from bnrt.io.source import PROGRAMS
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
@@ -33,7 +34,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     print(f"BatchNormalization nodes in {'the folded ONNX' if outcome.kind == 'onnx' else 'ONNX'}: "
           f"{outcome.onnx_batchnorm_nodes}")
     used = outcome.report["exporter"]
-    if outcome.kind not in ("onnx", "torchscript", "exported") and used != (args.exporter or "dynamo"):
+    if outcome.kind not in ("onnx", *PROGRAMS) and used != (args.exporter or "dynamo"):
         print(f"exported by the {used} exporter: the {args.exporter or 'dynamo'} one failed or fixed the batch axis")
     read = outcome.report["source"].get("precision", "float32")
     if read != "float32" and outcome.kind != "onnx":

@@ -25,6 +25,7 @@ DEFAULT_OPSET = 18  # ORT >= 1.14 runs it (Triton's ORT backends included); --op
 EXPORTERS = ("dynamo", "torchscript")
 EXPORTER_KEY = "bnrt_exporter"  # metadata: the exporter that wrote the file (the dynamo one may fall back)
 TORCHSCRIPT_MAX_OPSET = 20  # the newest opset the TorchScript-based exporter writes
+PROGRAM_EXPORTERS = {"torchscript": "torchscript", "exported": "dynamo"}  # the one exporter each program kind takes
 
 
 def _script_parameters(model: nn.Module) -> list | None:
@@ -190,7 +191,7 @@ def export_program(program, example_inputs: tuple[torch.Tensor, ...], *, kind: s
     dynamic) or an ExportedProgram (``kind`` "exported": the dynamo exporter, the program's own
     dynamic dims) as an ONNX graph with its BatchNormalization nodes kept: neither exporter folds
     them here (training mode preserved, no graph optimisation), so bnrt's graph folder does it."""
-    check_exporter("torchscript" if kind == "torchscript" else "dynamo", opset)
+    check_exporter(PROGRAM_EXPORTERS[kind], opset)
     in_names, out_names = names
     try:
         with quiet():

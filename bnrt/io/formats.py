@@ -9,8 +9,8 @@ naming the file:
   weights and constants as pickles, which ``torch.export.load`` unpickles with code: such an
   archive is read only with ``trust_pickle`` (checked from its configs before loading).
 
-A program's inputs: their names (``program_inputs``), example shapes and the axes it declares
-dynamic, what the check and the ONNX export need.
+An ExportedProgram's example input shapes (``program_shapes``), what the check and the ONNX export
+need (the program's dynamic dims travel with it into the export).
 """
 
 from __future__ import annotations
@@ -91,9 +91,10 @@ _PT2_BOOKKEEPING = {"archive_format", "archive_version", "byteorder", "version",
                     ".data/serialization_id"}
 
 
-def _pt2_entry_is_data(inner: str, configs: dict[str, dict]) -> bool:
+def _pt2_entry_is_data(inner: str, raw: set[str]) -> bool:
     """An ExportedProgram entry torch.export.load reads without running code: bookkeeping, the
-    JSON graph and payload configs, and raw (non-pickled) weights and tensor constants."""
+    JSON graph and payload configs, and raw weights and tensor constants (``raw``: the payload
+    file names the configs list as not pickled)."""
     from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX, WEIGHT_FILENAME_PREFIX
 
     folder, _, name = inner.rpartition("/")
@@ -102,8 +103,6 @@ def _pt2_entry_is_data(inner: str, configs: dict[str, dict]) -> bool:
     if folder in ("data/weights", "data/constants"):
         if name.endswith("_config.json"):
             return True
-        raw = {meta.get("path_name") for config in configs.values() for meta in config.values()
-               if not meta.get("use_pickle")}
         return name.startswith((WEIGHT_FILENAME_PREFIX, TENSOR_CONSTANT_FILENAME_PREFIX)) and name in raw
     return False
 
@@ -131,12 +130,14 @@ def pickled_entries(path: Path) -> list[str]:
             return [n for n in names if "/" not in n] or names[:1]  # torch falls back to its legacy reader
         configs = {n: json.loads(archive.read(n)).get("config", {}) for n in names
                    if n.split("/", 1)[1].startswith(("data/weights/", "data/constants/")) and n.endswith("_config.json")}
+        raw = {meta.get("path_name") for config in configs.values() for meta in config.values()
+               if not meta.get("use_pickle")}
         for name in names:
             inner = name.split("/", 1)[1]
             if inner.startswith("data/sample_inputs/") and inner.endswith(".pt"):
                 if not _safe_sample_inputs(archive, name):
                     found.append(inner)
-            elif not _pt2_entry_is_data(inner, configs):
+            elif not _pt2_entry_is_data(inner, raw):
                 found.append(inner)
         found += [fqn for config in configs.values() for fqn, meta in config.items() if meta.get("use_pickle")]
     return found
@@ -165,13 +166,9 @@ def read_exported(path: Path, trust_pickle: bool) -> Any:
         logging.disable(logging.NOTSET)
 
 
-def _dim(d: Any) -> int | None:
-    return int(d) if isinstance(d, int) else None
-
-
-def program_inputs(program: Any, where: str) -> tuple[list[str], list[tuple[int | None, ...]], list[tuple[int, ...]]]:
-    """An ExportedProgram's user inputs: names, example shapes (dynamic dims from its saved example
-    inputs, else None) and per input the axes it declares dynamic. Non-tensor inputs are refused."""
+def program_shapes(program: Any, where: str) -> list[tuple[int | None, ...]]:
+    """An ExportedProgram's user inputs' example shapes: its saved example inputs' where it has them,
+    else the static dims (None for a dynamic one). Non-tensor inputs are refused."""
     from torch.export.graph_signature import InputKind, TensorArgument
 
     specs = [s for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
@@ -182,7 +179,5 @@ def program_inputs(program: Any, where: str) -> tuple[list[str], list[tuple[int 
     examples = list(program.example_inputs[0]) if program.example_inputs else []
     if len(examples) != len(shapes) or not all(isinstance(e, torch.Tensor) for e in examples):
         examples = [None] * len(shapes)
-    known = [tuple(int(e.shape[i]) if e is not None else _dim(d) for i, d in enumerate(shape))
-             for shape, e in zip(shapes, examples)]
-    dynamic = [tuple(i for i, d in enumerate(shape) if not isinstance(d, int)) for shape in shapes]
-    return [s.arg.name for s in specs], known, dynamic
+    return [tuple(int(e.shape[i]) if e is not None else int(d) if isinstance(d, int) else None
+                  for i, d in enumerate(shape)) for shape, e in zip(shapes, examples)]

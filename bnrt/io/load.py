@@ -42,11 +42,10 @@ from torch import nn
 from bnrt.io.arch import build, importable, resolve_arch
 from bnrt.io.artifacts import FOLDED_KEY
 from bnrt.errors import InputError, OptionError, first_line
-from bnrt.io.formats import program_inputs, read_exported, read_safetensors, read_torchscript
+from bnrt.io.formats import program_shapes, read_exported, read_safetensors, read_torchscript
 from bnrt.io.source import KIND_NAMES, PROGRAMS, Loaded, ModelSource, Shape, file_kind, file_sha256
 from bnrt.io.statedict import load_state, pick_state, precision_of
 from bnrt.folding.structure import apply_folded_structure
-
 
 
 def load(source: ModelSource, *, needs_modules: str | None = None) -> Loaded:
@@ -66,16 +65,16 @@ def load(source: ModelSource, *, needs_modules: str | None = None) -> Loaded:
 def load_program(source: ModelSource) -> Loaded:
     """A TorchScript archive (``torch.jit.load``) or an ExportedProgram (``torch.export.load``,
     run through its ``module()``): ``Loaded.program`` is what was read, ``Loaded.model`` runs it.
-    An ExportedProgram's input shapes and dynamic axes are its own (``input_shapes`` overrides the
-    shapes); a TorchScript archive records none. A program not in float32 is refused (its code
+    An ExportedProgram's input shapes are its own example's (``input_shapes`` overrides them); a
+    TorchScript archive records none. A program not in float32 is refused (its code
     may fix dtypes, so it is not converted)."""
     path = source.path
     if source.kind == "torchscript":
         program = model = read_torchscript(path)
-        shapes, dynamic = source.input_shapes, None
+        shapes = source.input_shapes
     else:
         program = read_exported(path, source.trust_pickle)
-        _, example, dynamic = program_inputs(program, str(path))
+        example = program_shapes(program, str(path))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = program.module()
@@ -87,7 +86,7 @@ def load_program(source: ModelSource) -> Loaded:
                          "export it in float32 (Ultralytics: half=False), or pass the checkpoint")
     return Loaded(model, path, file_sha256(path), shapes, None, {},
                   "torchscript" if source.kind == "torchscript" else "exported-program",
-                  precision=precision, program=program, dynamic=dynamic)
+                  precision=precision, program=program)
 
 
 def parse_shapes(value: Any, where: str) -> list[Shape]:

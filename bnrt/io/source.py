@@ -170,7 +170,6 @@ class Loaded:
     precision: str = "float32"
     notes: list[str] = field(default_factory=list)
     program: Any = None
-    dynamic: list[tuple[int, ...]] | None = None
 
 
 def file_sha256(path: Path) -> str:

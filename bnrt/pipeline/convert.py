@@ -26,7 +26,7 @@ from bnrt.folding.torchops import statistics
 from bnrt.io.artifacts import (artifact_names, fold_report, folded_checkpoint, folds_of, onnx_metadata,
                                set_onnx_metadata)
 from bnrt.io.data import Dataset, InputSpec, make_inputs
-from bnrt.io.export import DEFAULT_OPSET, EXPORTER_KEY, count_ops, export_onnx, export_program, flatten_outputs, output_names
+from bnrt.io.export import DEFAULT_OPSET, EXPORTER_KEY, PROGRAM_EXPORTERS, count_ops, export_onnx, export_program, flatten_outputs, output_names
 from bnrt.io.load import load
 from bnrt.io.save import atomic_path, publish, refuse_overwrite, staging, write_json, write_torch
 from bnrt.io.source import PROGRAMS, Loaded, ModelSource, file_sha256
@@ -225,7 +225,7 @@ def _fold_program(source: ModelSource, out: Path, names: dict[str, str], check: 
         options = check or CheckOptions(InputSpec(samples=2))
         loaded, original, model = _program_graph(source, options.inputs, opset, options.device, options.tf32)
     graph = _Graph(model, loaded.sha256, {"format": loaded.source_format, "arch": None, "precision": loaded.precision},
-                   original, "onnx", "torchscript" if source.kind == "torchscript" else "dynamo")
+                   original, "onnx", PROGRAM_EXPORTERS[source.kind])
     return _fold_graph(graph, source, out, names, check, steps)
 
 

@@ -1,7 +1,7 @@
 # make demo: create .venv, install, fold the bundled example model on the digits test split.
 # make test: create .venv if needed, run the tests.
 # make docs: regenerate docs/ZOO.md, CALIBRATION.md, SERVING.md, BENCHMARKS.md (minutes).
-# make zoo: create .venv-zoo (torch CUDA build, torchvision, timm, ultralytics, lightning; ~6 GB, not part
+# make zoo: create .venv-zoo (torch CUDA build, torchvision, timm, ultralytics, lightning, smp; ~6 GB, not part
 #           of make test) and write docs/REAL_ZOO.md (bnrt on 48 torchvision and timm architectures, and
 #           on the files users ship: Ultralytics best.pt, TorchScript, .pt2, Lightning, safetensors).
 PYTHON ?= python3
@@ -30,12 +30,13 @@ test: $(STAMP)
 $(ZOO_STAMP): pyproject.toml constraints-zoo.txt
 	test -x $(ZOO_VENV)/bin/python || $(PYTHON) -m venv $(ZOO_VENV)
 	$(ZOO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-zoo.txt -e . torchvision timm \
-		ultralytics lightning safetensors
+		ultralytics lightning safetensors segmentation-models-pytorch
 	touch $(ZOO_STAMP)
 
 zoo: $(ZOO_STAMP)
 	$(ZOO_VENV)/bin/python -m tools.real_zoo -o docs/REAL_ZOO.md
 	$(ZOO_VENV)/bin/python -m tools.shipped_zoo -o docs/REAL_ZOO.md
+	$(ZOO_VENV)/bin/python -m tools.dense_zoo -o docs/REAL_ZOO.md
 
 # every generated doc but REAL_ZOO.md (make zoo); each records commit, date, machine, versions
 docs: $(STAMP)

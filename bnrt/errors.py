@@ -8,6 +8,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+EXIT_NO_ONNX = 3  # bnrt fold: folded and checked, the folded checkpoint written, but no ONNX file (the reason printed)
+
+
 class BnrtError(Exception):
     """Base of bnrt's user-facing errors; the message names the file, layer or field at fault."""
 
@@ -47,6 +50,10 @@ class OptionError(InputError):
 
 class CaptureError(InputError):
     """No graph could be captured from the model; the message carries the tracer's reason."""
+
+
+class ExportError(InputError):
+    """No exporter could write an ONNX graph of the (folded) model; the message says why each failed."""
 
 
 class HealthError(InputError):

@@ -152,3 +152,76 @@ class PinsBatch(nn.Module):
         if x.shape[0] == 2:
             return y * 1.0
         return y
+
+
+class TinyDetector(nn.Module):
+    """A detector in miniature, as torchvision's: the backbone and heads run on the batch, the
+    post-processing image by image (torch.fx cannot iterate a proxy), the number of detections
+    depends on the values (torch.export cannot guard on it), one dict of ``boxes``/``scores``/``labels``
+    per image. conv -> BN -> ReLU backbone, conv -> BN heads."""
+
+    def __init__(self, classes: int = 3, cap: int = 12):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                                      nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.cls = nn.Sequential(nn.Conv2d(8, classes, 1), nn.BatchNorm2d(classes))
+        self.reg = nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+        self.cap = cap
+
+    def forward(self, images):
+        out = []
+        features = self.backbone(images)
+        for logits, regression in zip(self.cls(features), self.reg(features)):
+            scores, labels = logits.flatten(1).T.sigmoid().max(1)
+            keep = scores > 0.3
+            if int(keep.sum()) > self.cap:
+                keep = scores >= scores.topk(self.cap).values[-1]
+            corners = regression.flatten(1).T
+            boxes = torch.cat([corners[:, :2], corners[:, :2] + corners[:, 2:].exp()], 1)
+            out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return out
+
+
+class IteratedConv(nn.Module):
+    """A conv output read twice, once by iterating over it (which torch.fx cannot trace, and a
+    data-dependent test torch.export cannot guard on): the BN after the conv must not fold into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        total = sum(row.sum() for row in y)
+        z = self.bn(y)
+        return z * 2 if total > 0 else z + total
+
+
+class TinySeg(nn.Module):
+    """A segmentation net in miniature: a stride-2 conv -> BN -> ReLU encoder, per-pixel logits
+    upsampled to the size of the input it is given (any height and width)."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Conv2d(16, classes, 1)
+
+    def forward(self, x):
+        return nn.functional.interpolate(self.head(self.encoder(x)), size=x.shape[-2:], mode="bilinear",
+                                         align_corners=False)
+
+
+class SizeBaked(nn.Module):
+    """conv -> BN, then the feature map's height and width read as Python ints: the eager model runs
+    at any size, but a trace bakes the ints in and torch.export specialises them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        h, w = int(y.shape[2]), int(y.shape[3])
+        return y.reshape(y.shape[0], 4, h * w).mean(2)

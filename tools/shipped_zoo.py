@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         for entry in entries:
             rows.append(fold(entry, files, Path(tmp) / "out"))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    from tools.provenance import provenance
+    from tools.provenance import provenance, write_section
 
     section = (f"{MARK}\n## Files users ship\n\n{provenance('python -m tools.shipped_zoo')}\n\n`python -m tools.shipped_zoo`: each file written by the "
                "library that writes it (`tools/shipped_files.py`), folded by `bnrt fold` with the flags a user passes "
@@ -133,13 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                "original loaded its own ecosystem's way.\n\n" + table(rows) + "\n\n"
                + "\n".join(f"- `{r['file']}`: {r['what']}" + (f"; flags `{r['flags']}`" if r["flags"] else "")
                            + "".join(f"; bnrt: {n}" for n in r.get("notes", [])) for r in rows) + f"\n{MARK}")
-    doc = args.output.read_text() if args.output.exists() else ""
-    if doc.count(MARK) == 2:
-        before, _, rest = doc.partition(MARK)
-        doc = before + section + rest.partition(MARK)[2]
-    else:
-        doc = doc.rstrip() + "\n\n" + section + "\n"
-    args.output.write_text(doc)
+    write_section(args.output, MARK, section)
     print(table(rows))
     return 0 if all(r.get("passed") and r.get("bn_nodes") == 0 for r in rows) else 1
 

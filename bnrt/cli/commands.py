@@ -8,33 +8,54 @@ import argparse
 import sys
 import time
 
-from bnrt.cli.groups import CheckArgs, ProgressArgs, RuntimeArgs, SourceArgs, positive
-from bnrt.errors import InputError
+from bnrt.cli.groups import CheckArgs, ProgressArgs, RuntimeArgs, ShapeArgs, SourceArgs, positive
+from bnrt.errors import EXIT_NO_ONNX, InputError
 from bnrt.io.export import DEFAULT_OPSET
+from bnrt.io.shapes import format_axes
 from bnrt.io.source import PROGRAMS
 
 
+def _print_dynamic(report: dict, args: argparse.Namespace) -> None:
+    """The dynamic axes, when any besides the batch was asked for, and those fixed by --static-ok."""
+    held = report.get("dynamic_axes")
+    if held is None or not (args.dynamic_axes or args.static_ok):
+        return
+    print(f"dynamic axes: {format_axes(held)}")
+    asked = ShapeArgs.build(args).dynamic or {}
+    fixed = [f"axis {a} of {n!r}" for n, axes in held.items() for a in asked.get(n, asked.get(None, (0,)))
+             if a not in axes]
+    if fixed:
+        print(f"fixed at the example's size (--static-ok; no exporter kept it dynamic): {', '.join(fixed)}")
+
+
 def cmd_fold(args: argparse.Namespace) -> int:
+    from bnrt.folding.capture import RECORDED
     from bnrt.pipeline.convert import fold_file
     from bnrt.verify.report import check_table, decision_table
 
     start = time.perf_counter()
     source, check = SourceArgs.build(args, args.model), None if args.no_check else CheckArgs.build(args)
-    SourceArgs.refuse_on_onnx(args, source, "; an ONNX file is folded as it is", ("opset", "exporter"))
+    SourceArgs.refuse_on_onnx(args, source, "; an ONNX file is folded as it is", ("opset", "exporter", *ShapeArgs.FLAGS))
     outcome = fold_file(source, args.output_dir, check=check,
                         opset=DEFAULT_OPSET if args.opset is None else args.opset, exporter=args.exporter or "dynamo",
-                        progress=ProgressArgs.build(args))
+                        progress=ProgressArgs.build(args), shapes=ShapeArgs.build(args))
     for note in outcome.report["source"].get("notes", []):
         print(f"{source.path}: {note}")
     print(decision_table(outcome.result.decisions))
+    if outcome.report["tracer"] == RECORDED:
+        print("graph: recorded from one eager run (neither torch.fx nor torch.export could capture the model; the "
+              "check runs the eager model)")
     for merge in outcome.result.merges:
         print(f"merged into '{merge.target.name}': " + ", ".join(
             [*(f"'{c.name}'" for c in merge.convs), *(f"identity BN '{b.name}'" for b in merge.bns),
              *(["the input"] * merge.inputs)]))
-    print(f"BatchNormalization nodes in {'the folded ONNX' if outcome.kind == 'onnx' else 'ONNX'}: "
-          f"{outcome.onnx_batchnorm_nodes}")
+    not_written = outcome.report["summary"].get("onnx_not_written")
+    if not_written is None:
+        print(f"BatchNormalization nodes in {'the folded ONNX' if outcome.kind == 'onnx' else 'ONNX'}: "
+              f"{outcome.onnx_batchnorm_nodes}")
+    _print_dynamic(outcome.report, args)
     used = outcome.report["exporter"]
-    if outcome.kind not in ("onnx", *PROGRAMS) and used != (args.exporter or "dynamo"):
+    if outcome.kind not in ("onnx", *PROGRAMS) and used not in (None, args.exporter or "dynamo"):
         print(f"exported by the {used} exporter: the {args.exporter or 'dynamo'} one failed or fixed the batch axis")
     read = outcome.report["source"].get("precision", "float32")
     if read != "float32" and outcome.kind != "onnx":
@@ -50,6 +71,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
     print()
     if outcome.passed:
         print(f"wrote {', '.join(str(p) for p in outcome.written)} in {time.perf_counter() - start:.2f} s")
+        if not_written:
+            print(f"{source.path}: no ONNX written (the folded checkpoint is): {not_written}", file=sys.stderr)
+            return EXIT_NO_ONNX
         return 0
     print(f"wrote only {outcome.report_path}: the folded model is not written when the check fails", file=sys.stderr)
     return 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bnrt.errors import InputError
 from bnrt.io.data import DEFAULT_BATCH, DEFAULT_SAMPLES, DISTRIBUTIONS, InputSpec
+from bnrt.io.shapes import ShapeOptions, parse_axes
 from bnrt.io.source import KIND_NAMES, ModelSource
 from bnrt.session import PROVIDERS
 from bnrt.verify.check import CheckOptions
@@ -179,6 +180,38 @@ class CheckArgs:
         return CheckOptions(inputs, args.provider, cls.tolerances(args), args.top_k,
                             getattr(args, "batch_size", DEFAULT_BATCH), not getattr(args, "no_localise", False),
                             args.tf32, args.device, not args.no_per_layer)
+
+
+def named_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    name, sep, dims = text.rpartition(":")
+    return (name if sep else None), shape(dims)
+
+
+class ShapeArgs:
+    """``--dynamic-axes``, ``--static-ok``, ``--check-shapes`` -> ``ShapeOptions``."""
+
+    FLAGS = ("dynamic_axes", "static_ok", "check_shapes")
+
+    @staticmethod
+    def add(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("dynamic axes (torch checkpoints)")
+        g.add_argument("--dynamic-axes", action="append", metavar="[INPUT:]AXES",
+                       help="axes of every input (0,2,3) or of one (x:0,2,3) the ONNX file leaves dynamic, verified "
+                            "by running it at other sizes (default: the batch axis, 0); repeatable")
+        g.add_argument("--static-ok", action="store_true",
+                       help="when no exporter keeps an axis dynamic, export it fixed at the example's size "
+                            "(default: an error naming the axis)")
+        g.add_argument("--check-shapes", type=named_shape, action="append", metavar="[INPUT:]SHAPE",
+                       help="a per-sample shape (3,96,80) the check also runs at when spatial axes are dynamic "
+                            "(default: the example's x1.25 on every dynamic axis, and on the last one only); repeatable")
+
+    @staticmethod
+    def build(args: argparse.Namespace) -> ShapeOptions:
+        spec = dict(parse_axes(text) for text in args.dynamic_axes) if args.dynamic_axes else None
+        sets = None
+        if args.check_shapes:
+            sets = [{name: dims} for name, dims in args.check_shapes]
+        return ShapeOptions(spec, args.static_ok, sets)
 
 
 class RuntimeArgs:

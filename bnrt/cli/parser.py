@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from bnrt.cli.groups import CheckArgs, ProgressArgs, RuntimeArgs, SourceArgs, add_data
+from bnrt.cli.groups import CheckArgs, ProgressArgs, RuntimeArgs, ShapeArgs, SourceArgs, add_data
 from bnrt.deploy.serve import KEEP_ALIVE_S
 from bnrt.io.data import DEFAULT_BATCH
 from bnrt.io.export import DEFAULT_OPSET, EXPORTERS
@@ -25,6 +25,7 @@ def _fold(sub) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     p.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; torch checkpoints only)")
     p.add_argument("--exporter", choices=EXPORTERS, help="torch ONNX exporter (default dynamo; torch checkpoints only)")
+    ShapeArgs.add(p)
     ProgressArgs.add(p)
     CheckArgs.add(p)
 

@@ -4,9 +4,11 @@ needs (how often each module is called, which parameters are read directly, tens
 ``torch.fx.symbolic_trace`` first. Where it fails (data- or shape-dependent Python control flow,
 for example), ``torch.export.export(strict=False)``: its graph of aten ops is turned into the same
 module-level form, each call of a conv / linear / BatchNorm module (found by the nodes'
-``nn_module_stack``) becoming one ``call_module`` node, so one planner serves both.
+``nn_module_stack``) becoming one ``call_module`` node, so one planner serves both. Where that
+fails too (a list of images in, NMS, a list of dicts out: torchvision's detectors), one eager run
+recorded (``bnrt.folding.record``, tracer ``RECORDED``) in the same form.
 
-Refuses (``CaptureError``) a model neither tracer can capture, naming both reasons, and
+Refuses (``CaptureError``) a model none of the three can capture, naming each reason, and
 (``InputError``) example inputs the model cannot run on.
 """
 
@@ -26,10 +28,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnrt.errors import CaptureError, InputError, first_line
+from bnrt.folding.record import SHAPE_KEY, VALUE_KEY, record
 
 
-SHAPE_KEY = "bnrt_shape"
-VALUE_KEY = "bnrt_value"
+RECORDED = "recorded run"  # the tracer name of a capture recorded from one eager run
 OPS_KEY = "bnrt_collapsed"  # torch.export module call: (aten ops, parameters read, batch_norm training flags)
 
 
@@ -109,12 +111,22 @@ def is_frozen_batchnorm(module: nn.Module | None) -> bool:
             and isinstance(getattr(module, "eps", None), float) and not list(module.parameters(recurse=False)))
 
 
+_LAYER_CLASSES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                  nn.Linear)
+
+
+def _inherits_forward(module: nn.Module) -> bool:
+    """A conv or linear subclass from outside torch.nn (torchvision's ``Conv3DSimple``) that keeps
+    its base class's forward: the layer it is, not code to trace through."""
+    return any(isinstance(module, base) and type(module).forward is base.forward for base in _LAYER_CLASSES)
+
+
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer with frozen BatchNorms kept as module calls (they are BNs to fold, not
-    arithmetic to trace through)."""
+    """torch.fx's tracer with frozen BatchNorms, and conv / linear subclasses that keep their base's
+    forward, kept as module calls (BNs and layers to fold, not arithmetic to trace through)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_frozen_batchnorm(m) or super().is_leaf_module(m, qualname)
+        return is_frozen_batchnorm(m) or _inherits_forward(m) or super().is_leaf_module(m, qualname)
 
 
 def _collapsible(module: nn.Module | None) -> bool:
@@ -220,11 +232,14 @@ def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capt
         try:
             with quiet():
                 graph, tracer = _export_graph(model, example_inputs), "torch.export"
-        except Exception as exc:
-            raise CaptureError(
-                f"cannot capture a graph of {type(model).__name__}: torch.fx: {type(fx_exc).__name__}: "
-                f"{first_line(fx_exc)}; torch.export: {type(exc).__name__}: {first_line(exc)}"
-            ) from exc
+        except Exception as export_exc:
+            try:
+                graph, tracer = record(model, example_inputs, _collapsible), RECORDED
+            except Exception as exc:
+                raise CaptureError(
+                    f"cannot capture a graph of {type(model).__name__}: torch.fx: {type(fx_exc).__name__}: "
+                    f"{first_line(fx_exc)}; torch.export: {type(export_exc).__name__}: {first_line(export_exc)}; "
+                    f"a recorded run: {type(exc).__name__}: {first_line(exc)}") from exc
     else:
         try:
             with torch.no_grad():

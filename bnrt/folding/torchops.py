@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from bnrt.folding.capture import is_frozen_batchnorm
+from bnrt.folding.record import METADATA_ATTRS, METADATA_METHODS
 from bnrt.folding.decision import Decision, NotFoldable
 from bnrt.folding.structure import tensor_at
 from bnrt.folding.view import BnStats
@@ -45,11 +46,6 @@ DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alph
 DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
                       _aten.dropout.default}
 
-# Reads of a tensor's metadata only (folding changes values, never shapes, dtypes or devices).
-METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad"}
-METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "element_size", "stride",
-                     "is_contiguous", "is_floating_point", "is_complex", "new_zeros", "new_ones", "new_empty",
-                     "new_full", "new_tensor"}
 SECOND_OPERAND_METADATA = {"reshape_as", "view_as", "expand_as", "type_as"}
 METADATA_FUNCTIONS = {builtins.getattr, builtins.len, torch.numel, torch.zeros_like, torch.ones_like,
                        torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,

@@ -44,7 +44,18 @@ def run_batched(runner: Runner, data: Dataset, batch_size: int = DEFAULT_BATCH) 
     parts: list[list[np.ndarray]] = []
     for start in range(0, data.size, batch_size):
         parts.append(runner([x[start:start + batch_size] for x in data.inputs]))
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+    return [_concatenated([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def _concatenated(parts: list[np.ndarray]) -> np.ndarray:
+    """Batches joined along axis 0; rows of per-sample records (axis 1: detections per image) padded
+    to the longest batch's with NaN (float) or -1 (integers), as ``stacked_records`` pads within one."""
+    if len(parts) > 1 and all(p.ndim >= 2 for p in parts) and len({p.shape[1] for p in parts}) > 1:
+        rows = max(p.shape[1] for p in parts)
+        fill = np.nan if np.issubdtype(parts[0].dtype, np.floating) else -1
+        parts = [np.pad(p, [(0, 0), (0, rows - p.shape[1])] + [(0, 0)] * (p.ndim - 2), constant_values=fill)
+                 for p in parts]
+    return np.concatenate(parts)
 
 
 DISTRIBUTIONS = ("normal", "uniform")

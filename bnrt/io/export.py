@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from bnrt.folding.capture import quiet
-from bnrt.errors import InputError, OptionError, first_line, raise_if_stopped
+from bnrt.errors import ExportError, InputError, OptionError, first_line, raise_if_stopped
 from bnrt.io.save import atomic_path
+from bnrt.io.shapes import format_axes
 from bnrt.session import probe
 
 DEFAULT_OPSET = 18  # ORT >= 1.14 runs it (Triton's ORT backends included); --opset raises it
@@ -72,16 +73,54 @@ def output_names(count: int) -> list[str]:
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
-def flatten_outputs(out) -> list[torch.Tensor]:
-    """A model's output (tensor, tuple/list or dict of them, nested) as a flat list of tensors, in
-    the order ``output_names`` numbers them."""
+def is_records(out) -> bool:
+    """Whether ``out`` is one dict of tensors per sample, every dict with the same keys (torchvision's
+    detections: ``boxes``, ``scores``, ``labels`` per image)."""
+    return isinstance(out, (list, tuple)) and bool(out) and all(
+        isinstance(d, dict) and d and list(d) == list(out[0]) and all(isinstance(v, torch.Tensor) for v in d.values())
+        for d in out)
+
+
+def stacked_records(out: list[dict]) -> dict[str, torch.Tensor]:
+    """Per-sample records as one tensor per key with a sample axis: (samples, the most rows any
+    sample has, ...), shorter ones padded with NaN (float) or -1 (integers)."""
+    stacked = {}
+    for key in out[0]:
+        parts = [d[key] for d in out]
+        if all(p.ndim for p in parts):
+            rows = max(p.shape[0] for p in parts)
+            fill = float("nan") if parts[0].is_floating_point() else -1
+            parts = [torch.cat([p, p.new_full((rows - p.shape[0], *p.shape[1:]), fill)]) for p in parts]
+        stacked[key] = torch.stack(parts)
+    return stacked
+
+
+def named_outputs(out, path: tuple = ()) -> list[tuple[tuple, torch.Tensor]]:
+    """A model's output (tensor, tuple/list or dict of them, nested; a list of per-sample records
+    as ``stacked_records``) as (path, tensor) pairs, a path holding list positions and dict keys."""
     if isinstance(out, torch.Tensor):
-        return [out]
+        return [(path, out)]
+    if is_records(out):
+        out = stacked_records(out)
     if isinstance(out, dict):
-        out = list(out.values())
+        return [pair for key, item in out.items() for pair in named_outputs(item, (*path, str(key)))]
     if isinstance(out, (list, tuple)):
-        return [t for item in out for t in flatten_outputs(item)]
+        return [pair for i, item in enumerate(out) for pair in named_outputs(item, (*path, i))]
     raise TypeError(f"model output of type {type(out).__name__} is not a tensor or a collection of tensors")
+
+
+def flatten_outputs(out) -> list[torch.Tensor]:
+    """A model's output as a flat list of tensors, in the order ``names_of_outputs`` names them."""
+    return [t for _, t in named_outputs(out)]
+
+
+def names_of_outputs(out) -> list[str]:
+    """Stable names of a model's flattened outputs: ``output`` / ``output_N`` (numbered) when it has
+    no dict, else each tensor's path of positions and keys joined by dots (``boxes``, ``output_1.logits``)."""
+    paths = [p for p, _ in named_outputs(out)]
+    if not any(isinstance(k, str) for p in paths for k in p):
+        return output_names(len(paths))
+    return [".".join(f"output_{k}" if i == 0 and isinstance(k, int) else str(k) for i, k in enumerate(p)) for p in paths]
 
 
 def _batch_of_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -109,20 +148,40 @@ def export_onnx(
     dynamic_batch: bool = True,
     metadata: dict[str, str] | None = None,
     exporter: str = "dynamo",
+    dynamic: dict[str, tuple[int, ...]] | None = None,
+    probe_inputs: list[tuple[torch.Tensor, ...]] | None = None,
+    static_ok: bool = False,
 ) -> onnx.ModelProto:
     """Export ``model`` (eval mode) to ``path`` and return the written ModelProto.
 
-    ``names`` is (input names, output names). Axis 0 of every input and output is named ``batch``
-    and left dynamic unless ``dynamic_batch`` is False, and verified dynamic in the file: when the
-    dynamo exporter fails or fixes it, the TorchScript-based exporter is tried (``EXPORTER_KEY`` in
-    the metadata names the one used). ``metadata`` goes into metadata_props. Raises
-    ``InputError`` for an opset the installed onnx does not know or when no exporter succeeds.
+    ``names`` is (input names, output names). ``dynamic``: the axes of each input left dynamic
+    (default: axis 0, named ``batch``, of every input, unless ``dynamic_batch`` is False), verified
+    in the file: each is symbolic, and the graph runs on each of ``probe_inputs`` (input tuples of
+    other sizes on those axes; default: a batch of 3) giving the eager model's output shapes. When an exporter fails or
+    specialises an axis, the next is tried (dynamo, then the TorchScript-based one); ``EXPORTER_KEY``
+    in the metadata names the one used. When every exporter specialises an axis, ``static_ok``
+    exports with those axes fixed at ``example_inputs``' size; otherwise ``ExportError`` names the axis
+    and each exporter's problem. ``metadata`` goes into metadata_props.
     """
     check_exporter(exporter, opset)
-    args = _batch_of_two(example_inputs) if dynamic_batch else example_inputs
+    dynamic = ({n: (0,) for n in names[0][:len(example_inputs)]} if dynamic_batch else {}) if dynamic is None \
+        else {n: tuple(sorted(a)) for n, a in dynamic.items() if a}
+    probes = list(probe_inputs or []) or ([tuple(torch.cat([x[:1]] * 3) if 0 in dynamic.get(n, ()) else x
+                                                 for n, x in zip(names[0], example_inputs))] if dynamic else [])
     path = Path(path)
     with atomic_path(path) as tmp, quiet():
-        proto, used = _export_trying(model, args, tmp, names, opset, dynamic_batch, exporter)
+        while True:
+            args = _batch_of_two(example_inputs) if any(0 in a for a in dynamic.values()) else example_inputs
+            try:
+                proto, used = _export_trying(model, args, tmp, names, opset, dynamic, probes, exporter)
+                break
+            except Specialised as exc:
+                if not static_ok or not any((n, a) in exc.fixed for n, axes in dynamic.items() for a in axes):
+                    raise  # (fixing what is already fixed would not end)
+                fixed = exc.fixed
+            dynamic = {n: tuple(a for a in axes if (n, a) not in fixed) for n, axes in dynamic.items()}
+            probes = [tuple(_resized(p, x, dynamic.get(n, ())) for n, p, x in zip(names[0], probe, example_inputs))
+                      for probe in probes]
         for key, value in {**(metadata or {}), EXPORTER_KEY: used}.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, str(value)
@@ -131,57 +190,115 @@ def export_onnx(
     return proto
 
 
+def _resized(probe: torch.Tensor, example: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """``probe`` cut or repeated to ``example``'s size on every axis not in ``axes``."""
+    for axis in range(example.ndim):
+        if axis not in axes and probe.shape[axis] != example.shape[axis]:
+            index = torch.arange(example.shape[axis]) % probe.shape[axis]
+            probe = probe.index_select(axis, index)
+    return probe
+
+
+def input_dims(proto: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """Each graph input's dims: a size, or the name of a symbolic one."""
+    return {i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in i.type.tensor_type.shape.dim]
+            for i in proto.graph.input}
+
+
+def dynamic_axes_of(proto: onnx.ModelProto) -> dict[str, list[int]]:
+    """The axes of each graph input that the file leaves symbolic."""
+    return {name: [a for a, d in enumerate(dims) if isinstance(d, str)] for name, dims in input_dims(proto).items()}
+
+
 def _export_trying(model: nn.Module, args: tuple, tmp: Path, names: tuple[list[str], list[str]], opset: int,
-                   dynamic_batch: bool, exporter: str) -> tuple[onnx.ModelProto, str]:
+                   dynamic: dict[str, tuple[int, ...]], probes: list[tuple],
+                   exporter: str) -> tuple[onnx.ModelProto, str]:
     """The export and the exporter that made it: ``exporter``, and when the dynamo exporter fails or
-    fixes a batch axis declared dynamic (its fallback strategies specialise what the model's code
-    pins), the TorchScript-based one. ``InputError`` naming each exporter's problem otherwise."""
-    problems = []
+    specialises an axis declared dynamic (its fallback strategies specialise what the model's
+    code pins), the TorchScript-based one. ``ExportError`` naming each exporter's problem when
+    none succeeded: ``Specialised`` when some exporter specialised an axis."""
+    problems: list[str] = []
+    fixed: set[tuple[str, int]] = set()
     for name in [exporter] + (["torchscript"] if exporter == "dynamo" and opset <= TORCHSCRIPT_MAX_OPSET else []):
         raise_if_stopped()  # an exporter strategy that swallowed Ctrl-C does not start the next one
         try:
-            proto = _export_with(name, model, args, tmp, names, opset, dynamic_batch)
+            proto = _export_with(name, model, args, tmp, names, opset, dynamic)
         except InputError:
             raise
         except Exception as exc:
-            problems.append(f"{first_line(exc)}")
+            while exc.__cause__ is not None:  # the dynamo exporter wraps the model's own error in its steps
+                exc = exc.__cause__
+            problems.append(f"the {name} exporter: {first_line(exc)}")
             continue
-        fixed = [(i.name, i.type.tensor_type.shape.dim[0].dim_value) for i in proto.graph.input
-                 if dynamic_batch and i.name in names[0] and i.type.tensor_type.shape.dim
-                 and i.type.tensor_type.shape.dim[0].HasField("dim_value")]
-        if fixed:
-            problems.append(f"the batch axis of input {fixed[0][0]!r} came out fixed at {fixed[0][1]}")
+        dims = input_dims(proto)
+        lost = [(n, a) for n, axes in dynamic.items() for a in axes
+                if not (a < len(dims.get(n, ())) and isinstance(dims[n][a], str))]
+        if lost:
+            fixed |= set(lost)
+            (n, a), kept = lost[0], dims.get(lost[0][0])
+            problems.append(f"the {name} exporter fixed axis {a} of input {n!r} at {kept[a]}" if kept else
+                            f"the {name} exporter left input {n!r} out of the graph")
             continue
-        pinned = _pinned_inside(proto, args) if dynamic_batch and name == "torchscript" else None
+        spatial = any(a for axes in dynamic.values() for a in axes)
+        # the dynamo exporter's symbolic batch is its own (torch.export's guards); a trace's is declared only
+        pinned = _pinned_inside(proto, model, probes) if spatial or (dynamic and name == "torchscript") else None
         if pinned is None:
             return proto, name
-        problems.append(f"the graph declares a dynamic batch but runs only at the traced one ({pinned})")
-    tried = "; the torchscript exporter: ".join(problems)
-    raise InputError(f"ONNX export ({exporter}) of {type(model).__name__} failed: {tried}")
+        fixed |= {(n, a) for n, axes in dynamic.items() for a in axes if a}  # which one is unknown: all but batch
+        problems.append(f"the {name} exporter's graph declares {format_axes(dynamic)} dynamic but runs only at the "
+                        f"traced size ({pinned})")
+    message = f"ONNX export ({exporter}) of {type(model).__name__} failed: {'; '.join(problems)}"
+    if not fixed:
+        raise ExportError(message)
+    grouped: dict[str, tuple[int, ...]] = {}
+    for name, axis in sorted(fixed):
+        grouped[name] = (*grouped.get(name, ()), axis)
+    raise Specialised(f"{message}; --static-ok exports {format_axes(grouped)} fixed at the example's size", fixed)
 
 
-def _pinned_inside(proto: onnx.ModelProto, args: tuple) -> str | None:
-    """Why a traced graph fails at a batch of 3 (a trace bakes the example's batch into reshapes
-    while the declared axis stays symbolic), or None when it runs and its outputs have that batch."""
-    inputs = [torch.cat([x[:1]] * 3).numpy() for x in args]
-    try:
-        outputs = probe(proto, [], inputs)
-    except Exception as exc:  # ORT's shape errors
-        return f"batch 3: {first_line(exc)}"
-    wrong = [k for k, v in outputs.items() if v.ndim and v.shape[0] != 3]
-    return f"batch 3 gives output {wrong[0]!r} of batch {outputs[wrong[0]].shape[0]}" if wrong else None
+class Specialised(ExportError):
+    """Every exporter failed and some specialised an axis declared dynamic: ``fixed`` holds the
+    (input, axis) pairs."""
+
+    def __init__(self, message: str, fixed: set[tuple[str, int]]):
+        super().__init__(message)
+        self.fixed = fixed
+
+
+def _pinned_inside(proto: onnx.ModelProto, model: nn.Module, probes: list[tuple]) -> str | None:
+    """Why the graph fails on one of the ``probes`` (a trace bakes the example's sizes into reshapes
+    while the declared axes stay symbolic), or None when it runs on each and gives the eager model's
+    output shapes."""
+    for inputs in probes:
+        at = f"inputs of shape {', '.join(str(tuple(x.shape)) for x in inputs)}"
+        try:
+            outputs = list(probe(proto, [], [x.numpy() for x in inputs]).values())
+        except Exception as exc:  # ORT's shape errors
+            return f"{at}: {first_line(exc)}"
+        try:
+            with torch.no_grad():
+                wanted = [tuple(t.shape) for t in flatten_outputs(model(*inputs))]
+        except Exception as exc:
+            return f"{at}: the eager model fails there too: {type(exc).__name__}: {first_line(exc)}"
+        got = [tuple(o.shape) for o in outputs]
+        if got != wanted:
+            return f"{at} give outputs of shape {', '.join(map(str, got))}, the model {', '.join(map(str, wanted))}"
+    return None
 
 
 def _export_with(exporter: str, model: nn.Module, args: tuple, tmp: Path, names: tuple[list[str], list[str]],
-                 opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+                 opset: int, dynamic: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     in_names, out_names = names
     if exporter == "dynamo":
-        dims = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
+        dims = tuple({a: torch.export.Dim("batch") if a == 0 else torch.export.Dim.AUTO for a in dynamic.get(n, ())}
+                     for n in in_names[:len(args)]) if dynamic else None
         return torch.onnx.export(model, args, dynamo=True, input_names=in_names, output_names=out_names,
                                  dynamic_shapes=dims, opset_version=opset, verbose=False, optimize=True).model_proto
-    axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
+    axes = {n: {a: "batch" if a == 0 else f"{n}_{a}" for a in dynamic.get(n, ())} for n in in_names}
+    if any(0 in a for a in dynamic.values()):
+        axes.update({n: {0: "batch"} for n in out_names})
     torch.onnx.export(model, args, str(tmp), dynamo=False, input_names=in_names, output_names=out_names,
-                      dynamic_axes=axes, opset_version=opset)
+                      dynamic_axes={n: a for n, a in axes.items() if a} or None, opset_version=opset)
     return onnx.load(str(tmp))
 
 

@@ -15,7 +15,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from bnrt.errors import about
+from bnrt.errors import OptionError, about
 from bnrt.folding.capture import capture
 from bnrt.folding.decision import Decision
 from bnrt.folding.engine import Plan
@@ -26,10 +26,12 @@ from bnrt.folding.torchops import statistics
 from bnrt.io.artifacts import (artifact_names, fold_report, folded_checkpoint, folds_of, onnx_metadata,
                                set_onnx_metadata)
 from bnrt.io.data import Dataset, InputSpec, make_inputs
-from bnrt.io.export import DEFAULT_OPSET, EXPORTER_KEY, PROGRAM_EXPORTERS, count_ops, export_onnx, export_program, flatten_outputs, output_names
+from bnrt.io.export import DEFAULT_OPSET, PROGRAM_EXPORTERS, count_ops, dynamic_axes_of, export_program, is_records, names_of_outputs
 from bnrt.io.load import load
 from bnrt.io.save import atomic_path, publish, refuse_overwrite, staging, write_json, write_torch
-from bnrt.io.source import PROGRAMS, Loaded, ModelSource, file_sha256
+from bnrt.io.shapes import ShapeOptions, further_shapes, resolve_dynamic
+from bnrt.io.source import KIND_NAMES, PROGRAMS, Loaded, ModelSource, file_sha256
+from bnrt.pipeline.exporting import ExportJob, check_further, exported, probes
 from bnrt.progress import Steps
 from bnrt.session import resolve_provider
 from bnrt.verify.certify import Certificate, certify
@@ -68,7 +70,7 @@ def _finish(stage: Path, out: Path, names: dict[str, str], report: dict[str, Any
 
 def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
               check: CheckOptions | None = CheckOptions(), opset: int = DEFAULT_OPSET, exporter: str = "dynamo",
-              progress: bool = False) -> FoldOutcome:
+              progress: bool = False, shapes: ShapeOptions = ShapeOptions()) -> FoldOutcome:
     """Fold the model ``source`` names and write its artifacts into ``out_dir`` (default: the
     model's folder): for a torch checkpoint ``<stem>.folded.pt``, ``<stem>.onnx`` and
     ``<stem>.report.json``; for an ONNX model ``<stem>.folded.onnx`` and the report.
@@ -78,7 +80,8 @@ def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLik
     (``check.provider``), an ONNX model against its folded graph, on ``check.inputs`` (a data file
     or seeded random samples). When the check fails only the report is written. Raises
     ``InputError`` (and subclasses) for bad input before anything is written. ``progress`` lists
-    the steps on stderr as they run (``bnrt.progress``).
+    the steps on stderr as they run (``bnrt.progress``). ``shapes``: the ONNX file's dynamic axes
+    and the further shapes they are checked at (torch checkpoints; ``bnrt.io.shapes``).
     """
     source = ModelSource.of(source)
     if check is not None:
@@ -86,12 +89,15 @@ def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLik
     out = Path(out_dir) if out_dir is not None else source.path.parent
     names = artifact_names(source.path, source.kind)
     refuse_overwrite([out / n for n in names.values()], [source.path])
+    if shapes.given and source.kind != "torch":
+        raise OptionError(f"{source.path}: dynamic axes and check shapes apply to torch checkpoints only (the "
+                          f"{KIND_NAMES[source.kind]} keeps its own)")
     with Steps(progress) as steps:
         if source.kind == "onnx":
             return _fold_onnx(source, out, names, check, steps)
         if source.kind in PROGRAMS:
             return _fold_program(source, out, names, check, opset, steps)
-        return _fold_torch(source, out, names, check, opset, exporter, steps)
+        return _fold_torch(source, out, names, check, opset, exporter, shapes, steps)
 
 
 def _example(dataset: Dataset) -> tuple[torch.Tensor, ...]:
@@ -100,13 +106,15 @@ def _example(dataset: Dataset) -> tuple[torch.Tensor, ...]:
 
 
 def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: CheckOptions | None, opset: int,
-                exporter: str, steps: Steps) -> FoldOutcome:
+                exporter: str, shapes: ShapeOptions, steps: Steps) -> FoldOutcome:
     with steps.step("load"):
         loaded = load(source)
         options = check or CheckOptions(InputSpec(samples=2))
         original = side(loaded, device=options.device, tf32=options.tf32, input_shapes=source.input_shapes)
         dataset = make_inputs(options.inputs, original.input_names, original.input_shapes, where=str(source.path))
         example = _example(dataset)
+        dynamic = resolve_dynamic(shapes.dynamic, original.input_names, dataset.shapes())
+        further = further_shapes(dynamic, dataset.shapes(), shapes.check)
     with steps.step("capture+plan"), about(source.path):
         cap = capture(loaded.model, example)
         planned = plan(cap)
@@ -114,14 +122,22 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
         result = apply(loaded.model, planned, cap)
         result.tracer = cap.tracer
         with torch.no_grad():
-            out_names = output_names(len(flatten_outputs(result.model(*example))))
+            sample = result.model(*example)
+            out_names = names_of_outputs(sample)
     with staging(out) as stage:
         with steps.step("export"):
-            proto = export_onnx(result.model, example, stage / names["onnx"], names=(original.input_names, out_names),
-                                opset=opset, metadata=onnx_metadata(loaded.sha256, planned.decisions, planned.merges),
-                                exporter=exporter)
-            batchnorm_nodes = count_ops(proto, "BatchNormalization")
-            exporter = next((p.value for p in proto.metadata_props if p.key == EXPORTER_KEY), exporter)
+            export = ExportJob(result.model, example, stage / names["onnx"], (original.input_names, out_names), opset,
+                               exporter, onnx_metadata(loaded.sha256, planned.decisions, planned.merges), dynamic,
+                               probes(loaded.model, dataset, dynamic, further, source.path, options.inputs),
+                               shapes.static_ok)
+            proto, exporter, not_written = exported(export, is_records(sample))
+            del sample
+            if proto is None:
+                names = {k: v for k, v in names.items() if k != "onnx"}
+            batchnorm_nodes = None if proto is None else count_ops(proto, "BatchNormalization")
+            held = dynamic_axes_of(proto) if proto is not None else dynamic
+            further = [f for f in further if all(a in held.get(n, ()) for n, s, g in zip(dynamic, dataset.shapes(), f)
+                                                 for a in range(1, len(s)) if s[a] != g[a])]
         with steps.step("save"):
             write_torch(stage / names["folded"], folded_checkpoint(result, loaded, dataset.shapes()))
         report_check = None
@@ -129,8 +145,10 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
             with steps.step("check"):
                 certificate = torch_certificate(planned, loaded.model, proto, result.model)
                 del proto  # the check reads the file; its weights need not stay in memory twice
-                report_check = _check_torch(original, result.structured, stage / names["onnx"], dataset, out_names,
-                                            check, steps, folds_of(planned.decisions, planned.merges))
+                report_check = _check_torch(original, result.structured, names.get("onnx") and stage / names["onnx"],
+                                            dataset, out_names, check, steps, folds_of(planned.decisions, planned.merges))
+                check_further(report_check, original, result.structured, names.get("onnx") and stage / names["onnx"],
+                              further, out_names, check, steps, [x.dtype for x in dataset.inputs])
                 report_check.certificate = certificate
         report = fold_report(
             source={"path": str(source.path), "sha256": loaded.sha256, "format": loaded.source_format,
@@ -140,10 +158,14 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
             fp16_overflow=result.fp16_overflow, batchnorm_nodes=batchnorm_nodes,
             check=report_check.to_json() if report_check else None, timings=steps.timings,
             outputs={k: str(out / v) for k, v in names.items()}, checkpoint_keeps=result.checkpoint_keeps)
+        if not_written:
+            report["summary"]["onnx_not_written"] = not_written
+        else:
+            report["dynamic_axes"] = {n: list(a) for n, a in held.items()}
         return _finish(stage, out, names, report, result, report_check, "torch")
 
 
-def _check_torch(original: Side, structured: torch.nn.Module, onnx_path: Path, dataset: Dataset,
+def _check_torch(original: Side, structured: torch.nn.Module, onnx_path: Path | None, dataset: Dataset,
                  out_names: list[str], check: CheckOptions, steps: Steps, folds: list[dict]) -> CheckReport:
     """The original torch model against the folded one and the exported ONNX file: the ONNX file,
     exported from the folded model, runs on every sample; the folded model in the user's structure
@@ -152,17 +174,20 @@ def _check_torch(original: Side, structured: torch.nn.Module, onnx_path: Path, d
     second ORT session; the ONNX file's weights are the certificate's). ``folds``: the ONNX
     file's, for localising it."""
     folded = side(structured, label="torch folded", device=check.device, tf32=check.tf32)
+    if onnx_path is None:  # no ONNX file: the folded model is the one deployed, run on every sample
+        return run_check(original, [Candidate(folded, per_layer=True)], dataset, check, output_names=out_names,
+                         folds=folds, note=steps.note)
     onnx_run = side(onnx_path, provider=check.provider, tf32=check.tf32)
     return run_check(original, [Candidate(folded, head_only=True, per_layer=True), Candidate(onnx_run, per_layer=False)],
                      dataset, check, output_names=out_names, folds=folds, note=steps.note)
 
 
-def torch_certificate(planned: Plan, original: torch.nn.Module, proto: onnx.ModelProto,
+def torch_certificate(planned: Plan, original: torch.nn.Module, proto: onnx.ModelProto | None,
                       folded: torch.nn.Module) -> Certificate:
     """The weight certificate of a torch fold: each folded layer as the ONNX file stores it (the
     exporter keeps the parameter names: ``<layer>.weight``, ``<layer>.bias``), else as the folded
     model holds it, against the exact fold of ``original``'s parameters and statistics."""
-    tensors = {t.name: t for t in proto.graph.initializer}
+    tensors = {t.name: t for t in proto.graph.initializer} if proto is not None else {}
 
     def stored(layer):
         held = stored_weights(folded, layer)
@@ -211,7 +236,7 @@ def _program_graph(source: ModelSource, inputs: InputSpec, opset: int, device: s
     original = side(loaded, label=source.kind, device=device, tf32=tf32)
     example = _example(make_inputs(inputs, original.input_names, original.input_shapes, where=str(source.path)))
     with torch.no_grad(), about(source.path):
-        original.output_names = output_names(len(flatten_outputs(loaded.model(*example))))
+        original.output_names = names_of_outputs(loaded.model(*example))
         model = export_program(loaded.program, example, kind=source.kind,
                                names=(original.input_names, original.output_names), opset=opset)
     return loaded, original, model

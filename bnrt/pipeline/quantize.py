@@ -113,6 +113,9 @@ def folded_float_graph(source, work: Path) -> tuple[Path, list[dict], str]:
     if source.kind == "onnx" and onnx.TensorProto.FLOAT16 in _tensor_types(load_onnx(source.path)):
         raise InputError(f"{source.path}: already has float16 tensors; quantize its float32 original")
     outcome = fold_file(source, work, check=None)
+    not_written = outcome.report["summary"].get("onnx_not_written")
+    if not_written:
+        raise InputError(f"{source.path}: no ONNX graph to quantize: {not_written}")
     path = work / artifact_names(source.path, source.kind)["folded" if source.kind == "onnx" else "onnx"]
     kept = [{"bn": d.bn, "reason": d.reason} for d in outcome.result.decisions if d.status != "folded"]
     return path, kept, outcome.report["source"]["sha256"]

@@ -26,8 +26,9 @@ from bnrt.io.source import Loaded, ModelSource
 from bnrt.progress import Steps
 from bnrt.session import check_tf32
 from bnrt.verify.localise import Point, compare_points, divergence_at, first_divergence, fold_points
+from bnrt.verify.detections import compare_detections, detection_groups
 from bnrt.verify.metrics import (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, Comparison, LayerCheck,
-                                 Tolerances, accuracy, compare_output, truth_samples)
+                                 OutputMetrics, Tolerances, accuracy, compare_output, truth_samples)
 from bnrt.verify.onnxside import onnx_side
 from bnrt.verify.sides import Candidate, Side, batching, merge_inputs
 from bnrt.verify.torchside import check_device, torch_side
@@ -125,17 +126,33 @@ def _compare(ref_label: str, ref_out: list[np.ndarray], candidate: Candidate, da
     ref = ref_out if part is None else [o[:part] for o in ref_out]
     note(f"{candidate.label} on {sub.size} samples")
     out = run_batched(_fed_its_dtypes(candidate.side), sub, options.batch_size)
-    tol = options.tolerances
     if len(out) != len(ref):
         metrics = [compare_output("(outputs)", np.zeros(len(ref)), np.zeros(len(out)), 0.0, 0.0)]
     else:
-        metrics = [compare_output(n, r, c, *(tol.fixed(n) or (None, None)), top_k=options.top_k,
-                                  noise=pairs[i] if pairs else None, factor=tol.factor,
-                                  allow_nonfinite=tol.allow_nonfinite)
-                   for i, (n, r, c) in enumerate(zip(names, ref, out))]
+        metrics = _judged(names, ref, out, pairs, options)
+        matched = {names[i] for group in detection_groups(names, ref).values() for i in group.values()}
         errors.update({(candidate.label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(names, ref, out)
-                       if r.shape == c.shape})
+                       if r.shape == c.shape and n not in matched})  # detections are not position by position
     return Comparison(ref_label, candidate.label, metrics, samples=part, informational=candidate.informational), out
+
+
+def _judged(names: list[str], ref: list[np.ndarray], out: list[np.ndarray], pairs: list | None,
+            options: CheckOptions) -> list[OutputMetrics]:
+    """Each output's metrics: detection groups (``boxes``/``scores``/``labels``) by matching, the
+    rest position by position."""
+    tol = options.tolerances
+    judged: dict[int, OutputMetrics] = {}
+    for group in detection_groups(names, ref).values():
+        keyed = {key: names[i] for key, i in group.items()}
+        noise = tuple({key: pairs[i][k] for key, i in group.items()} for k in (0, 1)) if pairs else None
+        found = compare_detections(keyed, {key: ref[i] for key, i in group.items()},
+                                   {key: out[i] for key, i in group.items()}, fixed=tol.fixed(keyed["boxes"]),
+                                   noise=noise, factor=tol.factor)
+        judged.update({names.index(m.name): m for m in found})
+    return [judged.get(i) or compare_output(n, r, c, *(tol.fixed(n) or (None, None)), top_k=options.top_k,
+                                            noise=pairs[i] if pairs else None, factor=tol.factor,
+                                            allow_nonfinite=tol.allow_nonfinite)
+            for i, (n, r, c) in enumerate(zip(names, ref, out))]
 
 
 def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict], tolerances: Tolerances,
@@ -226,16 +243,18 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
     without fixed tolerances are judged against the reference's noise floor on the first
     ``truth_samples`` samples (``bnrt.verify.metrics``). Each failed comparison names its first
     divergent module unless ``options.localise`` is False; ``folds`` (default: every side's) are
-    the intended differences it skips. ``output_names``: default the reference's (or the first
-    candidate's, or numbered). ``note`` hears which run starts."""
+    the intended differences it skips. ``output_names``: default the reference file's (or the first
+    candidate file's, or the torch reference's structure: dict keys, else numbered). ``note``
+    hears which run starts."""
     note = note or (lambda text: None)
     made = dict(provider=options.provider, device=options.device, tf32=options.tf32)
     reference = side(reference, **made)
     candidates = _with_deployments([c if isinstance(c, Candidate) else Candidate(side(c, **made)) for c in candidates])
     note(f"{reference.label} on {data.size} samples")
+    declared = list(reference.output_names)  # a file's; a torch side names its outputs when it runs
     ref_out = run_batched(reference.runner, data, options.batch_size)
-    names = output_names or reference.output_names or next(
-        (c.side.output_names for c in candidates if c.side.output_names), numbered_outputs(len(ref_out)))
+    names = output_names or declared or next((c.side.output_names for c in candidates if c.side.output_names),
+                                             reference.output_names or numbered_outputs(len(ref_out)))
     folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
     pairs, truth = _noise_pairs(reference, ref_out, data, names, options.tolerances, note)
     acc = {reference.label: accuracy(ref_out[0], data.labels)} if data.labels is not None else {}

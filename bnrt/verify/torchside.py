@@ -18,7 +18,7 @@ from torch import nn
 
 from bnrt.errors import OptionError
 from bnrt.io.artifacts import folds_of
-from bnrt.io.export import flatten_outputs, model_input_names
+from bnrt.io.export import flatten_outputs, model_input_names, names_of_outputs
 from bnrt.io.data import Runner
 from bnrt.verify.metrics import NoiseReference, thinned
 from bnrt.verify.sides import Side
@@ -51,15 +51,19 @@ def model_device(model: nn.Module) -> torch.device:
     return next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
 
 
-def torch_runner(model: nn.Module, device: str | None = None, tf32: bool = False) -> Runner:
+def torch_runner(model: nn.Module, device: str | None = None, tf32: bool = False,
+                 names: list[str] | None = None) -> Runner:
     """Run ``model`` on numpy inputs; with ``device`` the model moves there (in place) on the first
-    run, its inputs follow it, and on CUDA TF32 is as ``tf32`` says (off: exact float32)."""
+    run, its inputs follow it, and on CUDA TF32 is as ``tf32`` says (off: exact float32). An empty
+    ``names`` list gets the outputs' names (``names_of_outputs``) on the first run."""
     def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         if device is not None and model_device(model).type != device:
             model.to(device)
         where = model_device(model)
         with torch.inference_mode(), torch_tf32(tf32 and where.type == "cuda"):
             out = model(*(torch.from_numpy(np.asarray(x)).to(where) for x in inputs))
+        if names is not None and not names:
+            names.extend(names_of_outputs(out))
         return [t.detach().cpu().numpy() for t in flatten_outputs(out)]
     return run
 
@@ -123,7 +127,9 @@ def torch_side(model: nn.Module, *, label: str = "torch", input_shapes: list[tup
     names = model_input_names(model, input_shapes)
     if folds is None and isinstance(getattr(model, "bnrt_folded", None), tuple):
         folds = folds_of(*model.bnrt_folded)
-    return Side(label=label + (" cuda" if device == "cuda" else ""), runner=torch_runner(model, device, bool(tf32)),
+    outputs: list[str] = []  # named on the first run: the output's structure is known then
+    return Side(label=label + (" cuda" if device == "cuda" else ""), runner=torch_runner(model, device, bool(tf32), outputs),
+                output_names=outputs,
                 input_names=names, input_shapes=list(input_shapes) if input_shapes else [None] * len(names),
                 input_dtypes=[None] * len(names), taps=lambda xs, names=None, limit=None: torch_taps(model, xs, names, limit),
                 folds=list(folds or []), noise=float64_noise(model),

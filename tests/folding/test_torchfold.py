@@ -10,10 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnrt
-from bnrt.errors import CaptureError, HealthError
+from bnrt.errors import HealthError
 
 from ..conftest import assert_folds_exactly, randomise_bn
-from ..nets import DataDependent
 
 CONV = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
 
@@ -247,14 +246,6 @@ def test_near_dead_channel_is_reported():
     result = bnrt.fold(model, (torch.randn(2, 3, 4, 4),))
     assert result.decisions[0].status == "folded"
     assert result.decisions[0].warnings == ("1 near-dead channel(s) with |gamma/sigma| > 1000 (max 3.16e+03), e.g. channel 2",)
-
-
-def test_model_neither_tracer_captures_is_a_capture_error_naming_both():
-    with pytest.raises(CaptureError) as err:
-        bnrt.fold(DataDependent().eval(), (torch.ones(2, 3, 4, 4),))
-    message = str(err.value)
-    assert message.startswith("cannot capture a graph of DataDependent: torch.fx: TraceError: symbolically traced")
-    assert "; torch.export: " in message
 
 
 class ShapeDependent(nn.Module):

@@ -747,3 +747,17 @@ def test_branches_on_one_input_behind_an_identity_merge():
     assert [(m.target.name, [b.name for b in m.bns]) for m in result.merges] == [("cheap.0", ["fusion_bn.0"])]
     with torch.no_grad():
         assert float((result.model(x) - model(x)).abs().max()) <= 1e-12
+
+
+class _Conv3DSimple(torch.nn.Conv3d):
+    """As torchvision's video nets subclass Conv3d: another module, the same forward."""
+
+
+def test_a_layer_subclass_keeping_its_forward_is_a_layer_not_code():
+    model = torch.nn.Sequential(_Conv3DSimple(3, 4, 3, padding=1), torch.nn.BatchNorm3d(4)).eval()
+    randomise_bn(model[1], torch.Generator().manual_seed(2))
+    x = torch.randn(2, 3, 4, 6, 6)
+    result = bnrt.fold(model, (x,))
+    assert result.tracer == "torch.fx" and result.decisions[0].into == ("0",)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)

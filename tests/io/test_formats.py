@@ -368,8 +368,9 @@ def test_a_trace_that_bakes_the_batch_into_a_reshape_is_not_passed_off_as_dynami
 
     from bnrt.io.export import export_onnx
 
-    with pytest.raises(InputError, match=r"batch axis of input 'x' came out fixed at 2; the torchscript exporter: "
-                                         r"the graph declares a dynamic batch but runs only at the traced one \(batch 3"):
+    with pytest.raises(InputError, match=r"the dynamo exporter fixed axis 0 of input 'x' at 2; the torchscript "
+                                         r"exporter's graph declares x:0 dynamic but runs only at the traced size "
+                                         r"\(inputs of shape \(3, 3, 16, 16\): "):
         export_onnx(Flat().eval(), (torch.randn(1, *SHAPE),), tmp_path / "flat.onnx", names=(["x"], ["y"]))
     assert not (tmp_path / "flat.onnx").exists()
 

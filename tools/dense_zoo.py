@@ -161,6 +161,8 @@ def anchor(name: str, recipe: tuple, model, shape: list[int], out: Path) -> dict
         return {"what": "torch.onnx.export" if recipe[0] != "yolo" else "Ultralytics export", "error": _first(exc)}
     row = {"what": what, "bn_nodes": count_ops(onnx.load(str(path)), "BatchNormalization"),
            "wall_s": round(time.perf_counter() - start, 1)}
+    if recipe[:2] == ("tv", "detection"):  # detections in a tie-broken order: positions are not comparable
+        return row
     try:
         row["agreement"] = agreement(path, model, [shape])
     except Exception as exc:
@@ -206,7 +208,8 @@ def fold(entry: tuple, out: Path) -> dict:
 def _cell_anchor(a: dict) -> str:
     if "error" in a:
         return f"{a['what']} failed: {a['error']}"
-    agree = f", {next(iter(a['agreement'].values())):.1e}" if "agreement" in a else f", {a.get('run_error', '')}"
+    agree = (f", {next(iter(a['agreement'].values())):.1e}" if "agreement" in a else
+             f", {a['run_error']}" if "run_error" in a else "")
     return f"{a['what']}: {a['bn_nodes']} BN{agree}"
 
 

@@ -157,14 +157,16 @@ def _judged(names: list[str], ref: list[np.ndarray], out: list[np.ndarray], pair
 
 def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict], tolerances: Tolerances,
              noisy: bool):
-    """First divergent module between two sides, on the first few samples; judged against the
+    """First divergent module between two sides, on the first few samples, each module output
+    thinned to about ``POINT_VALUES`` values per sample (every channel kept); judged against the
     reference's noise floor per module when ``noisy`` (the check used it), else by tolerances."""
     if reference.taps is None or candidate.taps is None:
         return None
     head = [x[:LOCALISE_SAMPLES] for x in data.inputs]
-    ref_taps, cand_taps = reference.taps(head), candidate.taps(head)
+    # thinned: every module's whole output, three runs of a detector at 800x800, would not fit in memory
+    ref_taps, cand_taps = reference.taps(head, None, POINT_VALUES), candidate.taps(head, None, POINT_VALUES)
     if noisy and reference.noise is not None and reference.noise.taps is not None:
-        noise = reference.noise.anchor_and_noisy(ref_taps, reference.noise.taps(head))
+        noise = reference.noise.anchor_and_noisy(ref_taps, reference.noise.taps(head, None, POINT_VALUES))
         return first_divergence(ref_taps, cand_taps, folds, None, noise, tolerances.factor, tolerances.allow_nonfinite)
     return first_divergence(ref_taps, cand_taps, folds, tolerances.fixed("") or (DEFAULT_ATOL, DEFAULT_RTOL),
                             allow_nonfinite=tolerances.allow_nonfinite)

@@ -30,8 +30,9 @@ KEYS = ("boxes", "scores", "labels")
 
 def detection_groups(names: Sequence[str], outputs: Sequence[np.ndarray]) -> dict[str, dict[str, int]]:
     """Output indices of each detection group: outputs named ``[prefix.]boxes`` (samples, rows, 4)
-    and ``[prefix.]scores`` (samples, rows), ``labels`` (samples, rows) optional, keyed by the
-    prefix. Raw head outputs under those names (YOLO's ``boxes``: (samples, 64, anchors)) are not."""
+    and ``[prefix.]scores`` (samples, rows), ``labels`` (samples, rows) optional, and the prefix's
+    other outputs with a value per detection (samples, rows, ...: ``keypoints``, ``masks``), keyed
+    by the prefix. Raw head outputs under those names (YOLO's ``boxes``: (samples, 64, anchors)) are not."""
     groups: dict[str, dict[str, int]] = {}
     for i, name in enumerate(names):
         prefix, _, key = name.rpartition(".")
@@ -44,7 +45,10 @@ def detection_groups(names: Sequence[str], outputs: Sequence[np.ndarray]) -> dic
         boxes = outputs[group["boxes"]].shape
         rows = [outputs[i].shape for key, i in group.items() if key != "boxes"]
         if len(boxes) == 3 and boxes[2] == 4 and all(r == boxes[:2] for r in rows):
-            found[prefix] = group
+            # every other per-detection output of the prefix (keypoints, masks): compared on the matches
+            found[prefix] = {**group, **{name.rpartition(".")[2]: i for i, name in enumerate(names)
+                                         if name.rpartition(".")[0] == prefix and name.rpartition(".")[2] not in group
+                                         and outputs[i].shape[:2] == boxes[:2] and outputs[i].ndim > 2}}
     return found
 
 
@@ -57,16 +61,17 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), (a[:, None] == b[None, :]).all(axis=2))
 
 
-def _image(group: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+def _image(group: dict[str, np.ndarray], n: int) -> tuple:
     """One image's boxes, scores, labels without the padding rows (score and box NaN, label -1),
-    and how many other rows hold a NaN or Inf (a broken detection, never padding)."""
+    how many other rows hold a NaN or Inf (a broken detection, never padding), and the rows kept."""
     scores = group["scores"][n].astype(np.float64).reshape(-1)
     boxes = group["boxes"][n].astype(np.float64).reshape(-1, 4)
     labels = group.get("labels")
     labels = None if labels is None else labels[n].reshape(-1)
     padding = np.isnan(scores) & np.isnan(boxes).all(axis=1) & (True if labels is None else labels == -1)
     finite = np.isfinite(scores) & np.isfinite(boxes).all(axis=1)
-    return boxes[finite], scores[finite], None if labels is None else labels[finite], int(np.sum(~finite & ~padding))
+    return (boxes[finite], scores[finite], None if labels is None else labels[finite], int(np.sum(~finite & ~padding)),
+            finite)
 
 
 def match(ref: tuple, cand: tuple) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
@@ -127,15 +132,15 @@ class Matching:
 def matching(ref: dict, cand: dict, images: int, tolerance) -> Matching:
     """``ref``'s and ``cand``'s detections matched on the first ``images`` (``tolerance(score)``: how
     far noise may move a score)."""
-    values: dict[str, tuple[list, list]] = {"boxes": ([], []), "scores": ([], [])}
+    values: dict[str, tuple[list, list]] = {k: ([], []) for k in ref if k != "labels"}
     count, worst, broken = 0, None, 0
     for n in range(images):
         r, c = _image(ref, n), _image(cand, n)
         broken += r[3] + c[3]
         pairs, lost, extra = match(r, c)
-        for key, k in (("boxes", 0), ("scores", 1)):
-            values[key][0].append(r[k][[i for i, _ in pairs]].reshape(-1))
-            values[key][1].append(c[k][[j for _, j in pairs]].reshape(-1))
+        for key, (mine, theirs) in values.items():  # matched rows of every per-detection output
+            mine.append(ref[key][n][r[4]][[i for i, _ in pairs]].astype(np.float64).reshape(-1))
+            theirs.append(cand[key][n][c[4]][[j for _, j in pairs]].astype(np.float64).reshape(-1))
         lost, extra = _tie_swaps(lost, extra, r, c, tolerance)
         cut = min((float(s.min()) for s in (r[1], c[1]) if len(s)), default=-np.inf)
         above = [float(scores[i]) for rows, scores in ((lost, r[1]), (extra, c[1]))
@@ -178,9 +183,7 @@ def compare_detections(names: dict[str, str], ref: dict[str, np.ndarray], cand: 
         problem = found.problem("")  # (the broken rows first: they explain the unmatched ones)
     pairs = found.values
     metrics = []
-    for key in KEYS:
-        if key not in names:
-            continue
+    for key in names:
         if key == "labels":  # equal on every matched pair by construction: the matching is its test
             out = compare_output(names[key], np.zeros(1), np.zeros(1), 0.0, 0.0)
         else:

@@ -124,3 +124,22 @@ def test_a_candidate_with_fewer_or_broken_detections_is_not_excused_by_its_own_c
     broken = _image(BOXES[:3], SCORES[:3], LABELS[:3])
     broken["scores"][0, 1] = np.nan  # not padding: its box and label are there
     assert _judge(ref, broken)["boxes"].problem == "1 detection(s) hold NaN or Inf"
+
+
+def test_other_per_detection_outputs_are_compared_on_the_matches():
+    ref = _image(BOXES, SCORES, LABELS, rows=5)  # one padding row
+    points = np.full((1, 5, 17, 3), np.nan, np.float32)  # keypoints, padded like the boxes
+    points[0, :4] = np.random.default_rng(0).uniform(0, 50, (4, 17, 3))
+    ref["keypoints"] = points
+    names = {**NAMES, "keypoints": "keypoints"}
+    arrays = [ref[k] for k in names]
+    assert detection_groups(list(names), arrays) == {"": {"boxes": 0, "scores": 1, "labels": 2, "keypoints": 3}}
+    order = [3, 1, 0, 2]
+    cand = _image(BOXES[order], SCORES[order], LABELS[order], rows=4)
+    cand["keypoints"] = points[:, order].copy()
+    metrics = {m.name: m for m in compare_detections(names, ref, cand, fixed=(1e-4, 1e-3), noise=None, factor=8.0)}
+    assert all(m.passed for m in metrics.values()) and metrics["keypoints"].max_abs == 0
+    cand["keypoints"][0, 0, 5, 1] += 1.0  # one keypoint of one matched detection moved
+    metrics = {m.name: m for m in compare_detections(names, ref, cand, fixed=(1e-4, 1e-3), noise=None, factor=8.0)}
+    assert not metrics["keypoints"].passed and metrics["keypoints"].max_abs == pytest.approx(1.0, rel=1e-5)
+    assert metrics["boxes"].passed

@@ -11,17 +11,17 @@ import time
 from bnrt.cli.groups import CheckArgs, ProgressArgs, RuntimeArgs, ShapeArgs, SourceArgs, positive
 from bnrt.errors import EXIT_NO_ONNX, InputError
 from bnrt.io.export import DEFAULT_OPSET
-from bnrt.io.shapes import format_axes
+from bnrt.io.shapes import ShapeOptions, format_axes
 from bnrt.io.source import PROGRAMS
 
 
-def _print_dynamic(report: dict, args: argparse.Namespace) -> None:
+def _print_dynamic(report: dict, shapes: ShapeOptions) -> None:
     """The dynamic axes, when any besides the batch was asked for, and those fixed by --static-ok."""
     held = report.get("dynamic_axes")
-    if held is None or not (args.dynamic_axes or args.static_ok):
+    if held is None or not (shapes.dynamic or shapes.static_ok):
         return
     print(f"dynamic axes: {format_axes(held)}")
-    asked = ShapeArgs.build(args).dynamic or {}
+    asked = shapes.dynamic or {}
     fixed = [f"axis {a} of {n!r}" for n, axes in held.items() for a in asked.get(n, asked.get(None, (0,)))
              if a not in axes]
     if fixed:
@@ -35,10 +35,11 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     source, check = SourceArgs.build(args, args.model), None if args.no_check else CheckArgs.build(args)
+    shapes = ShapeArgs.build(args)
     SourceArgs.refuse_on_onnx(args, source, "; an ONNX file is folded as it is", ("opset", "exporter", *ShapeArgs.FLAGS))
     outcome = fold_file(source, args.output_dir, check=check,
                         opset=DEFAULT_OPSET if args.opset is None else args.opset, exporter=args.exporter or "dynamo",
-                        progress=ProgressArgs.build(args), shapes=ShapeArgs.build(args))
+                        progress=ProgressArgs.build(args), shapes=shapes)
     for note in outcome.report["source"].get("notes", []):
         print(f"{source.path}: {note}")
     print(decision_table(outcome.result.decisions))
@@ -53,7 +54,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     if not_written is None:
         print(f"BatchNormalization nodes in {'the folded ONNX' if outcome.kind == 'onnx' else 'ONNX'}: "
               f"{outcome.onnx_batchnorm_nodes}")
-    _print_dynamic(outcome.report, args)
+    _print_dynamic(outcome.report, shapes)
     used = outcome.report["exporter"]
     if outcome.kind not in ("onnx", *PROGRAMS) and used not in (None, args.exporter or "dynamo"):
         print(f"exported by the {used} exporter: the {args.exporter or 'dynamo'} one failed or fixed the batch axis")

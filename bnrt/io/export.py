@@ -219,6 +219,7 @@ def _export_trying(model: nn.Module, args: tuple, tmp: Path, names: tuple[list[s
     none succeeded: ``Specialised`` when some exporter specialised an axis."""
     problems: list[str] = []
     fixed: set[tuple[str, int]] = set()
+    wanted: list | None = None  # the eager model's output shapes on the probes, run once for every exporter
     for name in [exporter] + (["torchscript"] if exporter == "dynamo" and opset <= TORCHSCRIPT_MAX_OPSET else []):
         raise_if_stopped()  # an exporter strategy that swallowed Ctrl-C does not start the next one
         try:
@@ -241,7 +242,10 @@ def _export_trying(model: nn.Module, args: tuple, tmp: Path, names: tuple[list[s
             continue
         spatial = any(a for axes in dynamic.values() for a in axes)
         # the dynamo exporter's symbolic batch is its own (torch.export's guards); a trace's is declared only
-        pinned = _pinned_inside(proto, model, probes) if spatial or (dynamic and name == "torchscript") else None
+        pinned = None
+        if spatial or (dynamic and name == "torchscript"):
+            wanted = _eager_shapes(model, probes) if wanted is None else wanted
+            pinned = _pinned_inside(proto, probes, wanted)
         if pinned is None:
             return proto, name
         fixed |= {(n, a) for n, axes in dynamic.items() for a in axes if a}  # which one is unknown: all but batch
@@ -265,24 +269,33 @@ class Specialised(ExportError):
         self.fixed = fixed
 
 
-def _pinned_inside(proto: onnx.ModelProto, model: nn.Module, probes: list[tuple]) -> str | None:
+def _eager_shapes(model: nn.Module, probes: list[tuple]) -> list[list[tuple] | str]:
+    """The eager model's output shapes on each probe (why it fails there, where it does)."""
+    shapes: list[list[tuple] | str] = []
+    for inputs in probes:
+        try:
+            with torch.no_grad():
+                shapes.append([tuple(t.shape) for t in flatten_outputs(model(*inputs))])
+        except Exception as exc:
+            shapes.append(f"the eager model fails there too: {type(exc).__name__}: {first_line(exc)}")
+    return shapes
+
+
+def _pinned_inside(proto: onnx.ModelProto, probes: list[tuple], wanted: list[list[tuple] | str]) -> str | None:
     """Why the graph fails on one of the ``probes`` (a trace bakes the example's sizes into reshapes
     while the declared axes stay symbolic), or None when it runs on each and gives the eager model's
-    output shapes."""
-    for inputs in probes:
+    output shapes (``wanted``, ``_eager_shapes``)."""
+    for inputs, shapes in zip(probes, wanted):
         at = f"inputs of shape {', '.join(str(tuple(x.shape)) for x in inputs)}"
         try:
             outputs = list(probe(proto, [], [x.numpy() for x in inputs]).values())
         except Exception as exc:  # ORT's shape errors
             return f"{at}: {first_line(exc)}"
-        try:
-            with torch.no_grad():
-                wanted = [tuple(t.shape) for t in flatten_outputs(model(*inputs))]
-        except Exception as exc:
-            return f"{at}: the eager model fails there too: {type(exc).__name__}: {first_line(exc)}"
+        if isinstance(shapes, str):
+            return f"{at}: {shapes}"
         got = [tuple(o.shape) for o in outputs]
-        if got != wanted:
-            return f"{at} give outputs of shape {', '.join(map(str, got))}, the model {', '.join(map(str, wanted))}"
+        if got != shapes:
+            return f"{at} give outputs of shape {', '.join(map(str, got))}, the model {', '.join(map(str, shapes))}"
     return None
 
 

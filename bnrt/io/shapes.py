@@ -108,6 +108,14 @@ def further_shapes(dynamic: dict[str, tuple[int, ...]], shapes: list[tuple[int, 
     return sets
 
 
+def within(further: list[list[tuple[int, ...]]], dynamic: dict[str, list[int] | tuple[int, ...]], names: list[str],
+           shapes: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+    """The further shape sets that differ from the example's ``shapes`` (inputs ``names``) on
+    ``dynamic`` axes only."""
+    return [f for f in further if all(a in dynamic.get(n, ()) for n, s, g in zip(names, shapes, f)
+                                      for a in range(1, len(s)) if s[a] != g[a])]
+
+
 @dataclass(frozen=True)
 class ShapeOptions:
     """The export's dynamic axes (``dynamic``: a ``Spec``, None: the batch axes), whether axes no

@@ -29,9 +29,9 @@ from bnrt.io.data import Dataset, InputSpec, make_inputs
 from bnrt.io.export import DEFAULT_OPSET, PROGRAM_EXPORTERS, count_ops, dynamic_axes_of, export_program, is_records, names_of_outputs
 from bnrt.io.load import load
 from bnrt.io.save import atomic_path, publish, refuse_overwrite, staging, write_json, write_torch
-from bnrt.io.shapes import ShapeOptions, further_shapes, resolve_dynamic
+from bnrt.io.shapes import ShapeOptions, further_shapes, resolve_dynamic, within
 from bnrt.io.source import KIND_NAMES, PROGRAMS, Loaded, ModelSource, file_sha256
-from bnrt.pipeline.exporting import ExportJob, check_further, exported, probes
+from bnrt.pipeline.exporting import check_further, exported, probes
 from bnrt.progress import Steps
 from bnrt.session import resolve_provider
 from bnrt.verify.certify import Certificate, certify
@@ -126,18 +126,18 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
             out_names = names_of_outputs(sample)
     with staging(out) as stage:
         with steps.step("export"):
-            export = ExportJob(result.model, example, stage / names["onnx"], (original.input_names, out_names), opset,
-                               exporter, onnx_metadata(loaded.sha256, planned.decisions, planned.merges), dynamic,
-                               probes(loaded.model, dataset, dynamic, further, source.path, options.inputs),
-                               shapes.static_ok)
-            proto, exporter, not_written = exported(export, is_records(sample))
+            proto, exporter, not_written = exported(
+                is_records(sample), result.model, example, stage / names["onnx"],
+                names=(original.input_names, out_names), opset=opset, exporter=exporter,
+                metadata=onnx_metadata(loaded.sha256, planned.decisions, planned.merges), dynamic=dynamic,
+                probe_inputs=probes(loaded.model, dataset, dynamic, further, source.path, options.inputs),
+                static_ok=shapes.static_ok)
             del sample
             if proto is None:
                 names = {k: v for k, v in names.items() if k != "onnx"}
             batchnorm_nodes = None if proto is None else count_ops(proto, "BatchNormalization")
             held = dynamic_axes_of(proto) if proto is not None else dynamic
-            further = [f for f in further if all(a in held.get(n, ()) for n, s, g in zip(dynamic, dataset.shapes(), f)
-                                                 for a in range(1, len(s)) if s[a] != g[a])]
+            further = within(further, held, original.input_names, dataset.shapes())  # --static-ok may have fixed some axes
         with steps.step("save"):
             write_torch(stage / names["folded"], folded_checkpoint(result, loaded, dataset.shapes()))
         report_check = None

@@ -1,12 +1,11 @@
-"""The torch fold's ONNX export and its checks at further input shapes: what ``export_onnx`` is
-called with (``ExportJob``), the file not written when no exporter can export the folded model
-(``exported``), the inputs the export is verified on (``probes``), and the folded model and the file
+"""The torch fold's ONNX export and its checks at further input shapes: the file not written
+when no exporter can export the folded model (``exported``), the inputs the export is verified on (``probes``), and the folded model and the file
 checked again at each further shape (``check_further``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -28,33 +27,18 @@ RECORDS_NOT_EXPORTED = ("the model returns one dict of tensors per image (torchv
                         "detections) does not export with a dynamic batch")
 
 
-@dataclass
-class ExportJob:
-    """What ``export_onnx`` is called with for a fold."""
-
-    model: torch.nn.Module
-    example: tuple
-    path: Path
-    names: tuple
-    opset: int
-    exporter: str
-    metadata: dict
-    dynamic: dict[str, tuple[int, ...]]
-    probe: list[tuple] | None
-    static_ok: bool
-
-
-def exported(job: ExportJob, records: bool) -> tuple[onnx.ModelProto | None, str | None, str | None]:
-    """The exported ONNX graph and the exporter that wrote it, or (None, None, why) when no
-    exporter can export the folded model: the folded checkpoint is still written, and checked."""
+def exported(records: bool, model: torch.nn.Module, example: tuple, path: Path,
+             **options) -> tuple[onnx.ModelProto | None, str | None, str | None]:
+    """``export_onnx(model, example, path, **options)`` and the exporter that wrote the file, or
+    (None, None, why) when no exporter can export the folded model (``records``: it returns one dict
+    per image): the folded checkpoint is still written, and checked."""
     if records:
         return None, None, RECORDS_NOT_EXPORTED
     try:
-        proto = export_onnx(job.model, job.example, job.path, names=job.names, opset=job.opset, metadata=job.metadata,
-                            exporter=job.exporter, dynamic=job.dynamic, probe_inputs=job.probe, static_ok=job.static_ok)
+        proto = export_onnx(model, example, path, **options)
     except ExportError as exc:
         return None, None, str(exc)
-    return proto, next((p.value for p in proto.metadata_props if p.key == EXPORTER_KEY), job.exporter), None
+    return proto, next((p.value for p in proto.metadata_props if p.key == EXPORTER_KEY), options["exporter"]), None
 
 
 def _random_at(shapes: list[tuple[int, ...]], count: int, spec: InputSpec, dtypes: list) -> Dataset:

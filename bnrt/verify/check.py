@@ -129,20 +129,21 @@ def _compare(ref_label: str, ref_out: list[np.ndarray], candidate: Candidate, da
     if len(out) != len(ref):
         metrics = [compare_output("(outputs)", np.zeros(len(ref)), np.zeros(len(out)), 0.0, 0.0)]
     else:
-        metrics = _judged(names, ref, out, pairs, options)
-        matched = {names[i] for group in detection_groups(names, ref).values() for i in group.values()}
+        groups = list(detection_groups(names, ref).values())
+        metrics = _judged(names, ref, out, pairs, options, groups)
+        matched = {names[i] for group in groups for i in group.values()}
         errors.update({(candidate.label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(names, ref, out)
                        if r.shape == c.shape and n not in matched})  # detections are not position by position
     return Comparison(ref_label, candidate.label, metrics, samples=part, informational=candidate.informational), out
 
 
 def _judged(names: list[str], ref: list[np.ndarray], out: list[np.ndarray], pairs: list | None,
-            options: CheckOptions) -> list[OutputMetrics]:
-    """Each output's metrics: detection groups (``boxes``/``scores``/``labels``) by matching, the
-    rest position by position."""
+            options: CheckOptions, groups: list[dict[str, int]]) -> list[OutputMetrics]:
+    """Each output's metrics: the detection ``groups`` (``boxes``/``scores``/``labels``, output
+    indices by key) by matching, the rest position by position."""
     tol = options.tolerances
     judged: dict[int, OutputMetrics] = {}
-    for group in detection_groups(names, ref).values():
+    for group in groups:
         keyed = {key: names[i] for key, i in group.items()}
         noise = tuple({key: pairs[i][k] for key, i in group.items()} for k in (0, 1)) if pairs else None
         found = compare_detections(keyed, {key: ref[i] for key, i in group.items()},

@@ -37,6 +37,7 @@ zoo: $(ZOO_STAMP)
 	$(ZOO_VENV)/bin/python -m tools.real_zoo -o docs/REAL_ZOO.md
 	$(ZOO_VENV)/bin/python -m tools.shipped_zoo -o docs/REAL_ZOO.md
 	$(ZOO_VENV)/bin/python -m tools.dense_zoo -o docs/REAL_ZOO.md
+	$(ZOO_VENV)/bin/python -m tools.foreign_zoo -o docs/REAL_ZOO.md
 
 # every generated doc but REAL_ZOO.md (make zoo); each records commit, date, machine, versions
 docs: $(STAMP)

@@ -66,8 +66,8 @@ def positive(args: argparse.Namespace, *names: str) -> None:
 class SourceArgs:
     """Model source flags -> ``ModelSource``; ``shapes``: the command takes ``--input-shape``."""
 
-    TORCH_ONLY = ("input_shape", "arch", "trust_pickle", "trust_code", "state_dict_key", "strip_prefix")
-    PROGRAM_FLAGS = {"torchscript": ("input_shape", "opset"), "exported": ("input_shape", "trust_pickle", "opset")}
+    TORCH_ONLY = ("arch", "trust_pickle", "trust_code", "state_dict_key", "strip_prefix")
+    PROGRAM_FLAGS = {"torchscript": ("opset",), "exported": ("trust_pickle", "opset")}
 
     def __init__(self, shapes: bool = True):
         self.shapes = shapes

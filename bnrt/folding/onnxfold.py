@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 from . import engine, onnxscope
 from bnrt.folding.decision import Decision, DecisionSet
 from bnrt.errors import InputError, first_line
+from bnrt.folding.onnxconst import CHAIN_OPS
 from bnrt.folding.onnxgraph import OnnxLayer, OnnxView, label
 from bnrt.folding.engine import Plan
 from bnrt.folding.reparam import Merge
@@ -88,7 +89,9 @@ class _Writer:
                     node.input[i] = new
 
     def write(self, layer_name: str, layer: OnnxLayer, weight: np.ndarray, bias: np.ndarray) -> None:
-        """Store a folded layer, cast once to the layer's dtype; ``written[layer_name]`` names its tensors."""
+        """Store a folded layer, cast once to the layer's dtype; ``written[layer_name]`` names its
+        tensors. A split bias (``OnnxLayer.add``) joins a Conv's or Gemm's own bias input (the Add
+        goes, the node produces its output); a MatMul's stays in its Add."""
         node, name = layer.node, label(layer.node)
         if layer.kind in ("conv", "convtranspose"):
             node.input[1] = self.const(f"{name}.weight", weight.astype(layer.dtype))
@@ -114,6 +117,11 @@ class _Writer:
                 add = helper.make_node("Add", [node.output[0], bias_name], [out], name=f"{name}.bnrt_bias")
                 index = list(self.graph.node).index(node)
                 self.graph.node.insert(index + 1, add)
+                layer.add = self.graph.node[index + 1]  # the layer's output node from now on (``final``)
+            return
+        if layer.add is not None and layer.add in self.graph.node:
+            node.output[0] = layer.add.output[0]
+            self.graph.node.remove(layer.add)
 
     def bypass(self, node: onnx.NodeProto, outputs: set[str]) -> None:
         """Remove a folded BN: its readers read its input; a BN output in ``outputs`` (graph outputs,
@@ -130,19 +138,22 @@ class _Writer:
 
 
 def _prune(graph: onnx.GraphProto) -> None:
-    """Drop initializers, Constant and Identity nodes that nothing uses any more (bodies' reads by
-    name are uses)."""
+    """Drop initializers, and Constant nodes and the nodes constants pass through
+    (``onnxconst.CHAIN_OPS``), that nothing uses any more (bodies' reads by name are uses)."""
     outputs = {o.name for o in graph.output} | set(onnxscope.scope_readers(graph))
+    removable = {"Constant", *CHAIN_OPS}
     changed = True
     while changed:
         used = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type in ("Constant", "Identity") and not any(o in used for o in n.output)]
+        dead = [n for n in graph.node if n.op_type in removable and not any(o in used for o in n.output)]
         for n in dead:
             graph.node.remove(n)
         changed = bool(dead)
     used = {i for n in graph.node for i in n.input} | outputs | {i.name for i in graph.input}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
+    for sparse in [s for s in graph.sparse_initializer if s.values.name not in used]:
+        graph.sparse_initializer.remove(sparse)
     live = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     for vi in [v for v in graph.value_info if v.name not in live]:
         graph.value_info.remove(vi)
@@ -160,13 +171,16 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
         raise InputError(f"{where}: invalid ONNX graph ({first_line(exc)})") from exc
 
 
-def fold_onnx(model: onnx.ModelProto, where: str = "model") -> OnnxFoldResult:
+def fold_onnx(model: onnx.ModelProto, where: str = "model",
+              input_shapes: dict[str, tuple] | None = None) -> OnnxFoldResult:
     """Fold every foldable BatchNormalization of ``model``'s main graph (a copy; ``model`` is left
-    unchanged). Each BN gets a decision, in graph order."""
+    unchanged). Each BN gets a decision, in graph order. ``input_shapes`` (by input name, with
+    batch): the shapes symbolic dims take where planning needs values' shapes
+    (``bnrt.folding.onnxshapes``)."""
     check_model(model, where)
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    view = OnnxView(folded)
+    view = OnnxView(folded, input_shapes)
     plan = engine.plan(view)
     stats = {id(d): view.bn_stats(bn) for d, bn in zip(plan.decisions, plan.sites) if d.folded}
     exact = engine.fold_weights(plan, lambda layer: (layer.data.weight, layer.data.bias),
@@ -177,13 +191,21 @@ def fold_onnx(model: onnx.ModelProto, where: str = "model") -> OnnxFoldResult:
     for decision, bn in zip(plan.decisions, plan.sites):
         if decision.folded and decision.direction != "merge":
             writer.bypass(bn.node, view.outputs | set(view.scoped))
-    for merge in plan.merges:  # the target conv produces the sum; the other branches and the Adds go
+    for merge in plan.merges:  # the target produces the sum; the other branches and the Adds go
         for node in [*merge.adds, *(c.data.node for c in merge.convs), *(b.node for b in merge.bns)]:
             folded.graph.node.remove(node)
-        merge.target.data.node.output[0] = merge.root.output[0]
+        merge.target.data.final.output[0] = merge.root.output[0]
     _prune(folded.graph)
     return OnnxFoldResult(folded, plan.decisions, engine.fp16_overflow(exact), plan.merges, plan, stats,
                           writer.written)
+
+
+def declared_shapes(model: onnx.ModelProto) -> dict[str, tuple | None]:
+    """The shapes a model's graph inputs declare, by name (None dims: symbolic; None: no shape)."""
+    inits = {i.name for i in model.graph.initializer}
+    return {vi.name: tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                           for d in vi.type.tensor_type.shape.dim) if vi.type.tensor_type.HasField("shape") else None
+            for vi in model.graph.input if vi.name not in inits}
 
 
 def load_onnx(path) -> onnx.ModelProto:

@@ -1,10 +1,12 @@
 """The ONNX backend of the fold engine: a ``GraphView`` over an ONNX model's main graph.
 
 BatchNorms are ``BatchNormalization`` nodes (graph order). Layers are Conv, ConvTranspose, Gemm
-and MatMul nodes with constant weights (a MatMul with the Add of a constant bias after it is one
-layer). Pass-through ops are Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity and Dropout
+and MatMul nodes with constant weights (``bnrt.folding.onnxconst``: initializers, Constant nodes,
+either through Identity/Cast/Reshape/Unsqueeze), a per-channel constant ``Add`` straight after one
+being its bias (a split bias). Pass-through ops are Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity and Dropout
 in inference (no training_mode, mask unused), their channel maps replayed with numpy; Reshape target shapes computed in the graph
-(``Shape -> Gather -> Concat``) come from one ORT run of the model on zeros. ``Shape`` and
+(``Shape -> Gather -> Concat``) come from one ORT run of the model on zeros, and so do the shapes
+static inference cannot give (symbolic dims), at the input shapes given for planning. ``Shape`` and
 ``Size`` read only metadata and are not uses of a value. A value an ``If``/``Loop``/``Scan`` body
 reads by name is used by that body (``SubgraphRead``); BatchNorms inside bodies are listed and
 refused (``in-subgraph``): bnrt folds the main graph only (``bnrt.folding.onnxscope``).
@@ -17,13 +19,15 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from . import onnxscope
+from bnrt.folding.onnxconst import Constants
+from bnrt.folding.onnxshapes import ValueShapes
 from bnrt.folding.decision import NotFoldable
 from bnrt.folding.view import BnSite, BnStats, Layer
-from bnrt.session import probe
 
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _PASSTHROUGH_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 _METADATA_OPS = {"Shape", "Size"}
 
@@ -64,18 +68,6 @@ def label(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-def inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    """Static shapes (None for symbolic dims) of every value ONNX shape inference can type. Folding
-    keeps every value's shape, so this is computed once per model."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        if vi.type.tensor_type.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                    for d in vi.type.tensor_type.shape.dim)
-    return shapes
-
-
 @dataclass
 class OnnxLayer:
     """A foldable node's weights in the neutral layout (conv layout, or [out, in] for Gemm/MatMul)."""
@@ -85,12 +77,18 @@ class OnnxLayer:
     weight: np.ndarray
     bias: np.ndarray | None
     dtype: np.dtype
-    add: onnx.NodeProto | None = None  # MatMul's bias Add
+    add: onnx.NodeProto | None = None  # the bias Add after the node (a split bias), part of the layer
     add_const_index: int = 1
 
     @property
     def output_node(self) -> onnx.NodeProto:
         return self.add or self.node
+
+    @property
+    def final(self) -> onnx.NodeProto:
+        """The node producing the layer's output once written (``onnxfold``): a Conv's or Gemm's
+        split bias joins the node, a MatMul's stays in its Add."""
+        return self.add if self.add is not None and self.kind == "matmul" else self.node
 
 
 class OnnxView:
@@ -98,15 +96,15 @@ class OnnxView:
 
     keeps_structure = False
 
-    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple] | None = None):
+    def __init__(self, model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = None):
         self.model = model
         self.graph = model.graph
-        self.shapes = shapes if shapes is not None else inferred_shapes(model)
+        self.shapes = ValueShapes(model, input_shapes)
         self.folded: list[onnx.NodeProto] = []
         self.values: dict[str, GraphValue] = {}
         self.nested: dict[int, str] = {}  # id of a BN inside a body -> that body, for people
         self.refresh()
-        self.runtime = _runtime_shapes(model, self)
+        self.runtime = _reshape_targets(self)
 
     def refresh(self) -> None:
         self.nodes = list(self.graph.node)
@@ -117,30 +115,15 @@ class OnnxView:
                 self.consumers.setdefault(i, []).append(n)
         self.outputs = {o.name for o in self.graph.output}
         self.inits = {i.name: i for i in self.graph.initializer}
+        self.constants = Constants(self.graph, self.producer)
+        self._layers: dict[int, OnnxLayer | NotFoldable] = {}
         self.scoped = onnxscope.scope_readers(self.graph)
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of ``name`` if it is an initializer or a Constant (through Identity nodes and
-        Reshapes of constants)."""
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        node = self.producer.get(name)
-        if node is None:
-            return None
-        if node.op_type == "Identity":
-            return self.const(node.input[0])
-        if node.op_type == "Reshape" and not attr(node, "allowzero", 0):  # a LayerScale's gamma.view(1, -1, 1, 1)
-            data, shape = self.const(node.input[0]), self.const(node.input[1])
-            if data is None or shape is None:
-                return None
-            return data.reshape([data.shape[i] if d == 0 else int(d) for i, d in enumerate(shape)])
-        if node.op_type == "Constant" and node.attribute:
-            a = node.attribute[0]
-            if a.name == "value":
-                return numpy_helper.to_array(a.t)
-            if a.name in ("value_float", "value_int", "value_floats", "value_ints"):
-                return np.array(helper.get_attribute_value(a))
-        return None
+        """The value of ``name`` if it is a constant in any form an exporter writes one
+        (``bnrt.folding.onnxconst``: an initializer, a Constant node, either through Identity, Cast,
+        Reshape, Unsqueeze or Squeeze nodes)."""
+        return self.constants.value(name)
 
     # --- BatchNorms ---
     def batchnorms(self) -> list[BnSite]:
@@ -173,6 +156,8 @@ class OnnxView:
     def input_of(self, node) -> object:
         if not isinstance(node, onnx.NodeProto) or not node.input:
             return None
+        if node.op_type == "Add" and self._is_bias(node):  # a split bias: the layer's own input
+            node = self.bias_owner(node)
         return self.producer.get(node.input[0]) or self.value(node.input[0])
 
     def value(self, name: str) -> GraphValue:
@@ -187,7 +172,7 @@ class OnnxView:
 
     @staticmethod
     def _output(node) -> str:
-        return node.output[0]
+        return node.name if isinstance(node, GraphValue) else node.output[0]
 
     def is_graph_input(self, node) -> bool:
         return isinstance(node, GraphValue)
@@ -239,7 +224,8 @@ class OnnxView:
         return x.reshape(target)
 
     def shape(self, node) -> tuple[int, ...] | None:
-        shape = self.shapes.get(self._output(node))
+        out = self._output(node)
+        shape = self.shapes.get(out)
         if shape is None:
             return None
         return tuple(2 if d is None or d == 0 else d for d in shape)  # a free batch dim replays as 2
@@ -248,8 +234,9 @@ class OnnxView:
         if not isinstance(node, onnx.NodeProto):
             return None
         if node.op_type == "Add":
-            return self._matmul_add(node)
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            owner = self.bias_owner(node)
+            return None if owner is None else self.layer(owner)
+        if node.op_type not in LAYER_OPS:
             return None
         data = self.onnx_layer(node)
         kind = {"conv": "conv", "convtranspose": "conv-transpose"}.get(data.kind, "linear")
@@ -258,19 +245,30 @@ class OnnxView:
                       data)
         return replace(layer, **_geometry(node, data.weight.shape[2:])) if kind == "conv" else layer
 
-    def _matmul_add(self, add: onnx.NodeProto) -> Layer | None:
-        matmul = next((self.producer[i] for i in add.input
-                       if i in self.producer and self.producer[i].op_type == "MatMul"), None)
-        if matmul is None:
-            return None
-        layer = self.layer(matmul)
-        if layer.data.add is not add:
-            raise NotFoldable("no-layer-before", f"Add '{label(add)}' is not a constant bias of MatMul "
-                                                 f"'{label(matmul)}'", label(add))
-        return layer
+    def bias_owner(self, add: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The layer node whose bias ``add`` is (``OnnxLayer.add``), or None. A layer whose weights
+        are not constants raises ``NotFoldable`` here, as it does when reached directly."""
+        for name in add.input:
+            node = self.producer.get(name)
+            if node is not None and node.op_type in LAYER_OPS and self.onnx_layer(node).add is add:
+                return node
+        return None
 
     def onnx_layer(self, node: onnx.NodeProto) -> OnnxLayer:
-        """The weights of a Conv/ConvTranspose/Gemm/MatMul node; ``NotFoldable`` when not constants."""
+        """The weights of a Conv/ConvTranspose/Gemm/MatMul node and of the bias ``Add`` after it;
+        ``NotFoldable`` when not constants. Read once per node."""
+        key = id(node)
+        if key not in self._layers:
+            try:
+                self._layers[key] = self._read_layer(node)
+            except NotFoldable as exc:
+                self._layers[key] = exc
+        found = self._layers[key]
+        if isinstance(found, NotFoldable):
+            raise found
+        return found
+
+    def _read_layer(self, node: onnx.NodeProto) -> OnnxLayer:
         op, name = node.op_type, label(node)
         w = self.const(node.input[1])
         has_c = len(node.input) > 2 and bool(node.input[2])
@@ -281,24 +279,44 @@ class OnnxView:
         if has_c and c is None:
             raise NotFoldable("not-constant", f"bias of {op} '{name}' is not constant", name)
         if op in ("Conv", "ConvTranspose"):
-            return OnnxLayer(op.lower(), node, w.astype(np.float64), None if c is None else c.astype(np.float64),
-                             w.dtype)
-        if op == "Gemm":
+            layer = OnnxLayer(op.lower(), node, w.astype(np.float64), None if c is None else c.astype(np.float64),
+                              w.dtype)
+        elif op == "Gemm":
             eff = attr(node, "alpha", 1.0) * (w if attr(node, "transB", 0) else w.T).astype(np.float64)
             bias = None if c is None else np.broadcast_to(attr(node, "beta", 1.0) * c.astype(np.float64),
                                                            np.broadcast_shapes(c.shape, (eff.shape[0],))).copy()
-            return OnnxLayer("gemm", node, eff, bias, w.dtype)
-        layer = OnnxLayer("matmul", node, w.T.astype(np.float64), None, w.dtype)
-        users = self.consumers.get(node.output[0], [])
-        out = node.output[0]
-        add = users[0] if len(users) == 1 and out not in self.outputs and out not in self.scoped else None
-        if add is not None and add.op_type == "Add":
-            other = 1 if add.input[0] == node.output[0] else 0
-            b = self.const(add.input[other])
-            if b is not None and np.broadcast_shapes(b.shape, (w.shape[1],)) == (w.shape[1],):
-                layer.add, layer.add_const_index = add, other
-                layer.bias = np.broadcast_to(b.astype(np.float64), (w.shape[1],)).copy()
+            layer = OnnxLayer("gemm", node, eff, bias, w.dtype)
+        else:
+            layer = OnnxLayer("matmul", node, w.T.astype(np.float64), None, w.dtype)
+        self._split_bias(layer)
         return layer
+
+    def _split_bias(self, layer: OnnxLayer) -> None:
+        """A per-channel constant ``Add`` straight after the layer (its only reader) is its bias:
+        exporters write a conv's bias so (paddle2onnx), and a MatMul has no other. Per-channel: every
+        axis of the constant is 1 but the layer's channel axis (1 for convs, the last for Gemm and
+        MatMul), and it adds no axis to the layer's output."""
+        out = layer.node.output[0]
+        users = self.consumers.get(out, [])
+        if len(users) != 1 or out in self.outputs or out in self.scoped or users[0].op_type != "Add" \
+                or len(users[0].input) != 2 or users[0].input[0] == users[0].input[1]:
+            return
+        add = users[0]
+        other = 1 if add.input[0] == out else 0
+        b = self.const(add.input[other])
+        if b is None or not np.issubdtype(b.dtype, np.floating):
+            return
+        conv = layer.kind in ("conv", "convtranspose")
+        channels = layer.weight.shape[1] * attr(layer.node, "group", 1) if layer.kind == "convtranspose" \
+            else layer.weight.shape[0]
+        rank = layer.weight.ndim if conv else 2 if layer.kind == "gemm" else len(self.shapes.get(out) or ()) or 2
+        axis = 1 if conv else rank - 1
+        full = (1,) * (rank - b.ndim) + b.shape if b.ndim <= rank else None
+        if full is None or any(d != 1 for i, d in enumerate(full) if i != axis) or full[axis] not in (1, channels):
+            return
+        layer.add, layer.add_const_index = add, other
+        shift = np.broadcast_to(b.astype(np.float64).reshape(-1), (channels,))
+        layer.bias = shift.copy() if layer.bias is None else layer.bias + shift
 
     def check_layer(self, layer: Layer) -> None:
         return None  # folded weights go to new initializers: a shared weight is never changed under a node
@@ -309,6 +327,8 @@ class OnnxView:
     def terms(self, node) -> list[tuple[Any, Any]] | None:
         if not isinstance(node, onnx.NodeProto) or node.op_type not in ("Add", "Sub", "Mul") or len(node.input) != 2:
             return None
+        if node.op_type == "Add" and self._is_bias(node):
+            return None  # a layer's own bias, part of the layer
         shape = self.shapes.get(node.output[0])
         consts = [self.const(i) for i in node.input]
         data = [i for i, c in zip(node.input, consts) if c is None]
@@ -322,6 +342,12 @@ class OnnxView:
         operands = iter(operands)  # an added constant is a term of its own, operand None
         return [(next(operands), sign) if c is None else (None, c.astype(np.float64) * sign)
                 for c, sign in zip(consts, (1.0, -1.0 if node.op_type == "Sub" else 1.0))]
+
+    def _is_bias(self, add: onnx.NodeProto) -> bool:
+        try:
+            return self.bias_owner(add) is not None
+        except NotFoldable:
+            return False
 
     def is_value_identity(self, node) -> bool:
         return self.is_passthrough(node) and node.op_type in ("Identity", "Dropout", "BatchNormalization")
@@ -360,21 +386,9 @@ def _zero_padded(node: onnx.NodeProto) -> bool:
     return any(p != 0 for p in attr(node, "pads", []) or [])
 
 
-def _runtime_shapes(model: onnx.ModelProto, view: OnnxView) -> dict[str, np.ndarray]:
+def _reshape_targets(view: OnnxView) -> dict[str, np.ndarray]:
     """Values of Reshape target shapes computed in the graph, from one ORT run of the model on
-    zeros, free dimensions set to 2 as in the replay."""
-    wanted = list(dict.fromkeys(n.input[1] for n in view.nodes if n.op_type == "Reshape"
-                                and view.const(n.input[1]) is None))
-    if not wanted:
-        return {}
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in view.inits:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in vi.type.tensor_type.shape.dim]
-        feeds[vi.name] = np.zeros(dims, dtype=helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
-    try:
-        values = probe(model, wanted, feeds)
-    except Exception:  # the shapes stay unknown; the BNs behind these Reshapes are refused with a reason
-        return {}
-    return {name: values[name] for name in wanted if name in values}
+    zeros at the planning shapes; empty when it cannot run (the BNs behind these Reshapes are
+    refused with a reason)."""
+    wanted = [n.input[1] for n in view.nodes if n.op_type == "Reshape" and view.const(n.input[1]) is None]
+    return view.shapes.values(wanted) if wanted else {}

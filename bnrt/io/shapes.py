@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bnrt.errors import OptionError
+from bnrt.errors import InputError, OptionError
 
 Spec = dict[str | None, tuple[int, ...]]  # input name (None: every input) -> axes
 
@@ -130,3 +130,39 @@ class ShapeOptions:
     @property
     def given(self) -> bool:
         return self.dynamic is not None or self.static_ok or self.check is not None
+
+
+def given_shapes(names: list[str], declared: list[tuple | None], given: list[tuple[int, ...]] | None,
+                 where: str) -> list[tuple | None]:
+    """The input shapes of a model that declares ``declared`` (None dims: symbolic; None: unknown
+    rank) with ``--input-shape`` ``given`` (one per input, with the batch) taking the symbolic
+    dims; ``declared`` when nothing is given. ``InputError`` for a count or rank that differs and
+    for a size that contradicts a fixed dim, the dim named."""
+    if not given:
+        return list(declared)
+    if len(given) != len(names):
+        raise InputError(f"{where}: {len(given)} --input-shape for {len(names)} input(s) "
+                         f"({', '.join(repr(n) for n in names)}); give one per input, in order")
+    shapes = []
+    for name, fixed, shape in zip(names, declared, given):
+        shape = tuple(int(d) for d in shape)
+        if fixed is not None and len(fixed) != len(shape):
+            raise InputError(f"{where}: --input-shape {format_shape(shape)} has {len(shape)} dims, input {name!r} "
+                             f"has {len(fixed)} ({format_shape(fixed)})")
+        for axis, (d, g) in enumerate(zip(fixed or (), shape)):
+            if d is not None and d != g:
+                raise InputError(f"{where}: --input-shape {format_shape(shape)} contradicts input {name!r}: its "
+                                 f"dim {axis} is fixed at {d} in the file ({format_shape(fixed)})")
+        shapes.append(shape)
+    return shapes
+
+
+def filled(declared: list[tuple | None], concrete: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """``declared`` shapes with their symbolic dims (None) taken from ``concrete`` (the check data's,
+    batch 1): a fixed dim stays what the file says, batch included."""
+    return [tuple(c) if d is None else tuple(c[i] if v is None else v for i, v in enumerate(d))
+            for d, c in zip(declared, concrete)]
+
+
+def format_shape(shape: tuple) -> str:
+    return ",".join("?" if d is None else str(d) for d in shape)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 import torch
@@ -19,7 +19,7 @@ from bnrt.errors import OptionError, about
 from bnrt.folding.capture import capture
 from bnrt.folding.decision import Decision
 from bnrt.folding.engine import Plan
-from bnrt.folding.onnxfold import OnnxFoldResult, fold_onnx, load_onnx
+from bnrt.folding.onnxfold import OnnxFoldResult, check_model, declared_shapes, fold_onnx, load_onnx
 from bnrt.folding.torchfold import FoldResult, apply, layer_weights, stored_weights
 from bnrt.folding.torchgraph import plan
 from bnrt.folding.torchops import statistics
@@ -29,7 +29,7 @@ from bnrt.io.data import Dataset, InputSpec, make_inputs
 from bnrt.io.export import DEFAULT_OPSET, PROGRAM_EXPORTERS, count_ops, dynamic_axes_of, export_program, is_records, names_of_outputs
 from bnrt.io.load import load
 from bnrt.io.save import atomic_path, publish, refuse_overwrite, staging, write_json, write_torch
-from bnrt.io.shapes import ShapeOptions, further_shapes, resolve_dynamic, within
+from bnrt.io.shapes import ShapeOptions, filled, further_shapes, given_shapes, resolve_dynamic, within
 from bnrt.io.source import KIND_NAMES, PROGRAMS, Loaded, ModelSource, file_sha256
 from bnrt.pipeline.exporting import check_further, exported, probes
 from bnrt.progress import Steps
@@ -204,27 +204,35 @@ def torch_certificate(planned: Plan, original: torch.nn.Module, proto: onnx.Mode
 @dataclass
 class _Graph:
     """An ONNX graph to fold and what its report says about where it came from: the file's
-    sha256 and format, the reference side the folded graph is checked against (or how to make it,
-    once the graph folder has validated the graph), the artifact key the folded graph is written
-    under, the exporter that wrote the graph (None: the user's file)."""
+    sha256 and format, the reference side the folded graph is checked against, the artifact key
+    the folded graph is written under, the exporter that wrote the graph (None: the user's file)."""
 
     model: onnx.ModelProto
     sha256: str
     source: dict[str, Any]
-    original: Side | Callable[[], Side]
+    original: Side
     key: str
     exporter: str | None = None
+    shapes: dict[str, tuple] | None = None  # input shapes for planning (symbolic dims)
+    data: tuple[Dataset, int] | None = None  # the check's data and batch size, when made before folding
 
 
 def _fold_onnx(source: ModelSource, out: Path, names: dict[str, str], check: CheckOptions | None,
                steps: Steps) -> FoldOutcome:
-    """``fold_file`` for an ONNX model: the folded graph checked against the original, both on ORT."""
+    """``fold_file`` for an ONNX model: the folded graph checked against the original, both on ORT.
+    Symbolic dims take the check data's sizes (``--input-shape``, or the data file's) where
+    planning needs shapes."""
     with steps.step("load"):
         model = load_onnx(source.path)
         sha = file_sha256(source.path)
-    options = check or CheckOptions()
-    graph = _Graph(model, sha, {"format": "onnx", "arch": None},
-                   lambda: side(source, provider=options.provider, tf32=options.tf32), "folded")
+        check_model(model, str(source.path))
+        options = check or CheckOptions()
+        original = side(source, provider=options.provider, tf32=options.tf32)
+        data = inputs_for(original, [], check, str(source.path)) if check is not None else None
+    shapes = filled(original.input_shapes, data[0].shapes()) if data is not None \
+        else original.input_shapes if source.input_shapes else None
+    graph = _Graph(model, sha, {"format": "onnx", "arch": None}, original, "folded",
+                   shapes=dict(zip(original.input_names, shapes)) if shapes else None, data=data)
     return _fold_graph(graph, source, out, names, check, steps)
 
 
@@ -260,10 +268,10 @@ def _fold_graph(graph: _Graph, source: ModelSource, out: Path, names: dict[str, 
     (outputs, and the weight certificate); the report says where the graph came from."""
     src = source.path
     with steps.step("fold"), about(src):
-        result = fold_onnx(graph.model, str(src))
+        result = fold_onnx(graph.model, str(src), graph.shapes)
         set_onnx_metadata(result.model, onnx_metadata(graph.sha256, result.decisions, result.merges))
         onnx.checker.check_model(result.model, full_check=True)
-    original = graph.original if isinstance(graph.original, Side) else graph.original()
+    original = graph.original
     with staging(out) as stage:
         with steps.step("save"):
             with atomic_path(stage / names[graph.key]) as tmp:
@@ -273,7 +281,7 @@ def _fold_graph(graph: _Graph, source: ModelSource, out: Path, names: dict[str, 
             with steps.step("check"):
                 folded = side(stage / names[graph.key], label=f"onnx folded {check.provider}", provider=check.provider,
                               tf32=check.tf32)
-                data, batch_size = inputs_for(original, [folded] if graph.exporter else [], check, str(src))
+                data, batch_size = graph.data or inputs_for(original, [folded], check, str(src))
                 report_check = run_check(original, [Candidate(folded, per_layer=False if graph.exporter else None)],
                                          data, replace(check, batch_size=batch_size),
                                          output_names=original.output_names,
@@ -307,8 +315,12 @@ def inspect_file(source: ModelSource | str | os.PathLike, *,
     (default: random ones of the input shapes)."""
     source = ModelSource.of(source)
     if source.kind == "onnx":
+        model = load_onnx(source.path)
+        declared = declared_shapes(model)
+        shapes = given_shapes(list(declared), list(declared.values()), source.input_shapes, str(source.path))
         with about(source.path):
-            return None, fold_onnx(load_onnx(source.path), str(source.path)).decisions
+            return None, fold_onnx(model, str(source.path),
+                                   dict(zip(declared, shapes)) if source.input_shapes else None).decisions
     if source.kind in PROGRAMS:
         loaded, _, model = _program_graph(source, InputSpec(data=data, samples=2), DEFAULT_OPSET)
         with about(source.path):

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from torch import nn
 
+from bnrt.errors import first_line
 from bnrt.io.data import DEFAULT_BATCH, Dataset, InputSpec, make_inputs, run_batched, save_dataset
 from bnrt.io.export import output_names as numbered_outputs
 from bnrt.io.load import load
@@ -28,7 +29,8 @@ from bnrt.session import check_tf32
 from bnrt.verify.localise import Point, compare_points, divergence_at, first_divergence, fold_points
 from bnrt.verify.detections import compare_detections, detection_groups
 from bnrt.verify.metrics import (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, Comparison, LayerCheck,
-                                 OutputMetrics, Tolerances, accuracy, compare_output, truth_samples)
+                                 OutputMetrics, Tolerances, accuracy, compare_output, floor_measured,
+                                 truth_samples)
 from bnrt.verify.onnxside import onnx_side
 from bnrt.verify.sides import Candidate, Side, batching, merge_inputs
 from bnrt.verify.torchside import check_device, torch_side
@@ -85,26 +87,43 @@ def side(model: Model, *, label: str | None = None, provider: str = "cpu", devic
         return onnx_side(label or f"onnx {provider}", model, provider, tf32)
     source = ModelSource.of(model)
     if source.kind == "onnx":
-        return onnx_side(label or f"onnx {provider}", source.path, provider, tf32)
+        return onnx_side(label or f"onnx {provider}", source.path, provider, tf32, input_shapes or source.input_shapes)
     return side(load(source), label=label, device=device, tf32=tf32, input_shapes=source.input_shapes)
 
 
 def _noise_pairs(reference: Side, ref_out: list[np.ndarray], data: Dataset, names: list[str],
-                 tolerances: Tolerances, note: Callable[[str], None]) -> tuple[list | None, int]:
+                 options: CheckOptions, note: Callable[[str], None]) -> tuple[list | None, int, str | None]:
     """(anchor, noisy) per output on the first ``truth_samples`` samples, or None when fixed
-    tolerances decide every output (or the noise run cannot run); and that sample count."""
+    tolerances decide every output (or the noise run cannot run); that sample count; and why
+    fixed tolerances decide where the noise floor would have (None: they do not, or were asked for)."""
     truth = truth_samples(ref_out, data.size)
+    if reference.fixed_batch:  # a graph with a fixed batch runs whole batches only
+        truth = min(data.size, -(-truth // reference.fixed_batch) * reference.fixed_batch)
     noise = reference.noise
-    if noise is None or all(tolerances.fixed(n) for n in names):
-        return None, truth
+    if noise is None or all(options.tolerances.fixed(n) for n in names):
+        return None, truth, None
     note(f"noise floor: {noise.kind} run on {truth} samples")
-    try:
-        noise_out = noise.runner([x[:truth] for x in data.inputs])
-    except Exception:  # e.g. a model whose own code cannot run in float64: fixed tolerances decide
-        noise_out = []
+    try:  # in the check's batches: a graph with a fixed batch takes no other
+        noise_out = run_batched(noise.runner, Dataset([x[:truth] for x in data.inputs], None, data.source),
+                                options.batch_size)
+    except Exception as exc:  # e.g. a model whose own code cannot run in float64: fixed tolerances decide
+        return None, truth, f"no noise floor ({first_line(exc) or type(exc).__name__})"
     if len(noise_out) != len(ref_out):
-        return None, truth
-    return list(zip(*noise.anchor_and_noisy([o[:truth] for o in ref_out], noise_out))), truth
+        return None, truth, "no noise floor (the noise run gave other outputs)"
+    return list(zip(*noise.anchor_and_noisy([o[:truth] for o in ref_out], noise_out))), truth, None
+
+
+def _unmeasured(names: list[str], pairs: list | None, tolerances: Tolerances) -> str | None:
+    """The outputs the noise run left exactly unchanged (judged by fixed tolerances), as a reason."""
+    if pairs is None:
+        return None
+    unmeasured = [(n, anchor, noisy) for n, (anchor, noisy) in zip(names, pairs)
+                  if not tolerances.fixed(n) and np.size(anchor) and not floor_measured(anchor, noisy)]
+    same = [repr(n) for n, a, b in unmeasured if (np.isfinite(a) & np.isfinite(b)).any()]
+    nonfinite = [repr(n) for n, a, b in unmeasured if not (np.isfinite(a) & np.isfinite(b)).any()]
+    reasons = ([f"the noise run left {', '.join(same)} unchanged (floor 0)"] if same else []) + (
+        [f"the noise runs gave no finite value of {', '.join(nonfinite)} to measure a floor on"] if nonfinite else [])
+    return "; ".join(reasons) or None
 
 
 def _fed_its_dtypes(model: Side) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
@@ -259,7 +278,8 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
     names = output_names or declared or next((c.side.output_names for c in candidates if c.side.output_names),
                                              reference.output_names or numbered_outputs(len(ref_out)))
     folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
-    pairs, truth = _noise_pairs(reference, ref_out, data, names, options.tolerances, note)
+    pairs, truth, fallback = _noise_pairs(reference, ref_out, data, names, options, note)
+    fallback = fallback or _unmeasured(names, pairs, options.tolerances)
     acc = {reference.label: accuracy(ref_out[0], data.labels)} if data.labels is not None else {}
     comparisons, errors = [], {}
     for candidate in candidates:
@@ -277,7 +297,7 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
             comparison.divergence = localise(reference, candidate.side, data, folds, options.tolerances,
                                              pairs is not None)
     return CheckReport(data.size, data.source, options.top_k, comparisons, acc, errors,
-                       reference.noise.kind if pairs else None, truth if pairs else None)
+                       reference.noise.kind if pairs else None, truth if pairs else None, noise_fallback=fallback)
 
 
 def inputs_for(reference: Side, candidates: Sequence[Side], options: CheckOptions, where: str,

@@ -16,7 +16,10 @@ gives, on the first few samples (``truth_samples``: enough for 2,048 values of t
 pure float32 noise: for torch references the anchor is the unfolded model in float64 and the noisy
 run the unfolded float32 model; for ONNX references (no float64 model) the anchor is the original
 graph and the noisy run the same graph with every float weight re-rounded by a random half ULP
-(what any fold's single rounding may change). Per output, ``floor`` = max |noisy − anchor|,
+(what any fold's single rounding may change; initializers and Constant nodes alike). A floor that
+cannot be measured (no weight to re-round, a noise run that fails) or that is exactly 0 (the
+noise run left an output unchanged) is not taken as one: fixed tolerances judge those outputs and
+the report says why (``CheckReport.noise_fallback``). Per output, ``floor`` = max |noisy − anchor|,
 ``error`` = max |candidate − anchor|, ``ratio`` = error / floor; the output passes when
 ``error <= factor·floor + tiny`` (``tiny``: 4 float32 ULPs of the anchor's largest value, for exact
 zeros) and the candidate keeps every top-1 of the anchor whose margin (top-1 minus top-2) is more
@@ -220,6 +223,7 @@ fixed tolerances decided) and ``noise_samples`` the samples it was measured on. 
     noise: str | None = None
     noise_samples: int | None = None
     certificate: Any = None  # bnrt.verify.certify.Certificate, for folds bnrt made
+    noise_fallback: str | None = None  # why fixed tolerances judged what the noise floor would have
 
     @property
     def passed(self) -> bool:
@@ -299,13 +303,19 @@ def _judge_by_noise(metrics: OutputMetrics, head: np.ndarray, noise: tuple[np.nd
 def _fixed_or_none(atol: float | None, rtol: float | None,
                    noise: tuple[np.ndarray, np.ndarray] | None) -> tuple[float, float] | None:
     """The fixed criterion's (atol, rtol), or None where the noise floor decides: no tolerance
-    given and a floor measurable (finite values in both noise runs; allowed non-finite outputs
-    may leave none)."""
-    measurable = noise is not None and (np.size(noise[0]) == 0
-                                        or bool((np.isfinite(noise[0]) & np.isfinite(noise[1])).any()))
+    given and a floor measurable (finite values in both noise runs, which allowed non-finite
+    outputs may leave none; and not exactly 0: a noise run that changed nothing here measured
+    nothing, ``floor_measured``)."""
+    measurable = noise is not None and (np.size(noise[0]) == 0 or floor_measured(*noise))
     if atol is None and rtol is None and measurable:
         return None
     return DEFAULT_ATOL if atol is None else atol, DEFAULT_RTOL if rtol is None else rtol
+
+
+def floor_measured(anchor: np.ndarray, noisy: np.ndarray) -> bool:
+    """Whether the noise runs measured a floor: finite values in both, and somewhere different."""
+    usable = np.isfinite(anchor) & np.isfinite(noisy)
+    return bool(usable.any()) and bool((np.asarray(anchor)[usable] != np.asarray(noisy)[usable]).any())
 
 
 def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, atol: float | None = None,

@@ -13,8 +13,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnrt.folding.onnxgraph import label as node_label
+from bnrt.folding.onnxconst import Constants, weight_sources
+from bnrt.folding.onnxgraph import LAYER_OPS, label as node_label
 from bnrt.io.artifacts import folds_in
+from bnrt.io.shapes import given_shapes
 from bnrt.io.source import file_sha256
 from bnrt.session import Session, probe
 from bnrt.verify.localise import onnx_module_values
@@ -84,14 +86,17 @@ def value_folds(model: onnx.ModelProto | Path | bytes, folds: list[dict]) -> lis
     def outputs(labels) -> list[str]:
         return [v for name in labels if name in nodes for v in nodes[name].output if v]
 
+    constants = Constants(graph)
+
     def final(name: str) -> str:
-        """A layer's output value: a MatMul's only reader when that is an Add (its bias)."""
+        """A layer's output value: its only reader's when that adds a constant (its split bias)."""
         node = nodes.get(name)
         if node is None:
             return name
         after = readers.get(node.output[0], [])
-        return after[0].output[0] if node.op_type == "MatMul" and len(after) == 1 and after[0].op_type == "Add" \
-            else node.output[0]
+        biased = node.op_type in LAYER_OPS and len(after) == 1 and after[0].op_type == "Add" and any(
+            v != node.output[0] and constants.value(v) is not None for v in after[0].input)
+        return after[0].output[0] if biased else node.output[0]
 
     records = []
     for f in folds:
@@ -109,28 +114,55 @@ def value_folds(model: onnx.ModelProto | Path | bytes, folds: list[dict]) -> lis
     return records
 
 
+class NothingToRound(ValueError):
+    """A graph without a float32 weight to re-round: no rounding noise can be measured on it."""
+
+
 def rounding_noise(model: onnx.ModelProto, label: str, provider: str, tf32: bool | None = None,
                    seed: int = 0) -> NoiseReference:
-    """The graph with every float32 initializer moved by one ULP on a random half of its elements:
-    its difference from the graph is the float32 noise that re-rounding the weights (any fold) causes."""
+    """The graph with every float32 weight (``onnxconst.weight_sources``: initializers and
+    Constant nodes read beside the data, shape-determining ones left alone) moved by one ULP on a
+    random half of its elements: its difference from the graph is the float32 noise that
+    re-rounding the weights (any fold) causes. ``NothingToRound`` when the graph has none."""
     rng = np.random.default_rng(seed)
     noisy = onnx.ModelProto()
     noisy.CopyFrom(model)
-    for init in noisy.graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT:
+    inits = {i.name: i for i in noisy.graph.initializer}
+    moved = 0
+    for source in list(weight_sources(noisy.graph)):
+        tensor = inits[source] if isinstance(source, str) else _constant_tensor(source)
+        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
             continue
-        w = numpy_helper.to_array(init)
+        w = numpy_helper.to_array(tensor)
         away = np.where(rng.random(w.shape) < 0.5, np.float32(np.inf), np.float32(-np.inf))
-        moved = np.where(rng.random(w.shape) < 0.5, np.nextafter(w, away), w)
-        init.CopyFrom(numpy_helper.from_array(moved.astype(np.float32), init.name))
+        rounded = np.where(rng.random(w.shape) < 0.5, np.nextafter(w, away), w).astype(np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(rounded, tensor.name))
+        moved += w.size
+    if not moved:
+        raise NothingToRound("the graph holds no float32 weight to re-round")
     session = Session(f"{label} (weights re-rounded)", provider, model_bytes=noisy.SerializeToString(), tf32=tf32)
     return NoiseReference("rounding", session.run, _taps_of(noisy, provider, tf32))
 
 
-def onnx_side(label: str, model: Path | bytes, provider: str = "cpu", tf32: bool | None = None) -> Side:
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """A Constant node's value as a tensor it holds in place (``value``; ``value_floats`` turned
+    into one), None for other forms (sparse values are left as they are)."""
+    a = node.attribute[0]
+    if a.name in ("value_float", "value_floats"):
+        values = np.array(onnx.helper.get_attribute_value(a), dtype=np.float32)
+        node.ClearField("attribute")
+        node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(values)))
+        a = node.attribute[0]
+    return a.t if a.name == "value" else None
+
+
+def onnx_side(label: str, model: Path | bytes, provider: str = "cpu", tf32: bool | None = None,
+              input_shapes: list[tuple[int, ...]] | None = None) -> Side:
     """An ONNX file (or serialized model) on ORT, on CUDA with TF32 as asked (off by default); its
     noise reference (``rounding_noise``) is made on first use, its taps read the file each time. On CUDA
-    with TF32 off, ``deployed`` makes the same model under ORT's default TF32."""
+    with TF32 off, ``deployed`` makes the same model under ORT's default TF32. ``input_shapes``
+    (``--input-shape``) give the symbolic dims of its inputs a size for the check's samples
+    (``io.shapes.given_shapes``: a fixed dim they contradict is an error)."""
     tf32 = session_tf32(provider, tf32)
 
     def session_with(tf32: bool | None) -> Session:
@@ -140,7 +172,8 @@ def onnx_side(label: str, model: Path | bytes, provider: str = "cpu", tf32: bool
 
     session = session_with(tf32)
     meta = session.session.get_modelmeta().custom_metadata_map
-    shapes = [spec.shape for spec in session.inputs]
+    declared = [spec.shape for spec in session.inputs]
+    shapes = given_shapes(session.input_names, declared, input_shapes, str(label if isinstance(model, bytes) else model))
     noise = cache(lambda: rounding_noise(onnx.load_from_string(model) if isinstance(model, bytes)
                                          else onnx.load(str(model)), label, provider, tf32))
 
@@ -153,7 +186,7 @@ def onnx_side(label: str, model: Path | bytes, provider: str = "cpu", tf32: bool
                 input_dtypes=[spec.dtype for spec in session.inputs], output_names=session.output_names,
                 taps=_taps_of(model, provider, tf32),
                 folds=folds_in(meta),
-                fixed_batch=shapes[0][0] if shapes and shapes[0] else None,
+                fixed_batch=declared[0][0] if declared and declared[0] else None,
                 noise=NoiseReference("rounding", lambda xs: noise().runner(xs),
                                      lambda xs, *args, **kw: noise().taps(xs, *args, **kw)),
                 deployed=deployed if provider == "cuda" and not tf32 else None,

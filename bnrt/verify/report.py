@@ -62,6 +62,8 @@ def check_table(report: CheckReport) -> str:
         _table(["reference", "candidate", "output", "max_abs", "max_rel", "mean_abs", "cosine", "sqnr_db",
                 "top1_agree", f"top{report.top_k}_agree", "criterion", "result"], rows),
     ]
+    if report.noise_fallback:
+        lines.append(f"fixed tolerances judge where the noise floor would: {report.noise_fallback}")
     for comp in report.comparisons:
         if comp.layers is not None:
             lines.append(f"{comp.candidate}: {layer_line(comp.layers)}")

@@ -315,7 +315,7 @@ def test_rep_blocks_merge_in_onnx_graphs():
 
 @pytest.mark.parametrize("flags,named", [
     (["--opset", "17"], "--opset applies"), (["--exporter", "dynamo"], "--exporter applies"),
-    (["--input-shape", "1,2,3,3"], "--input-shape applies"), (["--arch", "models.digits:DigitsNet"], "--arch applies"),
+    (["--arch", "models.digits:DigitsNet"], "--arch applies"),
     (["--trust-code", "--opset", "18"], "--opset, --trust-code apply"),
 ])
 def test_fold_onnx_refuses_torch_only_flags(tmp_path, flags, named):

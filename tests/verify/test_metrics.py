@@ -14,7 +14,7 @@ from dataclasses import replace
 from bnrt.io.data import run_batched
 from bnrt.io.export import flatten_outputs
 from bnrt.verify.check import CheckOptions, check, side
-from bnrt.verify.metrics import accuracy, compare_output, truth_samples
+from bnrt.verify.metrics import accuracy, compare_output, floor_measured, truth_samples
 from bnrt.verify.sides import Candidate
 from bnrt.verify.torchside import torch_runner
 
@@ -107,14 +107,26 @@ def test_noise_criterion_passes_within_the_factor_of_the_floor_and_fails_beyond(
 
 def test_noise_criterion_tiny_term_and_top1_rule():
     anchor = np.array([[0.0, 0.0], [1.0, 3.0]])
-    exact = compare_output("y", anchor, anchor + np.array([[0.0, 0.0], [0.0, 1e-7]]), noise=(anchor, anchor.copy()))
-    assert exact.floor == 0.0 and exact.passed  # within 4 float32 ULPs of max |anchor| = 3
-    assert not compare_output("y", anchor, anchor + 1e-5, noise=(anchor, anchor.copy())).passed
+    noisy = anchor + np.array([[0.0, 0.0], [0.0, 1e-9]])  # a floor of 1e-9
+    exact = compare_output("y", anchor, anchor + np.array([[0.0, 0.0], [0.0, 1e-7]]), noise=(anchor, noisy))
+    assert exact.criterion == "noise" and exact.passed  # beyond 8 floors, within 4 float32 ULPs of max |anchor| = 3
+    assert not compare_output("y", anchor, anchor + 1e-5, noise=(anchor, noisy)).passed
     flipped = np.array([[0.0, 0.0], [3.0, 1.0]])
-    m = compare_output("y", anchor, flipped, noise=(anchor, anchor.copy()), factor=1e9)
+    m = compare_output("y", anchor, flipped, noise=(anchor, noisy), factor=1e10)  # within the error bound
     assert not m.passed and m.problem.startswith("top-1 differs")
     noisy = np.array([[0.0, 0.0], [3.0, 1.0]])  # float32 noise flips a top-1 itself: flips are noise
     assert compare_output("y", noisy, flipped, noise=(anchor, noisy), factor=1e9).passed
+
+
+def test_a_floor_of_zero_is_not_a_measurement_fixed_tolerances_judge():
+    """A noise run that left an output exactly unchanged measured nothing: the fixed criterion's
+    defaults (1e-4, 1e-3) judge it, never "error > 0 = floor: fail"."""
+    anchor = np.array([[0.5, 2.0], [1.0, 3.0]])
+    m = compare_output("y", anchor, anchor + 7.7e-7, noise=(anchor, anchor.copy()))
+    assert (m.criterion, m.passed, m.floor, m.atol, m.rtol) == ("fixed", True, None, 1e-4, 1e-3)
+    assert not compare_output("y", anchor, anchor * 1.01, noise=(anchor, anchor.copy())).passed
+    assert floor_measured(anchor, anchor + 1e-9) and not floor_measured(anchor, anchor.copy())
+    assert not floor_measured(np.array([np.nan, 1.0]), np.array([2.0, 1.0]))  # differs only where not finite
 
 
 def test_fixed_tolerances_are_used_when_given_or_without_a_noise_reference():

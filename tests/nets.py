@@ -225,3 +225,24 @@ class SizeBaked(nn.Module):
         y = self.bn(self.conv(x))
         h, w = int(y.shape[2]), int(y.shape[3])
         return y.reshape(y.shape[0], 4, h * w).mean(2)
+
+
+class CspMix(nn.Module):
+    """YOLOv5's BottleneckCSP (``bn(cat(cv3(m(cv1(x))), cv2(x)))``, then an activation) followed by
+    a mixed-kernel depthwise block (channel split, one conv per kernel size, ``cat``, BN): both BNs
+    read a concatenation of convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.cv1 = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), nn.SiLU())
+        self.m = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.SiLU())
+        self.cv3, self.cv2 = nn.Conv2d(4, 4, 1, bias=False), nn.Conv2d(3, 4, 1, bias=False)
+        self.bn, self.act = nn.BatchNorm2d(8), nn.SiLU()
+        self.mix = nn.ModuleList(nn.Conv2d(4, 4, k, padding=k // 2, groups=4, bias=False) for k in (3, 5))
+        self.mix_bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = self.act(self.bn(torch.cat([self.cv3(self.m(self.cv1(x))), self.cv2(x)], 1)))
+        a, b = y.split(4, 1)
+        return self.head(torch.relu(self.mix_bn(torch.cat([self.mix[0](a), self.mix[1](b)], 1))))

@@ -24,6 +24,7 @@ CODES: dict[str, str] = {
     "no-layer-before": "the BN's input comes from an op no rule folds into (a nonlinearity, an add, ...)",
     "no-layer-after": "a user of the BN's output is not a layer a rule folds into",
     "shared-output": "a value on the path has another user that reads its values",
+    "concat-producer-shared": "a part of the concatenation the BN reads comes from a layer whose output also feeds another op",
     "weight-input": "the BN feeds a layer as its weight, not as its input",
     "transposed-input": "the layer transposes its input (Gemm transA=1)",
     "zero-padding": "the layer after the BN pads with zeros, which the BN's shift would not see",

@@ -155,6 +155,10 @@ def _backward(view: GraphView, bn: BnSite) -> list[Target]:
         user, node = node, view.input_of(node)
     if view.is_graph_input(node):
         raise NotFoldable("graph-input", "input comes from a graph input")
+    joined = view.concat(node)
+    if joined is not None and not chain:
+        _only_user(view, node, user)
+        return _concat_targets(view, node, *joined)
     layer = view.layer(node)
     rule = RULES.get(("backward", layer.kind)) if layer else None
     if rule is None:
@@ -163,6 +167,49 @@ def _backward(view: GraphView, bn: BnSite) -> list[Target]:
     _checked(view, rule, layer)
     chain.reverse()
     return [_target(view, rule, layer, chain, _backward_map(view, layer, chain, rule.channel_axis))]
+
+
+def _concat_targets(view: GraphView, cat: Any, parts: list, axis: int) -> list[Target]:
+    """A BN straight after a concatenation along its channel axis: each part's channels are a
+    contiguous run of the BN's, so the BN splits into one backward fold per part, each into a
+    layer (through view ops) whose output feeds only the concat."""
+    shape = _known_shape(view, cat)
+    if axis % len(shape) != 1:
+        raise NotFoldable("channel-map", f"'{view.name(cat)}' concatenates along axis {axis}, not the BN's channels",
+                          view.name(cat))
+    targets, offset, seen = [], 0, set()
+    for part in parts:
+        chain, user, node = [], cat, part
+        while view.is_passthrough(node):
+            _shared_part(view, cat, node, user)
+            chain.append(node)
+            user, node = node, view.input_of(node)
+        layer = None if view.is_graph_input(node) else view.layer(node)
+        rule = RULES.get(("backward", layer.kind)) if layer else None
+        if rule is None:
+            raise NotFoldable("no-layer-before", f"input comes from '{view.name(cat)}', one of whose parts comes "
+                                                 f"from {view.describe(node)}: no fold rule", view.name(node))
+        if layer.name in seen:
+            raise NotFoldable("concat-producer-shared", f"'{layer.name}' is concatenated more than once by "
+                                                        f"'{view.name(cat)}'", layer.name, view.name(cat))
+        seen.add(layer.name)
+        _shared_part(view, cat, layer.node, user, layer.name)
+        _checked(view, rule, layer)
+        chain.reverse()
+        channels = _backward_map(view, layer, chain, rule.channel_axis)
+        size = _known_shape(view, part)[1]
+        channels = tuple(offset + c for c in (range(size) if channels is None else channels))
+        targets.append(_target(view, rule, layer, chain, channels))
+        offset += size
+    return targets
+
+
+def _shared_part(view: GraphView, cat: Any, node: Any, user: Any, name: str | None = None) -> None:
+    try:
+        _only_user(view, node, user, name)
+    except NotFoldable as exc:
+        raise NotFoldable("concat-producer-shared", f"a part of '{view.name(cat)}': {exc}", exc.refusal.subject,
+                          exc.refusal.other) from None
 
 
 def _forward(view: GraphView, bn: BnSite) -> list[Target]:

@@ -177,6 +177,11 @@ class OnnxView:
     def is_graph_input(self, node) -> bool:
         return isinstance(node, GraphValue)
 
+    def concat(self, node) -> tuple[list, int] | None:
+        if not isinstance(node, onnx.NodeProto) or node.op_type != "Concat" or not all(node.input):
+            return None
+        return [self.producer.get(i) or self.value(i) for i in node.input], attr(node, "axis", 0)
+
     def is_passthrough(self, node) -> bool:
         if not isinstance(node, onnx.NodeProto):
             return False

@@ -23,7 +23,7 @@ from bnrt.folding.capture import OPS_KEY, SHAPE_KEY, VALUE_KEY, Capture, is_froz
 from bnrt.folding.decision import NotFoldable
 from bnrt.folding.view import BnSite, BnStats, Layer
 from bnrt.folding.structure import tensor_at
-from bnrt.folding.torchops import (ADDS, BATCH_NORM_SIGNATURE, BN_TYPES, DROPOUT_FUNCTIONS, DROPOUT_MODULES, EVAL_BN_OPS, FUNCTIONAL_BN, LAYERS, MULS, SUBS, VIEW_FUNCTIONS, VIEW_METHODS, VIEW_MODULES, dropout_off, functional_stats, is_batchnorm, module_stats, not_called, reads_metadata_only, standard)
+from bnrt.folding.torchops import (ADDS, BATCH_NORM_SIGNATURE, BN_TYPES, CONCATS, DROPOUT_FUNCTIONS, DROPOUT_MODULES, EVAL_BN_OPS, FUNCTIONAL_BN, LAYERS, MULS, SUBS, VIEW_FUNCTIONS, VIEW_METHODS, VIEW_MODULES, dropout_off, functional_stats, is_batchnorm, module_stats, not_called, reads_metadata_only, standard)
 
 
 class TorchView:
@@ -139,6 +139,16 @@ class TorchView:
 
     def is_graph_input(self, node: Any) -> bool:
         return isinstance(node, torch.fx.Node) and node.op == "placeholder"
+
+    def concat(self, node: Any) -> tuple[list, int] | None:
+        if not isinstance(node, torch.fx.Node) or node.op != "call_function" or node.target not in CONCATS \
+                or not node.args or not isinstance(node.args[0], (list, tuple)):
+            return None
+        parts = list(node.args[0])
+        axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+        if not all(isinstance(p, torch.fx.Node) for p in parts) or not isinstance(axis, int):
+            return None
+        return parts, axis
 
     def is_passthrough(self, node: Any) -> bool:
         if not isinstance(node, torch.fx.Node) or not node.args or not isinstance(node.args[0], torch.fx.Node):

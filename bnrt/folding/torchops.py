@@ -51,6 +51,7 @@ METADATA_FUNCTIONS = {builtins.getattr, builtins.len, torch.numel, torch.zeros_l
                        torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
                        _aten.sym_size.int, _aten.sym_numel.default, _aten.sym_stride.int}
 
+CONCATS = {torch.cat, torch.concat, torch.concatenate, _aten.cat.default}
 ADDS = {operator.add, operator.iadd, torch.add, _aten.add.Tensor}
 SUBS = {operator.sub, torch.sub}
 MULS = {operator.mul, torch.mul}

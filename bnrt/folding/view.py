@@ -89,6 +89,10 @@ class GraphView(Protocol):
 
     def is_graph_input(self, node: Any) -> bool: ...
 
+    def concat(self, node: Any) -> tuple[list, int] | None:
+        """``node`` as a concatenation: its tensor parts (the nodes producing them, in order) and
+        the axis; None for any other node."""
+
     def is_passthrough(self, node: Any) -> bool:
         """A node whose output is its input rearranged (view ops, Identity, Dropout in eval, a
         BatchNorm already folded): the walker goes through it, ``replay`` maps its channels."""

@@ -1,0 +1,153 @@
+"""The placements beyond layer -> BN -> layer: a BN after a concatenation of layers (mixed-kernel
+blocks, YOLOv5's BottleneckCSP, Inception-style branches) splits into one backward fold per part.
+Property tests exact in float64 (torch) and on ORT (ONNX); each refusal keeps the BN with its code."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+from torch import nn
+
+import bnrt
+from bnrt.folding.onnxfold import fold_onnx
+
+from ..conftest import (assert_folds_exactly, assert_onnx_folds, bn_node, bn_params, onnx_graph, randomise_bn, run_cli,
+                       save_checkpoint)
+
+PART = st.tuples(st.sampled_from(["conv", "convtranspose", "grouped", "identity-view"]), st.integers(1, 3),
+                 st.sampled_from([1, 3]), st.integers(1, 2), st.booleans())
+
+
+class Concat(nn.Module):
+    """Each part a layer over the input (or over its channel split), concatenated, then a BN."""
+
+    def __init__(self, cin: int, parts: list[tuple], split: bool, gen: torch.Generator):
+        super().__init__()
+        self.split, self.parts = split, parts
+        self.cin = cin // len(parts) if split else cin
+        layers, total = [], 0
+        for kind, cout, kernel, dilation, bias in parts:
+            pad = dilation * (kernel - 1) // 2
+            if kind == "convtranspose":
+                layers.append(nn.ConvTranspose2d(self.cin, cout, kernel, padding=pad, dilation=dilation, bias=bias))
+            elif kind == "grouped" and self.cin % 2 == 0:
+                layers.append(nn.Conv2d(self.cin, 2 * cout, kernel, padding=pad, dilation=dilation, groups=2,
+                                        bias=bias))
+            else:
+                layers.append(nn.Conv2d(self.cin, cout, kernel, padding=pad, dilation=dilation, bias=bias))
+            total += layers[-1].out_channels
+        self.layers = nn.ModuleList(layers)
+        self.bn = nn.BatchNorm2d(total)
+        randomise_bn(self.bn, gen)
+
+    def forward(self, x):
+        inputs = torch.split(x, self.cin, dim=1) if self.split else [x] * len(self.layers)
+        outs = []
+        for layer, (kind, *_), part in zip(self.layers, self.parts, inputs):
+            y = layer(part)
+            outs.append(y.contiguous() if kind == "identity-view" else y)  # a view op between part and concat
+        return self.bn(torch.cat(outs, dim=1))
+
+
+@given(parts=st.lists(PART, min_size=1, max_size=4), split=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_a_bn_after_a_concat_of_layers_folds_into_each_part(parts, split, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cin = 2 * len(parts)
+    model = Concat(cin, parts, split, gen)
+    result = assert_folds_exactly(model, torch.randn(2, cin, 6, 5, generator=gen), 1)
+    decision = result.decisions[0]
+    assert decision.direction == "backward" and decision.into == tuple(f"layers.{i}" for i in range(len(parts)))
+    sizes = [layer.out_channels for layer in model.layers]
+    starts = np.cumsum([0, *sizes])
+    assert decision.maps == tuple(tuple(range(a, a + n)) for a, n in zip(starts, sizes))
+
+
+class _Shared(nn.Module):
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        self.a, self.b = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 3, 1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        a = self.a(x)
+        if self.case == "shared":  # a's output also feeds the residual sum
+            return self.bn(torch.cat([a, self.b(x)], 1)) + torch.cat([a, a], 1)
+        if self.case == "twice":
+            return self.bn(torch.cat([a, a], 1))
+        if self.case == "relu":
+            return self.bn(torch.cat([a, torch.relu(self.b(x))], 1))
+        raise ValueError(self.case)
+
+
+@pytest.mark.parametrize("case,code,message", [
+    ("shared", "concat-producer-shared", "a part of 'cat': output of 'a' also feeds"),
+    ("twice", "concat-producer-shared", "'a' is concatenated more than once by 'cat'"),
+    ("relu", "no-layer-before", "input comes from 'cat', one of whose parts comes from"),
+])
+def test_a_concat_part_that_is_shared_or_no_layer_keeps_the_bn(case, code, message):
+    model = _Shared(case).eval()
+    randomise_bn(model.bn, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 2, 4, 4)
+    result = bnrt.fold(model, (x,))
+    refusal = result.decisions[0].refusals[0]
+    assert (refusal.direction, refusal.code) == ("backward", code) and refusal.message.startswith(message)
+    with torch.no_grad():
+        assert torch.allclose(model(x), result.model(x), atol=1e-6)
+
+
+@given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=4), transpose=st.booleans(),
+       split_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_onnx_concat_of_convs_then_bn_folds_into_each(sizes, transpose, split_bias, seed):
+    rng = np.random.default_rng(seed)
+    nodes, inits, parts = [], bn_params(sum(sizes), rng), []
+    for i, c in enumerate(sizes):
+        w = rng.standard_normal((3, c, 3, 3) if transpose else (c, 3, 3, 3)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("ConvTranspose" if transpose else "Conv", ["x", f"w{i}"], [f"c{i}"],
+                                      pads=[1, 1, 1, 1], name=f"conv{i}"))
+        parts.append(f"c{i}")
+        if split_bias:  # paddle2onnx's conv bias
+            inits.append(numpy_helper.from_array(rng.standard_normal((1, c, 1, 1)).astype(np.float32), f"b{i}"))
+            nodes.append(helper.make_node("Add", [f"c{i}", f"b{i}"], [f"a{i}"]))
+            parts[-1] = f"a{i}"
+    nodes += [helper.make_node("Concat", parts, ["cat"], axis=1, name="cat"), bn_node("cat", "y")]
+    model = onnx_graph(nodes, inits, [2, 3, 5, 5], opset=13)
+    result = assert_onnx_folds(model, {"x": rng.standard_normal((2, 3, 5, 5)).astype(np.float32)}, 1)
+    assert result.decisions[0].into == tuple(f"conv{i}" for i in range(len(sizes)))
+    assert [n.op_type for n in result.model.graph.node] == ["ConvTranspose" if transpose else "Conv"] * len(sizes) + [
+        "Concat"]
+
+
+def test_onnx_concat_along_another_axis_keeps_the_bn():
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), f"w{i}") for i in (0, 1)]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0"),
+             helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Concat", ["c0", "c1"], ["cat"], axis=2, name="cat"), bn_node("cat", "y")]
+    result = fold_onnx(onnx_graph(nodes, inits + bn_params(4, rng), [1, 3, 2, 2], opset=13))
+    assert result.decisions[0].refusals[0].code == "channel-map"
+    assert result.decisions[0].refusals[0].message == "'cat' concatenates along axis 2, not the BN's channels"
+
+
+def test_bnrt_fold_of_a_csp_and_mixconv_model_leaves_no_batchnorm(tmp_path):
+    from ..nets import CspMix
+
+    model = CspMix().eval()
+    gen = torch.Generator().manual_seed(0)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        randomise_bn(bn, gen)
+    save_checkpoint(tmp_path / "csp.pt", model, "tests.nets:CspMix", (1, 3, 16, 16))
+    proc = run_cli("fold", str(tmp_path / "csp.pt"), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert "BatchNormalization nodes in ONNX: 0" in proc.stdout and "check passed" in proc.stdout
+    report = json.loads((tmp_path / "out" / "csp.report.json").read_text())
+    rows = {d["bn"]: (d["rule"], d["into"]) for d in report["decisions"]}
+    assert rows["bn"] == ("conv->bn", ["cv3", "cv2"]) and rows["mix_bn"] == ("conv->bn", ["mix.0", "mix.1"])
+    assert report["check"]["certificate"]["passed"] and report["check"]["certificate"]["layers"] == 6

@@ -29,6 +29,7 @@ CODES: dict[str, str] = {
     "transposed-input": "the layer transposes its input (Gemm transA=1)",
     "zero-padding": "the layer after the BN pads with zeros, which the BN's shift would not see",
     "channel-map": "the view ops on the path mix channels: no one-to-one channel map",
+    "negative-scale-through-max": "a max-pooling on the path and a negative BN scale: max(s·x) is not s·max(x) for s < 0",
     "unknown-shape": "a shape or a shape argument on the path is unknown",
     "unused": "the BN's output is unused",
     "unsupported-bn": "a BN form bnrt does not fold (ONNX spatial=0, aten batch_norm in a torch.export capture)",

@@ -158,7 +158,7 @@ def _backward(view: GraphView, bn: BnSite) -> list[Target]:
     joined = view.concat(node)
     if joined is not None and not chain:
         _only_user(view, node, user)
-        return _concat_targets(view, node, *joined)
+        return _concat_targets(view, bn, node, *joined)
     layer = view.layer(node)
     rule = RULES.get(("backward", layer.kind)) if layer else None
     if rule is None:
@@ -166,10 +166,23 @@ def _backward(view: GraphView, bn: BnSite) -> list[Target]:
     _only_user(view, layer.node, user, layer.name)
     _checked(view, rule, layer)
     chain.reverse()
+    _positive_through_max(view, bn, chain)
     return [_target(view, rule, layer, chain, _backward_map(view, layer, chain, rule.channel_axis))]
 
 
-def _concat_targets(view: GraphView, cat: Any, parts: list, axis: int) -> list[Target]:
+def _positive_through_max(view: GraphView, bn: BnSite, chain: list) -> None:
+    """A per-channel affine commutes with a maximum (max-pooling, amax) only where its scale is not
+    negative: ``max(s·x) = s·max(x)`` needs ``s >= 0``."""
+    taking = next((n for n in chain if view.takes_max(n)), None)
+    if taking is None:
+        return
+    negative = int(np.sum(view.bn_stats(bn).scale_shift()[0] < 0))
+    if negative:
+        raise NotFoldable("negative-scale-through-max", f"'{view.name(taking)}' takes a maximum and the BN's scale "
+                                                        f"is negative in {negative} channel(s)", view.name(taking))
+
+
+def _concat_targets(view: GraphView, bn: BnSite, cat: Any, parts: list, axis: int) -> list[Target]:
     """A BN straight after a concatenation along its channel axis: each part's channels are a
     contiguous run of the BN's, so the BN splits into one backward fold per part, each into a
     layer (through view ops) whose output feeds only the concat."""
@@ -196,6 +209,7 @@ def _concat_targets(view: GraphView, cat: Any, parts: list, axis: int) -> list[T
         _shared_part(view, cat, layer.node, user, layer.name)
         _checked(view, rule, layer)
         chain.reverse()
+        _positive_through_max(view, bn, chain)
         channels = _backward_map(view, layer, chain, rule.channel_axis)
         size = _known_shape(view, part)[1]
         channels = tuple(offset + c for c in (range(size) if channels is None else channels))
@@ -231,6 +245,7 @@ def _forward(view: GraphView, bn: BnSite) -> list[Target]:
             raise NotFoldable("weight-input", f"output feeds {view.describe(node)} as its weight, not its input",
                               layer.name)
         _checked(view, rule, layer)
+        _positive_through_max(view, bn, chain)
         targets.append(_target(view, rule, layer, chain, _forward_map(view, bn.node, layer, chain, rule.channel_axis)))
     return targets
 

@@ -4,7 +4,8 @@ BatchNorms are ``BatchNormalization`` nodes (graph order). Layers are Conv, Conv
 and MatMul nodes with constant weights (``bnrt.folding.onnxconst``: initializers, Constant nodes,
 either through Identity/Cast/Reshape/Unsqueeze), a per-channel constant ``Add`` straight after one
 being its bias (a split bias). Pass-through ops are Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity and Dropout
-in inference (no training_mode, mask unused), their channel maps replayed with numpy; Reshape target shapes computed in the graph
+in inference (no training_mode, mask unused) and per-channel poolings (``bnrt.folding.onnxops``), their channel
+maps replayed with numpy; Reshape target shapes computed in the graph
 (``Shape -> Gather -> Concat``) come from one ORT run of the model on zeros, and so do the shapes
 static inference cannot give (symbolic dims), at the input shapes given for planning. ``Shape`` and
 ``Size`` read only metadata and are not uses of a value. A value an ``If``/``Loop``/``Scan`` body
@@ -19,17 +20,15 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from . import onnxscope
+from . import onnxops, onnxscope
+from bnrt.folding.onnxops import attr
 from bnrt.folding.onnxconst import Constants
 from bnrt.folding.onnxshapes import ValueShapes
 from bnrt.folding.decision import NotFoldable
-from bnrt.folding.view import BnSite, BnStats, Layer
+from bnrt.folding.view import BnSite, BnStats, Layer, pooled
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_PASSTHROUGH_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
-_METADATA_OPS = {"Shape", "Size"}
 
 
 class GraphValue:
@@ -55,13 +54,6 @@ class SubgraphRead:
     def __init__(self, node: onnx.NodeProto):
         self.node = node
         self.name = label(node)
-
-
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def label(node: onnx.NodeProto) -> str:
@@ -166,7 +158,7 @@ class OnnxView:
 
     def users(self, node) -> list:
         out = self._output(node)
-        found = [u for u in self.consumers.get(out, []) if u.op_type not in _METADATA_OPS]
+        found = [u for u in self.consumers.get(out, []) if u.op_type not in onnxops.METADATA_OPS]
         found += [SubgraphRead(n) for n in self.scoped.get(out, [])]
         return found + [GRAPH_OUTPUT] if out in self.outputs else found
 
@@ -187,7 +179,8 @@ class OnnxView:
             return False
         if node.op_type == "Dropout":
             return self._dropout_off(node)
-        return node.op_type in _PASSTHROUGH_OPS or any(node is f for f in self.folded)
+        return node.op_type in onnxops.PASSTHROUGH_OPS or any(node is f for f in self.folded) \
+            or onnxops.pooling(node, self.const) is not None
 
     def _dropout_off(self, node: onnx.NodeProto) -> bool:
         """A Dropout in inference: no ``training_mode`` (or a constant false one), mask unused."""
@@ -197,36 +190,14 @@ class OnnxView:
         return not mask_used and (training is None or not bool(np.asarray(training).any()))
 
     def replay(self, node: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
-        op = node.op_type
-        if op in ("Identity", "Dropout", "BatchNormalization"):
-            return x
-        if op == "Flatten":
-            axis = attr(node, "axis", 1) % max(x.ndim, 1)
-            return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
-        if op == "Transpose":
-            return np.transpose(x, attr(node, "perm", None))
-        if op in ("Squeeze", "Unsqueeze"):
-            axes = attr(node, "axes", None)
-            if axes is None and len(node.input) > 1 and node.input[1]:
-                axes = self.const(node.input[1])
-                if axes is None:
-                    raise NotFoldable("unknown-shape", f"axes of '{label(node)}' are not constant", label(node))
-                axes = [int(a) for a in np.atleast_1d(axes)]
-            if op == "Squeeze":
-                return np.squeeze(x, axis=None if axes is None else tuple(axes))
-            out = x
-            for a in sorted(int(a) % (x.ndim + len(axes)) for a in axes):
-                out = np.expand_dims(out, a)
-            return out
-        shape = self.const(node.input[1])
-        if shape is None:
-            shape = self.runtime.get(node.input[1])
-        if shape is None:
-            raise NotFoldable("unknown-shape", f"target shape of '{label(node)}' is not known", label(node))
-        target = [int(d) for d in shape]
-        if not attr(node, "allowzero", 0):
-            target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
-        return x.reshape(target)
+        pool = onnxops.pooling(node, self.const)
+        if pool is not None:
+            return pooled(x, pool[1](x.ndim), self.shape(node), label(node))
+        return onnxops.replay(node, x, self.const, self.runtime)
+
+    def takes_max(self, node) -> bool:
+        pool = onnxops.pooling(node, self.const) if isinstance(node, onnx.NodeProto) else None
+        return pool is not None and pool[0] == "max" and not any(node is f for f in self.folded)
 
     def shape(self, node) -> tuple[int, ...] | None:
         out = self._output(node)
@@ -246,9 +217,9 @@ class OnnxView:
         data = self.onnx_layer(node)
         kind = {"conv": "conv", "convtranspose": "conv-transpose"}.get(data.kind, "linear")
         layer = Layer(data.output_node, label(node), kind, data.kind, attr(node, "group", 1),
-                      data.kind == "conv" and _zero_padded(node), data.kind == "gemm" and bool(attr(node, "transA", 0)),
+                      data.kind == "conv" and onnxops.zero_padded(node), data.kind == "gemm" and bool(attr(node, "transA", 0)),
                       data)
-        return replace(layer, **_geometry(node, data.weight.shape[2:])) if kind == "conv" else layer
+        return replace(layer, **onnxops.geometry(node, data.weight.shape[2:])) if kind == "conv" else layer
 
     def bias_owner(self, add: onnx.NodeProto) -> onnx.NodeProto | None:
         """The layer node whose bias ``add`` is (``OnnxLayer.add``), or None. A layer whose weights
@@ -368,27 +339,6 @@ class OnnxView:
         if isinstance(node, SubgraphRead):
             return f"a subgraph of {node.node.op_type} '{node.name}'"
         return f"{node.op_type} '{label(node)}'"
-
-
-def _geometry(node: onnx.NodeProto, kernel: tuple[int, ...]) -> dict:
-    """Kernel, strides, symmetric padding (None when asymmetric or SAME_*) and dilations of a Conv."""
-    rank = len(kernel)
-    auto_pad = attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    pads = list(attr(node, "pads", None) or [0] * 2 * rank)
-    symmetric = pads[:rank] == pads[rank:] and auto_pad in ("NOTSET", "VALID")
-    return {"kernel": tuple(int(k) for k in kernel), "stride": tuple(attr(node, "strides", None) or [1] * rank),
-            "padding": tuple(pads[:rank]) if symmetric else None,
-            "dilation": tuple(attr(node, "dilations", None) or [1] * rank)}
-
-
-def _zero_padded(node: onnx.NodeProto) -> bool:
-    auto_pad = attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        kernel = attr(node, "kernel_shape", None)
-        return kernel is None or any(k > 1 for k in kernel)
-    return any(p != 0 for p in attr(node, "pads", []) or [])
 
 
 def _reshape_targets(view: OnnxView) -> dict[str, np.ndarray]:

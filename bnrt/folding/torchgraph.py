@@ -21,9 +21,9 @@ from torch import nn
 from . import engine
 from bnrt.folding.capture import OPS_KEY, SHAPE_KEY, VALUE_KEY, Capture, is_frozen_batchnorm
 from bnrt.folding.decision import NotFoldable
-from bnrt.folding.view import BnSite, BnStats, Layer
+from bnrt.folding.view import pooled, BnSite, BnStats, Layer
 from bnrt.folding.structure import tensor_at
-from bnrt.folding.torchops import (ADDS, BATCH_NORM_SIGNATURE, BN_TYPES, CONCATS, DROPOUT_FUNCTIONS, DROPOUT_MODULES, EVAL_BN_OPS, FUNCTIONAL_BN, LAYERS, MULS, SUBS, VIEW_FUNCTIONS, VIEW_METHODS, VIEW_MODULES, dropout_off, functional_stats, is_batchnorm, module_stats, not_called, reads_metadata_only, standard)
+from bnrt.folding.torchops import (ADDS, BATCH_NORM_SIGNATURE, BN_TYPES, CONCATS, DROPOUT_FUNCTIONS, DROPOUT_MODULES, EVAL_BN_OPS, FUNCTIONAL_BN, LAYERS, MULS, SUBS, VIEW_FUNCTIONS, VIEW_METHODS, VIEW_MODULES, dropout_off, functional_stats, is_batchnorm, module_stats, not_called, pooling, reads_metadata_only, standard)
 
 
 class TorchView:
@@ -157,6 +157,8 @@ class TorchView:
             return True
         if node.op == "call_function" and node.target in DROPOUT_FUNCTIONS:
             return dropout_off(node)
+        if self._pooling(node) is not None:
+            return True
         if node.op == "call_function":
             return node.target in VIEW_FUNCTIONS
         if node.op == "call_method":
@@ -164,10 +166,23 @@ class TorchView:
         module = self.cap.module_of(node)
         return isinstance(module, VIEW_MODULES) or (isinstance(module, DROPOUT_MODULES) and not module.training)
 
+    def _pooling(self, node: torch.fx.Node) -> tuple[str, tuple[int, ...]] | None:
+        source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        shape = self.cap.shape(source) if source is not None else None
+        return pooling(node, self.cap.module_of(node) if node.op == "call_module" else None,
+                       None if shape is None else len(shape))
+
+    def takes_max(self, node: Any) -> bool:
+        found = self._pooling(node) if isinstance(node, torch.fx.Node) and node not in self.folded else None
+        return found is not None and found[0] == "max"
+
     def replay(self, node: torch.fx.Node, index: np.ndarray) -> np.ndarray:
         if node in self.folded or node.target in DROPOUT_FUNCTIONS or isinstance(
                 self.cap.module_of(node), DROPOUT_MODULES):
             return index
+        pool = self._pooling(node)
+        if pool is not None:
+            return pooled(index, pool[1], self.cap.shape(node), node.name)
         source = torch.from_numpy(index)
 
         def arg(a: torch.fx.Node):

@@ -51,6 +51,15 @@ METADATA_FUNCTIONS = {builtins.getattr, builtins.len, torch.numel, torch.zeros_l
                        torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
                        _aten.sym_size.int, _aten.sym_numel.default, _aten.sym_stride.int}
 
+AVG_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d,
+                    nn.AvgPool3d)
+MAX_POOL_MODULES = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.MaxPool1d, nn.MaxPool2d,
+                    nn.MaxPool3d)
+AVG_POOL_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d,
+                      F.avg_pool3d}
+MAX_POOL_FUNCTIONS = {F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.max_pool1d, F.max_pool2d,
+                      F.max_pool3d}
+REDUCTIONS = {torch.mean: "avg", torch.amax: "max", "mean": "avg", "amax": "max"}
 CONCATS = {torch.cat, torch.concat, torch.concatenate, _aten.cat.default}
 ADDS = {operator.add, operator.iadd, torch.add, _aten.add.Tensor}
 SUBS = {operator.sub, torch.sub}
@@ -132,3 +141,46 @@ def dropout_off(node: torch.fx.Node) -> bool:
         return False
     bound.apply_defaults()
     return bound.arguments.get("training") is False
+
+
+def pooling(node: torch.fx.Node, module: nn.Module | None, rank: int | None) -> tuple[str, tuple[int, ...]] | None:
+    """``node`` as a per-channel pooling: ("avg" or "max", the axes it pools over), or None. Exact
+    for a BN's affine: average pooling without zero padding counted (``padding=0`` or
+    ``count_include_pad=False``, no ``divisor_override``), global/adaptive average pooling, max
+    pooling without indices, ``mean``/``amax`` over axes other than the channels (axis 1)."""
+    if rank is None:
+        return None
+    spatial = tuple(range(2, rank))
+    if module is not None:
+        if isinstance(module, AVG_POOL_MODULES):
+            exact = not hasattr(module, "padding") or _no_counted_padding(
+                module.padding, module.count_include_pad, getattr(module, "divisor_override", None))
+            return ("avg", spatial) if exact else None
+        if isinstance(module, MAX_POOL_MODULES) and not module.return_indices:
+            return "max", spatial
+        return None
+    kwargs = dict(zip(("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                       "divisor_override"), node.args)) | dict(node.kwargs)
+    if node.op == "call_function" and node.target in AVG_POOL_FUNCTIONS:
+        exact = "kernel_size" not in kwargs or _no_counted_padding(kwargs.get("padding", 0),
+                                                                   kwargs.get("count_include_pad", True),
+                                                                   kwargs.get("divisor_override"))
+        return ("avg", spatial) if exact else None
+    if node.op == "call_function" and node.target in MAX_POOL_FUNCTIONS:
+        indices = node.kwargs.get("return_indices", False) or any(a is True for a in node.args[1:])
+        return None if indices else ("max", spatial)
+    kind = REDUCTIONS.get(node.target) if node.op in ("call_function", "call_method") else None
+    if kind is None:
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
+        return None  # a mean over everything (or computed dims) mixes channels
+    axes = tuple(sorted(d % rank for d in dims))
+    return None if 1 in axes else (kind, axes)
+
+
+def _no_counted_padding(padding, count_include_pad, divisor_override) -> bool:
+    """Average pooling divides by the positions it averages: no padded zero counted, no override."""
+    pads = (padding,) if isinstance(padding, int) else tuple(padding)
+    return divisor_override is None and (not count_include_pad or not any(pads))

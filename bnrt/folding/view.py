@@ -12,6 +12,7 @@ from typing import Any, Iterable, Protocol
 import numpy as np
 
 from bnrt.folding import foldmath
+from bnrt.folding.decision import NotFoldable
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,12 @@ class GraphView(Protocol):
 
     def is_passthrough(self, node: Any) -> bool:
         """A node whose output is its input rearranged (view ops, Identity, Dropout in eval, a
-        BatchNorm already folded): the walker goes through it, ``replay`` maps its channels."""
+        BatchNorm already folded) or pooled per channel (average and max pooling, a mean or max
+        over positions): the walker goes through it, ``replay`` maps its channels."""
+
+    def takes_max(self, node: Any) -> bool:
+        """A pass-through that takes a maximum over positions (max-pooling, amax): exact for a BN
+        only where its scale is not negative."""
 
     def replay(self, node: Any, index: np.ndarray) -> np.ndarray:
         """``node``'s op applied to an int64 array shaped like its input."""
@@ -130,3 +136,13 @@ class GraphView(Protocol):
 
     def is_value_identity(self, node: Any) -> bool:
         """A pass-through whose output equals its input (Identity, Dropout in eval, a folded BN)."""
+
+
+def pooled(index: np.ndarray, axes: tuple[int, ...], shape: tuple[int, ...] | None, name: str) -> np.ndarray:
+    """A pooling or a reduction over ``axes`` (never the channels) replayed on a channel-index
+    array: exact when the index is the same along those axes (every window holds one channel),
+    which is what the channel maps need; ``shape``: the op's output shape."""
+    first = index[tuple(slice(0, 1) if a in axes else slice(None) for a in range(index.ndim))]
+    if shape is None or 1 in axes or not (np.broadcast_to(first, index.shape) == index).all():
+        raise NotFoldable("channel-map", f"'{name}' pools over values of several BN channels", name)
+    return np.broadcast_to(first, shape).copy() if len(shape) == index.ndim else first.reshape(shape)

@@ -151,3 +151,107 @@ def test_bnrt_fold_of_a_csp_and_mixconv_model_leaves_no_batchnorm(tmp_path):
     rows = {d["bn"]: (d["rule"], d["into"]) for d in report["decisions"]}
     assert rows["bn"] == ("conv->bn", ["cv3", "cv2"]) and rows["mix_bn"] == ("conv->bn", ["mix.0", "mix.1"])
     assert report["check"]["certificate"]["passed"] and report["check"]["certificate"]["layers"] == 6
+
+
+# --- through pooling --------------------------------------------------------------------------------
+
+POOLS = {
+    "global-avg": (lambda: nn.AdaptiveAvgPool2d(1), "avg"), "adaptive-avg": (lambda: nn.AdaptiveAvgPool2d(2), "avg"),
+    "avgpool": (lambda: nn.AvgPool2d(2), "avg"), "avgpool-pad-uncounted": (
+        lambda: nn.AvgPool2d(3, 1, padding=1, count_include_pad=False), "avg"),
+    "mean": (lambda: _Reduce("mean"), "avg"), "maxpool": (lambda: nn.MaxPool2d(3, 2, padding=1), "max"),
+    "adaptive-max": (lambda: nn.AdaptiveMaxPool2d(1), "max"), "amax": (lambda: _Reduce("amax"), "max"),
+}
+
+
+class _Reduce(nn.Module):
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return getattr(x, self.op)((2, 3), keepdim=True)
+
+
+class Pooled(nn.Module):
+    """forward: BN -> pool -> flatten -> Linear (or -> Conv); backward: Conv -> pool -> BN."""
+
+    def __init__(self, pool: str, forward: bool, into_conv: bool, gen: torch.Generator, positive: bool):
+        super().__init__()
+        self.pool, self.forward_ = POOLS[pool][0](), forward
+        self.conv = nn.Conv2d(3, 4, 3, padding=1 if not forward else 0)
+        self.bn = nn.BatchNorm2d(3 if forward else 4)
+        randomise_bn(self.bn, gen)
+        if positive:
+            with torch.no_grad():
+                self.bn.weight.abs_()
+        sizes = {"global-avg": 1, "adaptive-avg": 2, "avgpool": 3, "mean": 1, "maxpool": 3, "adaptive-max": 1,
+                 "amax": 1, "avgpool-pad-uncounted": 6}
+        self.head = nn.Conv2d(3, 2, 1) if into_conv else nn.Linear(3 * sizes[pool] ** 2, 2)
+
+    def forward(self, x):
+        if self.forward_:
+            y = self.pool(self.bn(x))
+            return self.head(y) if isinstance(self.head, nn.Conv2d) else self.head(torch.flatten(y, 1))
+        return self.bn(self.pool(self.conv(x)))
+
+
+@given(pool=st.sampled_from(sorted(POOLS)), forward=st.booleans(), into_conv=st.booleans(), positive=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_a_bn_folds_through_per_channel_pooling(pool, forward, into_conv, positive, seed):
+    gen = torch.Generator().manual_seed(seed)
+    model = Pooled(pool, forward, into_conv, gen, positive)
+    negative = bool((model.bn.weight < 0).any())
+    if POOLS[pool][1] == "max" and negative:  # max(s·x) is not s·max(x) for s < 0: kept, with its own code
+        result = bnrt.fold(model.double().eval(), (torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64),))
+        assert not result.decisions[0].folded
+        assert result.decisions[0].codes == (("graph-input", "negative-scale-through-max") if forward else
+                                             ("negative-scale-through-max", "no-layer-after"))
+        return
+    result = assert_folds_exactly(model, torch.randn(2, 3, 6, 6, generator=gen), 1)
+    assert result.decisions[0].direction == ("forward" if forward else "backward")
+    name = pool if pool in ("mean", "amax") else "pool"  # a reduction method is its own node
+    assert result.decisions[0].through == (name,) + (("flatten",) if forward and not into_conv else ())
+
+
+def test_average_pooling_that_counts_padded_zeros_is_not_passed():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.AvgPool2d(3, 1, padding=1), nn.BatchNorm2d(3)).eval()
+    randomise_bn(model[2], torch.Generator().manual_seed(0))
+    result = bnrt.fold(model, (torch.randn(1, 2, 4, 4),))
+    assert result.decisions[0].refusals[0].code == "no-layer-before"
+    assert "AvgPool2d '1'" in result.decisions[0].refusals[0].message
+
+
+@pytest.mark.parametrize("op,attrs,folds,code", [
+    ("GlobalAveragePool", {}, True, None), ("GlobalMaxPool", {}, True, None),
+    ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}, True, None),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, True, None),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}, False, "no-layer-before"),
+    ("GlobalMaxPool", {"negative": True}, False, "negative-scale-through-max"),
+])
+def test_onnx_conv_pool_bn_folds_backward(op, attrs, folds, code):
+    rng = np.random.default_rng(2)
+    negative = attrs.pop("negative", False)
+    params = bn_params(4, rng)
+    scale = np.abs(numpy_helper.to_array(params[0])) * (-1 if negative else 1)
+    params[0] = numpy_helper.from_array(scale.astype(np.float32), "bn.scale")
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")] + params
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node(op, ["h"], ["p"], name="pool", **attrs), bn_node("p", "y")]
+    model = onnx_graph(nodes, inits, [2, 3, 6, 6], opset=13)
+    if folds:
+        result = assert_onnx_folds(model, {"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)}, 1)
+        assert result.decisions[0].through == ("pool",)
+    else:
+        assert fold_onnx(model).decisions[0].refusals[0].code == code
+
+
+def test_onnx_bn_global_pool_flatten_gemm_folds_forward():
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((2, 3)).astype(np.float32), "W")] + bn_params(3, rng)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "b"),
+             helper.make_node("ReduceMean", ["b"], ["m"], axes=[2, 3], keepdims=0, name="mean"),
+             helper.make_node("Gemm", ["m", "W"], ["y"], transB=1, name="fc")]
+    model = onnx_graph(nodes, inits, [2, 3, 5, 5], opset=13)
+    result = assert_onnx_folds(model, {"x": rng.standard_normal((2, 3, 5, 5)).astype(np.float32)}, 1)
+    assert (result.decisions[0].rule, result.decisions[0].through) == ("bn->gemm", ("mean",))

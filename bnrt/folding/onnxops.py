@@ -52,11 +52,14 @@ def pooling(node: onnx.NodeProto, const: Const):
     if op == "MaxPool" and not attr(node, "storage_order", 0):
         return "max", spatial
     if op == "AveragePool":
-        counted = attr(node, "count_include_pad", 0) and (any(attr(node, "pads", None) or [])
+        counted = attr(node, "count_include_pad", 0) and (any(attr(node, "pads", None) or []) or attr(node, "ceil_mode", 0)
                                                           or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"))
         return None if counted else ("avg", spatial)
     if op in ("ReduceMean", "ReduceMax"):
-        axes = _axes(node, const)
+        try:
+            axes = _axes(node, const)
+        except NotFoldable:  # axes computed in the graph: not a pass-through
+            return None
         if not axes:
             return None  # every axis (or noop_with_empty_axes): channels mixed; over the channels: replay refuses
         return ("avg" if op == "ReduceMean" else "max"), lambda rank: tuple(sorted(int(a) % rank for a in axes))

@@ -151,6 +151,9 @@ def pooling(node: torch.fx.Node, module: nn.Module | None, rank: int | None) -> 
     if rank is None:
         return None
     spatial = tuple(range(2, rank))
+    dims = _pool_dims(module if module is not None else node.target)
+    if dims is not None and rank != dims + 2:
+        return None  # an unbatched input: the pool would run over the channels too
     if module is not None:
         if isinstance(module, AVG_POOL_MODULES):
             exact = not hasattr(module, "padding") or _no_counted_padding(
@@ -178,6 +181,14 @@ def pooling(node: torch.fx.Node, module: nn.Module | None, rank: int | None) -> 
         return None  # a mean over everything (or computed dims) mixes channels
     axes = tuple(sorted(d % rank for d in dims))
     return None if 1 in axes else (kind, axes)
+
+
+def _pool_dims(op) -> int | None:
+    """The spatial dims a pooling module or function takes (1, 2, 3), None for other ops."""
+    name = type(op).__name__ if isinstance(op, nn.Module) else getattr(op, "__name__", "")
+    if isinstance(op, (*AVG_POOL_MODULES, *MAX_POOL_MODULES)) or op in AVG_POOL_FUNCTIONS | MAX_POOL_FUNCTIONS:
+        return int(name.rstrip("d")[-1])
+    return None
 
 
 def _no_counted_padding(padding, count_include_pad, divisor_override) -> bool:

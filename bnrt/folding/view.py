@@ -142,7 +142,11 @@ def pooled(index: np.ndarray, axes: tuple[int, ...], shape: tuple[int, ...] | No
     """A pooling or a reduction over ``axes`` (never the channels) replayed on a channel-index
     array: exact when the index is the same along those axes (every window holds one channel),
     which is what the channel maps need; ``shape``: the op's output shape."""
+    kept = [d for a, d in enumerate(index.shape) if a not in axes]
+    same_rank = shape is not None and len(shape) == index.ndim
+    fits = shape is not None and (
+        [d for a, d in enumerate(shape) if a not in axes] == kept if same_rank else list(shape) == kept)
     first = index[tuple(slice(0, 1) if a in axes else slice(None) for a in range(index.ndim))]
-    if shape is None or 1 in axes or not (np.broadcast_to(first, index.shape) == index).all():
+    if not fits or 1 in axes or not (np.broadcast_to(first, index.shape) == index).all():
         raise NotFoldable("channel-map", f"'{name}' pools over values of several BN channels", name)
-    return np.broadcast_to(first, shape).copy() if len(shape) == index.ndim else first.reshape(shape)
+    return np.broadcast_to(first, shape).copy() if same_rank else first.reshape(shape)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import bnrt
@@ -255,3 +255,55 @@ def test_onnx_bn_global_pool_flatten_gemm_folds_forward():
     model = onnx_graph(nodes, inits, [2, 3, 5, 5], opset=13)
     result = assert_onnx_folds(model, {"x": rng.standard_normal((2, 3, 5, 5)).astype(np.float32)}, 1)
     assert (result.decisions[0].rule, result.decisions[0].through) == ("bn->gemm", ("mean",))
+
+
+class _Unbatched(nn.Module):
+    """A k-D pooling given a (k+1)-D tensor pools over the channels too: no pass-through."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        self.conv, self.bn2, self.bn1 = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.BatchNorm1d(8)
+        self.pool3 = nn.MaxPool3d((3, 1, 1), 1, (1, 0, 0))
+        self.head, self.fc = nn.Conv2d(8, 4, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        if self.case == "avgpool3d":
+            return self.bn2(nn.functional.avg_pool3d(self.conv(x), (3, 1, 1), 1, (1, 0, 0), count_include_pad=False))
+        if self.case == "maxpool3d":
+            return self.head(self.pool3(self.bn2(self.conv(x).relu())))
+        if self.case == "maxpool1d":
+            return self.fc(nn.functional.max_pool1d(self.bn1(self.conv(x).mean((2, 3))), 3, 1, 1))
+        return self.fc(torch.flatten(nn.functional.max_pool2d(self.bn1(self.conv(x).flatten(2)), 2), 1)[:, :8])
+
+
+@pytest.mark.parametrize("case", ["avgpool3d", "maxpool3d", "maxpool1d", "maxpool2d-on-3d"])
+def test_a_pooling_of_an_unbatched_input_is_no_pass_through(case):
+    model = _Unbatched(case).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    for bn in (model.bn1, model.bn2):
+        randomise_bn(bn, gen)
+        with torch.no_grad():
+            bn.weight.abs_()
+    x = torch.randn(2, 3, 4, 6, generator=gen, dtype=torch.float64)
+    result = bnrt.fold(model, (x,))  # no traceback, and whatever folds is exact
+    with torch.no_grad():
+        assert float((model(x) - result.model(x)).abs().max()) <= 1e-10
+    assert not any(d.folded and any(n.startswith(("pool", "avg_pool", "max_pool")) for n in d.through)
+                   for d in result.decisions)
+
+
+def test_onnx_reduce_mean_with_computed_axes_is_no_pass_through():
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.int64([2]), "two")] + bn_params(3, rng)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Shape", ["s"], ["r"]), helper.make_node("Sub", ["r", "two"], ["ax"]),
+             helper.make_node("ReduceMean", ["c", "ax"], ["m"], name="rm"), helper.make_node("Add", ["c", "m"], ["a"]),
+             bn_node("a", "y")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 1, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    result = fold_onnx(model)  # planning does not stop at the axes it cannot read
+    assert not result.decisions[0].folded and result.decisions[0].refusals[0].code == "no-layer-before"

@@ -20,6 +20,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bnrt.folding import onnxops
+from bnrt.folding.decision import NotFoldable
+
 CHAIN_OPS = {"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Transpose"}  # a constant through these is one
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 # ops whose constant inputs are weights: what a fold (or any re-export) may re-round. Others keep
@@ -96,36 +99,13 @@ class Constants:
         data = self.value(node.input[0])
         if data is None:
             return None
-        return _chained(node, data, [self.value(i) if i else None for i in node.input[1:]])
-
-
-def _chained(node: onnx.NodeProto, data: np.ndarray, rest: list) -> np.ndarray | None:
-    """``node`` (one of ``CHAIN_OPS``) applied to a constant; None where its other inputs are not
-    constants or it is not a plain rearrangement (a Reshape with ``allowzero``)."""
-    op = node.op_type
-    if op == "Identity":
-        return data
-    if op == "Transpose":  # tf2onnx's HWIO kernels to OIHW
-        return np.transpose(data, _attr(node, "perm"))
-    if op == "Cast":
-        to = _attr(node, "to")
-        return data.astype(helper.tensor_dtype_to_np_dtype(to)) if to is not None else None
-    if op == "Reshape":
-        shape = rest[0] if rest else None
-        if shape is None or _attr(node, "allowzero", 0):
+        if node.op_type == "Cast":
+            to = _attr(node, "to")
+            return data.astype(helper.tensor_dtype_to_np_dtype(to)) if to is not None else None
+        try:  # the same rearrangement the engine replays on channel indices
+            return onnxops.replay(node, data, self.value, {})
+        except (NotFoldable, ValueError):  # a shape or axes computed in the graph
             return None
-        return data.reshape([data.shape[i] if d == 0 else int(d) for i, d in enumerate(shape)])
-    axes = _attr(node, "axes")
-    if axes is None and rest and rest[0] is not None:
-        axes = [int(a) for a in np.atleast_1d(rest[0])]
-    elif axes is None and rest and node.input[1]:
-        return None  # axes computed in the graph
-    if op == "Squeeze":
-        return np.squeeze(data, axis=None if axes is None else tuple(int(a) for a in axes))
-    out = data
-    for a in sorted(int(a) % (data.ndim + len(axes)) for a in axes):
-        out = np.expand_dims(out, a)
-    return out
 
 
 def _data_values(graph: onnx.GraphProto, constants: Constants) -> set[str]:

@@ -200,14 +200,6 @@ def fold_onnx(model: onnx.ModelProto, where: str = "model",
                           writer.written)
 
 
-def declared_shapes(model: onnx.ModelProto) -> dict[str, tuple | None]:
-    """The shapes a model's graph inputs declare, by name (None dims: symbolic; None: no shape)."""
-    inits = {i.name for i in model.graph.initializer}
-    return {vi.name: tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                           for d in vi.type.tensor_type.shape.dim) if vi.type.tensor_type.HasField("shape") else None
-            for vi in model.graph.input if vi.name not in inits}
-
-
 def load_onnx(path) -> onnx.ModelProto:
     """Read an ONNX file (and its external data); ``InputError`` naming the file otherwise."""
     path = Path(path)

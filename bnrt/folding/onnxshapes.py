@@ -16,6 +16,14 @@ from onnx import helper
 from bnrt.session import probe
 
 
+def declared_shapes(model: onnx.ModelProto) -> dict[str, tuple | None]:
+    """The shapes a model's graph inputs declare, by name (None dims: symbolic; None: no shape)."""
+    inits = {i.name for i in model.graph.initializer}
+    return {vi.name: tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                           for d in vi.type.tensor_type.shape.dim) if vi.type.tensor_type.HasField("shape") else None
+            for vi in model.graph.input if vi.name not in inits}
+
+
 def inferred_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = None) -> dict[str, tuple]:
     """Static shapes (None for symbolic dims) of every value ONNX shape inference can type, the
     graph inputs named in ``input_shapes`` taken at those shapes."""
@@ -58,15 +66,10 @@ class ValueShapes:
 
     def feeds(self) -> dict[str, np.ndarray]:
         """Zeros for every graph input: at the given shape, else the declared dims with free ones 2."""
-        inits = {i.name for i in self.model.graph.initializer}
-        feeds = {}
-        for vi in self.model.graph.input:
-            if vi.name in inits:
-                continue
-            dims = self.given.get(vi.name) or [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2
-                                               for d in vi.type.tensor_type.shape.dim]
-            feeds[vi.name] = np.zeros(dims, dtype=helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
-        return feeds
+        types = {vi.name: vi.type.tensor_type.elem_type for vi in self.model.graph.input}
+        return {name: np.zeros(self.given.get(name) or [2 if d is None else d for d in shape or ()],
+                               dtype=helper.tensor_dtype_to_np_dtype(types[name]))
+                for name, shape in declared_shapes(self.model).items()}
 
     def values(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         """The values ``names`` take in one run on ``feeds``; empty when the model cannot run there."""

@@ -19,7 +19,8 @@ from bnrt.errors import OptionError, about
 from bnrt.folding.capture import capture
 from bnrt.folding.decision import Decision
 from bnrt.folding.engine import Plan
-from bnrt.folding.onnxfold import OnnxFoldResult, check_model, declared_shapes, fold_onnx, load_onnx
+from bnrt.folding.onnxfold import OnnxFoldResult, check_model, fold_onnx, load_onnx
+from bnrt.folding.onnxshapes import declared_shapes
 from bnrt.folding.torchfold import FoldResult, apply, layer_weights, stored_weights
 from bnrt.folding.torchgraph import plan
 from bnrt.folding.torchops import statistics

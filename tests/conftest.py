@@ -3,6 +3,16 @@ hand-built ONNX graphs, the serving subprocess."""
 
 from __future__ import annotations
 
+import os
+
+# `make test` runs two pytest-xdist workers on two cores. Each worker's torch (and every CLI subprocess it
+# starts, through the environment) gets one intra-op thread: with torch's default of one thread per core
+# in each worker, the OpenMP threads spin against the other worker, and a test of a thousand small folds
+# ran 7x slower here and 25x slower on CI (a test timed out at 300 s).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 import http.client
 import json
 import queue
@@ -38,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.register_profile("thorough", max_examples=1000, deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("dev")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # in case torch was imported before this file (a plugin)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_report_header(config):

@@ -226,16 +226,26 @@ def _shared_part(view: GraphView, cat: Any, node: Any, user: Any, name: str | No
                           exc.refusal.other) from None
 
 
+def _forward_ends(view: GraphView, start: Any) -> list[tuple[list, Any, Any]]:
+    """Every path from ``start`` through pass-through ops to what ends it, as (the pass-throughs,
+    the node read, the end): a view op read by several nodes (a pre-norm feeding query, key and
+    value projections) branches into a path per reader."""
+    ends, stack = [], [([], start, user) for user in reversed(view.users(start))]
+    while stack:
+        chain, previous, node = stack.pop()
+        if view.is_passthrough(node) and view.input_of(node) is previous:
+            # a view nobody reads (a dead flatten left in a traced graph) ends no path
+            stack.extend((chain + [node], node, user) for user in reversed(view.users(node)))
+        else:
+            ends.append((chain, previous, node))
+    return ends
+
+
 def _forward(view: GraphView, bn: BnSite) -> list[Target]:
-    targets = []
-    users = view.users(bn.node)
-    if not users:
+    targets, ends = [], _forward_ends(view, bn.node)
+    if not ends:
         raise NotFoldable("unused", "output is unused")
-    for user in users:
-        chain, previous, node = [], bn.node, user
-        while view.is_passthrough(node) and view.input_of(node) is previous and len(view.users(node)) == 1:
-            chain.append(node)
-            previous, node = node, view.users(node)[0]
+    for chain, previous, node in ends:
         layer = view.layer(node)
         rule = RULES.get(("forward", layer.kind)) if layer else None
         if rule is None:

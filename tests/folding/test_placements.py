@@ -307,3 +307,79 @@ def test_onnx_reduce_mean_with_computed_axes_is_no_pass_through():
     model.ir_version = 8
     result = fold_onnx(model)  # planning does not stop at the axes it cannot read
     assert not result.decisions[0].folded and result.decisions[0].refusals[0].code == "no-layer-before"
+
+
+# --- a BN read by several layers through pass-through ops --------------------------------------------
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d with an identity activation: its forward is traced through, and its
+    drop and act are Identity modules between the BN and its readers."""
+
+    def __init__(self, c: int):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                     self.eps)
+        return self.act(self.drop(x))
+
+
+READER = st.sampled_from(["1x1", "unpadded", "padded", "linear"])
+
+
+class PreNorm(nn.Module):
+    """A pre-norm BN (plain or the subclass) read by several layers (query/key/value projections),
+    directly or through a shared flatten."""
+
+    def __init__(self, readers: list[str], subclass: bool, gen: torch.Generator):
+        super().__init__()
+        self.norm = _BatchNormAct(4) if subclass else nn.BatchNorm2d(4)
+        randomise_bn(self.norm, gen)
+        self.kinds = readers
+        self.readers = nn.ModuleList(
+            nn.Conv2d(4, 3, 1) if kind == "1x1" else nn.Conv2d(4, 3, 3) if kind == "unpadded" else
+            nn.Conv2d(4, 4, 3, padding=1, groups=4) if kind == "padded" else nn.Linear(4 * 5 * 5, 3)
+            for kind in readers)
+
+    def forward(self, x):
+        y = self.norm(x)
+        flat = torch.flatten(y, 1)
+        outs = [r(flat) if kind == "linear" else r(y) for kind, r in zip(self.kinds, self.readers)]
+        return sum(o.flatten(1).sum(1, keepdim=True) * (i + 1) for i, o in enumerate(outs))
+
+
+@given(readers=st.lists(READER, min_size=1, max_size=4), subclass=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_a_bn_read_by_several_layers_through_pass_throughs_folds_into_all(readers, subclass, seed):
+    gen = torch.Generator().manual_seed(seed)
+    model = PreNorm(readers, subclass, gen)
+    x = torch.randn(2, 4, 5, 5, generator=gen)
+    if "padded" in readers:  # the refusal names the padded reader, not a pass-through on the way
+        result = bnrt.fold(model.double().eval(), (x.double(),))
+        refusal = result.decisions[0].refusals[-1]
+        assert (result.decisions[0].folded, refusal.code) == (False, "zero-padding")
+        assert refusal.subject == f"readers.{readers.index('padded')}"
+        return
+    result = assert_folds_exactly(model, x, 1)
+    flatten = "flatten" in result.decisions[0].through
+    assert sorted(t.layer for t in result.decisions[0].targets) == [f"readers.{i}" for i in range(len(readers))]
+    assert flatten == ("linear" in readers)
+
+
+def test_onnx_bn_read_by_three_convs_through_identity_folds_into_all():
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.standard_normal((2, 3, 1, 1)).astype(np.float32), n)
+             for n in ("wq", "wk", "wv")] + bn_params(3, rng)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "b"),
+             helper.make_node("Identity", ["b"], ["i"], name="act"),
+             helper.make_node("Conv", ["i", "wq"], ["q"], name="q"), helper.make_node("Conv", ["i", "wk"], ["k"], name="k"),
+             helper.make_node("Conv", ["i", "wv"], ["v"], name="v"), helper.make_node("Mul", ["q", "k"], ["qk"]),
+             helper.make_node("Add", ["qk", "v"], ["y"])]
+    model = onnx_graph(nodes, inits, [2, 3, 4, 4], opset=13)
+    result = assert_onnx_folds(model, {"x": rng.standard_normal((2, 3, 4, 4)).astype(np.float32)}, 1)
+    assert [t.layer for t in result.decisions[0].targets] == ["q", "k", "v"]
+    inits.append(numpy_helper.from_array(rng.standard_normal((2, 3, 3, 3)).astype(np.float32), "wk3"))
+    padded = onnx_graph([*nodes[:4], helper.make_node("Conv", ["i", "wk3"], ["k"], name="k", pads=[1, 1, 1, 1]),
+                         *nodes[5:]], inits, [2, 3, 4, 4], opset=13)
+    refusal = fold_onnx(padded).decisions[0].refusals[-1]
+    assert (refusal.code, refusal.subject) == ("zero-padding", "k")

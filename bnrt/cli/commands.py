@@ -28,6 +28,15 @@ def _print_dynamic(report: dict, shapes: ShapeOptions) -> None:
         print(f"fixed at the example's size (--static-ok; no exporter kept it dynamic): {', '.join(fixed)}")
 
 
+def _print_unshared(report: dict) -> None:
+    unshared = report["summary"].get("unshared")
+    if unshared:
+        added, before = unshared["parameters_added"], unshared["parameters_before"]
+        print("unshared (a copy per further call, in the ONNX file): " + ", ".join(
+            f"'{layer}' x{len(copies) + 1}" for layer, copies in unshared["copies"].items())
+              + f"; +{added:,} parameters (+{100 * added / max(before, 1):.2f} % of {before:,})")
+
+
 def cmd_fold(args: argparse.Namespace) -> int:
     from bnrt.folding.capture import RECORDED
     from bnrt.pipeline.convert import fold_file
@@ -36,10 +45,11 @@ def cmd_fold(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     source, check = SourceArgs.build(args, args.model), None if args.no_check else CheckArgs.build(args)
     shapes = ShapeArgs.build(args)
-    SourceArgs.refuse_on_onnx(args, source, "; an ONNX file is folded as it is", ("opset", "exporter", *ShapeArgs.FLAGS))
+    SourceArgs.refuse_on_onnx(args, source, "; an ONNX file is folded as it is",
+                              ("opset", "exporter", "unshare", *ShapeArgs.FLAGS))
     outcome = fold_file(source, args.output_dir, check=check,
                         opset=DEFAULT_OPSET if args.opset is None else args.opset, exporter=args.exporter or "dynamo",
-                        progress=ProgressArgs.build(args), shapes=shapes)
+                        progress=ProgressArgs.build(args), shapes=shapes, unshare=args.unshare)
     for note in outcome.report["source"].get("notes", []):
         print(f"{source.path}: {note}")
     print(decision_table(outcome.result.decisions))
@@ -62,6 +72,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     read = outcome.report["source"].get("precision", "float32")
     if read != "float32" and outcome.kind != "onnx":
         print(f"precision: read {read}, folded in float64, wrote float32")
+    _print_unshared(outcome.report)
     keeps = outcome.report["summary"].get("checkpoint_keeps", [])
     if keeps:
         print(f"kept in the folded checkpoint (the forward it keeps still computes the blocks the ONNX merged): {', '.join(keeps)}")

@@ -25,6 +25,10 @@ def _fold(sub) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     p.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; torch checkpoints only)")
     p.add_argument("--exporter", choices=EXPORTERS, help="torch ONNX exporter (default dynamo; torch checkpoints only)")
+    p.add_argument("--unshare", action="store_true",
+                   help="give a layer called at several places (a shared detection head) a copy per call in the ONNX "
+                        "file, so that each call's BN folds into its own copy; parameters grow by one layer per "
+                        "further call (torch checkpoints only)")
     ShapeArgs.add(p)
     ProgressArgs.add(p)
     CheckArgs.add(p)

@@ -247,6 +247,12 @@ def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capt
         except Exception as exc:
             raise _fails_on(model, example_inputs, exc) from exc
 
+    return facts(graph, model, tracer)
+
+
+def facts(graph: torch.fx.Graph, model: nn.Module, tracer: str) -> Capture:
+    """The capture of ``model`` as ``graph`` calls it: how often each module is called, which
+    parameters are read directly, and who owns each parameter and buffer."""
     calls: Counter = Counter()
     direct: Counter = Counter()
     for node in graph.nodes:

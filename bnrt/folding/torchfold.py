@@ -27,6 +27,7 @@ from bnrt.folding.reparam import Merge
 from bnrt.folding.structure import set_identity_statistics, set_submodule, zero_affine
 from bnrt.folding.torchgraph import plan
 from bnrt.folding.torchops import statistics, to_f64
+from bnrt.folding.unshare import unshare as unshared
 from bnrt.folding.view import Layer
 
 
@@ -51,6 +52,8 @@ class FoldResult(DecisionSet):
     merges: list[Merge] = field(default_factory=list)
     structured_decisions: list[Decision] | None = None
     structured_bias_added: list[str] | None = None
+    unshared: dict[str, str] = field(default_factory=dict)  # copy path -> the shared layer it copies
+    unshared_parameters: int = 0  # parameters the copies add
 
     def __post_init__(self) -> None:
         if self.structured is None:
@@ -177,12 +180,13 @@ def _fold_into(model: nn.Module, plan: Plan) -> tuple[list[str], dict[str, float
     return bias_added, engine.fp16_overflow(exact)
 
 
-def apply(model: nn.Module, plan: Plan, cap: Capture | None = None) -> FoldResult:
+def apply(model: nn.Module, plan: Plan, cap: Capture | None = None, graph: bool = False) -> FoldResult:
     """Fold every ``folded`` decision and merge every rep block of ``plan`` into a deep copy of
     ``model`` (two copies when ``plan.structured`` differs: the runnable graph's and the
     user-structured one). With ``cap`` (the capture the plan came from), SyncBatchNorms left in the
     model become plain BatchNorms; ``cap`` is required when a functional BN is folded or branches
-    merged."""
+    merged. ``graph``: the runnable model is the captured graph's even when nothing edits it (an
+    unshared layer's copies are called by the graph only)."""
     folded_model = copy.deepcopy(model)
     bias_added, overflow = _fold_into(folded_model, plan)
     structured, structured_plan, structured_bias = folded_model, plan, bias_added
@@ -196,7 +200,7 @@ def apply(model: nn.Module, plan: Plan, cap: Capture | None = None) -> FoldResul
     functional = {d.functional["node"] for d in decisions if d.folded and d.functional and d.direction != "merge"}
     merged = {m.root.name: m.target.node.name for m in plan.merges}
     runnable = folded_model
-    if functional or merged:
+    if functional or merged or graph:
         if cap is None:
             raise ValueError("folding a functional batch_norm or merging branches needs the capture")
         if cap.tracer == "torch.fx":  # a torch.export graph is specialised to the example's shapes: the
@@ -209,15 +213,34 @@ def apply(model: nn.Module, plan: Plan, cap: Capture | None = None) -> FoldResul
                       structured_bias_added=structured_bias)
 
 
-def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> FoldResult:
+def fold_captured(model: nn.Module, cap: Capture, planned: Plan, unshare: bool = False
+                  ) -> tuple[FoldResult, Plan, nn.Module]:
+    """``apply`` the plan, after unsharing reused layers when ``unshare`` (bnrt.folding.unshare):
+    the result, the plan the runnable model follows and the model whose layers it names (the
+    user's, or its copy with the unshared layers' copies)."""
+    twin = unshared(model, cap, planned) if unshare else None
+    if twin is None:
+        return apply(model, planned, cap), planned, model
+    twin_plan = plan(twin.cap)
+    result = apply(twin.model, twin_plan, twin.cap, graph=True)
+    kept = apply(model, planned, cap)  # the user's structure: the shared layers and their BNs stay
+    result.structured, result.structured_decisions = kept.structured, kept.structured_decisions
+    result.structured_bias_added = kept.structured_bias_added
+    result.unshared, result.unshared_parameters = twin.copies, twin.parameters
+    return result, twin_plan, twin.model
+
+
+def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], unshare: bool = False) -> FoldResult:
     """Capture, plan and fold ``model`` (which is left unchanged).
 
     ``example_inputs`` are run once to learn tensor shapes. Every BatchNorm gets a decision; those
-    that cannot be folded exactly stay in the model with the reason in ``decisions``. Raises
+    that cannot be folded exactly stay in the model with the reason in ``decisions``. ``unshare``:
+    a layer called at several places gets a copy per further call in the runnable model, so that
+    each call's BN folds into its own copy (``unshared``, ``unshared_parameters``). Raises
     ``CaptureError`` when neither torch.fx nor torch.export can capture the model and
     ``HealthError`` for NaN/Inf or negative running statistics.
     """
     cap = capture(model, example_inputs)
-    result = apply(model, plan(cap), cap)
+    result, _, _ = fold_captured(model, cap, plan(cap), unshare)
     result.tracer = cap.tracer
     return result

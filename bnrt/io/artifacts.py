@@ -103,9 +103,10 @@ def fold_report(*, source: dict[str, Any], input_names: list[str], output_names:
                 input_shapes: list, opset: int | None, exporter: str | None, tracer: str,
                 decisions: list[Decision], merges: list, fp16_overflow: dict[str, float], batchnorm_nodes: int,
                 check: dict | None, timings: dict[str, float], outputs: dict[str, str],
-                checkpoint_keeps: list[str] = ()) -> dict[str, Any]:
+                checkpoint_keeps: list[str] = (), unshared: dict | None = None) -> dict[str, Any]:
     """The fold report (schema ``bnrt.fold/1``), for torch and ONNX sources alike.
-    ``checkpoint_keeps``: BNs folded in the ONNX file but kept in the folded checkpoint."""
+    ``checkpoint_keeps``: BNs folded in the ONNX file but kept in the folded checkpoint;
+    ``unshared``: the copies ``--unshare`` made and the parameters they add."""
     folded = sum(d.folded for d in decisions)
     return {
         "schema": FOLD_SCHEMA,
@@ -120,7 +121,8 @@ def fold_report(*, source: dict[str, Any], input_names: list[str], output_names:
         "summary": {"bn_total": len(decisions), "folded": folded, "skipped": len(decisions) - folded,
                     "merged_blocks": len(merges), "fp16_overflow": fp16_overflow,
                     "batchnorm_nodes_in_onnx": batchnorm_nodes,
-                    **({"checkpoint_keeps": list(checkpoint_keeps)} if checkpoint_keeps else {})},
+                    **({"checkpoint_keeps": list(checkpoint_keeps)} if checkpoint_keeps else {}),
+                    **({"unshared": unshared} if unshared else {})},
         "decisions": [d.to_json() for d in decisions],
         "merges": [m.to_json() for m in merges],
         "check": check,

@@ -21,7 +21,7 @@ from bnrt.folding.decision import Decision
 from bnrt.folding.engine import Plan
 from bnrt.folding.onnxfold import OnnxFoldResult, check_model, fold_onnx, load_onnx
 from bnrt.folding.onnxshapes import declared_shapes
-from bnrt.folding.torchfold import FoldResult, apply, layer_weights, stored_weights
+from bnrt.folding.torchfold import FoldResult, fold_captured, layer_weights, stored_weights
 from bnrt.folding.torchgraph import plan
 from bnrt.folding.torchops import statistics
 from bnrt.io.artifacts import (artifact_names, fold_report, folded_checkpoint, folds_of, onnx_metadata,
@@ -71,7 +71,7 @@ def _finish(stage: Path, out: Path, names: dict[str, str], report: dict[str, Any
 
 def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
               check: CheckOptions | None = CheckOptions(), opset: int = DEFAULT_OPSET, exporter: str = "dynamo",
-              progress: bool = False, shapes: ShapeOptions = ShapeOptions()) -> FoldOutcome:
+              progress: bool = False, shapes: ShapeOptions = ShapeOptions(), unshare: bool = False) -> FoldOutcome:
     """Fold the model ``source`` names and write its artifacts into ``out_dir`` (default: the
     model's folder): for a torch checkpoint ``<stem>.folded.pt``, ``<stem>.onnx`` and
     ``<stem>.report.json``; for an ONNX model ``<stem>.folded.onnx`` and the report.
@@ -82,7 +82,9 @@ def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLik
     or seeded random samples). When the check fails only the report is written. Raises
     ``InputError`` (and subclasses) for bad input before anything is written. ``progress`` lists
     the steps on stderr as they run (``bnrt.progress``). ``shapes``: the ONNX file's dynamic axes
-    and the further shapes they are checked at (torch checkpoints; ``bnrt.io.shapes``).
+    and the further shapes they are checked at (torch checkpoints; ``bnrt.io.shapes``). ``unshare``:
+    a layer called at several places gets a copy per call in the ONNX file, so that each call's BN
+    folds into its own copy (torch checkpoints; ``bnrt.folding.unshare``).
     """
     source = ModelSource.of(source)
     if check is not None:
@@ -98,7 +100,7 @@ def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLik
             return _fold_onnx(source, out, names, check, steps)
         if source.kind in PROGRAMS:
             return _fold_program(source, out, names, check, opset, steps)
-        return _fold_torch(source, out, names, check, opset, exporter, shapes, steps)
+        return _fold_torch(source, out, names, check, opset, exporter, shapes, steps, unshare)
 
 
 def _example(dataset: Dataset) -> tuple[torch.Tensor, ...]:
@@ -107,7 +109,7 @@ def _example(dataset: Dataset) -> tuple[torch.Tensor, ...]:
 
 
 def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: CheckOptions | None, opset: int,
-                exporter: str, shapes: ShapeOptions, steps: Steps) -> FoldOutcome:
+                exporter: str, shapes: ShapeOptions, steps: Steps, unshare: bool = False) -> FoldOutcome:
     with steps.step("load"):
         loaded = load(source)
         options = check or CheckOptions(InputSpec(samples=2))
@@ -120,7 +122,7 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
         cap = capture(loaded.model, example)
         planned = plan(cap)
     with steps.step("fold"):
-        result = apply(loaded.model, planned, cap)
+        result, planned, planned_on = fold_captured(loaded.model, cap, planned, unshare)
         result.tracer = cap.tracer
         with torch.no_grad():
             sample = result.model(*example)
@@ -144,7 +146,7 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
         report_check = None
         if check is not None:
             with steps.step("check"):
-                certificate = torch_certificate(planned, loaded.model, proto, result.model)
+                certificate = torch_certificate(planned, planned_on, proto, result.model)
                 del proto  # the check reads the file; its weights need not stay in memory twice
                 report_check = _check_torch(original, result.structured, names.get("onnx") and stage / names["onnx"],
                                             dataset, out_names, check, steps, folds_of(planned.decisions, planned.merges))
@@ -158,12 +160,25 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
             exporter=exporter, tracer=cap.tracer, decisions=planned.decisions, merges=result.merges,
             fp16_overflow=result.fp16_overflow, batchnorm_nodes=batchnorm_nodes,
             check=report_check.to_json() if report_check else None, timings=steps.timings,
-            outputs={k: str(out / v) for k, v in names.items()}, checkpoint_keeps=result.checkpoint_keeps)
+            outputs={k: str(out / v) for k, v in names.items()}, checkpoint_keeps=result.checkpoint_keeps,
+            unshared=unshared_summary(result, loaded.model))
         if not_written:
             report["summary"]["onnx_not_written"] = not_written
         else:
             report["dynamic_axes"] = {n: list(a) for n, a in held.items()}
         return _finish(stage, out, names, report, result, report_check, "torch")
+
+
+def unshared_summary(result: FoldResult, model: torch.nn.Module) -> dict[str, Any] | None:
+    """The report's account of ``--unshare``: each shared layer's copies and the parameters they add
+    to the model's; None when nothing was unshared."""
+    if not result.unshared:
+        return None
+    copies: dict[str, list[str]] = {}
+    for copy_path, layer in result.unshared.items():
+        copies.setdefault(layer, []).append(copy_path)
+    return {"copies": copies, "parameters_added": result.unshared_parameters,
+            "parameters_before": sum(p.numel() for p in model.parameters())}
 
 
 def _check_torch(original: Side, structured: torch.nn.Module, onnx_path: Path | None, dataset: Dataset,

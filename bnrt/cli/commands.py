@@ -60,7 +60,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
         print(f"merged into '{merge.target.name}': " + ", ".join(
             [*(f"'{c.name}'" for c in merge.convs), *(f"identity BN '{b.name}'" for b in merge.bns),
              *(["the input"] * merge.inputs), *(["a per-channel scale"] if merge.scaled else []),
-             *(["a constant shift"] if merge.constant is not None else [])]))
+             *(["a constant shift"] if merge.constant is not None else [])])
+              + "".join(f"; kept '{conv.name}' beside it ({why})" for conv, why in merge.kept))
     not_written = outcome.report["summary"].get("onnx_not_written")
     if not_written is None:
         print(f"BatchNormalization nodes in {'the folded ONNX' if outcome.kind == 'onnx' else 'ONNX'}: "

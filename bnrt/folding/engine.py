@@ -305,7 +305,7 @@ class _Merged:
 
     def __init__(self, view: GraphView, merges: list[Merge]):
         self._view = view
-        self._roots = {id(m.root): m for m in merges}
+        self._roots = {id(m.root): m for m in merges if not m.kept}  # a kept branch adds to the merged conv
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._view, name)

@@ -192,9 +192,18 @@ def fold_onnx(model: onnx.ModelProto, where: str = "model",
         if decision.folded and decision.direction != "merge":
             writer.bypass(bn.node, view.outputs | set(view.scoped))
     for merge in plan.merges:  # the target produces the sum; the other branches and the Adds go
+        total = merge.root.output[0]
+        if merge.kept:  # the branches kept beside the merged conv are added to its output
+            place = list(folded.graph.node).index(merge.root)
+            value = f"{total}.merged"
+            for i, (conv, _) in enumerate(merge.kept):
+                out = total if i == len(merge.kept) - 1 else f"{total}.merged{i + 1}"
+                folded.graph.node.insert(place + i, helper.make_node(
+                    "Add", [value, conv.data.final.output[0]], [out], name=f"{merge.root.name or total}.kept{i}"))
+                value = out
         for node in [*merge.adds, *(c.data.node for c in merge.convs), *(b.node for b in merge.bns)]:
             folded.graph.node.remove(node)
-        merge.target.data.final.output[0] = merge.root.output[0]
+        merge.target.data.final.output[0] = f"{total}.merged" if merge.kept else total
     _prune(folded.graph)
     return OnnxFoldResult(folded, plan.decisions, engine.fp16_overflow(exact), plan.merges, plan, stats,
                           writer.written)

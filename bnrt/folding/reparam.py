@@ -47,6 +47,7 @@ class Merge:
     bn_coefs: list = field(default_factory=list)
     input_coefs: list = field(default_factory=list)
     constant: Any = None  # per-channel constants added to the combination (float64), or None
+    kept: list = field(default_factory=list)  # (conv Layer, why): branches that do not line up, left beside it
 
     @property
     def scaled(self) -> bool:
@@ -61,7 +62,8 @@ class Merge:
 
     def to_json(self) -> dict:
         return {"into": self.target.name, "convs": [c.name for c in self.convs], "bns": [b.name for b in self.bns],
-                "inputs": self.inputs, "scaled": self.scaled, "constant": self.constant is not None}
+                "inputs": self.inputs, "scaled": self.scaled, "constant": self.constant is not None,
+                **({"kept": [{"conv": c.name, "reason": why} for c, why in self.kept]} if self.kept else {})}
 
 
 def _channel_vector(value: Any, shape: tuple[int, ...] | None, constant: bool = False) -> Any:
@@ -181,20 +183,42 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
         return None
     if others and not rewrite:  # the user's forward would still add the input: no weight to zero
         return None
-    first, alone = convs[0], len(convs) == 1 and not bns and not others  # alone: a scaled conv, nothing to align
+    convs, kept = _lined_up(convs, coefs, bool(bns or others), bool(constants))
     for conv in convs:
-        reason = None if alone else _aligned(conv) or (
-            f"'{conv.name}' has stride {conv.stride} and groups {conv.groups}, '{first.name}' {first.stride} and "
-            f"{first.groups}" if (conv.stride, conv.groups) != (first.stride, first.groups) else None)
-        if reason:
-            raise NotFoldable("branch-mismatch", reason, conv.name)
         view.check_layer(conv)
+    first = convs[0]
     if (bns or others) and (any(s != 1 for s in first.stride) or view.shape(x) != view.shape(first.node)):
         raise NotFoldable("branch-mismatch", f"an identity branch beside '{first.name}' needs stride 1 and as many "
                                              "output as input channels", first.name)
     target = max(convs, key=lambda c: int(np.prod(c.kernel)))
     return Merge(target, [c for c in convs if c is not target], bns, len(others), root, adds, coefs, bn_coefs,
-                 input_coefs, sum(constants) if constants else None)
+                 input_coefs, sum(constants) if constants else None, kept)
+
+
+def _lined_up(convs: list[Layer], coefs: dict[str, Any], identities: bool, shifted: bool
+              ) -> tuple[list[Layer], list[tuple[Layer, str]]]:
+    """The conv branches that merge, and those kept beside the merged conv with the reason (a
+    dilated branch, one not centred, or with another stride or groups than the first that lines
+    up). A kept branch must enter the sum plainly (no scale), and something must still merge (two
+    branches, or one scaled or shifted); ``NotFoldable`` otherwise. ``identities``: identity
+    branches beside the convs; ``shifted``: a constant is added."""
+    if len(convs) == 1 and not identities:  # a scaled or shifted conv: nothing to align
+        return convs, []
+    reasons = {c.name: _aligned(c) for c in convs}
+    first = next((c for c in convs if reasons[c.name] is None), convs[0])
+    for conv in convs:
+        if reasons[conv.name] is None and (conv.stride, conv.groups) != (first.stride, first.groups):
+            reasons[conv.name] = (f"'{conv.name}' has stride {conv.stride} and groups {conv.groups}, '{first.name}' "
+                                  f"{first.stride} and {first.groups}")
+    kept = [(c, reasons[c.name]) for c in convs if reasons[c.name]]
+    merging = [c for c in convs if not reasons[c.name]]
+    blocked = next(((c, why) for c, why in kept if coefs[c.name] is not None), None)
+    if blocked is None and kept and (not merging or (len(merging) == 1 and not identities and not shifted
+                                                      and coefs[merging[0].name] is None)):
+        blocked = kept[0]
+    if blocked is not None:  # a scaled branch cannot stay outside, or nothing lines up
+        raise NotFoldable("branch-mismatch", blocked[1], blocked[0].name)
+    return merging, kept
 
 
 def plan_merges(view: GraphView, sites: list[BnSite], decisions: list[Decision],

@@ -12,6 +12,7 @@ statistics. The input model is never modified.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,15 +110,25 @@ def _set_param(layer: nn.Module, name: str, value: np.ndarray, like: torch.Tenso
     setattr(layer, name, nn.Parameter(tensor, requires_grad=like.requires_grad))
 
 
-def _edited(root: nn.Module, graph: torch.fx.Graph, bypass: set[str], replace: dict[str, str]) -> torch.fx.GraphModule:
+def _edited(root: nn.Module, graph: torch.fx.Graph, bypass: set[str],
+            replace: dict[str, tuple[str, list[str]]]) -> torch.fx.GraphModule:
     """A GraphModule over ``root`` running ``graph`` with the nodes ``bypass`` bypassed (their users
-    read their input) and each node ``replace`` maps replaced by another (a merged sum by its conv)."""
+    read their input) and each node ``replace`` maps replaced by another plus the nodes listed (a
+    merged sum by its conv, plus the branches kept beside it)."""
     new_graph = torch.fx.Graph()
     new_graph.output(new_graph.graph_copy(graph, {}))
     by_name = {n.name: n for n in new_graph.nodes}
     for node in list(new_graph.nodes):
-        if node.name in bypass or node.name in replace:
-            node.replace_all_uses_with(node.args[0] if node.name in bypass else by_name[replace[node.name]])
+        if node.name in bypass:
+            node.replace_all_uses_with(node.args[0])
+            new_graph.erase_node(node)
+        elif node.name in replace:
+            target, kept = replace[node.name]
+            value = by_name[target]
+            with new_graph.inserting_before(node):
+                for name in kept:
+                    value = new_graph.call_function(operator.add, (value, by_name[name]))
+            node.replace_all_uses_with(value)
             new_graph.erase_node(node)
     module = torch.fx.GraphModule(root, new_graph, class_name=f"{type(root).__name__}Folded")
     module.graph.eliminate_dead_code()
@@ -198,7 +209,7 @@ def apply(model: nn.Module, plan: Plan, cap: Capture | None = None, graph: bool 
             _sync_to_batchnorm(copied, cap)
     decisions = plan.decisions
     functional = {d.functional["node"] for d in decisions if d.folded and d.functional and d.direction != "merge"}
-    merged = {m.root.name: m.target.node.name for m in plan.merges}
+    merged = {m.root.name: (m.target.node.name, [c.node.name for c, _ in m.kept]) for m in plan.merges}
     runnable = folded_model
     if functional or merged or graph:
         if cap is None:

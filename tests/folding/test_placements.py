@@ -383,3 +383,53 @@ def test_onnx_bn_read_by_three_convs_through_identity_folds_into_all():
                          *nodes[5:]], inits, [2, 3, 4, 4], opset=13)
     refusal = fold_onnx(padded).decisions[0].refusals[-1]
     assert (refusal.code, refusal.subject) == ("zero-padding", "k")
+
+
+# --- partial merges: a rep block with a branch that does not line up --------------------------------
+
+@given(kxk=st.integers(0, 3), one=st.booleans(), identity=st.booleans(), raw=st.booleans(),
+       dilated=st.integers(0, 2), after=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_onnx_rep_block_merges_the_branches_that_line_up_and_keeps_the_others(kxk, one, identity, raw, dilated,
+                                                                              after, seed):
+    """k×k, 1×1 and dilated conv+BN branches, an identity BN and the input itself summed (then a BN):
+    the dilated branches stay, added to the merged conv's output; exact on ORT."""
+    rng = np.random.default_rng(seed)
+    c, nodes, inits, terms = 3, [helper.make_node("Relu", ["x"], ["r"])], [], []
+    branches = [("k", 3, 1, 1)] * kxk + [("one", 1, 0, 1)] * one + [("dil", 3, 2, 2)] * dilated
+    for i, (kind, k, pad, dil) in enumerate(branches):
+        inits += [numpy_helper.from_array(rng.standard_normal((c, c, k, k)).astype(np.float32), f"w{i}")]
+        inits += bn_params(c, rng, f"bn{i}")
+        nodes += [helper.make_node("Conv", ["r", f"w{i}"], [f"c{i}"], name=f"{kind}{i}", pads=[pad] * 4,
+                                   dilations=[dil, dil]), bn_node(f"c{i}", f"b{i}", f"bn{i}")]
+        terms.append(f"b{i}")
+    if identity:
+        inits += bn_params(c, rng, "idn")
+        nodes.append(bn_node("r", "idn_out", "idn"))
+        terms.append("idn_out")
+    terms += ["r"] * raw
+    if len(terms) < 2:
+        return
+    total = terms[0]
+    for i, term in enumerate(terms[1:]):
+        nodes.append(helper.make_node("Add", [total, term], [f"s{i}"], name=f"add{i}"))
+        total = f"s{i}"
+    if after:
+        inits += bn_params(c, rng, "after")
+        nodes.append(bn_node(total, "y", "after"))
+    else:
+        nodes.append(helper.make_node("Identity", [total], ["y"]))
+    model = onnx_graph(nodes, inits, [2, c, 6, 6], opset=13)
+    result = fold_onnx(model)
+    aligned = kxk + one
+    merges = aligned >= 1 and aligned + identity + raw >= 2
+    assert [[c.name for c, _ in m.kept] for m in result.merges] == (
+        [[f"dil{i}" for i in range(aligned, aligned + dilated)]] if merges else [])
+    by_bn = {d.bn: d for d in result.decisions}
+    assert all(by_bn[f"bn{i}"].direction == "backward" for i in range(len(branches)))
+    if identity:
+        assert by_bn["idn"].folded == merges
+    if after:
+        assert by_bn["after"].folded == (merges and not dilated)
+    folded = sum(d.folded for d in result.decisions)
+    feeds = {"x": rng.standard_normal((2, c, 6, 6)).astype(np.float32)}
+    assert_onnx_folds(model, feeds, folded)

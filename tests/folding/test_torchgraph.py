@@ -344,26 +344,57 @@ def test_frozen_batchnorm_is_a_batchnorm_and_round_trips(tmp_path):
 
 
 class DilatedRep(nn.Module):
-    """A dilated 3x3 branch beside a 1x1 branch and an identity BN: the kernels do not line up."""
+    """A dilated 3x3 branch beside (optionally) a 1x1 branch and an identity BN: the dilated kernel
+    does not line up with the others."""
 
-    def __init__(self):
+    def __init__(self, one: bool = True):
         super().__init__()
         self.k = nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(4))
-        self.one = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+        self.one = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)) if one else None
         self.identity = nn.BatchNorm2d(4)
 
     def forward(self, x):
         x = torch.relu(x)
-        return self.k(x) + self.one(x) + self.identity(x)
+        return self.k(x) + (self.one(x) if self.one is not None else 0) + self.identity(x)
 
 
-def test_rep_block_that_does_not_line_up_keeps_its_identity_bn_with_a_coded_reason():
-    model = DilatedRep().double()
-    for bn in (model.k[1], model.one[1], model.identity):
+def _dilated_rep(one: bool):
+    model = DilatedRep(one).double()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         randomise_bn(bn, torch.Generator().manual_seed(0))
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    result = bnrt.fold(model.eval(), (x,))
-    assert [d.status for d in result.decisions] == ["folded", "folded", "skipped"]
+    return model.eval(), torch.randn(2, 4, 6, 6, dtype=torch.float64)
+
+
+def test_rep_block_with_a_branch_that_does_not_line_up_merges_the_others_and_keeps_it(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from bnrt.folding.onnxfold import fold_onnx
+    from bnrt.io.export import count_ops
+
+    model, x = _dilated_rep(one=True)
+    result = bnrt.fold(model, (x,))
+    assert [(d.bn, d.direction) for d in result.decisions] == [("k.1", "backward"), ("one.1", "backward"),
+                                                               ("identity", "merge")]
+    assert [m.to_json() for m in result.merges] == [{
+        "into": "one.0", "convs": [], "bns": ["identity"], "inputs": 0, "scaled": False, "constant": False,
+        "kept": [{"conv": "k.0", "reason": "'k.0' is dilated"}]}]
+    with torch.no_grad():
+        for folded in (result.model, result.structured):
+            assert float((folded(x) - model(x)).abs().max()) <= 1e-12
+    torch.onnx.export(model.float(), (x.float(),), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"])
+    folded = fold_onnx(onnx.load(str(tmp_path / "m.onnx")))
+    assert [len(m.kept) for m in folded.merges] == [1] and count_ops(folded.model, "BatchNormalization") == 0
+    assert [count_ops(folded.model, op) for op in ("Conv", "Add")] == [2, 1]
+    run = ort.InferenceSession(folded.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert abs(run.run(None, {"x": x.float().numpy()})[0] - model(x.float()).numpy()).max() <= 1e-5
+
+
+def test_rep_block_where_nothing_lines_up_keeps_its_identity_bn_with_a_coded_reason():
+    model, x = _dilated_rep(one=False)
+    result = bnrt.fold(model, (x,))
+    assert [d.status for d in result.decisions] == ["folded", "skipped"]
     with torch.no_grad():
         assert float((result.model(x) - model(x)).abs().max()) <= 1e-12
     d = result.decisions[-1]
@@ -675,12 +706,16 @@ def test_parallel_branches_merge_exactly_or_not_at_all(groups, cin_g, k, stride,
         assert result.checkpoint_keeps == ["identity"] * model.sub + ["after"] * (rewrites and after)
     elif branches == 1:  # a scaled dilated conv: the scale folds into it, nothing needs aligning
         assert [m.target.name for m in result.merges] == ["kxk.0.0"] and not result.merges[0].convs
-    else:
-        assert all(m.target.name != "kxk.%d.0" % (kxk - 1) and "kxk.%d.0" % (kxk - 1) not in
-                   [c.name for c in m.convs] for m in result.merges)
+    else:  # the dilated branch stays beside the merged conv; the others merge when two or more are left
+        dilated = "kxk.%d.0" % (kxk - 1)
+        assert all(m.target.name != dilated and dilated not in [c.name for c in m.convs] for m in result.merges)
+        left = kxk - 1 + one + (model.identity is not None) + model.raw
+        merges = not gamma and kxk - 1 + one >= 1 and left >= 2
+        assert [[(c.name, why) for c, why in m.kept] for m in result.merges] == (
+            [[(dilated, f"'{dilated}' is dilated")]] if merges else [])
         if model.identity is not None:
             kept = next(d for d in result.decisions if d.bn == "identity")
-            assert kept.status == "skipped" and "branch-mismatch" in kept.codes
+            assert kept.folded == merges and (merges or "branch-mismatch" in kept.codes)
         if after:
             assert next(d for d in result.decisions if d.bn == "after").status == "skipped"
 

@@ -418,11 +418,32 @@ class RepMixNet(nn.Module):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+class SharedHead(nn.Module):
+    """An EfficientDet-style shared head: one 3x3 conv applied to every pyramid level, each level
+    with a BN of its own, then one shared 1x1 output conv (the levels' outputs flattened and
+    concatenated)."""
+
+    def __init__(self, levels: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(levels))
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        feats, y = [], torch.relu(self.stem(x))
+        for _ in self.bns:
+            feats.append(y)
+            y = nn.functional.max_pool2d(y, 2)
+        return torch.cat([self.out(torch.relu(bn(self.conv(f)))).flatten(1) for f, bn in zip(feats, self.bns)], 1)
+
+
 @dataclass(frozen=True)
 class Entry:
     factory: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
     description: str
+    unshare: bool = False  # folded with --unshare
 
 
 ZOO: dict[str, Entry] = {
@@ -441,6 +462,8 @@ ZOO: dict[str, Entry] = {
     "repnet": Entry(RepNet, (1, 3, 32, 32), "RepVGG/MobileOne blocks: 3x3 and 1x1 conv+BN branches, identity BN"),
     "repmixnet": Entry(RepMixNet, (1, 3, 32, 32), "RepViT's RepVggDw (BN after a sum with the input), FastViT's "
                                                   "RepMixer (a difference, LayerScales)"),
+    "shared_head": Entry(SharedHead, (1, 3, 32, 32), "EfficientDet-style shared head: one conv on 3 pyramid levels, "
+                                                     "a BN per level; folded with --unshare (+2 convs)", unshare=True),
 }
 
 

@@ -247,22 +247,3 @@ class CspMix(nn.Module):
         a, b = y.split(4, 1)
         return self.head(torch.relu(self.mix_bn(torch.cat([self.mix[0](a), self.mix[1](b)], 1))))
 
-
-class SharedHead(nn.Module):
-    """An EfficientDet-style shared head: one 3x3 conv applied to every pyramid level, each level
-    with a BN of its own, then one shared 1x1 output conv (two outputs per level would need
-    NMS; the levels' outputs are flattened and concatenated)."""
-
-    def __init__(self, levels: int = 3):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(levels))
-        self.out = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        feats, y = [], torch.relu(self.stem(x))
-        for _ in self.bns:
-            feats.append(y)
-            y = nn.functional.max_pool2d(y, 2)
-        return torch.cat([self.out(torch.relu(bn(self.conv(f)))).flatten(1) for f, bn in zip(feats, self.bns)], 1)

@@ -39,6 +39,8 @@ TV_DET = {"weights": None, "weights_backbone": None}
 # name, task, how it is built, input shape, bnrt fold flags
 MODELS = [
     ("yolov5nu", "detect", ("yolo", "yolov5nu.yaml"), [1, 3, 640, 640], ["--trust-pickle"]),
+    ("yolov5n-csp", "detect", ("yolo", str(Path(__file__).parent / "yolo" / "yolov5n-csp.yaml")), [1, 3, 640, 640],
+     ["--trust-pickle"]),
     ("yolov8n", "detect", ("yolo", "yolov8n.yaml"), [1, 3, 640, 640], ["--trust-pickle"]),
     ("yolo11n", "detect", ("yolo", "yolo11n.yaml"), [1, 3, 640, 640], ["--trust-pickle"]),
     ("yolov8n-seg", "segment", ("yolo", "yolov8n-seg.yaml"), [1, 3, 640, 640], ["--trust-pickle"]),

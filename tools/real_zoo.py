@@ -60,7 +60,8 @@ MODELS: list[tuple[str, str, str, int]] = [
     ("timm", "efficientformer_l1", "EfficientFormer", 224), ("timm", "cspresnet50", "CSPNet", 224),
     ("timm", "rexnet_100", "ReXNet", 224), ("timm", "lcnet_050", "LCNet", 224),
     ("timm", "dpn68", "DPN", 224), ("timm", "xception41", "Xception", 299),
-    ("timm", "mixnet_s", "MixNet", 224),
+    ("timm", "mixnet_s", "MixNet", 224), ("timm", "mobilenetv4_hybrid_medium", "MobileNetV4 (hybrid)", 224),
+    ("timm", "efficientformerv2_s0", "EfficientFormerV2", 224),
 ]
 
 

@@ -62,7 +62,10 @@ def worst_ulp(modules: dict[str, nn.Module], exact: nn.Module, layers) -> tuple[
 
 def fx_fuse_ulp(model: nn.Module, exact: nn.Module, result) -> tuple[float, float] | None:
     """torch.fx's fuse on the conv -> BN placements it handles (merged rep blocks left out: their
-    kernels are the sum of branches, which fuse does not do)."""
+    kernels are the sum of branches, which fuse does not do); None where layers were unshared (fuse
+    folds one BN into the shared conv, the others not at all)."""
+    if result.unshared:
+        return None
     try:
         fused = fuse(copy.deepcopy(model))
     except Exception:
@@ -77,11 +80,11 @@ def report_model(name: str, samples: int, workdir: Path) -> dict:
     model = build(name)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(samples, *entry.input_shape[1:], generator=gen)
-    bnrt.fold(model, (x[:2],))  # warm-up: first fx trace of a class is slower
+    bnrt.fold(model, (x[:2],), unshare=entry.unshare)  # warm-up: first fx trace of a class is slower
     start = time.perf_counter()
-    result = bnrt.fold(model, (x[:2],))
+    result = bnrt.fold(model, (x[:2],), unshare=entry.unshare)
     fold_s = time.perf_counter() - start
-    exact = bnrt.fold(copy.deepcopy(model).double(), (x[:2].double(),)).model
+    exact = bnrt.fold(copy.deepcopy(model).double(), (x[:2].double(),), unshare=entry.unshare).model
     ulp = worst_ulp(dict(result.model.named_modules()), exact, sorted({n for d in result.folded for n in d.into}))
     with torch.no_grad():
         ref32, fold32 = model(x), result.model(x)

@@ -82,13 +82,13 @@ def test_a_shared_layer_with_no_bn_to_fold_is_not_copied():
 
 
 def test_bnrt_fold_unshare_folds_a_shared_head_and_says_what_it_costs(tmp_path):
-    from ..nets import SharedHead
+    from models.zoo import SharedHead
 
     model = SharedHead().eval()
     gen = torch.Generator().manual_seed(3)
     for bn in model.bns:
         randomise_bn(bn, gen)
-    save_checkpoint(tmp_path / "head.pt", model, "tests.nets:SharedHead", (1, 3, 16, 16))
+    save_checkpoint(tmp_path / "head.pt", model, "models.zoo:SharedHead", (1, 3, 16, 16))
     plain = run_cli("fold", str(tmp_path / "head.pt"), "-o", str(tmp_path / "plain"))
     assert plain.returncode == 0, plain.stderr
     assert "BatchNormalization nodes in ONNX: 3" in plain.stdout and "'conv' is called 3 times" in plain.stdout

@@ -9,7 +9,7 @@ from models.zoo import ZOO, build
 EXPECTED = {  # model: (BatchNorms, folded)
     "resnet": (20, 20), "mobilenetv2": (14, 14), "mobilenetv3": (14, 14), "unet": (7, 7), "generator": (3, 3),
     "tabular": (3, 3), "token_mlp": (2, 2), "reid": (4, 4), "preact": (7, 3), "audio1d": (5, 5), "volume3d": (4, 4),
-    "timm_style": (4, 4), "repnet": (16, 16), "repmixnet": (13, 13),
+    "timm_style": (4, 4), "repnet": (16, 16), "repmixnet": (13, 13), "shared_head": (3, 3),
 }
 
 
@@ -21,7 +21,7 @@ def test_expected_table_covers_the_zoo():
 def test_zoo_model_folds_exactly(name):
     model = build(name, batches=1)
     x = torch.randn(4, *ZOO[name].input_shape[1:], generator=torch.Generator().manual_seed(0))
-    result = bnrt.fold(model, (x[:2],))
+    result = bnrt.fold(model, (x[:2],), unshare=ZOO[name].unshare)
     assert (len(result.decisions), len(result.folded)) == EXPECTED[name]
     with torch.no_grad():
         ref, got = model(x), result.model(x)

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import foldmath
 from bnrt.folding.decision import Decision, NotFoldable, Target, folded
+from bnrt.folding.rules import RULES
 from bnrt.folding.view import BnSite, GraphView, Layer
 
 
@@ -66,19 +67,20 @@ class Merge:
                 **({"kept": [{"conv": c.name, "reason": why} for c, why in self.kept]} if self.kept else {})}
 
 
-def _channel_vector(value: Any, shape: tuple[int, ...] | None, constant: bool = False) -> Any:
+def _channel_vector(value: Any, shape: tuple[int, ...] | None, constant: bool = False, axis: int = 1) -> Any:
     """A term's coefficient (or, ``constant``, an added constant) as a float64 vector over the
-    channels (axis 1) of an activation shaped ``shape``; None for a coefficient of exactly 1;
-    ``False`` when it is not per-channel (it varies along other axes)."""
+    channels (``axis``; the last one for a Linear on (N, L, C)) of an activation shaped ``shape``;
+    None for a coefficient of exactly 1; ``False`` when it is not per-channel (it varies along
+    other axes)."""
     c = np.asarray(value, dtype=np.float64)
     if c.size == 1 and float(c.reshape(())) == 1.0 and not constant:
         return None
     if not shape or len(shape) < 2 or c.ndim > len(shape):
         return False
     if c.size == 1:
-        return np.full(shape[1], float(c.reshape(())))
+        return np.full(shape[axis], float(c.reshape(())))
     full = (1,) * (len(shape) - c.ndim) + c.shape
-    if any(d != 1 for i, d in enumerate(full) if i != 1) or full[1] != shape[1]:
+    if any(d != 1 for i, d in enumerate(full) if i != axis) or full[axis] != shape[axis]:
         return False
     return c.reshape(-1)
 
@@ -87,7 +89,8 @@ def _times(a: Any, b: Any) -> Any:
     return b if a is None else a if b is None else a * b
 
 
-def _leaves(view: GraphView, node: Any, adds: list, rewrite: bool, coef: Any = None) -> list[tuple[Any, Any]]:
+def _leaves(view: GraphView, node: Any, adds: list, rewrite: bool, coef: Any = None,
+            axis: int = 1) -> list[tuple[Any, Any]]:
     """(operand, coefficient) of the combination rooted at ``node``, through inner Adds (and with
     ``rewrite`` Subs, per-channel constant Muls and added constants: operand None, the constant as
     its float64 vector), behind value identities such as an eval DropPath, whose only user is the
@@ -97,7 +100,7 @@ def _leaves(view: GraphView, node: Any, adds: list, rewrite: bool, coef: Any = N
     if terms is None or (adds and len(view.users(inner)) != 1):
         return [(node, coef)]
     shape = view.shape(inner)
-    vectors = [_channel_vector(c, shape, constant=operand is None) for operand, c in terms]
+    vectors = [_channel_vector(c, shape, operand is None, axis) for operand, c in terms]
     if any(v is False for v in vectors) or (not rewrite and any(
             v is not None or operand is None for (operand, _), v in zip(terms, vectors))):
         return [(node, coef)]
@@ -107,7 +110,7 @@ def _leaves(view: GraphView, node: Any, adds: list, rewrite: bool, coef: Any = N
         if operand is None:  # an added constant: a bias of the merged conv
             pairs.append((None, _times(coef, v)))
         else:
-            pairs.extend(_leaves(view, operand, adds, rewrite, _times(coef, v)))
+            pairs.extend(_leaves(view, operand, adds, rewrite, _times(coef, v), axis))
     return pairs
 
 
@@ -146,6 +149,10 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
     when it is not a rep block; ``NotFoldable`` when it is one whose branches do not line up."""
     adds: list = []
     leaves = _leaves(view, root, adds, rewrite)
+    rank, axis = len(view.shape(root) or ()), 1
+    if rank > 2 and (not adds or any(_is_linear(view, leaf) for leaf, _ in leaves)):
+        adds = []  # per-channel along the last axis: the channels of a Linear on (N, L, C)
+        leaves, axis = _leaves(view, root, adds, rewrite, axis=rank - 1), rank - 1
     constants = [c for leaf, c in leaves if leaf is None]
     leaves = [(leaf, c) for leaf, c in leaves if leaf is not None]
     if not leaves or (len(leaves) == 1 and leaves[0][1] is None and not constants):
@@ -158,8 +165,7 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
         if layer is not None and layer.node is not source:  # the layer ends later (ONNX MatMul + its bias Add)
             layer = None
         site = bn_sites.get(id(source))
-        flat = layer is not None and layer.kind == "linear" and len(view.shape(source) or ()) == 2  # (N, C)
-        if layer is not None and (layer.kind == "conv" or flat) and len(view.users(source)) == 1:
+        if layer is not None and len(view.users(source)) == 1 and _channel_axis(layer, rank) == axis:
             convs.append(layer)
             coefs[layer.name] = coef
         elif site is not None and not site[2].folded and site[2].refusals and site[2].refusals[0].direction \
@@ -172,7 +178,7 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
     if not convs or len(coefs) < len(convs) or len({id(b.node) for b in bns}) < len(bns):
         return None  # a branch summed twice (y + y) is not a rep block
     if any(c.kind != "conv" for c in convs) and (len(convs) > 1 or bns or others):
-        return None  # a linear layer on (N, C) merges alone: a per-channel scale and shift after it
+        return None  # a Linear or a ConvTranspose merges alone: a per-channel scale and shift after it
     x = view.input_of(convs[0].node)
     same = _behind(view, x)
     if any(_behind(view, view.input_of(c.node)) is not same for c in convs) \
@@ -193,6 +199,20 @@ def _merge(view: GraphView, root: Any, bn_sites: dict[int, tuple[int, BnSite, De
     target = max(convs, key=lambda c: int(np.prod(c.kernel)))
     return Merge(target, [c for c in convs if c is not target], bns, len(others), root, adds, coefs, bn_coefs,
                  input_coefs, sum(constants) if constants else None, kept)
+
+
+def _is_linear(view: GraphView, leaf: Any) -> bool:
+    source = _source(view, leaf)[0]
+    layer = None if view.is_graph_input(source) else view.layer(source)
+    return layer is not None and layer.kind == "linear"
+
+
+def _channel_axis(layer: Layer, rank: int) -> int | None:
+    """The axis of ``layer``'s output channels in its output of rank ``rank`` (None for a kind that
+    does not merge)."""
+    if layer.kind in ("conv", "conv-transpose"):
+        return 1
+    return rank - 1 if layer.kind == "linear" else None
 
 
 def _lined_up(convs: list[Layer], coefs: dict[str, Any], identities: bool, shifted: bool
@@ -261,12 +281,25 @@ def _scaled(value: np.ndarray, coef: Any) -> np.ndarray:
     return value if coef is None else value * coef.reshape((-1,) + (1,) * (value.ndim - 1))
 
 
+def _output_channels(merge: Merge, weight: np.ndarray) -> range:
+    """The output channels of the merge's target, from its weight (a ConvTranspose's are axis 1 per
+    group)."""
+    if merge.target.kind == "conv-transpose":
+        return range(weight.shape[1] * merge.target.groups)
+    return range(weight.shape[0])
+
+
 def merged_weights(merge: Merge, weights: dict[str, tuple[np.ndarray, np.ndarray | None]],
                    identity_scales: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """The target's float64 weight and bias: every conv branch padded to its kernel, plus a
     centred identity kernel per identity branch (scale ``s``, shift ``t`` of a BN; ones and zeros
     for the input itself), each times its coefficient, summed."""
-    w, _ = weights[merge.target.name]
+    w, b = weights[merge.target.name]
+    if merge.target.kind != "conv":  # a Linear or a ConvTranspose alone: its scale and shift fold backward
+        coef, channels = merge.coefs.get(merge.target.name), len(_output_channels(merge, w))
+        s = np.ones(channels) if coef is None else coef
+        t = np.zeros(channels) if merge.constant is None else merge.constant
+        return RULES[("backward", merge.target.kind)].fold(w, b, s, t, merge.target.groups)
     kernel = w.shape[2:]
     total_w, total_b = np.zeros(w.shape), np.zeros(w.shape[0])
     for conv in [merge.target, *merge.convs]:

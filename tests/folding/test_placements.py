@@ -433,3 +433,68 @@ def test_onnx_rep_block_merges_the_branches_that_line_up_and_keeps_the_others(kx
     folded = sum(d.folded for d in result.decisions)
     feeds = {"x": rng.standard_normal((2, c, 6, 6)).astype(np.float32)}
     assert_onnx_folds(model, feeds, folded)
+
+
+# --- a per-channel scale and shift after a Linear on (N, L, C) or a ConvTranspose ---------------------
+
+class _ScaledLayer(nn.Module):
+    """``γ·layer(x) + β`` (each optional) with γ, β per output channel: a LayerScale after a token
+    MLP's Linear (channels last) or after a ConvTranspose (channels on axis 1)."""
+
+    def __init__(self, kind, cin, cout, groups, scale, shift, gen):
+        super().__init__()
+        self.kind, self.scale, self.shift = kind, scale, shift
+        if kind == "convtranspose":
+            self.layer = nn.ConvTranspose2d(cin * groups, cout * groups, 3, 2, 1, groups=groups)
+            shape = (1, cout * groups, 1, 1)
+        else:
+            self.layer = nn.Linear(cin, cout)
+            shape = (cout,)
+        self.gamma = nn.Parameter(torch.rand(shape, generator=gen) + 0.5)
+        self.beta = nn.Parameter(torch.randn(shape, generator=gen))
+
+    def forward(self, x):
+        y = self.layer(x)
+        if self.scale:
+            y = self.gamma * y
+        if self.shift:
+            y = y + self.beta
+        return y
+
+
+@given(kind=st.sampled_from(["linear", "convtranspose"]), cin=st.integers(1, 3), cout=st.integers(1, 4),
+       groups=st.integers(1, 2), tokens=st.integers(1, 4), scale_shift=st.sampled_from(["scale", "shift", "both"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_a_per_channel_scale_and_shift_after_a_token_linear_or_a_convtranspose_folds_into_it(
+        kind, cin, cout, groups, tokens, scale_shift, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scale, shift = scale_shift in ("scale", "both"), scale_shift in ("shift", "both")
+    model = _ScaledLayer(kind, cin, cout, groups, scale, shift, gen).double().eval()
+    x = torch.randn((2, tokens, cin) if kind == "linear" else (2, cin * groups, 3, 3), generator=gen, dtype=torch.float64)
+    result = bnrt.fold(model, (x,))
+    assert [(m.target.name, m.scaled, m.constant is not None) for m in result.merges] == [("layer", scale, shift)]
+    ops = [n.target for n in result.model.graph.nodes if n.op in ("call_function", "call_method")]
+    assert ops == []  # the Mul and the Add are gone: γ and β are in the layer's weights
+    with torch.no_grad():
+        ref = model(x)
+        assert float((result.model(x) - ref).abs().max()) <= 1e-10 * max(1.0, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_onnx_matmul_on_tokens_then_a_per_channel_mul_and_add_folds_into_it(bias):
+    rng = np.random.default_rng(5)
+    arrays = {"W": rng.standard_normal((3, 4)), "g": rng.random(4) + 0.5, "b": rng.standard_normal(4),
+              "c": rng.standard_normal(4)}
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="fc")]
+    if bias:
+        nodes.append(helper.make_node("Add", ["m", "c"], ["mb"], name="fc_bias"))
+    nodes += [helper.make_node("Mul", ["mb" if bias else "m", "g"], ["s"], name="scale"),
+              helper.make_node("Add", ["s", "b"], ["y"], name="shift")]
+    model = onnx_graph(nodes, inits, [2, 5, 3], opset=13)
+    result = fold_onnx(model)
+    assert [(m.target.name, m.scaled, m.constant is not None) for m in result.merges] == [
+        ("fc", True, True)]
+    assert sorted(n.op_type for n in result.model.graph.node) == ["Add", "MatMul"]
+    feeds = {"x": rng.standard_normal((2, 5, 3)).astype(np.float32)}
+    assert_onnx_folds(model, feeds, 0)

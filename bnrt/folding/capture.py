@@ -19,7 +19,7 @@ import logging
 import warnings
 from collections import Counter, defaultdict
 from contextlib import contextmanager, redirect_stderr
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -62,6 +62,20 @@ class Capture:
     direct_uses: Counter
     owners: dict[int, list[str]]
     tracer: str = "torch.fx"
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors torch.fx made while tracing
+
+    def module_with_constants(self, root: nn.Module, graph: torch.fx.Graph, class_name: str) -> torch.fx.GraphModule:
+        """A GraphModule over ``root`` running ``graph``; the tensors the tracer made
+        (``_tensor_constant0``: a ``torch.tensor(...)`` in forward), which the model does not keep,
+        are put on ``root`` only while the GraphModule copies them."""
+        added = [name for name in self.constants if not hasattr(root, name)]
+        for name in added:
+            setattr(root, name, self.constants[name])
+        try:
+            return torch.fx.GraphModule(root, graph, class_name=class_name)
+        finally:
+            for name in added:
+                delattr(root, name)
 
     def module_of(self, node: torch.fx.Node) -> nn.Module | None:
         """The module a ``call_module`` node calls, else None."""
@@ -247,10 +261,14 @@ def _capture(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Capt
         except Exception as exc:
             raise _fails_on(model, example_inputs, exc) from exc
 
-    return facts(graph, model, tracer)
+    constants = {n.target: getattr(model, n.target) for n in graph.nodes  # gone once _untouched restores the model
+                 if n.op == "get_attr" and "." not in n.target and n.target.startswith("_tensor_constant")
+                 and isinstance(getattr(model, n.target, None), torch.Tensor)}
+    return facts(graph, model, tracer, constants)
 
 
-def facts(graph: torch.fx.Graph, model: nn.Module, tracer: str) -> Capture:
+def facts(graph: torch.fx.Graph, model: nn.Module, tracer: str,
+          constants: dict[str, torch.Tensor] | None = None) -> Capture:
     """The capture of ``model`` as ``graph`` calls it: how often each module is called, which
     parameters are read directly, and who owns each parameter and buffer."""
     calls: Counter = Counter()
@@ -266,4 +284,4 @@ def facts(graph: torch.fx.Graph, model: nn.Module, tracer: str) -> Capture:
             if mod_name not in owners[id(tensor)]:
                 owners[id(tensor)].append(mod_name)
     modules = dict(model.named_modules())
-    return Capture(graph, modules, calls, direct, dict(owners), tracer)
+    return Capture(graph, modules, calls, direct, dict(owners), tracer, dict(constants or {}))

@@ -246,7 +246,13 @@ def _forward(view: GraphView, bn: BnSite) -> list[Target]:
     if not ends:
         raise NotFoldable("unused", "output is unused")
     for chain, previous, node in ends:
-        layer = view.layer(node)
+        try:
+            layer = view.layer(node)
+        except NotFoldable:  # a layer with a computed weight: the BN's output may be that weight
+            if view.input_of(node) is not previous:
+                raise NotFoldable("weight-input", f"output feeds {view.describe(node)} as its weight, not its input",
+                                  view.name(node)) from None
+            raise
         rule = RULES.get(("forward", layer.kind)) if layer else None
         if rule is None:
             raise NotFoldable("no-layer-after", f"output feeds {view.describe(node)}, not a layer it can fold into",

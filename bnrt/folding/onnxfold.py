@@ -199,7 +199,7 @@ def fold_onnx(model: onnx.ModelProto, where: str = "model",
             for i, (conv, _) in enumerate(merge.kept):
                 out = total if i == len(merge.kept) - 1 else f"{total}.merged{i + 1}"
                 folded.graph.node.insert(place + i, helper.make_node(
-                    "Add", [value, conv.data.final.output[0]], [out], name=f"{merge.root.name or total}.kept{i}"))
+                    "Add", [value, conv.node.output[0]], [out], name=f"{merge.root.name or total}.kept{i}"))
                 value = out
         for node in [*merge.adds, *(c.data.node for c in merge.convs), *(b.node for b in merge.bns)]:
             folded.graph.node.remove(node)

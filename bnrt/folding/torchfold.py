@@ -66,8 +66,11 @@ class FoldResult(DecisionSet):
 
     @property
     def checkpoint_keeps(self) -> list[str]:
-        """BNs folded in the runnable model (and its ONNX) but kept in the user-structured copy."""
-        return [d.bn for d, s in zip(self.decisions, self.structured_decisions) if d.folded and not s.folded]
+        """BNs folded in the runnable model (and its ONNX) but kept in the user-structured copy (by
+        name: with ``--unshare`` a BN called several times has a copy per call in the runnable model)."""
+        kept = {d.bn: not d.folded for d in self.structured_decisions}
+        names = [self.unshared.get(d.bn, d.bn) for d in self.decisions if d.folded]
+        return list(dict.fromkeys(n for n in names if kept.get(n)))
 
     def structure(self) -> dict[str, list]:
         """What ``bnrt.folding.structure.apply_folded_structure`` needs to rebuild the folded (structured)
@@ -110,13 +113,13 @@ def _set_param(layer: nn.Module, name: str, value: np.ndarray, like: torch.Tenso
     setattr(layer, name, nn.Parameter(tensor, requires_grad=like.requires_grad))
 
 
-def _edited(root: nn.Module, graph: torch.fx.Graph, bypass: set[str],
+def _edited(root: nn.Module, cap: Capture, bypass: set[str],
             replace: dict[str, tuple[str, list[str]]]) -> torch.fx.GraphModule:
     """A GraphModule over ``root`` running ``graph`` with the nodes ``bypass`` bypassed (their users
     read their input) and each node ``replace`` maps replaced by another plus the nodes listed (a
     merged sum by its conv, plus the branches kept beside it)."""
     new_graph = torch.fx.Graph()
-    new_graph.output(new_graph.graph_copy(graph, {}))
+    new_graph.output(new_graph.graph_copy(cap.graph, {}))
     by_name = {n.name: n for n in new_graph.nodes}
     for node in list(new_graph.nodes):
         if node.name in bypass:
@@ -130,7 +133,7 @@ def _edited(root: nn.Module, graph: torch.fx.Graph, bypass: set[str],
                     value = new_graph.call_function(operator.add, (value, by_name[name]))
             node.replace_all_uses_with(value)
             new_graph.erase_node(node)
-    module = torch.fx.GraphModule(root, new_graph, class_name=f"{type(root).__name__}Folded")
+    module = cap.module_with_constants(root, new_graph, f"{type(root).__name__}Folded")
     module.graph.eliminate_dead_code()
     module.recompile()
     return module
@@ -215,7 +218,7 @@ def apply(model: nn.Module, plan: Plan, cap: Capture | None = None, graph: bool 
         if cap is None:
             raise ValueError("folding a functional batch_norm or merging branches needs the capture")
         if cap.tracer == "torch.fx":  # a torch.export graph is specialised to the example's shapes: the
-            runnable = _edited(folded_model, cap.graph, functional, merged)  # identity statistics stay
+            runnable = _edited(folded_model, cap, functional, merged)  # identity statistics stay
             runnable.train(folded_model.training)
     for copied, its_plan in ((runnable, plan), (structured, structured_plan)):  # what a check needs to know
         copied.bnrt_folded = (its_plan.decisions, plan.merges)  # read by the check's torch sides (fold partners)
@@ -229,10 +232,9 @@ def fold_captured(model: nn.Module, cap: Capture, planned: Plan, unshare: bool =
     """``apply`` the plan, after unsharing reused layers when ``unshare`` (bnrt.folding.unshare):
     the result, the plan the runnable model follows and the model whose layers it names (the
     user's, or its copy with the unshared layers' copies)."""
-    twin = unshared(model, cap, planned) if unshare else None
+    twin, twin_plan = unshared(model, cap, planned, plan) if unshare else (None, planned)
     if twin is None:
         return apply(model, planned, cap), planned, model
-    twin_plan = plan(twin.cap)
     result = apply(twin.model, twin_plan, twin.cap, graph=True)
     kept = apply(model, planned, cap)  # the user's structure: the shared layers and their BNs stay
     result.structured, result.structured_decisions = kept.structured, kept.structured_decisions

@@ -19,8 +19,12 @@ from dataclasses import dataclass
 import torch.fx
 from torch import nn
 
+from typing import Callable
+
 from bnrt.folding.capture import Capture, facts
 from bnrt.folding.engine import Plan
+
+ROUNDS = 8  # a copied BN can reveal the conv before it as shared too: plan again, a few times at most
 
 
 @dataclass
@@ -42,9 +46,30 @@ def reused(plan: Plan) -> list[str]:
                    if r.code == "reused-layer" and r.subject})
 
 
-def unshare(model: nn.Module, cap: Capture, plan: Plan) -> Unshared | None:
-    """The copies that let ``plan``'s BNs kept by a reused layer fold; None when no BN is kept by
-    one, or when the capture is not torch.fx's (another capture's graph is not the model run)."""
+def unshare(model: nn.Module, cap: Capture, plan: Plan, planner: Callable[[Capture], Plan]
+            ) -> tuple[Unshared | None, Plan]:
+    """The copies that let ``plan``'s BNs kept by a reused module fold, and the plan of the copy
+    (``planner``: the backend's plan). Unsharing repeats while the new plan shows other reused
+    modules (a shared conv -> BN pair: the BN's reuse hides the conv's). (None, ``plan``) when no BN
+    is kept by reuse, when the copies fold no more BNs than the shared model, or when the capture
+    is not torch.fx's (another capture's graph is not the model run)."""
+    twin, twin_plan = None, plan
+    for _ in range(ROUNDS):
+        step = _unshared(twin.model if twin else model, twin.cap if twin else cap, twin_plan)
+        if step is None:
+            break
+        twin = step if twin is None else Unshared(
+            step.model, step.cap, {**twin.copies, **{k: twin.copies.get(v, v) for k, v in step.copies.items()}},
+            twin.parameters + step.parameters)
+        twin_plan = planner(twin.cap)
+    if twin is None or len(twin_plan.folded) <= len(plan.folded):
+        return None, plan
+    return twin, twin_plan
+
+
+def _unshared(model: nn.Module, cap: Capture, plan: Plan) -> Unshared | None:
+    """One round: every further call of a module whose reuse keeps one of ``plan``'s BNs calls a
+    copy of it."""
     layers = set(reused(plan))
     if not layers or cap.tracer != "torch.fx":
         return None
@@ -69,4 +94,4 @@ def unshare(model: nn.Module, cap: Capture, plan: Plan) -> Unshared | None:
         copies[path] = node.target
         node.target = path
     added = sum(p.numel() for path in copies for p in twin.get_submodule(path).parameters())
-    return Unshared(twin, facts(graph, twin, cap.tracer), copies, added)
+    return Unshared(twin, facts(graph, twin, cap.tracer, cap.constants), copies, added)

@@ -498,3 +498,30 @@ def test_onnx_matmul_on_tokens_then_a_per_channel_mul_and_add_folds_into_it(bias
     assert sorted(n.op_type for n in result.model.graph.node) == ["Add", "MatMul"]
     feeds = {"x": rng.standard_normal((2, 5, 3)).astype(np.float32)}
     assert_onnx_folds(model, feeds, 0)
+
+
+def test_onnx_kept_branch_keeps_its_own_split_bias():
+    """A kept (dilated) branch with no BN whose bias is a separate Add, as paddle2onnx writes it:
+    the merged conv's output is added to the biased value, not to the raw Conv output."""
+    rng = np.random.default_rng(9)
+    arrays = {"w0": (3, 3, 3, 3), "w1": (3, 3, 1, 1), "wd": (3, 3, 3, 3), "bd": (1, 3, 1, 1)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in arrays.items()]
+    inits += bn_params(3, rng, "bn0") + bn_params(3, rng, "bn1")
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Conv", ["r", "w0"], ["c0"], pads=[1] * 4, name="k3"), bn_node("c0", "b0", "bn0"),
+             helper.make_node("Conv", ["r", "w1"], ["c1"], name="k1"), bn_node("c1", "b1", "bn1"),
+             helper.make_node("Conv", ["r", "wd"], ["cd"], pads=[2] * 4, dilations=[2, 2], name="dil"),
+             helper.make_node("Add", ["cd", "bd"], ["d"], name="dil_bias"),
+             helper.make_node("Add", ["b0", "b1"], ["s0"], name="a0"), helper.make_node("Add", ["s0", "d"], ["y"])]
+    model = onnx_graph(nodes, inits, [2, 3, 6, 6], opset=13)
+    result = assert_onnx_folds(model, {"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)}, 2)
+    assert [m.to_json()["kept"] for m in result.merges] == [[{"conv": "dil", "reason": "'dil' is dilated"}]]
+
+
+def test_onnx_bn_feeding_a_layer_as_its_weight_says_so():
+    rng = np.random.default_rng(4)
+    inits = bn_params(3, rng)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "b"), helper.make_node("Identity", ["b"], ["i"]),
+             helper.make_node("MatMul", ["x", "i"], ["y"], name="qk")]
+    refusal = fold_onnx(onnx_graph(nodes, inits, [3, 3], opset=13)).decisions[0].refusals[-1]
+    assert (refusal.code, refusal.subject) == ("weight-input", "qk")

@@ -121,3 +121,47 @@ def test_unshared_model_is_the_graph_and_the_input_model_is_untouched():
     names = list(dict(model.named_modules()))
     result = bnrt.fold(model, (torch.randn(1, 2, 8, 8),), unshare=True)
     assert isinstance(result.model, torch.fx.GraphModule) and list(dict(model.named_modules())) == names
+
+
+class _SharedBlock(nn.Module):
+    """A whole conv -> BN -> ReLU block called twice (the BN's reuse hides the conv's until the BN is
+    copied), with a tensor made in forward (torch.fx keeps it as ``_tensor_constant0``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU())
+
+    def forward(self, x):
+        return self.seq(self.seq(x)) * torch.tensor(2.0)
+
+
+def test_a_shared_conv_bn_block_unshares_both_in_rounds_and_keeps_tensors_made_in_forward():
+    model = _SharedBlock().double().eval()
+    randomise_bn(model.seq[1], torch.Generator().manual_seed(1))
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    result = bnrt.fold(model, (x,), unshare=True)
+    assert result.unshared == {"seq.1_call2": "seq.1", "seq.0_call2": "seq.0"}
+    assert result.unshared_parameters == 2 * 2 * 9 + 2 + 2 + 2  # a conv (weight, bias) and a BN (weight, bias)
+    assert [(d.bn, d.folded, d.into) for d in result.decisions] == [
+        ("seq.1", True, ("seq.0",)), ("seq.1_call2", True, ("seq.0_call2",))]
+    assert result.checkpoint_keeps == ["seq.1"]  # by name: the copy is not in the checkpoint
+    with torch.no_grad():
+        for folded in (result.model, result.structured):
+            assert float((folded(x) - model(x)).abs().max()) <= 1e-12
+
+
+def test_unsharing_that_folds_nothing_more_copies_nothing():
+    class Mixed(nn.Module):  # each call's BN reads the conv through a permute that mixes its channels
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 1)
+            self.bns = nn.ModuleList(nn.BatchNorm2d(4) for _ in range(2))
+
+        def forward(self, x):
+            return [bn(self.conv(x).permute(0, 2, 1, 3)) for bn in self.bns]
+
+    model, x = Mixed().eval(), torch.randn(1, 2, 4, 4)
+    assert {d.codes for d in bnrt.fold(model, (x,)).decisions} == {("reused-layer", "no-layer-after")}
+    result = bnrt.fold(model, (x,), unshare=True)
+    assert (result.unshared, result.unshared_parameters, type(result.model).__name__) == ({}, 0, "Mixed")
+    assert {d.codes for d in result.decisions} == {("reused-layer", "no-layer-after")}

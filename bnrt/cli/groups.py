@@ -7,11 +7,13 @@ progress shows). Validation that argparse cannot do lives with the group that ow
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 from pathlib import Path
 
 from bnrt.errors import InputError
 from bnrt.io.data import DEFAULT_BATCH, DEFAULT_SAMPLES, DISTRIBUTIONS, InputSpec
+from bnrt.io.images import COLORS, PRESETS, Preprocess
 from bnrt.io.shapes import ShapeOptions, parse_axes
 from bnrt.io.source import KIND_NAMES, ModelSource
 from bnrt.session import PROVIDERS
@@ -116,7 +118,48 @@ class SourceArgs:
 
 
 def add_data(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", metavar="FILE", help=".npz/.npy inputs (and integer labels under 'y') to check on")
+    parser.add_argument("--data", metavar="FILE|DIR", help=".npz/.npy inputs (and integer labels under 'y') to check "
+                                                         "on, or a folder of images (DIR/<class>/*.png: labelled)")
+
+
+def numbers(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers like 0.485,0.456,0.406") from None
+    return values
+
+
+def crop(text: str) -> tuple[int, int]:
+    dims = shape(text)
+    if len(dims) > 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a crop like 224 or 224,192")
+    return (dims[0], dims[-1])
+
+
+class ImageArgs:
+    """Image-folder flags (``--data DIR``) -> ``Preprocess``."""
+
+    FLAGS = ("resize", "crop", "mean", "std", "color")
+
+    @staticmethod
+    def add(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("image folders (--data DIR; default: the model's channels, resized and "
+                                      "center-cropped to its H x W, pixels in [0, 1])")
+        g.add_argument("--preprocess", choices=sorted(PRESETS), help="a preset: imagenet = resize 256, crop 224, "
+                                                                     "ImageNet mean/std, rgb (flags below override)")
+        g.add_argument("--resize", type=int, metavar="N", help="resize the shorter side to N (default: to cover the crop)")
+        g.add_argument("--crop", type=crop, metavar="H[,W]", help="center crop (default: the model's H x W)")
+        g.add_argument("--mean", type=numbers, metavar="A[,B,C]", help="subtracted per channel, after scaling to [0, 1]")
+        g.add_argument("--std", type=numbers, metavar="A[,B,C]", help="divided per channel, after the mean")
+        g.add_argument("--color", choices=COLORS, help="channel order (default: gray for 1 channel, rgb for 3)")
+
+    @classmethod
+    def build(cls, args: argparse.Namespace) -> Preprocess:
+        base = PRESETS[args.preprocess] if getattr(args, "preprocess", None) else Preprocess()
+        positive(args, "resize")
+        given = {k: getattr(args, k) for k in cls.FLAGS if getattr(args, k, None) is not None}
+        return replace(base, **given)
 
 
 def add_tf32(parser, default: str) -> None:
@@ -176,7 +219,8 @@ class CheckArgs:
     @classmethod
     def build(cls, args: argparse.Namespace) -> CheckOptions:
         positive(args, "samples", "top_k", "batch_size")
-        inputs = InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range, args.allow_nonfinite)
+        inputs = InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range, args.allow_nonfinite,
+                           ImageArgs.build(args))
         return CheckOptions(inputs, args.provider, cls.tolerances(args), args.top_k,
                             getattr(args, "batch_size", DEFAULT_BATCH), not getattr(args, "no_localise", False),
                             args.tf32, args.device, not args.no_per_layer)

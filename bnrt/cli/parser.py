@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from bnrt.cli.groups import CheckArgs, ProgressArgs, RuntimeArgs, ShapeArgs, SourceArgs, add_data
+from bnrt.cli.groups import CheckArgs, ImageArgs, ProgressArgs, RuntimeArgs, ShapeArgs, SourceArgs, add_data
 from bnrt.deploy.serve import KEEP_ALIVE_S
 from bnrt.io.data import DEFAULT_BATCH
 from bnrt.io.export import DEFAULT_OPSET, EXPORTERS
@@ -32,6 +32,7 @@ def _fold(sub) -> None:
     ShapeArgs.add(p)
     ProgressArgs.add(p)
     CheckArgs.add(p)
+    ImageArgs.add(p)
 
 
 def _check(sub) -> None:
@@ -41,6 +42,7 @@ def _check(sub) -> None:
     SourceArgs().add(p)
     add_data(p)
     CheckArgs.add(p)
+    ImageArgs.add(p)
     p.add_argument("--reference-provider", choices=sorted(PROVIDERS), default="cpu",
                    help="ORT provider when the reference is ONNX (default cpu)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"samples per run (default {DEFAULT_BATCH})")

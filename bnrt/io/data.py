@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from bnrt.errors import InputError, OptionError, first_line
+from bnrt.io.images import Preprocess, load_images
 from bnrt.io.save import atomic_path
 
 LABEL_KEYS = ("y", "labels", "label", "targets")
@@ -30,6 +31,7 @@ class Dataset:
     inputs: list[np.ndarray]
     labels: np.ndarray | None
     source: str
+    preprocess: dict | None = None  # how an image folder became inputs (``bnrt.io.images``)
 
     @property
     def size(self) -> int:
@@ -171,12 +173,18 @@ class InputSpec:
     distribution: str = "normal"
     val_range: tuple[float, float] | None = None
     allow_nonfinite: bool = False  # NaN/Inf in ``data`` (refused by default)
+    preprocess: Preprocess = Preprocess()  # for an image folder
 
 
 def make_inputs(spec: InputSpec, names: list[str], shapes: list[tuple | None], dtypes: list[np.dtype] | None = None,
                 where: str = "model") -> Dataset:
     """The check data: ``spec.data`` (validated against ``shapes`` and the ``dtypes`` that are known,
-    None: any) or random samples."""
+    None: any; a folder of images is preprocessed to the one input's shape) or random samples."""
+    if spec.data is not None and Path(spec.data).is_dir():
+        if len(names) != 1:
+            raise OptionError(f"{spec.data}: an image folder feeds one input; the model has {len(names)}")
+        images, labels, used = load_images(Path(spec.data), shapes[0], spec.preprocess)
+        return Dataset([images], labels, str(spec.data), used.to_json())
     if spec.data is not None:
         data = load_data(spec.data, names, spec.allow_nonfinite)
         for name, given, got in zip(names, shapes, data.shapes()):

@@ -28,6 +28,7 @@ from bnrt.progress import Steps
 from bnrt.session import check_tf32
 from bnrt.verify.localise import Point, compare_points, divergence_at, first_divergence, fold_points
 from bnrt.verify.detections import compare_detections, detection_groups
+from bnrt.verify.accuracy import paired
 from bnrt.verify.metrics import (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, Comparison, LayerCheck,
                                  OutputMetrics, Tolerances, accuracy, compare_output, floor_measured,
                                  truth_samples)
@@ -281,6 +282,7 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
     pairs, truth, fallback = _noise_pairs(reference, ref_out, data, names, options, note)
     fallback = fallback or _unmeasured(names, pairs, options.tolerances)
     acc = {reference.label: accuracy(ref_out[0], data.labels)} if data.labels is not None else {}
+    stats: dict[str, dict] = {}
     comparisons, errors = [], {}
     for candidate in candidates:
         comparison, out = _compare(reference.label, ref_out, candidate, data, names, options, pairs, truth, note,
@@ -288,6 +290,7 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
         comparisons.append(comparison)
         if data.labels is not None and out and comparison.samples is None and not candidate.informational:
             acc[candidate.label] = accuracy(out[0], data.labels)
+            stats[candidate.label] = paired(ref_out[0], out[0], data.labels, options.top_k)
     if pairs is not None:
         _per_layer(reference, candidates, comparisons, data, folds, options, truth, note)
     for comparison, candidate in zip(comparisons, candidates):
@@ -297,7 +300,8 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
             comparison.divergence = localise(reference, candidate.side, data, folds, options.tolerances,
                                              pairs is not None)
     return CheckReport(data.size, data.source, options.top_k, comparisons, acc, errors,
-                       reference.noise.kind if pairs else None, truth if pairs else None, noise_fallback=fallback)
+                       reference.noise.kind if pairs else None, truth if pairs else None, noise_fallback=fallback,
+                       accuracy_stats=stats, preprocess=data.preprocess)
 
 
 def inputs_for(reference: Side, candidates: Sequence[Side], options: CheckOptions, where: str,

@@ -224,6 +224,8 @@ fixed tolerances decided) and ``noise_samples`` the samples it was measured on. 
     noise_samples: int | None = None
     certificate: Any = None  # bnrt.verify.certify.Certificate, for folds bnrt made
     noise_fallback: str | None = None  # why fixed tolerances judged what the noise floor would have
+    accuracy_stats: dict[str, dict] = field(default_factory=dict)  # candidate -> bnrt.verify.accuracy.paired
+    preprocess: dict | None = None  # how an image folder became the inputs (bnrt.io.images)
 
     @property
     def passed(self) -> bool:

@@ -9,6 +9,7 @@ import numpy as np
 
 from bnrt.errors import OptionError
 from bnrt.folding.decision import Decision
+from bnrt.verify.accuracy import describe
 from bnrt.verify.metrics import CheckReport, LayerCheck
 
 
@@ -75,7 +76,14 @@ def check_table(report: CheckReport) -> str:
             lines.append(f"{comp.candidate}: no single module diverges beyond tolerance on the first samples")
     if report.certificate is not None:
         lines.append(report.certificate.summary())
-    if report.accuracy:
+    if report.preprocess:
+        p = report.preprocess
+        lines.append("images: " + ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                                            for k, v in p.items() if v is not None))
+    reference = next(iter(report.accuracy), "reference")
+    for label, stats in report.accuracy_stats.items():
+        lines.append(describe(label, reference, stats))
+    if report.accuracy and not report.accuracy_stats:
         lines.append("accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in report.accuracy.items()))
     lines.append("check passed" if report.passed else f"check FAILED: {_failure(report)}")
     return "\n".join(lines)

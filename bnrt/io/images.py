@@ -1,0 +1,124 @@
+"""Image folders as check data: ``--data DIR`` in the ImageFolder layout (``DIR/<class>/*.png``;
+labels are the index of the class folder in sorted order) or flat (``DIR/*.png``, no labels),
+decoded with Pillow and preprocessed to the model's input.
+
+Preprocessing (``Preprocess``): convert to the model's colours (1 channel: gray, 3: RGB, or
+``color``), resize so that the shorter side is ``resize`` (default: just large enough to cover the
+crop), center-crop to ``crop`` (default: the model's H×W), scale pixels to [0, 1], then subtract
+``mean`` and divide by ``std`` per channel (default: none). ``PRESETS["imagenet"]`` is the usual
+256 → 224 with ImageNet's mean and std. The samples are decoded into one float32 array (N, C, H, W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from bnrt.errors import InputError, OptionError, first_line
+
+SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+COLORS = ("rgb", "bgr", "gray")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model inputs (None: the default that fits the model's input shape)."""
+
+    resize: int | None = None
+    crop: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    color: str | None = None
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+PRESETS = {"imagenet": Preprocess(resize=256, crop=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                                  color="rgb")}
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+
+
+def image_files(root: Path) -> tuple[list[Path], np.ndarray | None, list[str]]:
+    """The images under ``root``, their labels (None for a flat folder) and the class names."""
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    flat = _images(root)
+    if flat and classes:
+        raise InputError(f"{root}: holds both images and class folders ({', '.join(classes[:3])}); use one layout")
+    if flat:
+        return flat, None, []
+    files, labels = [], []
+    for index, name in enumerate(classes):
+        found = _images(root / name)
+        files += found
+        labels += [index] * len(found)
+    if not files:
+        raise InputError(f"{root}: no images ({', '.join(SUFFIXES)}) in it or in class folders under it")
+    return files, np.asarray(labels, dtype=np.int64), classes
+
+
+def resolve(preprocess: Preprocess, shape: tuple | None, where: str) -> Preprocess:
+    """``preprocess`` with its defaults filled from the model's input ``shape`` (N, C, H, W)."""
+    channels = shape[1] if shape is not None and len(shape) == 4 else None
+    crop = preprocess.crop
+    if crop is None and shape is not None and len(shape) == 4 and shape[2] is not None and shape[3] is not None:
+        crop = (int(shape[2]), int(shape[3]))
+    if crop is None or channels is None:
+        raise OptionError(f"{where}: an image folder needs the model's input as (N, C, H, W) with C, H and W known "
+                          f"(got {shape}); pass --input-shape or --crop H,W")
+    if shape[2] is not None and shape[3] is not None and crop != (shape[2], shape[3]):
+        raise OptionError(f"{where}: images cropped to {crop[0]}x{crop[1]}, but the model takes "
+                          f"{shape[2]}x{shape[3]} (--crop, --preprocess)")
+    color = preprocess.color or ("gray" if channels == 1 else "rgb" if channels == 3 else None)
+    if color is None or (color == "gray") != (channels == 1):
+        raise OptionError(f"{where}: the model takes {channels} channels; images are read as "
+                          f"{color or 'rgb or gray'} (--color)")
+    for key in ("mean", "std"):
+        values = getattr(preprocess, key)
+        if values is not None and len(values) not in (1, channels):
+            raise OptionError(f"{where}: --{key} has {len(values)} values for {channels} channels")
+    if preprocess.std is not None and any(v == 0 for v in preprocess.std):
+        raise OptionError(f"{where}: --std must not be 0")
+    return replace(preprocess, crop=crop, color=color)
+
+
+def decode(path: Path, p: Preprocess) -> np.ndarray:
+    """One image as a float32 (C, H, W) array, preprocessed by ``p`` (resolved)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if p.color == "gray" else "RGB")
+            h, w = p.crop
+            scale = p.resize / min(image.size) if p.resize else max(h / image.size[1], w / image.size[0])
+            size = (max(w, round(image.size[0] * scale)), max(h, round(image.size[1] * scale)))
+            if size != image.size:
+                image = image.resize(size, Image.Resampling.BILINEAR)
+            left, top = (size[0] - w) // 2, (size[1] - h) // 2
+            pixels = np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable image ({first_line(exc)})") from exc
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    if p.color == "bgr":
+        pixels = pixels[::-1]
+    if p.mean is not None:
+        pixels = pixels - np.asarray(p.mean, dtype=np.float32).reshape(-1, 1, 1)
+    if p.std is not None:
+        pixels = pixels / np.asarray(p.std, dtype=np.float32).reshape(-1, 1, 1)
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+def load_images(root: Path, shape: tuple | None, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray | None,
+                                                                                     Preprocess]:
+    """Every image under ``root`` as one (N, C, H, W) float32 array, the labels (None for a flat
+    folder) and the preprocessing used (its defaults filled)."""
+    resolved = resolve(preprocess, shape, str(root))
+    files, labels, _ = image_files(root)
+    return np.stack([decode(f, resolved) for f in files]), labels, resolved

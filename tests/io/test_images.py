@@ -1,0 +1,112 @@
+"""Image folders as check data: layouts, labels, preprocessing to exact numbers, one-line errors,
+and the bundled digits model checked on its test split written as PNG files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bnrt.errors import InputError, OptionError
+from bnrt.io.data import InputSpec, make_inputs
+from bnrt.io.images import PRESETS, Preprocess, decode, image_files, load_images, resolve
+
+from ..conftest import EXAMPLE, assert_one_line_error, run_cli
+
+
+def _png(path, array, mode):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def test_class_folders_are_labelled_in_sorted_order_and_a_flat_folder_is_not(tmp_path):
+    for cls, n in (("cat", 2), ("ant", 1), ("dog", 3)):
+        for i in range(n):
+            _png(tmp_path / "tree" / cls / f"{i}.png", np.full((4, 4), i, np.uint8), "L")
+    (tmp_path / "tree" / "dog" / "notes.txt").write_text("not an image")
+    files, labels, classes = image_files(tmp_path / "tree")
+    assert classes == ["ant", "cat", "dog"] and labels.tolist() == [0, 1, 1, 2, 2, 2]
+    assert [f.relative_to(tmp_path / "tree").as_posix() for f in files][:3] == ["ant/0.png", "cat/0.png", "cat/1.png"]
+    for i in range(2):
+        _png(tmp_path / "flat" / f"{i}.jpg", np.zeros((4, 4, 3), np.uint8), "RGB")
+    files, labels, _ = image_files(tmp_path / "flat")
+    assert len(files) == 2 and labels is None
+
+
+def test_preprocessing_gives_exact_numbers(tmp_path):
+    rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
+    _png(tmp_path / "a.png", rgb, "RGB")
+    p = resolve(Preprocess(mean=(0.5, 0.25, 0.0), std=(2.0, 4.0, 0.5), color="bgr"), (1, 3, 4, 4), "here")
+    got = decode(tmp_path / "a.png", p)  # no resize needed: the 4x4 center of the 4x6 image
+    want = rgb[:, 1:5].astype(np.float32).transpose(2, 0, 1)[::-1] / 255.0
+    want = (want - np.float32([0.5, 0.25, 0.0]).reshape(3, 1, 1)) / np.float32([2.0, 4.0, 0.5]).reshape(3, 1, 1)
+    assert got.shape == (3, 4, 4) and np.array_equal(got, want.astype(np.float32))
+    gray = resolve(Preprocess(), (None, 1, 2, 3), "here")
+    assert (gray.crop, gray.color) == ((2, 3), "gray")
+    small = decode(tmp_path / "a.png", gray)  # resized to cover 2x3 (shorter side 4 -> 2), then cropped
+    assert small.shape == (1, 2, 3) and small.dtype == np.float32 and 0 <= small.min() <= small.max() <= 1
+
+
+@pytest.mark.parametrize("preprocess,shape,fragment", [
+    (Preprocess(), (1, 3, None, None), "needs the model's input as (N, C, H, W) with C, H and W known"),
+    (Preprocess(color="gray"), (1, 3, 8, 8), "the model takes 3 channels; images are read as gray"),
+    (Preprocess(mean=(0.1, 0.2)), (1, 3, 8, 8), "--mean has 2 values for 3 channels"),
+    (Preprocess(std=(0.0,)), (1, 1, 8, 8), "--std must not be 0"),
+    (PRESETS["imagenet"], (1, 3, 32, 32), "images cropped to 224x224, but the model takes 32x32"),
+])
+def test_preprocessing_that_cannot_fit_the_model_is_refused(preprocess, shape, fragment):
+    with pytest.raises(OptionError, match=".*" + fragment.replace("(", r"\(").replace(")", r"\)")):
+        resolve(preprocess, shape, "here")
+
+
+def test_bad_folders_and_images_name_the_file(tmp_path):
+    _png(tmp_path / "mixed" / "a.png", np.zeros((2, 2), np.uint8), "L")
+    (tmp_path / "mixed" / "cls").mkdir()
+    with pytest.raises(InputError, match="mixed: holds both images and class folders"):
+        image_files(tmp_path / "mixed")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(InputError, match="empty: no images"):
+        image_files(tmp_path / "empty")
+    (tmp_path / "bad" / "0").mkdir(parents=True)
+    (tmp_path / "bad" / "0" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match=r"x\.png: not a readable image"):
+        load_images(tmp_path / "bad", (1, 1, 2, 2), Preprocess())
+    with pytest.raises(OptionError, match="an image folder feeds one input; the model has 2"):
+        make_inputs(InputSpec(tmp_path / "bad"), ["a", "b"], [(1, 1, 2, 2)] * 2)
+
+
+def test_bnrt_fold_on_a_png_folder_matches_the_npz_and_says_whether_accuracy_changed(tmp_path):
+    from models.digits import digits_split
+    from tools.digits_data import write_images
+
+    _, _, x, y = digits_split()
+    write_images(x, y, tmp_path / "png")
+    np.savez(tmp_path / "digits.npz", x=x, y=y)
+    runs, stdout = {}, {}
+    for name, data in (("png", tmp_path / "png"), ("npz", tmp_path / "digits.npz")):
+        proc = run_cli("fold", str(EXAMPLE), "--arch", "models.digits:DigitsNet", "--data", str(data),
+                       "-o", str(tmp_path / f"out_{name}"))
+        assert proc.returncode == 0, proc.stderr
+        stdout[name] = proc.stdout
+        runs[name] = json.loads((tmp_path / f"out_{name}" / "digits_cnn.report.json").read_text())["check"]
+    png, npz = runs["png"], runs["npz"]
+    assert png["samples"] == npz["samples"] == len(y) == 360
+    assert png["accuracy"] == npz["accuracy"]  # 8-bit PNG pixels change no prediction
+    assert png["preprocess"] == {"resize": None, "crop": [8, 8], "mean": None, "std": None, "color": "gray"}
+    stats = png["accuracy_stats"]["onnx cpu"]
+    assert stats["top1"][0] == stats["top1"][1] == png["accuracy"]["torch"]
+    assert (stats["reference_only"], stats["candidate_only"], stats["mcnemar_p"], stats["within_chance"]) == (
+        0, 0, 1.0, True)
+    assert ("right only in the reference 0, only in onnx cpu 0; McNemar p = 1; difference +0.00 pp "
+            "(95% CI +0.00 to +0.00): within chance") in stdout["png"]
+    assert "images: crop 8,8, color gray" in stdout["png"] and "images:" not in stdout["npz"]
+
+
+def test_an_image_folder_for_a_model_of_another_size_is_one_line(tmp_path):
+    _png(tmp_path / "png" / "0" / "a.png", np.zeros((8, 8), np.uint8), "L")
+    proc = run_cli("fold", str(EXAMPLE), "--arch", "models.digits:DigitsNet", "--data", str(tmp_path / "png"),
+                   "--preprocess", "imagenet", "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, "png: images cropped to 224x224, but the model takes 8x8")
+    assert not (tmp_path / "out").exists()

@@ -153,6 +153,8 @@ class ImageArgs:
         g.add_argument("--mean", type=numbers, metavar="A[,B,C]", help="subtracted per channel, after scaling to [0, 1]")
         g.add_argument("--std", type=numbers, metavar="A[,B,C]", help="divided per channel, after the mean")
         g.add_argument("--color", choices=COLORS, help="channel order (default: gray for 1 channel, rgb for 3)")
+        g.add_argument("--workers", type=int, default=0, metavar="N",
+                       help="processes decoding each batch of images (default 0: the main process)")
 
     @classmethod
     def build(cls, args: argparse.Namespace) -> Preprocess:
@@ -219,8 +221,10 @@ class CheckArgs:
     @classmethod
     def build(cls, args: argparse.Namespace) -> CheckOptions:
         positive(args, "samples", "top_k", "batch_size")
+        if getattr(args, "workers", 0) < 0:
+            raise InputError(f"--workers {args.workers}: must be 0 or more")
         inputs = InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range, args.allow_nonfinite,
-                           ImageArgs.build(args))
+                           ImageArgs.build(args), getattr(args, "workers", 0))
         return CheckOptions(inputs, args.provider, cls.tolerances(args), args.top_k,
                             getattr(args, "batch_size", DEFAULT_BATCH), not getattr(args, "no_localise", False),
                             args.tf32, args.device, not args.no_per_layer)

@@ -41,11 +41,15 @@ class Dataset:
         return [(1, *x.shape[1:]) for x in self.inputs]
 
 
-def run_batched(runner: Runner, data: Dataset, batch_size: int = DEFAULT_BATCH) -> list[np.ndarray]:
-    """Outputs of ``runner`` over all of ``data``, in batches, concatenated along axis 0."""
+def run_batched(runner: Runner, data: Dataset, batch_size: int = DEFAULT_BATCH,
+                progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    """Outputs of ``runner`` over all of ``data``, in batches, concatenated along axis 0;
+    ``progress(done, total)`` hears each batch done."""
     parts: list[list[np.ndarray]] = []
     for start in range(0, data.size, batch_size):
         parts.append(runner([x[start:start + batch_size] for x in data.inputs]))
+        if progress is not None:
+            progress(min(start + batch_size, data.size), data.size)
     return [_concatenated([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
@@ -174,6 +178,7 @@ class InputSpec:
     val_range: tuple[float, float] | None = None
     allow_nonfinite: bool = False  # NaN/Inf in ``data`` (refused by default)
     preprocess: Preprocess = Preprocess()  # for an image folder
+    workers: int = 0  # processes decoding an image folder's batches (0: this one)
 
 
 def make_inputs(spec: InputSpec, names: list[str], shapes: list[tuple | None], dtypes: list[np.dtype] | None = None,
@@ -183,7 +188,7 @@ def make_inputs(spec: InputSpec, names: list[str], shapes: list[tuple | None], d
     if spec.data is not None and Path(spec.data).is_dir():
         if len(names) != 1:
             raise OptionError(f"{spec.data}: an image folder feeds one input; the model has {len(names)}")
-        images, labels, used = load_images(Path(spec.data), shapes[0], spec.preprocess)
+        images, labels, used = load_images(Path(spec.data), shapes[0], spec.preprocess, spec.workers)
         return Dataset([images], labels, str(spec.data), used.to_json())
     if spec.data is not None:
         data = load_data(spec.data, names, spec.allow_nonfinite)

@@ -6,12 +6,18 @@ Preprocessing (``Preprocess``): convert to the model's colours (1 channel: gray,
 ``color``), resize so that the shorter side is ``resize`` (default: just large enough to cover the
 crop), center-crop to ``crop`` (default: the model's H×W), scale pixels to [0, 1], then subtract
 ``mean`` and divide by ``std`` per channel (default: none). ``PRESETS["imagenet"]`` is the usual
-256 → 224 with ImageNet's mean and std. The samples are decoded into one float32 array (N, C, H, W).
+256 → 224 with ImageNet's mean and std.
+
+The images are never decoded all at once: ``Images`` is an array-like (N, C, H, W) float32 whose
+slices decode those files only (``workers`` processes decode a slice's files in parallel), so a
+check reading the data batch by batch holds one batch of pixels whatever the folder's size.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +95,8 @@ def resolve(preprocess: Preprocess, shape: tuple | None, where: str) -> Preproce
     return replace(preprocess, crop=crop, color=color)
 
 
-def decode(path: Path, p: Preprocess) -> np.ndarray:
-    """One image as a float32 (C, H, W) array, preprocessed by ``p`` (resolved)."""
+def pixels(path: Path, p: Preprocess) -> np.ndarray:
+    """One image as uint8 (C, H, W): converted, resized and cropped by ``p`` (resolved)."""
     from PIL import Image
 
     try:
@@ -102,23 +108,82 @@ def decode(path: Path, p: Preprocess) -> np.ndarray:
             if size != image.size:
                 image = image.resize(size, Image.Resampling.BILINEAR)
             left, top = (size[0] - w) // 2, (size[1] - h) // 2
-            pixels = np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.float32) / 255.0
+            array = np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.uint8)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable image ({first_line(exc)})") from exc
-    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    if p.color == "bgr":
-        pixels = pixels[::-1]
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return array[::-1] if p.color == "bgr" else array
+
+
+def normalised(batch: np.ndarray, p: Preprocess) -> np.ndarray:
+    """uint8 pixels (..., C, H, W) as float32 in [0, 1], minus ``mean``, over ``std``."""
+    out = batch.astype(np.float32) / np.float32(255.0)
     if p.mean is not None:
-        pixels = pixels - np.asarray(p.mean, dtype=np.float32).reshape(-1, 1, 1)
+        out -= np.asarray(p.mean, dtype=np.float32).reshape(-1, 1, 1)
     if p.std is not None:
-        pixels = pixels / np.asarray(p.std, dtype=np.float32).reshape(-1, 1, 1)
-    return np.ascontiguousarray(pixels, dtype=np.float32)
+        out /= np.asarray(p.std, dtype=np.float32).reshape(-1, 1, 1)
+    return np.ascontiguousarray(out)
 
 
-def load_images(root: Path, shape: tuple | None, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray | None,
-                                                                                     Preprocess]:
-    """Every image under ``root`` as one (N, C, H, W) float32 array, the labels (None for a flat
-    folder) and the preprocessing used (its defaults filled)."""
+def decode(path: Path, p: Preprocess) -> np.ndarray:
+    """One image as a float32 (C, H, W) array, preprocessed by ``p`` (resolved)."""
+    return normalised(pixels(path, p), p)
+
+
+class Images:
+    """The images ``files`` as a read-only (N, C, H, W) float32 array decoded on access: an index, a
+    slice or a list of indexes decodes those files (``workers`` > 0: in that many processes)."""
+
+    dtype = np.dtype(np.float32)
+    ndim = 4
+
+    def __init__(self, files: list[Path], preprocess: Preprocess, workers: int = 0):
+        self.files, self.preprocess, self.workers = files, preprocess, workers
+        channels = 1 if preprocess.color == "gray" else 3
+        self.shape = (len(files), channels, *preprocess.crop)
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return decode(self.files[key], self.preprocess)
+        chosen = self.files[key] if isinstance(key, slice) else [self.files[i] for i in np.asarray(key).reshape(-1)]
+        if not chosen:
+            return np.zeros((0, *self.shape[1:]), np.float32)
+        work = partial(pixels, p=self.preprocess)  # workers send uint8 back: a quarter of float32's bytes
+        if self.workers > 0 and len(chosen) > 1:
+            if self._pool is None:
+                self._pool = multiprocessing.get_context("fork").Pool(self.workers)
+            decoded = self._pool.map(work, chosen, chunksize=max(1, len(chosen) // (4 * self.workers)))
+        else:
+            decoded = [work(f) for f in chosen]
+        return normalised(np.stack(decoded), self.preprocess)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self[:]
+        return array if dtype is None else array.astype(dtype)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:  # a pool does not travel to another process
+        return {**self.__dict__, "_pool": None}
+
+
+def load_images(root: Path, shape: tuple | None, preprocess: Preprocess, workers: int = 0
+                ) -> tuple[Images, np.ndarray | None, Preprocess]:
+    """The images under ``root`` as an ``Images`` array (decoded when read), the labels (None for a
+    flat folder) and the preprocessing used (its defaults filled). The first image is decoded now:
+    a file Pillow cannot read stops the run before any model does."""
     resolved = resolve(preprocess, shape, str(root))
     files, labels, _ = image_files(root)
-    return np.stack([decode(f, resolved) for f in files]), labels, resolved
+    images = Images(files, resolved, workers)
+    images[0]
+    return images, labels, resolved

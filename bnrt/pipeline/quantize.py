@@ -312,7 +312,7 @@ def quantize_file(source, data: str | os.PathLike, out_dir: str | os.PathLike | 
             reference = side(float_path, label="float32")
             dataset = make_inputs(InputSpec(data=data), reference.input_names, reference.input_shapes,
                                   reference.input_dtypes, str(src))
-            dataset.inputs = [x.astype(d) for x, d in zip(dataset.inputs, reference.input_dtypes)]
+            dataset.inputs = [np.asarray(x).astype(d) for x, d in zip(dataset.inputs, reference.input_dtypes)]
             _classify(reference.runner([x[:reference.fixed_batch or 1] for x in dataset.inputs]), dataset.labels,
                       str(data), dataset.size)
         quant_path = work / model_name

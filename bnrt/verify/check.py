@@ -10,6 +10,7 @@ the first divergent module of each failed comparison (``bnrt.verify.localise``);
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -137,6 +138,17 @@ def _fed_its_dtypes(model: Side) -> Callable[[Sequence[np.ndarray]], list[np.nda
     return run
 
 
+def rate(note: Callable[[str], None], label: str) -> Callable[[int, int], None]:
+    """A ``run_batched`` progress callback saying samples done, samples/s and the time left."""
+    start = time.perf_counter()
+
+    def update(done: int, total: int) -> None:
+        speed = done / max(time.perf_counter() - start, 1e-9)
+        note(f"{label}: {done}/{total} samples, {speed:.0f}/s, {(total - done) / speed:.0f} s left")
+
+    return update
+
+
 def _compare(ref_label: str, ref_out: list[np.ndarray], candidate: Candidate, data: Dataset, names: list[str],
              options: CheckOptions, pairs: list | None, truth: int, note: Callable[[str], None],
              errors: dict) -> tuple[Comparison, list[np.ndarray]]:
@@ -145,7 +157,7 @@ def _compare(ref_label: str, ref_out: list[np.ndarray], candidate: Candidate, da
     sub = data if part is None else Dataset([x[:part] for x in data.inputs], None, data.source)
     ref = ref_out if part is None else [o[:part] for o in ref_out]
     note(f"{candidate.label} on {sub.size} samples")
-    out = run_batched(_fed_its_dtypes(candidate.side), sub, options.batch_size)
+    out = run_batched(_fed_its_dtypes(candidate.side), sub, options.batch_size, rate(note, candidate.label))
     if len(out) != len(ref):
         metrics = [compare_output("(outputs)", np.zeros(len(ref)), np.zeros(len(out)), 0.0, 0.0)]
     else:
@@ -275,7 +287,7 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
     candidates = _with_deployments([c if isinstance(c, Candidate) else Candidate(side(c, **made)) for c in candidates])
     note(f"{reference.label} on {data.size} samples")
     declared = list(reference.output_names)  # a file's; a torch side names its outputs when it runs
-    ref_out = run_batched(reference.runner, data, options.batch_size)
+    ref_out = run_batched(reference.runner, data, options.batch_size, rate(note, reference.label))
     names = output_names or declared or next((c.side.output_names for c in candidates if c.side.output_names),
                                              reference.output_names or numbered_outputs(len(ref_out)))
     folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]

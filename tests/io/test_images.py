@@ -11,7 +11,7 @@ from PIL import Image
 
 from bnrt.errors import InputError, OptionError
 from bnrt.io.data import InputSpec, make_inputs
-from bnrt.io.images import PRESETS, Preprocess, decode, image_files, load_images, resolve
+from bnrt.io.images import PRESETS, Images, Preprocess, decode, image_files, load_images, resolve
 
 from ..conftest import EXAMPLE, assert_one_line_error, run_cli
 
@@ -75,6 +75,23 @@ def test_bad_folders_and_images_name_the_file(tmp_path):
         load_images(tmp_path / "bad", (1, 1, 2, 2), Preprocess())
     with pytest.raises(OptionError, match="an image folder feeds one input; the model has 2"):
         make_inputs(InputSpec(tmp_path / "bad"), ["a", "b"], [(1, 1, 2, 2)] * 2)
+
+
+def test_images_decode_only_what_is_read_in_this_process_or_in_workers(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        _png(tmp_path / "imgs" / str(i % 2) / f"{i}.png", rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), "RGB")
+    images, labels, used = load_images(tmp_path / "imgs", (1, 3, 4, 4), Preprocess())
+    assert (images.shape, images.dtype, len(images), labels.tolist()) == ((7, 3, 4, 4), np.float32, 7, [0] * 4 + [1] * 3)
+    every = np.stack([decode(f, used) for f in images.files])
+    assert np.array_equal(images[2:5], every[2:5]) and np.array_equal(images[3], every[3])
+    assert np.array_equal(images[[6, 0]], every[[6, 0]]) and images[7:].shape == (0, 3, 4, 4)
+    assert np.array_equal(np.asarray(images), every)
+    pooled = Images(images.files, used, workers=2)
+    try:
+        assert np.array_equal(pooled[:], every)
+    finally:
+        pooled.close()
 
 
 def test_bnrt_fold_on_a_png_folder_matches_the_npz_and_says_whether_accuracy_changed(tmp_path):

@@ -1,0 +1,125 @@
+"""Peak memory and throughput of `bnrt check` on a folder of JPEG images, side by side in one run.
+
+    python -m tools.image_bench [--small 2000] [--large 20000] [--workers 2] [--batch-size 32]
+
+Writes ``--large`` random 224x224 RGB JPEG files in 10 class folders (the first ``--small`` of them
+also linked into a second folder), exports a small conv net (stride-4 stem, four conv layers,
+global pool, Linear) to ONNX, and runs, each as its own process:
+- ``bnrt check net.onnx net.onnx --data DIR`` on the small and on the large folder: wall time and
+  peak RSS (the process's ``ru_maxrss``); the images are decoded batch by batch, so the peak should
+  not grow with the folder;
+- onnxruntime alone on images decoded beforehand (the first ``--small``, cycled), as many samples
+  as the check runs on the large folder (reference and candidate over every sample): samples per
+  second.
+Prints a markdown table and the throughput ratio (check / ORT alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _images(root: Path, count: int, small: int, small_root: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    for i in range(count):
+        folder, name = f"c{i % 10}", f"{i:06d}.jpg"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        pixels = np.roll(base, i, axis=1) ^ np.uint8(i % 251)  # distinct images, cheap to make
+        Image.fromarray(pixels).save(root / folder / name, quality=90)
+        if i < small:
+            (small_root / folder).mkdir(parents=True, exist_ok=True)
+            os.link(root / folder / name, small_root / folder / name)
+
+
+def _net(path: Path) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 16, 4, 4), nn.BatchNorm2d(16), nn.ReLU()]
+    for cin, cout in ((16, 32), (32, 32), (32, 64), (64, 64)):
+        layers += [nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+
+
+def _measured(cmd: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MB) and stdout of ``cmd`` run as its own process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, out
+
+
+ORT_ALONE = """
+import sys, time, numpy as np, onnxruntime as ort
+from pathlib import Path
+from bnrt.io.images import load_images, Preprocess
+images, _, _ = load_images(Path(sys.argv[2]), (1, 3, 224, 224), Preprocess())
+x = images[:int(sys.argv[4])]  # decoded beforehand (all of a large folder would not fit in memory)
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+start, batch, total = time.perf_counter(), int(sys.argv[3]), 2 * len(images)
+for done in range(0, total, batch):
+    i = done % len(x)
+    session.run(None, {"x": x[i:i + batch]})
+print(f"RATE {total / (time.perf_counter() - start):.1f}")
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=2000)
+    parser.add_argument("--large", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        _images(tmp / "large", args.large, args.small, tmp / "small")
+        made = time.perf_counter() - start
+        _net(tmp / "net.onnx")
+        rows = []
+        for name in ("small", "large"):
+            count = args.small if name == "small" else args.large
+            wall, rss, out = _measured([sys.executable, "-m", "bnrt", "check", str(tmp / "net.onnx"),
+                                        str(tmp / "net.onnx"), "--data", str(tmp / name), "--workers",
+                                        str(args.workers), "--batch-size", str(args.batch_size), "--no-localise"])
+            rows.append((f"bnrt check, {count:,} images", wall, rss, 2 * count / wall))
+        wall, rss, out = _measured([sys.executable, "-c", ORT_ALONE, str(tmp / "net.onnx"), str(tmp / "large"),
+                                    str(args.batch_size), str(args.small)])
+        rate = float(next(line for line in out.splitlines() if line.startswith("RATE")).split()[1])
+        rows.append((f"onnxruntime alone, {2 * args.large:,} runs of {args.small:,} images decoded beforehand",
+                     wall, rss, rate))
+    print(f"{args.large:,} JPEG files (224x224) written in {made:.0f} s; batch {args.batch_size}, "
+          f"{args.workers} decoding workers, {os.cpu_count()} cores\n")
+    print("| run | wall s | peak RSS MB | samples/s (reference + candidate passes) |")
+    print("|---|---|---|---|")
+    for name, wall, rss, speed in rows:
+        print(f"| {name} | {wall:.1f} | {rss:.0f} | {speed:.0f} |")
+    print(f"\npeak RSS large / small: {rows[1][2] / rows[0][2]:.2f}; "
+          f"throughput bnrt check / onnxruntime alone: {rows[1][3] / rows[2][3]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -41,16 +41,21 @@ class Dataset:
         return [(1, *x.shape[1:]) for x in self.inputs]
 
 
-def run_batched(runner: Runner, data: Dataset, batch_size: int = DEFAULT_BATCH,
-                progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+def run_batched(runner: Runner | Sequence[Runner], data: Dataset, batch_size: int = DEFAULT_BATCH,
+                progress: Callable[[int, int], None] | None = None) -> list:
     """Outputs of ``runner`` over all of ``data``, in batches, concatenated along axis 0;
-    ``progress(done, total)`` hears each batch done."""
-    parts: list[list[np.ndarray]] = []
+    ``progress(done, total)`` hears each batch done. Several runners (a sequence) take each batch
+    in turn, read once (an image folder decodes it once for all), and each one's outputs come back."""
+    runners = [runner] if callable(runner) else list(runner)
+    parts: list[list[list[np.ndarray]]] = [[] for _ in runners]
     for start in range(0, data.size, batch_size):
-        parts.append(runner([x[start:start + batch_size] for x in data.inputs]))
+        batch = [x[start:start + batch_size] for x in data.inputs]
+        for run, done in zip(runners, parts):
+            done.append(run(batch))
         if progress is not None:
             progress(min(start + batch_size, data.size), data.size)
-    return [_concatenated([p[i] for p in parts]) for i in range(len(parts[0]))]
+    outs = [[_concatenated([p[i] for p in done]) for i in range(len(done[0]))] for done in parts]
+    return outs[0] if callable(runner) else outs
 
 
 def _concatenated(parts: list[np.ndarray]) -> np.ndarray:

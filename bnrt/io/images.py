@@ -16,6 +16,7 @@ check reading the data batch by batch holds one batch of pixels whatever the fol
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -130,6 +131,13 @@ def decode(path: Path, p: Preprocess) -> np.ndarray:
     return normalised(pixels(path, p), p)
 
 
+def _plain_signals() -> None:
+    """A decoding worker dies on SIGTERM and leaves Ctrl-C to the main process (it would inherit the
+    command line's handlers, which unwind instead: a pool terminated at exit then waited forever)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Images:
     """The images ``files`` as a read-only (N, C, H, W) float32 array decoded on access: an index, a
     slice or a list of indexes decodes those files (``workers`` > 0: in that many processes)."""
@@ -141,7 +149,8 @@ class Images:
         self.files, self.preprocess, self.workers = files, preprocess, workers
         channels = 1 if preprocess.color == "gray" else 3
         self.shape = (len(files), channels, *preprocess.crop)
-        self._pool = None
+        self._work = partial(pixels, p=preprocess)
+        self._pool, self._ahead = None, None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -152,14 +161,31 @@ class Images:
         chosen = self.files[key] if isinstance(key, slice) else [self.files[i] for i in np.asarray(key).reshape(-1)]
         if not chosen:
             return np.zeros((0, *self.shape[1:]), np.float32)
-        work = partial(pixels, p=self.preprocess)  # workers send uint8 back: a quarter of float32's bytes
-        if self.workers > 0 and len(chosen) > 1:
-            if self._pool is None:
-                self._pool = multiprocessing.get_context("fork").Pool(self.workers)
-            decoded = self._pool.map(work, chosen, chunksize=max(1, len(chosen) // (4 * self.workers)))
+        if self.workers > 0:
+            decoded = self._decoded(key, chosen)
         else:
-            decoded = [work(f) for f in chosen]
+            decoded = [pixels(f, self.preprocess) for f in chosen]
         return normalised(np.stack(decoded), self.preprocess)
+
+    def _decoded(self, key, chosen: list[Path]) -> list[np.ndarray]:
+        """``chosen`` decoded by the workers; a run of slices (``[a:b]``, then ``[b:c]``) has the next
+        one of the same length decoded while the caller works on this one."""
+        if self._pool is None:
+            self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_plain_signals)
+        span = key.indices(len(self.files)) if isinstance(key, slice) else None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and span is not None and ahead[0] == span:
+            decoded = ahead[1].get()
+        else:
+            decoded = self._pool.map(self._work, chosen, chunksize=self._chunk(len(chosen)))
+        if span is not None and span[2] == 1 and span[1] < len(self.files):
+            following = (span[1], min(len(self.files), 2 * span[1] - span[0]), 1)
+            files = self.files[following[0]:following[1]]  # uint8 back: a quarter of float32's bytes
+            self._ahead = following, self._pool.map_async(self._work, files, chunksize=self._chunk(len(files)))
+        return decoded
+
+    def _chunk(self, count: int) -> int:
+        return max(1, count // (4 * self.workers))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         array = self[:]
@@ -168,13 +194,13 @@ class Images:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.terminate()
-            self._pool = None
+            self._pool, self._ahead = None, None
 
     def __del__(self) -> None:
         self.close()
 
     def __getstate__(self) -> dict:  # a pool does not travel to another process
-        return {**self.__dict__, "_pool": None}
+        return {**self.__dict__, "_pool": None, "_ahead": None}
 
 
 def load_images(root: Path, shape: tuple | None, preprocess: Preprocess, workers: int = 0

@@ -151,13 +151,15 @@ def rate(note: Callable[[str], None], label: str) -> Callable[[int, int], None]:
 
 def _compare(ref_label: str, ref_out: list[np.ndarray], candidate: Candidate, data: Dataset, names: list[str],
              options: CheckOptions, pairs: list | None, truth: int, note: Callable[[str], None],
-             errors: dict) -> tuple[Comparison, list[np.ndarray]]:
-    """One candidate run and judged output by output; its absolute errors go into ``errors``."""
+             errors: dict, out: list[np.ndarray] | None = None) -> tuple[Comparison, list[np.ndarray]]:
+    """One candidate judged output by output (``out``: its outputs on every sample, or None: run it
+    here); its absolute errors go into ``errors``."""
     part = truth if candidate.head_only and truth < data.size else None
     sub = data if part is None else Dataset([x[:part] for x in data.inputs], None, data.source)
     ref = ref_out if part is None else [o[:part] for o in ref_out]
-    note(f"{candidate.label} on {sub.size} samples")
-    out = run_batched(_fed_its_dtypes(candidate.side), sub, options.batch_size, rate(note, candidate.label))
+    if out is None:
+        note(f"{candidate.label} on {sub.size} samples")
+        out = run_batched(_fed_its_dtypes(candidate.side), sub, options.batch_size, rate(note, candidate.label))
     if len(out) != len(ref):
         metrics = [compare_output("(outputs)", np.zeros(len(ref)), np.zeros(len(out)), 0.0, 0.0)]
     else:
@@ -285,9 +287,13 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
     made = dict(provider=options.provider, device=options.device, tf32=options.tf32)
     reference = side(reference, **made)
     candidates = _with_deployments([c if isinstance(c, Candidate) else Candidate(side(c, **made)) for c in candidates])
-    note(f"{reference.label} on {data.size} samples")
+    together = [c for c in candidates if not c.head_only]  # with the reference, each batch read once
+    labels = ", ".join(s.label for s in [reference, *(c.side for c in together)])
+    note(f"{labels} on {data.size} samples")
     declared = list(reference.output_names)  # a file's; a torch side names its outputs when it runs
-    ref_out = run_batched(reference.runner, data, options.batch_size, rate(note, reference.label))
+    ref_out, *outs = run_batched([reference.runner, *(_fed_its_dtypes(c.side) for c in together)], data,
+                                 options.batch_size, rate(note, f"{1 + len(together)} model(s)"))
+    ran = {id(c): out for c, out in zip(together, outs)}
     names = output_names or declared or next((c.side.output_names for c in candidates if c.side.output_names),
                                              reference.output_names or numbered_outputs(len(ref_out)))
     folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
@@ -298,7 +304,7 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
     comparisons, errors = [], {}
     for candidate in candidates:
         comparison, out = _compare(reference.label, ref_out, candidate, data, names, options, pairs, truth, note,
-                                   errors)
+                                   errors, ran.pop(id(candidate), None))
         comparisons.append(comparison)
         if data.labels is not None and out and comparison.samples is None and not candidate.informational:
             acc[candidate.label] = accuracy(out[0], data.labels)

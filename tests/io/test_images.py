@@ -11,7 +11,7 @@ from PIL import Image
 
 from bnrt.errors import InputError, OptionError
 from bnrt.io.data import InputSpec, make_inputs
-from bnrt.io.images import PRESETS, Images, Preprocess, decode, image_files, load_images, resolve
+from bnrt.io.images import PRESETS, Images, Preprocess, decode, image_files, load_images, pixels, resolve
 
 from ..conftest import EXAMPLE, assert_one_line_error, run_cli
 
@@ -77,19 +77,31 @@ def test_bad_folders_and_images_name_the_file(tmp_path):
         make_inputs(InputSpec(tmp_path / "bad"), ["a", "b"], [(1, 1, 2, 2)] * 2)
 
 
-def test_images_decode_only_what_is_read_in_this_process_or_in_workers(tmp_path):
+def test_images_decode_only_what_is_read_in_this_process_or_in_workers(tmp_path, monkeypatch):
+    import bnrt.io.images as module
+
     rng = np.random.default_rng(0)
     for i in range(7):
         _png(tmp_path / "imgs" / str(i % 2) / f"{i}.png", rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), "RGB")
+    read = []
+    monkeypatch.setattr(module, "pixels", lambda path, p: read.append(path.name) or pixels(path, p))
     images, labels, used = load_images(tmp_path / "imgs", (1, 3, 4, 4), Preprocess())
     assert (images.shape, images.dtype, len(images), labels.tolist()) == ((7, 3, 4, 4), np.float32, 7, [0] * 4 + [1] * 3)
+    assert read == ["0.png"]  # the first image, to fail early on an unreadable folder
     every = np.stack([decode(f, used) for f in images.files])
+    read.clear()
     assert np.array_equal(images[2:5], every[2:5]) and np.array_equal(images[3], every[3])
     assert np.array_equal(images[[6, 0]], every[[6, 0]]) and images[7:].shape == (0, 3, 4, 4)
+    assert read == [images.files[i].name for i in (2, 3, 4, 3, 6, 0)]
     assert np.array_equal(np.asarray(images), every)
+    monkeypatch.undo()  # workers are sent the decoding function
     pooled = Images(images.files, used, workers=2)
-    try:
-        assert np.array_equal(pooled[:], every)
+    try:  # a run of slices: the next one is decoded ahead while this one is used
+        assert np.array_equal(pooled[:3], every[:3]) and pooled._ahead[0] == (3, 6, 1)
+        assert np.array_equal(pooled[3:6], every[3:6]) and pooled._ahead[0] == (6, 7, 1)
+        assert np.array_equal(pooled[6:9], every[6:]) and pooled._ahead is None
+        assert np.array_equal(pooled[1:3], every[1:3]) and pooled._ahead[0] == (3, 5, 1)
+        assert np.array_equal(pooled[:], every) and pooled._ahead is None
     finally:
         pooled.close()
 
@@ -127,3 +139,24 @@ def test_an_image_folder_for_a_model_of_another_size_is_one_line(tmp_path):
                    "--preprocess", "imagenet", "-o", str(tmp_path / "out"))
     assert_one_line_error(proc, "png: images cropped to 224x224, but the model takes 8x8")
     assert not (tmp_path / "out").exists()
+
+
+def test_decoding_workers_die_on_sigterm_whatever_handler_the_command_installed(tmp_path):
+    import signal
+
+    _png(tmp_path / "imgs" / "a.png", np.zeros((4, 4), np.uint8), "L")
+    _png(tmp_path / "imgs" / "b.png", np.ones((4, 4), np.uint8), "L")
+    files, _, _ = image_files(tmp_path / "imgs")
+
+    def unwind(signum, frame):  # as the command line's handler does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    pooled = Images(files, resolve(Preprocess(), (1, 1, 4, 4), "imgs"), workers=1)
+    try:
+        assert pooled[:].shape == (2, 1, 4, 4)
+        handlers = [pooled._pool.apply(signal.getsignal, (sig,)) for sig in (signal.SIGTERM, signal.SIGINT)]
+        assert handlers == [signal.SIG_DFL, signal.SIG_IGN]  # a terminated pool's worker dies at once
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        pooled.close()

@@ -17,6 +17,7 @@ import numpy as np
 
 from bnrt.errors import InputError, OptionError, first_line
 from bnrt.io.images import Preprocess, load_images
+from bnrt.io.rows import chunks, stored
 from bnrt.io.save import atomic_path
 
 LABEL_KEYS = ("y", "labels", "label", "targets")
@@ -112,21 +113,22 @@ def load_data(path: str | Path, input_names: list[str], allow_nonfinite: bool = 
     if not path.is_file():
         raise InputError(f"{path}: no such data file")
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r")  # a header read, no data
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: not a readable .npz or .npy file ({first_line(exc)})") from exc
     if isinstance(loaded, np.ndarray):
-        arrays, labels = {input_names[0]: loaded}, None
+        arrays, labels = {input_names[0]: stored(path) or np.array(loaded)}, None
         if len(input_names) != 1:
             raise InputError(f"{path}: one array, but the model has {len(input_names)} inputs ({', '.join(input_names)}); use an .npz")
     else:
         try:
             with loaded:
-                content = {k: loaded[k] for k in loaded.files}
+                content = {k: (stored(path, f"{k}.npy") if f"{k}.npy" in loaded.zip.namelist() else None)
+                           or loaded[k] for k in loaded.files}
         except (ValueError, OSError, zipfile.BadZipFile) as exc:
             raise InputError(f"{path}: unreadable array in archive ({exc})") from exc
         label_key = next((k for k in LABEL_KEYS if k in content), None)
-        labels = content.pop(label_key) if label_key else None
+        labels = np.asarray(content.pop(label_key)) if label_key else None
         if all(n in content for n in input_names):
             arrays = {n: content[n] for n in input_names}
         elif len(input_names) == 1 and len(content) == 1:
@@ -140,12 +142,13 @@ def load_data(path: str | Path, input_names: list[str], allow_nonfinite: bool = 
     for name, array in arrays.items():
         if array.ndim < 1 or array.shape[0] == 0:
             raise InputError(f"{path}: array {name!r} has shape {array.shape}, expected (N, ...) with N > 0")
-        if array.dtype.kind == "f":
-            array = array.astype(np.float32, copy=False)
-            _refuse_nonfinite(path, name, array, allow_nonfinite)
-        elif array.dtype.kind not in "iub":
+        if array.dtype.kind not in "iubf":
             raise InputError(f"{path}: array {name!r} has dtype {array.dtype}, expected numbers")
-        inputs.append(np.ascontiguousarray(array))
+        if isinstance(array, np.ndarray):
+            array = np.ascontiguousarray(array, dtype=np.float32 if array.dtype.kind == "f" else array.dtype)
+        if array.dtype.kind == "f":
+            _refuse_nonfinite(path, name, array, allow_nonfinite)
+        inputs.append(array)
     sizes = {x.shape[0] for x in inputs}
     if len(sizes) != 1:
         raise InputError(f"{path}: inputs have different sample counts {sorted(sizes)}")
@@ -160,11 +163,16 @@ def load_data(path: str | Path, input_names: list[str], allow_nonfinite: bool = 
 def _refuse_nonfinite(path: Path, name: str, array: np.ndarray, allowed: bool) -> None:
     if allowed:
         return
-    bad = ~np.isfinite(array.reshape(len(array), -1))
-    if bad.any():
-        raise OptionError(f"{path}: input {name!r} holds NaN or Inf ({int(bad.sum())} values, first in sample "
-                          f"{int(np.flatnonzero(bad.any(axis=1))[0])}); non-finite inputs are refused (a check "
-                          "compares them position by position with `allow_nonfinite`)")
+    count, first = 0, None
+    for start, rows in chunks(array, array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))):
+        bad = ~np.isfinite(rows.reshape(len(rows), -1))
+        count += int(bad.sum())
+        if first is None and count:
+            first = start + int(np.flatnonzero(bad.any(axis=1))[0])
+    if count:
+        raise OptionError(f"{path}: input {name!r} holds NaN or Inf ({count} values, first in sample {first}); "
+                          "non-finite inputs are refused (a check compares them position by position with "
+                          "`allow_nonfinite`)")
 
 
 def fmt_shape(shape) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bnrt.errors import InputError, OptionError, first_line
+from bnrt.io.rows import Rows
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 COLORS = ("rgb", "bgr", "gray")
@@ -138,58 +139,43 @@ def _plain_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class Images:
+class Images(Rows):
     """The images ``files`` as a read-only (N, C, H, W) float32 array decoded on access: an index, a
     slice or a list of indexes decodes those files (``workers`` > 0: in that many processes)."""
-
-    dtype = np.dtype(np.float32)
-    ndim = 4
 
     def __init__(self, files: list[Path], preprocess: Preprocess, workers: int = 0):
         self.files, self.preprocess, self.workers = files, preprocess, workers
         channels = 1 if preprocess.color == "gray" else 3
-        self.shape = (len(files), channels, *preprocess.crop)
+        self.shape, self.dtype = (len(files), channels, *preprocess.crop), np.dtype(np.float32)
         self._work = partial(pixels, p=preprocess)
         self._pool, self._ahead = None, None
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, (int, np.integer)):
-            return decode(self.files[key], self.preprocess)
-        chosen = self.files[key] if isinstance(key, slice) else [self.files[i] for i in np.asarray(key).reshape(-1)]
+    def _take(self, key: slice | list[int]) -> np.ndarray:
+        chosen = self.files[key] if isinstance(key, slice) else [self.files[i] for i in key]
         if not chosen:
             return np.zeros((0, *self.shape[1:]), np.float32)
-        if self.workers > 0:
-            decoded = self._decoded(key, chosen)
-        else:
-            decoded = [pixels(f, self.preprocess) for f in chosen]
+        decoded = self._decoded(key, chosen) if self.workers > 0 else [pixels(f, self.preprocess) for f in chosen]
         return normalised(np.stack(decoded), self.preprocess)
 
-    def _decoded(self, key, chosen: list[Path]) -> list[np.ndarray]:
+    def _decoded(self, key: slice | list[int], chosen: list[Path]) -> list[np.ndarray]:
         """``chosen`` decoded by the workers; a run of slices (``[a:b]``, then ``[b:c]``) has the next
         one of the same length decoded while the caller works on this one."""
         if self._pool is None:
             self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_plain_signals)
-        span = key.indices(len(self.files)) if isinstance(key, slice) else None
+        span = (key.start, key.stop) if isinstance(key, slice) else None
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and span is not None and ahead[0] == span:
+        if ahead is not None and ahead[0] == span:
             decoded = ahead[1].get()
         else:
             decoded = self._pool.map(self._work, chosen, chunksize=self._chunk(len(chosen)))
-        if span is not None and span[2] == 1 and span[1] < len(self.files):
-            following = (span[1], min(len(self.files), 2 * span[1] - span[0]), 1)
+        if span is not None and span[1] < len(self.files):
+            following = (span[1], min(len(self.files), 2 * span[1] - span[0]))
             files = self.files[following[0]:following[1]]  # uint8 back: a quarter of float32's bytes
             self._ahead = following, self._pool.map_async(self._work, files, chunksize=self._chunk(len(files)))
         return decoded
 
     def _chunk(self, count: int) -> int:
         return max(1, count // (4 * self.workers))
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = self[:]
-        return array if dtype is None else array.astype(dtype)
 
     def close(self) -> None:
         if self._pool is not None:

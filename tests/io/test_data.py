@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from bnrt.io.data import load_data, random_inputs
-from bnrt.errors import InputError
+from bnrt.errors import InputError, OptionError
 
 
 def test_random_inputs_are_seeded():
@@ -52,3 +52,39 @@ def test_unreadable_and_pickled(tmp_path):
         load_data(tmp_path / "o.npy", ["x"])
     with pytest.raises(InputError, match="no such data file"):
         load_data(tmp_path / "missing.npz", ["x"])
+
+
+def test_uncompressed_arrays_are_read_by_rows_where_they_lie(tmp_path, monkeypatch):
+    import bnrt.io.rows as rows
+    from bnrt.io.rows import Stored
+
+    rng = np.random.default_rng(0)
+    x, z = rng.standard_normal((9, 2, 3)), rng.integers(0, 5, (9, 4), dtype=np.int16)
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "d.npz", x=x, z=z, y=np.arange(9))
+    np.savez_compressed(tmp_path / "c.npz", x=x, z=z)
+    np.save(tmp_path / "f.npy", np.asfortranarray(x))
+    for path, names in (("x.npy", ["x"]), ("d.npz", ["x", "z"])):
+        data = load_data(tmp_path / path, names)
+        assert all(isinstance(a, Stored) for a in data.inputs) and data.inputs[0].dtype == np.float32
+        got = data.inputs[0]
+        want = x.astype(np.float32)
+        assert got.shape == (9, 2, 3) and got.ndim == 3 and len(got) == 9
+        for key in (4, -1, slice(2, 7), slice(None, None, 3), slice(7, 2), [5, 0, 5], np.arange(3, 6)):
+            assert np.array_equal(got[key], want[key]), key
+        assert np.array_equal(np.asarray(got), want)
+        if path == "d.npz":
+            assert np.array_equal(data.inputs[1][1:4], z[1:4]) and data.inputs[1].dtype == np.int16
+            assert isinstance(data.labels, np.ndarray) and data.labels.tolist() == list(range(9))
+    for path, names in (("c.npz", ["x", "z"]), ("f.npy", ["x"])):  # compressed, Fortran order: read whole
+        data = load_data(tmp_path / path, names)
+        assert isinstance(data.inputs[0], np.ndarray) and np.array_equal(data.inputs[0], x.astype(np.float32))
+    bad = x.copy()
+    bad[6, 1, 2], bad[8, 0, 0] = np.nan, np.inf
+    np.save(tmp_path / "bad.npy", bad)
+    monkeypatch.setattr(rows, "CHUNK_BYTES", 2 * 6 * 8)  # two rows at a time: the scan crosses chunks
+    with pytest.raises(OptionError, match=r"holds NaN or Inf \(2 values, first in sample 6\)"):
+        load_data(tmp_path / "bad.npy", ["x"])
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:-8])
+    with pytest.raises(InputError, match="cut.npy: not a readable .npz or .npy file"):  # found before any run
+        load_data(tmp_path / "cut.npy", ["x"])

@@ -1,0 +1,121 @@
+"""Arrays read a few rows at a time: what the check needs of a data set that does not fit in memory.
+
+``Rows`` is the array-like a ``Dataset`` input may be instead of an ``np.ndarray``: a ``shape``, a
+``dtype``, ``len``, and indexing along the first axis (an index, a slice, a list of indexes) that
+reads those rows only; ``np.asarray`` reads them all. Two kinds: ``bnrt.io.images.Images`` (an
+image folder, decoded when read) and ``Stored`` (an uncompressed array in a file: a ``.npy`` or a
+member of an ``.npz`` written by ``np.savez``, read at its byte offset; compressed members and
+Fortran-ordered arrays are read whole, as ``stored`` says).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+CHUNK_BYTES = 64 << 20  # what a scan over every row (``chunks``) holds at once
+
+
+class Rows:
+    """An (N, ...) array whose rows are read when indexed; subclasses give ``shape``, ``dtype`` and
+    ``_take`` (a slice with step 1, or a list of indexes)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            index = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= index < len(self):
+                raise IndexError(f"row {key} of {len(self)}")
+            return self._take(slice(index, index + 1))[0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step == 1:
+                return self._take(slice(start, max(start, stop)))
+            key = range(start, stop, step)
+        indices = [int(i) for i in np.asarray(key).reshape(-1)]
+        if indices and indices == list(range(indices[0], indices[0] + len(indices))) and indices[0] >= 0:
+            return self._take(slice(indices[0], indices[0] + len(indices)))
+        return self._take([i + len(self) if i < 0 else i for i in indices])
+
+    def _take(self, key: slice | list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self[:]
+        return array if dtype is None else array.astype(dtype)
+
+
+class Stored(Rows):
+    """Rows of a C-ordered array stored uncompressed at byte ``offset`` of ``path``; float rows are
+    read as float32 (the check's type)."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], stored: np.dtype):
+        self.path, self.offset, self.shape, self.stored = path, offset, tuple(shape), np.dtype(stored)
+        self.dtype = np.dtype(np.float32) if self.stored.kind == "f" else self.stored
+        self.row = int(np.prod(self.shape[1:], dtype=np.int64))
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        count = (stop - start) * self.row
+        rows = np.fromfile(self.path, self.stored, count, offset=self.offset + start * self.row * self.stored.itemsize)
+        if rows.size != count:
+            raise OSError(f"{self.path}: ends inside the array (rows {start}-{stop} of {len(self)})")
+        return rows.reshape(stop - start, *self.shape[1:]).astype(self.dtype, copy=False)
+
+    def _take(self, key: slice | list[int]) -> np.ndarray:
+        if isinstance(key, slice):
+            return self._read(key.start, key.stop)
+        if not key:
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        return np.stack([self._read(i, i + 1)[0] for i in key])
+
+
+def chunks(array, row_bytes: int):
+    """(start, rows) over ``array`` (an ndarray or ``Rows``) in runs of about ``CHUNK_BYTES``."""
+    step = max(1, CHUNK_BYTES // max(1, row_bytes))
+    for start in range(0, len(array), step):
+        yield start, array[start:start + step]
+
+
+def _header(f) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """An .npy header read from ``f`` (shape, Fortran order, dtype), or None for a version numpy
+    has no public reader of."""
+    version = np.lib.format.read_magic(f)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        return None
+    return readers[version](f)
+
+
+def stored(path: Path, member: str | None = None) -> Stored | None:
+    """``path`` (a .npy) or its ``member`` (an .npz entry, ``name.npy``) as ``Stored`` rows, or None
+    where it cannot be read in place (compressed, Fortran order, object dtype, 0-d): read it whole."""
+    with open(path, "rb") as f:
+        if member is not None:
+            with zipfile.ZipFile(f) as archive:
+                info = archive.getinfo(member)
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if local[:4] != b"PK\x03\x04":
+                return None
+            f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+                   + int.from_bytes(local[28:30], "little"))
+        header = _header(f)
+        if header is None:
+            return None
+        shape, fortran, dtype = header
+        if fortran or dtype.hasobject or not shape:
+            return None
+        return Stored(Path(path), f.tell(), shape, dtype)

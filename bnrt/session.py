@@ -88,13 +88,14 @@ class Session:
     level (disable, basic, extended, all). ``spinning``: let idle ORT threads spin (lowest latency
     for back-to-back runs; a server turns it off). ``tf32``: the CUDA provider's ``use_tf32`` option
     (None: ORT's default, on); an ``OptionError`` with the CPU provider. ``model_bytes``: the model
-    itself (``path`` then only names it). Raises ``InputError`` when the file cannot be loaded or
+    itself (``path`` then only names it). ``arena``: ORT's CPU memory arena (off: a run's activations
+    are freed after it, for a caller holding several sessions at once). Raises ``InputError`` when the file cannot be loaded or
     the provider is unavailable or was not taken by the session.
     """
 
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int = 0, inter_threads: int = 0,
                  optimization: str = "all", spinning: bool = True, model_bytes: bytes | None = None,
-                 tf32: bool | None = None) -> None:
+                 tf32: bool | None = None, arena: bool = True) -> None:
         self.path = Path(path)
         self.provider = provider
         check_tf32(provider, tf32)
@@ -107,6 +108,7 @@ class Session:
         options.inter_op_num_threads = inter_threads
         options.graph_optimization_level = OPTIMIZATION[optimization]
         options.log_severity_level = _LOG["severity"]
+        options.enable_cpu_mem_arena = arena  # off: activations freed after each run (several sessions alive)
         if not spinning:  # idle ORT worker threads sleep instead of spinning: a server's CPU goes to requests
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")

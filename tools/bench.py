@@ -26,7 +26,7 @@ import torch
 from bnrt.pipeline.bench import bench_model, environment, markdown, plot
 from bnrt.io.save import write_json, write_text
 from tools import child_env
-from tools.provenance import provenance
+from tools.provenance import provenance, sections
 from models.zoo import ZOO, build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,8 @@ def main() -> None:
             + f"; {args.repeats} interleaved rounds × {args.iterations} calls per variant and batch.\n\n"
             + "\n".join(headline) + "\n\n![median latency](benchmarks.png)\n\n## Per model\n\n"
             + "\n".join(markdown(r) for r in reports))
-    write_text(docs / "BENCHMARKS.md", text)
+    kept = sections(docs / "BENCHMARKS.md")  # the mutation and image-folder benchmarks' own sections
+    write_text(docs / "BENCHMARKS.md", text + ("\n\n" + kept if kept else ""))
     print("\n".join(headline))
     print(f"\nwrote {docs / 'BENCHMARKS.md'}, benchmarks.json, benchmarks.png")
 

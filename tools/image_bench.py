@@ -1,6 +1,7 @@
 """Peak memory and throughput of `bnrt check` on a folder of JPEG images, side by side in one run.
 
     python -m tools.image_bench [--small 2000] [--large 20000] [--heavy 512] [--workers 2] [--batch-size 32]
+                                [--write docs/BENCHMARKS.md]
 
 Writes ``--large`` random 224x224 RGB JPEG files in 10 class folders (the first ``--small`` of them
 also linked into a second folder, the first ``--heavy`` into a third), exports two nets to ONNX (a
@@ -29,7 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.provenance import provenance, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
+MARK = "<!-- images -->"
 
 
 def _images(root: Path, count: int, subsets: dict[Path, int]) -> None:
@@ -115,6 +119,7 @@ def main() -> None:
     parser.add_argument("--heavy", type=int, default=512, help="images checked with ResNet-50")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--write", metavar="FILE", help="replace the image-folder section of FILE (docs/BENCHMARKS.md)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -138,14 +143,21 @@ def main() -> None:
             rows.append((f"onnxruntime alone, {kind} net, {2 * count:,} runs on images decoded beforehand", wall,
                          rss, speed))
             ratios.append(f"{kind} net {rows[-2][3] / speed:.2f}")
-    print(f"{args.large:,} JPEG files (224x224) written in {made:.0f} s; batch {args.batch_size}, "
-          f"{args.workers} decoding workers, {os.cpu_count()} cores\n")
-    print("| run | wall s | peak RSS MB | model runs/s (reference + candidate) |")
-    print("|---|---|---|---|")
-    for name, wall, rss, speed in rows:
-        print(f"| {name} | {wall:.1f} | {rss:.0f} | {speed:.0f} |")
-    print(f"\npeak RSS {args.large:,} / {args.small:,} images: {rows[1][2] / rows[0][2]:.2f}; "
-          f"throughput bnrt check / onnxruntime alone: {'; '.join(ratios)}")
+    lines = [MARK, "## Checks on image folders: peak memory and throughput", "",
+             provenance("python -m tools.image_bench --write docs/BENCHMARKS.md"), "",
+             f"{args.large:,} JPEG files (224x224, 10 class folders) written in {made:.0f} s; `bnrt check net.onnx "
+             f"net.onnx --data DIR --workers {args.workers} --batch-size {args.batch_size}`, each run its own "
+             f"process; {os.cpu_count()} cores. Throughput: model runs per second (the check runs reference and "
+             "candidate on every sample; its wall time includes start-up, the noise floor and the report), "
+             "against onnxruntime alone on the same images decoded beforehand.", "",
+             "| run | wall s | peak RSS MB | model runs/s |", "|---|---|---|---|"]
+    lines += [f"| {name} | {wall:.1f} | {rss:.0f} | {speed:.0f} |" for name, wall, rss, speed in rows]
+    lines += ["", f"Peak RSS, {args.large:,} / {args.small:,} images: {rows[1][2] / rows[0][2]:.2f}. Throughput, "
+              f"bnrt check / onnxruntime alone: {'; '.join(ratios)}.", MARK]
+    print("\n".join(lines))
+    if args.write:
+        write_section(Path(args.write), MARK, "\n".join(lines))
+        print(f"wrote {args.write}")
 
 
 if __name__ == "__main__":

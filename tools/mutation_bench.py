@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import tempfile
 from pathlib import Path
 
@@ -42,8 +41,7 @@ from bnrt.verify.check import CheckOptions, check, inputs_for, side
 from bnrt.verify.sides import Side
 from bnrt.verify.metrics import NoiseReference
 from bnrt.io.data import InputSpec
-from bnrt.io.save import write_text
-from tools.provenance import provenance
+from tools.provenance import provenance, write_section
 from models.zoo import ZOO, ResNet50, build
 
 MARK_START, MARK_END = "<!-- mutation -->", "<!-- /mutation -->"
@@ -195,13 +193,6 @@ def markdown(results: list[dict], eps_list: list[float], samples: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    write_text(path, text.rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=[*ZOO, "resnet50"])
@@ -220,7 +211,7 @@ def main() -> None:
     section = markdown(results, eps_list, args.samples)
     print(section)
     if args.write:
-        write_section(Path(args.write), section)
+        write_section(Path(args.write), MARK_START, section, MARK_END)
         print(f"wrote {args.write}")
 
 

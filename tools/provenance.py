@@ -62,13 +62,24 @@ def provenance(command: str) -> str:
             f"{_versions()}; bnrt sources `{source_hash()}`.")
 
 
-def write_section(path: Path, mark: str, section: str) -> None:
-    """``section`` (which starts and ends with ``mark``) in place of the doc's part between its two
-    ``mark`` lines, or appended when the doc has none; the rest of the doc is kept."""
+def write_section(path: Path, mark: str, section: str, end: str | None = None) -> None:
+    """``section`` (which starts with ``mark`` and ends with ``end``, default ``mark``) in place of
+    the doc's part between those lines, or appended when the doc has none; the rest of the doc is kept."""
+    end = end or mark
     doc = path.read_text() if path.exists() else ""
-    if doc.count(mark) == 2:
-        before, _, rest = doc.partition(mark)
-        doc = before + section + rest.partition(mark)[2]
+    before, found, rest = doc.partition(mark)
+    if found and end in rest:
+        doc = before + section + rest.partition(end)[2]
     else:
         doc = doc.rstrip() + "\n\n" + section + "\n"
     path.write_text(doc)
+
+
+_SECTION = re.compile(r"<!-- ([\w-]+) -->.*?<!-- /?\1 -->", re.S)
+
+
+def sections(path: Path) -> str:
+    """The marked sections other generators wrote into ``path`` (``<!-- name -->`` … ``<!-- name -->``
+    or ``<!-- /name -->``), for a generator that rewrites the rest of the doc to carry over."""
+    doc = path.read_text() if path.exists() else ""
+    return "\n\n".join(m.group(0) for m in _SECTION.finditer(doc))

@@ -140,7 +140,8 @@ def rounding_noise(model: onnx.ModelProto, label: str, provider: str, tf32: bool
         moved += w.size
     if not moved:
         raise NothingToRound("the graph holds no float32 weight to re-round")
-    session = Session(f"{label} (weights re-rounded)", provider, model_bytes=noisy.SerializeToString(), tf32=tf32)
+    session = Session(f"{label} (weights re-rounded)", provider, model_bytes=noisy.SerializeToString(), tf32=tf32,
+                      arena=False)
     return NoiseReference("rounding", session.run, _taps_of(noisy, provider, tf32))
 
 
@@ -162,13 +163,14 @@ def onnx_side(label: str, model: Path | bytes, provider: str = "cpu", tf32: bool
     noise reference (``rounding_noise``) is made on first use, its taps read the file each time. On CUDA
     with TF32 off, ``deployed`` makes the same model under ORT's default TF32. ``input_shapes``
     (``--input-shape``) give the symbolic dims of its inputs a size for the check's samples
-    (``io.shapes.given_shapes``: a fixed dim they contradict is an error)."""
+    (``io.shapes.given_shapes``: a fixed dim they contradict is an error). Its sessions keep no memory
+    arena: a check runs several sides' sessions batch by batch, each would keep its largest run's memory."""
     tf32 = session_tf32(provider, tf32)
 
     def session_with(tf32: bool | None) -> Session:
         if isinstance(model, bytes):
-            return Session(label, provider, model_bytes=model, tf32=tf32)
-        return Session(model, provider=provider, tf32=tf32)
+            return Session(label, provider, model_bytes=model, tf32=tf32, arena=False)
+        return Session(model, provider=provider, tf32=tf32, arena=False)
 
     session = session_with(tf32)
     meta = session.session.get_modelmeta().custom_metadata_map

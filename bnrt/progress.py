@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 
 class Steps:
@@ -55,3 +55,14 @@ class Steps:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def rate(note: Callable[[str], None], label: str) -> Callable[[int, int], None]:
+    """A ``run_batched`` progress callback saying samples done, samples/s and the time left."""
+    start = time.perf_counter()
+
+    def update(done: int, total: int) -> None:
+        speed = done / max(time.perf_counter() - start, 1e-9)
+        note(f"{label}: {done}/{total} samples, {speed:.0f}/s, {(total - done) / speed:.0f} s left")
+
+    return update

@@ -10,7 +10,6 @@ the first divergent module of each failed comparison (``bnrt.verify.localise``);
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,7 +24,7 @@ from bnrt.io.export import output_names as numbered_outputs
 from bnrt.io.load import load
 from bnrt.io.save import refuse_overwrite
 from bnrt.io.source import Loaded, ModelSource
-from bnrt.progress import Steps
+from bnrt.progress import Steps, rate
 from bnrt.session import check_tf32
 from bnrt.verify.localise import Point, compare_points, divergence_at, first_divergence, fold_points
 from bnrt.verify.detections import compare_detections, detection_groups
@@ -138,37 +137,23 @@ def _fed_its_dtypes(model: Side) -> Callable[[Sequence[np.ndarray]], list[np.nda
     return run
 
 
-def rate(note: Callable[[str], None], label: str) -> Callable[[int, int], None]:
-    """A ``run_batched`` progress callback saying samples done, samples/s and the time left."""
-    start = time.perf_counter()
-
-    def update(done: int, total: int) -> None:
-        speed = done / max(time.perf_counter() - start, 1e-9)
-        note(f"{label}: {done}/{total} samples, {speed:.0f}/s, {(total - done) / speed:.0f} s left")
-
-    return update
-
-
-def _compare(ref_label: str, ref_out: list[np.ndarray], candidate: Candidate, data: Dataset, names: list[str],
-             options: CheckOptions, pairs: list | None, truth: int, note: Callable[[str], None],
-             errors: dict, out: list[np.ndarray] | None = None) -> tuple[Comparison, list[np.ndarray]]:
-    """One candidate judged output by output (``out``: its outputs on every sample, or None: run it
-    here); its absolute errors go into ``errors``."""
-    part = truth if candidate.head_only and truth < data.size else None
-    sub = data if part is None else Dataset([x[:part] for x in data.inputs], None, data.source)
+def _compare(ref_out: list[np.ndarray], seen: "Observed", i: int, options: CheckOptions,
+             errors: dict) -> Comparison:
+    """Candidate ``i`` judged output by output against the reference (a head-only candidate on the
+    noise-floor samples); its absolute errors go into ``errors``."""
+    label, head_only, informational = seen.candidates[i]
+    part = seen.truth if head_only and seen.truth < len(ref_out[0]) else None
     ref = ref_out if part is None else [o[:part] for o in ref_out]
-    if out is None:
-        note(f"{candidate.label} on {sub.size} samples")
-        out = run_batched(_fed_its_dtypes(candidate.side), sub, options.batch_size, rate(note, candidate.label))
+    out, names, pairs = seen.outs[i], seen.names, seen.pairs
     if len(out) != len(ref):
         metrics = [compare_output("(outputs)", np.zeros(len(ref)), np.zeros(len(out)), 0.0, 0.0)]
     else:
         groups = list(detection_groups(names, ref).values())
         metrics = _judged(names, ref, out, pairs, options, groups)
         matched = {names[i] for group in groups for i in group.values()}
-        errors.update({(candidate.label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(names, ref, out)
+        errors.update({(label, n): np.abs(c.astype(np.float64) - r) for n, r, c in zip(names, ref, out)
                        if r.shape == c.shape and n not in matched})  # detections are not position by position
-    return Comparison(ref_label, candidate.label, metrics, samples=part, informational=candidate.informational), out
+    return Comparison(seen.ref_label, label, metrics, samples=part, informational=informational)
 
 
 def _judged(names: list[str], ref: list[np.ndarray], out: list[np.ndarray], pairs: list | None,
@@ -272,6 +257,67 @@ def _with_deployments(candidates: list[Candidate]) -> list[Candidate]:
     return out
 
 
+@dataclass
+class Observed:
+    """What a check saw of its sides, all a judgement needs and no model: the reference's outputs
+    and each candidate's (``candidates``: label, head-only, informational; a head-only candidate's
+    on the noise-floor samples, the others' on every sample), the labels, the output names, the
+    noise floor's (anchor, noisy) pairs on the first ``truth`` samples (None: fixed tolerances)
+    and why fixed tolerances stand in for it (``fallback``)."""
+
+    ref_label: str
+    ref_out: list[np.ndarray]
+    candidates: list[tuple[str, bool, bool]]
+    outs: list[list[np.ndarray]]
+    labels: np.ndarray | None
+    names: list[str]
+    pairs: list | None
+    truth: int
+    fallback: str | None
+    noise: str | None  # the noise floor's kind when it decides
+
+
+def observe(reference: Side, candidates: list[Candidate], data: Dataset, options: CheckOptions,
+            output_names: list[str] | None, note: Callable[[str], None]) -> Observed:
+    """Every side run on ``data``: the reference and the candidates that run on every sample take
+    each batch in turn (an image folder is decoded once), then the noise floor and the head-only
+    candidates on the first samples."""
+    together = [c for c in candidates if not c.head_only]
+    note(f"{', '.join(s.label for s in [reference, *(c.side for c in together)])} on {data.size} samples")
+    declared = list(reference.output_names)  # a file's; a torch side names its outputs when it runs
+    ref_out, *outs = run_batched([reference.runner, *(_fed_its_dtypes(c.side) for c in together)], data,
+                                 options.batch_size, rate(note, f"{1 + len(together)} model(s)"))
+    ran = {id(c): out for c, out in zip(together, outs)}
+    names = output_names or declared or next((c.side.output_names for c in candidates if c.side.output_names),
+                                             reference.output_names or numbered_outputs(len(ref_out)))
+    pairs, truth, fallback = _noise_pairs(reference, ref_out, data, names, options, note)
+    head = Dataset([x[:truth] for x in data.inputs], None, data.source)
+    for c in candidates:
+        if c.head_only:
+            note(f"{c.label} on {min(truth, data.size)} samples")
+            ran[id(c)] = run_batched(_fed_its_dtypes(c.side), head, options.batch_size, rate(note, c.label))
+    return Observed(reference.label, ref_out, [(c.label, c.head_only, c.informational) for c in candidates],
+                    [ran[id(c)] for c in candidates], data.labels, names, pairs, truth,
+                    fallback or _unmeasured(names, pairs, options.tolerances), reference.noise.kind if pairs else None)
+
+
+def judge(seen: Observed, options: CheckOptions) -> tuple[list[Comparison], dict, dict, dict]:
+    """The comparisons of what a check saw, the accuracy of each side and the paired statistics of
+    each deciding candidate (with labels), and the absolute errors per (candidate, output)."""
+    ref_out, labels = seen.ref_out, seen.labels
+    acc = {seen.ref_label: accuracy(ref_out[0], labels)} if labels is not None else {}
+    stats: dict[str, dict] = {}
+    comparisons, errors = [], {}
+    for i, (label, _, informational) in enumerate(seen.candidates):
+        comparison = _compare(ref_out, seen, i, options, errors)
+        comparisons.append(comparison)
+        out = seen.outs[i]
+        if labels is not None and out and comparison.samples is None and not informational:
+            acc[label] = accuracy(out[0], labels)
+            stats[label] = paired(ref_out[0], out[0], labels, options.top_k)
+    return comparisons, acc, stats, errors
+
+
 def check(reference: Model, candidates: Sequence[Model | Candidate], data: Dataset,
           options: CheckOptions = CheckOptions(), *, output_names: list[str] | None = None,
           folds: list[dict] | None = None, note: Callable[[str], None] | None = None) -> CheckReport:
@@ -287,39 +333,27 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
     made = dict(provider=options.provider, device=options.device, tf32=options.tf32)
     reference = side(reference, **made)
     candidates = _with_deployments([c if isinstance(c, Candidate) else Candidate(side(c, **made)) for c in candidates])
-    together = [c for c in candidates if not c.head_only]  # with the reference, each batch read once
-    labels = ", ".join(s.label for s in [reference, *(c.side for c in together)])
-    note(f"{labels} on {data.size} samples")
-    declared = list(reference.output_names)  # a file's; a torch side names its outputs when it runs
-    ref_out, *outs = run_batched([reference.runner, *(_fed_its_dtypes(c.side) for c in together)], data,
-                                 options.batch_size, rate(note, f"{1 + len(together)} model(s)"))
-    ran = {id(c): out for c, out in zip(together, outs)}
-    names = output_names or declared or next((c.side.output_names for c in candidates if c.side.output_names),
-                                             reference.output_names or numbered_outputs(len(ref_out)))
+    seen = observe(reference, candidates, data, options, output_names, note)
     folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
-    pairs, truth, fallback = _noise_pairs(reference, ref_out, data, names, options, note)
-    fallback = fallback or _unmeasured(names, pairs, options.tolerances)
-    acc = {reference.label: accuracy(ref_out[0], data.labels)} if data.labels is not None else {}
-    stats: dict[str, dict] = {}
-    comparisons, errors = [], {}
-    for candidate in candidates:
-        comparison, out = _compare(reference.label, ref_out, candidate, data, names, options, pairs, truth, note,
-                                   errors, ran.pop(id(candidate), None))
-        comparisons.append(comparison)
-        if data.labels is not None and out and comparison.samples is None and not candidate.informational:
-            acc[candidate.label] = accuracy(out[0], data.labels)
-            stats[candidate.label] = paired(ref_out[0], out[0], data.labels, options.top_k)
-    if pairs is not None:
-        _per_layer(reference, candidates, comparisons, data, folds, options, truth, note)
+    comparisons, acc, stats, errors = judge(seen, options)
+    model_checks(reference, candidates, comparisons, data, folds, options, seen, note)
+    return CheckReport(data.size, data.source, options.top_k, comparisons, acc, errors, seen.noise,
+                       seen.truth if seen.pairs else None, noise_fallback=seen.fallback, accuracy_stats=stats,
+                       preprocess=data.preprocess)
+
+
+def model_checks(reference: Side, candidates: list[Candidate], comparisons: list[Comparison], data: Dataset,
+                 folds: list[dict], options: CheckOptions, seen: Observed, note: Callable[[str], None]) -> None:
+    """What needs the models beyond their outputs, on the first samples: the per-layer comparison,
+    then the first divergent module of each deciding comparison that failed."""
+    if seen.pairs is not None:
+        _per_layer(reference, candidates, comparisons, data, folds, options, seen.truth, note)
     for comparison, candidate in zip(comparisons, candidates):
         if options.localise and not comparison.passed and not candidate.informational \
                 and comparison.divergence is None:
             note(f"looking for the first divergent module of {candidate.label}")
             comparison.divergence = localise(reference, candidate.side, data, folds, options.tolerances,
-                                             pairs is not None)
-    return CheckReport(data.size, data.source, options.top_k, comparisons, acc, errors,
-                       reference.noise.kind if pairs else None, truth if pairs else None, noise_fallback=fallback,
-                       accuracy_stats=stats, preprocess=data.preprocess)
+                                             seen.pairs is not None)
 
 
 def inputs_for(reference: Side, candidates: Sequence[Side], options: CheckOptions, where: str,

@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
+from pathlib import Path
 
 from bnrt.cli.groups import CheckArgs, ProgressArgs, RuntimeArgs, ShapeArgs, SourceArgs, positive
-from bnrt.errors import EXIT_NO_ONNX, InputError
+from bnrt.errors import EXIT_NO_ONNX, InputError, OptionError
 from bnrt.io.export import DEFAULT_OPSET
 from bnrt.io.shapes import ShapeOptions, format_axes
 from bnrt.io.source import PROGRAMS
@@ -95,13 +97,42 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from bnrt.io.save import refuse_overwrite
+    from bnrt.io.shards import parse_shard, process_group
     from bnrt.verify.check import check_files
+    from bnrt.verify.parts import check_part, gather, merge, read_part, write_part
     from bnrt.verify.report import check_table, save_report
 
-    refuse_overwrite([args.json, args.plot, args.save_inputs], [args.reference, args.candidate])
-    report = check_files(SourceArgs.build(args, args.reference), SourceArgs.build(args, args.candidate),
-                         CheckArgs.build(args), reference_provider=args.reference_provider,
-                         save_inputs=args.save_inputs, progress=ProgressArgs.build(args))
+    if args.merge:
+        if args.reference or args.candidate or args.shard:
+            raise OptionError("`merge` takes parts only: no models, no `shard`")
+        refuse_overwrite([args.json, args.plot], args.merge)
+        report = merge([read_part(path) for path in args.merge])
+    else:
+        if not (args.reference and args.candidate):
+            raise OptionError("give a reference and a candidate model (or `merge` parts)")
+        shard = parse_shard(args.shard) if args.shard else None
+        if shard and not args.json:
+            raise OptionError("`shard` writes its part with `json` FILE")
+        arrays = Path(args.json).with_suffix(".npz") if shard else None  # a part's outputs, beside its JSON
+        refuse_overwrite([args.json, args.plot, args.save_inputs, arrays],
+                         [args.reference, args.candidate, *([args.data] if args.data else [])])
+        group, rank, world = (None, 0, 1) if shard else process_group()  # torchrun: a shard per rank
+        part = shard or ((rank, world) if group is not None else None)
+        found = check_files(SourceArgs.build(args, args.reference), SourceArgs.build(args, args.candidate),
+                            CheckArgs.build(args), reference_provider=args.reference_provider,
+                            save_inputs=args.save_inputs, progress=ProgressArgs.build(args),
+                            run=partial(check_part, index=part[0], count=part[1]) if part else None)
+        if shard:
+            write_part(found, args.json)
+            count = len(found.seen.ref_out[0])
+            rows = f"samples {found.start}-{found.start + count - 1}" if count else "no samples"
+            print(f"shard {shard[0]}/{shard[1]}: {rows} of {found.size}; wrote {args.json} and {arrays}; "
+                  f"`bnrt check --merge` the {shard[1]} parts for the report")
+            return 0
+        parts = gather(found) if group is not None else None
+        if group is not None and parts is None:
+            return 0  # rank 0 reports
+        report = merge(parts) if parts is not None else found
     print(check_table(report))
     save_report(report, args.json, args.plot)
     return 0 if report.passed else 1

@@ -37,8 +37,8 @@ def _fold(sub) -> None:
 
 def _check(sub) -> None:
     p = sub.add_parser("check", help="compare two models (torch checkpoints or ONNX files) on the same inputs")
-    p.add_argument("reference", help="reference model: torch checkpoint or ONNX")
-    p.add_argument("candidate", help="candidate model: torch checkpoint or ONNX")
+    p.add_argument("reference", nargs="?", help="reference model: torch checkpoint or ONNX")
+    p.add_argument("candidate", nargs="?", help="candidate model: torch checkpoint or ONNX")
     SourceArgs().add(p)
     add_data(p)
     CheckArgs.add(p)
@@ -50,6 +50,9 @@ def _check(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="write the report (schema bnrt.check/3) to FILE")
     p.add_argument("--plot", metavar="FILE.png", help="write error histograms per output (needs matplotlib)")
     p.add_argument("--no-localise", action="store_true", help="do not look for the first divergent module")
+    p.add_argument("--shard", metavar="I/N", help="check shard I (0-based) of N of the data and write it as a part "
+                   "with --json FILE (FILE.npz beside it holds the outputs)")
+    p.add_argument("--merge", nargs="+", metavar="PART", help="the report of the parts --shard wrote (no models run)")
     ProgressArgs.add(p)
 
 

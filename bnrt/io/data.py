@@ -17,7 +17,7 @@ import numpy as np
 
 from bnrt.errors import InputError, OptionError, first_line
 from bnrt.io.images import Preprocess, load_images
-from bnrt.io.rows import chunks, stored
+from bnrt.io.rows import Picked, chunks, stored
 from bnrt.io.save import atomic_path
 
 LABEL_KEYS = ("y", "labels", "label", "targets")
@@ -55,11 +55,18 @@ def run_batched(runner: Runner | Sequence[Runner], data: Dataset, batch_size: in
             done.append(run(batch))
         if progress is not None:
             progress(min(start + batch_size, data.size), data.size)
-    outs = [[_concatenated([p[i] for p in done]) for i in range(len(done[0]))] for done in parts]
+    outs = [[concatenated([p[i] for p in done]) for i in range(len(done[0]))] for done in parts]
     return outs[0] if callable(runner) else outs
 
 
-def _concatenated(parts: list[np.ndarray]) -> np.ndarray:
+def picked(data: Dataset, rows: Sequence[int]) -> Dataset:
+    """The samples ``rows`` of ``data``, in that order, read when used."""
+    index = np.asarray(rows, dtype=np.int64)
+    return Dataset([Picked(x, index) for x in data.inputs], None if data.labels is None else data.labels[index],
+                   data.source, data.preprocess)
+
+
+def concatenated(parts: list[np.ndarray]) -> np.ndarray:
     """Batches joined along axis 0; rows of per-sample records (axis 1: detections per image) padded
     to the longest batch's with NaN (float) or -1 (integers), as ``stacked_records`` pads within one."""
     if len(parts) > 1 and all(p.ndim >= 2 for p in parts) and len({p.shape[1] for p in parts}) > 1:

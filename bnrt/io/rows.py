@@ -119,3 +119,18 @@ def stored(path: Path, member: str | None = None) -> Stored | None:
         if fortran or dtype.hasobject or not shape:
             return None
         return Stored(Path(path), f.tell(), shape, dtype)
+
+
+class Picked(Rows):
+    """Rows ``index`` of ``base`` (an ndarray or ``Rows``), in that order: reading a slice reads those
+    rows of ``base`` (a run of consecutive ones as one slice)."""
+
+    def __init__(self, base, index: np.ndarray):
+        self.base, self.index = base, np.asarray(index, dtype=np.int64)
+        self.shape, self.dtype = (len(self.index), *base.shape[1:]), base.dtype
+
+    def _take(self, key: slice | list[int]) -> np.ndarray:
+        rows = self.index[key] if isinstance(key, slice) else self.index[np.asarray(key, dtype=np.int64)]
+        if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+            return np.asarray(self.base[int(rows[0]):int(rows[0]) + len(rows)])
+        return np.asarray(self.base[rows]) if len(rows) else np.zeros((0, *self.shape[1:]), self.dtype)

@@ -33,6 +33,7 @@ from bnrt.io.export import model_input_names
 from bnrt.io.load import load
 from bnrt.io.source import ModelSource, file_sha256
 from bnrt.io.save import output_folder, refuse_overwrite, write_torch
+from bnrt.io.shards import process_group, shard_rows
 
 MODES = ("fast", "exact")
 Progress = Callable[[str, int, int | None], None]
@@ -330,10 +331,10 @@ def calibrate_file(
         raise OptionError(f"`batch_size` {batch_size}: must be positive")
     loaded = load(source, needs_modules="bnrt calibrate")
     dataset = load_data(data, model_input_names(loaded.model, loaded.input_shapes))
-    group, rank, world = _process_group()
+    group, rank, world = process_group()
     try:
-        shard = np.array_split(np.arange(dataset.size), world)[rank]
-        arrays = [x[shard] for x in dataset.inputs]
+        shard = shard_rows(dataset.size, rank, world)
+        arrays = [x[shard.start:shard.stop] for x in dataset.inputs]
         batches = batches_of(arrays, batch_size)
         report = calibrate(loaded.model, batches, mode=mode, process_group=group, progress=progress, where=str(data))
         report.samples = dataset.size if group is not None else report.samples
@@ -352,15 +353,3 @@ def calibrate_file(
                 "data_sha256": file_sha256(Path(data)), "source_sha256": loaded.sha256, "world_size": world}))
         written = out
     return CalibrationOutcome(report, found, written, rank)
-
-
-def _process_group():
-    """(group, rank, world size): a gloo group when launched by torchrun with WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None, 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.group.WORLD, dist.get_rank(), dist.get_world_size()

@@ -33,7 +33,7 @@ from bnrt.verify.metrics import (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, Chec
                                  OutputMetrics, Tolerances, accuracy, compare_output, floor_measured,
                                  truth_samples)
 from bnrt.verify.onnxside import onnx_side
-from bnrt.verify.sides import Candidate, Side, batching, merge_inputs
+from bnrt.verify.sides import Candidate, Side, batching, merge_inputs, with_deployments
 from bnrt.verify.torchside import check_device, torch_side
 
 LOCALISE_SAMPLES = 8
@@ -246,17 +246,6 @@ def _per_layer(reference: Side, candidates: list[Candidate], comparisons: list[C
             comparison.divergence = divergence_at(failed)
 
 
-def _with_deployments(candidates: list[Candidate]) -> list[Candidate]:
-    """Each candidate followed by its deployed twin where it has one (``Side.deployed``): reported
-    on the noise-floor samples, deciding nothing."""
-    out = []
-    for candidate in candidates:
-        out.append(candidate)
-        if candidate.side.deployed is not None and not candidate.informational:
-            out.append(Candidate(candidate.side.deployed(), head_only=True, informational=True))
-    return out
-
-
 @dataclass
 class Observed:
     """What a check saw of its sides, all a judgement needs and no model: the reference's outputs
@@ -318,6 +307,15 @@ def judge(seen: Observed, options: CheckOptions) -> tuple[list[Comparison], dict
     return comparisons, acc, stats, errors
 
 
+def sides(reference: Model, candidates: Sequence[Model | Candidate], options: CheckOptions
+          ) -> tuple[Side, list[Candidate]]:
+    """The check's sides (on ``options``' provider and device), each candidate followed by its
+    deployed twin where it has one."""
+    made = dict(provider=options.provider, device=options.device, tf32=options.tf32)
+    return side(reference, **made), with_deployments([c if isinstance(c, Candidate) else Candidate(side(c, **made))
+                                                       for c in candidates])
+
+
 def check(reference: Model, candidates: Sequence[Model | Candidate], data: Dataset,
           options: CheckOptions = CheckOptions(), *, output_names: list[str] | None = None,
           folds: list[dict] | None = None, note: Callable[[str], None] | None = None) -> CheckReport:
@@ -330,9 +328,7 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
     candidate file's, or the torch reference's structure: dict keys, else numbered). ``note``
     hears which run starts."""
     note = note or (lambda text: None)
-    made = dict(provider=options.provider, device=options.device, tf32=options.tf32)
-    reference = side(reference, **made)
-    candidates = _with_deployments([c if isinstance(c, Candidate) else Candidate(side(c, **made)) for c in candidates])
+    reference, candidates = sides(reference, candidates, options)
     seen = observe(reference, candidates, data, options, output_names, note)
     folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
     comparisons, acc, stats, errors = judge(seen, options)
@@ -371,12 +367,13 @@ def inputs_for(reference: Side, candidates: Sequence[Side], options: CheckOption
 
 def check_files(reference: ModelSource | str | os.PathLike, candidate: ModelSource | str | os.PathLike,
                 options: CheckOptions = CheckOptions(), *, reference_provider: str = "cpu",
-                save_inputs: str | os.PathLike | None = None, progress: bool = False) -> CheckReport:
+                save_inputs: str | os.PathLike | None = None, progress: bool = False, run: Callable = None):
     """Compare ``candidate`` with ``reference``; each a torch checkpoint or an ONNX file run on ORT
     (``options.provider`` for the candidate, ``reference_provider`` for the reference). When they
     differ, the report names the first module whose output diverges (``Comparison.divergence``).
     ``save_inputs`` writes the inputs used to an .npz (``verify.report.save_report`` the report and
-    its plot); ``progress`` lists the steps on stderr."""
+    its plot); ``progress`` lists the steps on stderr. ``run``: what runs the sides on the data
+    (default ``check``; a shard's ``verify.parts.check_part`` returns a part to merge instead)."""
     reference, candidate = ModelSource.of(reference), ModelSource.of(candidate)
     refuse_overwrite([save_inputs], [reference.path, candidate.path])
     with Steps(progress) as steps:
@@ -389,4 +386,4 @@ def check_files(reference: ModelSource | str | os.PathLike, candidate: ModelSour
             if save_inputs is not None:
                 save_dataset(data, ref.input_names, Path(save_inputs))
         with steps.step("check"):
-            return check(ref, [cand], data, replace(options, batch_size=batch_size), note=steps.note)
+            return (run or check)(ref, [cand], data, replace(options, batch_size=batch_size), note=steps.note)

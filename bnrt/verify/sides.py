@@ -97,3 +97,14 @@ def batching(sides: list[Side], spec: InputSpec, batch_size: int) -> tuple[Input
         return spec, batch_size
     batch = fixed.pop()
     return replace(spec, samples=max(batch, spec.samples // batch * batch)), batch
+
+
+def with_deployments(candidates: list[Candidate]) -> list[Candidate]:
+    """Each candidate followed by its deployed twin where it has one (``Side.deployed``): reported
+    on the noise-floor samples, deciding nothing."""
+    out = []
+    for candidate in candidates:
+        out.append(candidate)
+        if candidate.side.deployed is not None and not candidate.informational:
+            out.append(Candidate(candidate.side.deployed(), head_only=True, informational=True))
+    return out

@@ -10,7 +10,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from bnrt.cli.groups import CheckArgs, ProgressArgs, RuntimeArgs, ShapeArgs, SourceArgs, positive
+from bnrt.cli.groups import CheckArgs, ImageArgs, ProgressArgs, RuntimeArgs, ShapeArgs, SourceArgs, positive
 from bnrt.errors import EXIT_NO_ONNX, InputError, OptionError
 from bnrt.io.export import DEFAULT_OPSET
 from bnrt.io.shapes import ShapeOptions, format_axes
@@ -150,7 +150,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     shown = ProgressArgs.build(args)
     outcome = calibrate_file(SourceArgs.build(args, args.model), args.data, args.output, mode=args.mode,
                              batch_size=args.batch_size, progress=_calibration_progress if shown else None,
-                             measure=not args.no_residuals)
+                             measure=not args.no_residuals, preprocess=ImageArgs.build(args), workers=args.workers)
     if shown:
         sys.stderr.write("\n")
     if outcome.rank != 0:

@@ -160,6 +160,8 @@ class ImageArgs:
     def build(cls, args: argparse.Namespace) -> Preprocess:
         base = PRESETS[args.preprocess] if getattr(args, "preprocess", None) else Preprocess()
         positive(args, "resize")
+        if getattr(args, "workers", 0) < 0:
+            raise InputError(f"--workers {args.workers}: must be 0 or more")
         given = {k: getattr(args, k) for k in cls.FLAGS if getattr(args, k, None) is not None}
         return replace(base, **given)
 
@@ -221,8 +223,6 @@ class CheckArgs:
     @classmethod
     def build(cls, args: argparse.Namespace) -> CheckOptions:
         positive(args, "samples", "top_k", "batch_size")
-        if getattr(args, "workers", 0) < 0:
-            raise InputError(f"--workers {args.workers}: must be 0 or more")
         inputs = InputSpec(args.data, args.samples, args.seed, args.dist, args.val_range, args.allow_nonfinite,
                            ImageArgs.build(args), getattr(args, "workers", 0))
         return CheckOptions(inputs, args.provider, cls.tolerances(args), args.top_k,

@@ -59,13 +59,15 @@ def _check(sub) -> None:
 def _calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="recompute BatchNorm running statistics over a dataset")
     p.add_argument("model", help="checkpoint")
-    p.add_argument("--data", required=True, metavar="FILE", help=".npz/.npy inputs to calibrate on")
+    p.add_argument("--data", required=True, metavar="FILE|DIR", help=".npz/.npy inputs, or an image folder, to "
+                   "calibrate on")
     p.add_argument("-o", "--output", required=True, metavar="FILE.pt", help="calibrated checkpoint to write")
     p.add_argument("--mode", choices=MODES, default="fast",
                    help="fast: one pass, exact pooled statistics; exact: BN by BN, earlier ones in force (default fast)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
     SourceArgs(shapes=False).add(p)
     p.add_argument("--no-residuals", action="store_true", help="skip the residual measurement pass")
+    ImageArgs.add(p)
     ProgressArgs.add(p)
 
 

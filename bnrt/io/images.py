@@ -15,6 +15,7 @@ check reading the data batch by batch holds one batch of pixels whatever the fol
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import signal
 from dataclasses import asdict, dataclass, replace
@@ -187,6 +188,15 @@ class Images(Rows):
 
     def __getstate__(self) -> dict:  # a pool does not travel to another process
         return {**self.__dict__, "_pool": None, "_ahead": None}
+
+
+def listing_sha256(root: Path) -> str:
+    """A digest of the images under ``root``: each one's path (relative) and size, in order."""
+    files, _, _ = image_files(root)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.relative_to(root).as_posix()}\t{f.stat().st_size}\n".encode())
+    return digest.hexdigest()
 
 
 def load_images(root: Path, shape: tuple | None, preprocess: Preprocess, workers: int = 0

@@ -27,7 +27,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnrt.io.artifacts import calibrated_checkpoint
-from bnrt.io.data import load_data
+from bnrt.io.data import InputSpec, load_data, make_inputs
+from bnrt.io.images import Preprocess, listing_sha256
 from bnrt.errors import InputError, OptionError, first_line
 from bnrt.io.export import model_input_names
 from bnrt.io.load import load
@@ -320,8 +321,11 @@ def calibrate_file(
     batch_size: int = 64,
     progress: Progress | None = None,
     measure: bool = True,
+    preprocess: Preprocess = Preprocess(),
+    workers: int = 0,
 ) -> CalibrationOutcome:
-    """Recalibrate the BatchNorm statistics of the checkpoint at ``path`` over ``data`` and write a
+    """Recalibrate the BatchNorm statistics of the checkpoint at ``path`` over ``data`` (an .npz/.npy,
+    or an image folder preprocessed by ``preprocess``, decoded by ``workers`` processes) and write a
     checkpoint (state_dict, arch, arch_kwargs, input_shape, and a ``bnrt_calibration`` entry) to
     ``output``. Under torchrun (WORLD_SIZE > 1) each rank takes its shard of the data, the ranks
     pool their statistics over a gloo process group and rank 0 writes the file."""
@@ -330,7 +334,12 @@ def calibrate_file(
     if batch_size <= 0:
         raise OptionError(f"`batch_size` {batch_size}: must be positive")
     loaded = load(source, needs_modules="bnrt calibrate")
-    dataset = load_data(data, model_input_names(loaded.model, loaded.input_shapes))
+    names = model_input_names(loaded.model, loaded.input_shapes)
+    if Path(data).is_dir():
+        dataset = make_inputs(InputSpec(data=data, preprocess=preprocess, workers=workers), names,
+                              list(loaded.input_shapes or [None] * len(names)), where=str(source.path))
+    else:
+        dataset = load_data(data, names)
     group, rank, world = process_group()
     try:
         shard = shard_rows(dataset.size, rank, world)
@@ -350,6 +359,7 @@ def calibrate_file(
         with output_folder(out.parent if str(out.parent) else Path(".")):
             write_torch(out, calibrated_checkpoint(loaded.model.state_dict(), loaded, dataset.shapes(), {
                 "mode": mode, "samples": report.samples, "batch_size": batch_size,
-                "data_sha256": file_sha256(Path(data)), "source_sha256": loaded.sha256, "world_size": world}))
+                "data_sha256": file_sha256(Path(data)) if Path(data).is_file() else listing_sha256(Path(data)),
+                "preprocess": dataset.preprocess, "source_sha256": loaded.sha256, "world_size": world}))
         written = out
     return CalibrationOutcome(report, found, written, rank)

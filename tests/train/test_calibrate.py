@@ -96,6 +96,32 @@ def test_cli_calibrate_writes_a_loadable_checkpoint(tmp_path):
     assert max(max(v) for v in found.values()) < 1e-5
 
 
+def test_cli_calibrate_on_an_image_folder_equals_its_pixels_as_an_npz(tmp_path):
+    from PIL import Image
+
+    from bnrt.io.images import Preprocess, listing_sha256, load_images
+    from models.digits import digits_split
+
+    _, _, x, _ = digits_split()
+    (tmp_path / "flat").mkdir()
+    for i, image in enumerate(x):  # a flat folder: its sorted files are the samples in order
+        Image.fromarray(np.round(image[0] * 255).astype(np.uint8), mode="L").save(tmp_path / "flat" / f"{i:04d}.png")
+    pixels = np.asarray(load_images(tmp_path / "flat", (1, 1, 8, 8), Preprocess())[0])
+    np.savez(tmp_path / "d.npz", x=pixels)
+    for name, data, extra in (("folder", tmp_path / "flat", ["--workers", "1"]), ("npz", tmp_path / "d.npz", [])):
+        proc = run_cli("calibrate", str(EXAMPLE), "--data", str(data), "-o", str(tmp_path / f"{name}.pt"),
+                       "--batch-size", "64", *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert "calibrated 6 BatchNorm (fast) on 360 samples in 6 batches" in proc.stdout
+    folder, npz = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("folder", "npz"))
+    assert folder["state_dict"].keys() == npz["state_dict"].keys()
+    assert all(torch.equal(folder["state_dict"][k], npz["state_dict"][k]) for k in npz["state_dict"])
+    assert folder["bnrt_calibration"]["preprocess"] == {"resize": None, "crop": [8, 8], "mean": None, "std": None,
+                                                        "color": "gray"}
+    assert folder["bnrt_calibration"]["data_sha256"] == listing_sha256(tmp_path / "flat")
+    assert npz["bnrt_calibration"]["preprocess"] is None
+
+
 def test_cli_calibrate_bad_data_is_one_line(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.ones((4, 3, 8, 8), np.float32))
     proc = run_cli("calibrate", str(EXAMPLE), "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "c.pt"))

@@ -247,3 +247,18 @@ class CspMix(nn.Module):
         a, b = y.split(4, 1)
         return self.head(torch.relu(self.mix_bn(torch.cat([self.mix[0](a), self.mix[1](b)], 1))))
 
+
+
+class TimmConfigured(nn.Module):
+    """A conv -> BN -> pool -> Linear classifier carrying a timm-style data config (``pretrained_cfg``),
+    for ``--preprocess timm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.pretrained_cfg = {"input_size": (3, 8, 8), "crop_pct": 0.8, "interpolation": "bicubic",
+                               "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "crop_mode": "center"}
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.body(x)

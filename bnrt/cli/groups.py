@@ -147,7 +147,7 @@ class ImageArgs:
         g = parser.add_argument_group("image folders (--data DIR; default: the model's channels, resized and "
                                       "center-cropped to its H x W, pixels in [0, 1])")
         g.add_argument("--preprocess", choices=sorted(PRESETS), help="a preset: imagenet = resize 256, crop 224, "
-                                                                     "ImageNet mean/std, rgb (flags below override)")
+                       "ImageNet mean/std, rgb; timm = a timm model's own data config (flags below override)")
         g.add_argument("--resize", type=int, metavar="N", help="resize the shorter side to N (default: to cover the crop)")
         g.add_argument("--crop", type=crop, metavar="H[,W]", help="center crop (default: the model's H x W)")
         g.add_argument("--mean", type=numbers, metavar="A[,B,C]", help="subtracted per channel, after scaling to [0, 1]")

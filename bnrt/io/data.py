@@ -202,13 +202,14 @@ class InputSpec:
 
 
 def make_inputs(spec: InputSpec, names: list[str], shapes: list[tuple | None], dtypes: list[np.dtype] | None = None,
-                where: str = "model") -> Dataset:
+                where: str = "model", config: dict | None = None) -> Dataset:
     """The check data: ``spec.data`` (validated against ``shapes`` and the ``dtypes`` that are known,
-    None: any; a folder of images is preprocessed to the one input's shape) or random samples."""
+    None: any; a folder of images is preprocessed to the one input's shape, ``config`` the model's
+    own data config for ``--preprocess timm``) or random samples."""
     if spec.data is not None and Path(spec.data).is_dir():
         if len(names) != 1:
             raise OptionError(f"{spec.data}: an image folder feeds one input; the model has {len(names)}")
-        images, labels, used = load_images(Path(spec.data), shapes[0], spec.preprocess, spec.workers)
+        images, labels, used = load_images(Path(spec.data), shapes[0], spec.preprocess, spec.workers, config)
         return Dataset([images], labels, str(spec.data), used.to_json())
     if spec.data is not None:
         data = load_data(spec.data, names, spec.allow_nonfinite)

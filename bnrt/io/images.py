@@ -40,13 +40,37 @@ class Preprocess:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     color: str | None = None
+    interpolation: str | None = None  # of the resize: bilinear (default) or bicubic
+    from_model: bool = False  # the rest from the model's own data config (timm's pretrained_cfg)
 
     def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k != "from_model"}
 
 
 PRESETS = {"imagenet": Preprocess(resize=256, crop=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                                  color="rgb")}
+                                  color="rgb"),
+           "timm": Preprocess(from_model=True)}
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def from_config(preprocess: Preprocess, config: dict | None, where: str) -> Preprocess:
+    """``preprocess`` (``--preprocess timm``) with what it leaves unset taken from a timm model's data
+    config (``pretrained_cfg``: input_size, crop_pct, interpolation, mean, std), as timm's own eval
+    transform does: resize the shorter side to floor(size / crop_pct), center-crop to size."""
+    if not preprocess.from_model:
+        return preprocess
+    if not config or "input_size" not in config:
+        raise OptionError(f"{where}: --preprocess timm needs a timm model (its pretrained_cfg); this model has none")
+    _, h, w = config["input_size"]
+    if h != w or config.get("crop_mode", "center") != "center":
+        raise OptionError(f"{where}: --preprocess timm reads square center crops only (input_size {h}x{w}, crop_mode "
+                          f"{config.get('crop_mode', 'center')}); pass --resize/--crop/--mean/--std")
+    interpolation = config.get("interpolation", "bilinear")
+    made = Preprocess(resize=int(h / config.get("crop_pct", 0.875)), crop=(h, w), mean=tuple(config["mean"]),
+                      std=tuple(config["std"]), interpolation=interpolation if interpolation in INTERPOLATIONS
+                      else "bilinear")
+    given = {k: v for k, v in asdict(preprocess).items() if v is not None and k != "from_model"}
+    return replace(made, **given)
 
 
 def _images(folder: Path) -> list[Path]:
@@ -95,7 +119,7 @@ def resolve(preprocess: Preprocess, shape: tuple | None, where: str) -> Preproce
             raise OptionError(f"{where}: --{key} has {len(values)} values for {channels} channels")
     if preprocess.std is not None and any(v == 0 for v in preprocess.std):
         raise OptionError(f"{where}: --std must not be 0")
-    return replace(preprocess, crop=crop, color=color)
+    return replace(preprocess, crop=crop, color=color, interpolation=preprocess.interpolation or "bilinear")
 
 
 def pixels(path: Path, p: Preprocess) -> np.ndarray:
@@ -109,7 +133,7 @@ def pixels(path: Path, p: Preprocess) -> np.ndarray:
             scale = p.resize / min(image.size) if p.resize else max(h / image.size[1], w / image.size[0])
             size = (max(w, round(image.size[0] * scale)), max(h, round(image.size[1] * scale)))
             if size != image.size:
-                image = image.resize(size, Image.Resampling.BILINEAR)
+                image = image.resize(size, Image.Resampling[p.interpolation.upper()])
             left, top = (size[0] - w) // 2, (size[1] - h) // 2
             array = np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.uint8)
     except (OSError, ValueError) as exc:
@@ -199,12 +223,12 @@ def listing_sha256(root: Path) -> str:
     return digest.hexdigest()
 
 
-def load_images(root: Path, shape: tuple | None, preprocess: Preprocess, workers: int = 0
-                ) -> tuple[Images, np.ndarray | None, Preprocess]:
+def load_images(root: Path, shape: tuple | None, preprocess: Preprocess, workers: int = 0,
+                config: dict | None = None) -> tuple[Images, np.ndarray | None, Preprocess]:
     """The images under ``root`` as an ``Images`` array (decoded when read), the labels (None for a
     flat folder) and the preprocessing used (its defaults filled). The first image is decoded now:
     a file Pillow cannot read stops the run before any model does."""
-    resolved = resolve(preprocess, shape, str(root))
+    resolved = resolve(from_config(preprocess, config, str(root)), shape, str(root))
     files, labels, _ = image_files(root)
     images = Images(files, resolved, workers)
     images[0]

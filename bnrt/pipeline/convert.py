@@ -114,7 +114,8 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
         loaded = load(source)
         options = check or CheckOptions(InputSpec(samples=2))
         original = side(loaded, device=options.device, tf32=options.tf32, input_shapes=source.input_shapes)
-        dataset = make_inputs(options.inputs, original.input_names, original.input_shapes, where=str(source.path))
+        dataset = make_inputs(options.inputs, original.input_names, original.input_shapes, where=str(source.path),
+                              config=original.data_config)
         example = _example(dataset)
         dynamic = resolve_dynamic(shapes.dynamic, original.input_names, dataset.shapes())
         further = further_shapes(dynamic, dataset.shapes(), shapes.check)

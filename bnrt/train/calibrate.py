@@ -337,7 +337,8 @@ def calibrate_file(
     names = model_input_names(loaded.model, loaded.input_shapes)
     if Path(data).is_dir():
         dataset = make_inputs(InputSpec(data=data, preprocess=preprocess, workers=workers), names,
-                              list(loaded.input_shapes or [None] * len(names)), where=str(source.path))
+                              list(loaded.input_shapes or [None] * len(names)), where=str(source.path),
+                              config=getattr(loaded.model, "pretrained_cfg", None))
     else:
         dataset = load_data(data, names)
     group, rank, world = process_group()

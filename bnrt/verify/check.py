@@ -362,7 +362,7 @@ def inputs_for(reference: Side, candidates: Sequence[Side], options: CheckOption
         names, shapes, dtypes = merge_inputs(known, cand, *(paths[0], paths[i + 1]) if paths else
                                              (reference.label, cand.label))
     spec, batch_size = batching([reference, *candidates], options.inputs, options.batch_size)
-    return make_inputs(spec, names, shapes, dtypes, where), batch_size
+    return make_inputs(spec, names, shapes, dtypes, where, reference.data_config), batch_size
 
 
 def check_files(reference: ModelSource | str | os.PathLike, candidate: ModelSource | str | os.PathLike,

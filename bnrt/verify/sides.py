@@ -43,6 +43,7 @@ class Side:
     value_folds: Callable[[list[dict]], list[dict]] | None = None  # an ONNX graph's: fold records by value name
     digest: Callable[[], str] | None = None  # an ONNX graph's sha256 (its file's, or its bytes')
     origin: str | None = None  # the sha256 of the model bnrt folded this one from (ONNX metadata)
+    data_config: dict | None = None  # a timm model's pretrained_cfg (--preprocess timm)
 
 
 @dataclass(frozen=True)

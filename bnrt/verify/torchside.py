@@ -133,4 +133,11 @@ def torch_side(model: nn.Module, *, label: str = "torch", input_shapes: list[tup
                 input_names=names, input_shapes=list(input_shapes) if input_shapes else [None] * len(names),
                 input_dtypes=[None] * len(names), taps=lambda xs, names=None, limit=None: torch_taps(model, xs, names, limit),
                 folds=list(folds or []), noise=float64_noise(model),
-                module_names=[name for name, _ in model.named_modules() if name])
+                module_names=[name for name, _ in model.named_modules() if name],
+                data_config=_data_config(model))
+
+
+def _data_config(model) -> dict | None:
+    """A timm model's data config (``pretrained_cfg``, older ``default_cfg``), if it is a dict."""
+    config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    return config if isinstance(config, dict) else None

@@ -4,6 +4,7 @@ and the bundled digits model checked on its test split written as PNG files."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -123,7 +124,8 @@ def test_bnrt_fold_on_a_png_folder_matches_the_npz_and_says_whether_accuracy_cha
     png, npz = runs["png"], runs["npz"]
     assert png["samples"] == npz["samples"] == len(y) == 360
     assert png["accuracy"] == npz["accuracy"]  # 8-bit PNG pixels change no prediction
-    assert png["preprocess"] == {"resize": None, "crop": [8, 8], "mean": None, "std": None, "color": "gray"}
+    assert png["preprocess"] == {"resize": None, "crop": [8, 8], "mean": None, "std": None, "color": "gray",
+                                 "interpolation": "bilinear"}
     stats = png["accuracy_stats"]["onnx cpu"]
     assert stats["top1"][0] == stats["top1"][1] == png["accuracy"]["torch"]
     assert (stats["reference_only"], stats["candidate_only"], stats["mcnemar_p"], stats["within_chance"]) == (
@@ -160,3 +162,47 @@ def test_decoding_workers_die_on_sigterm_whatever_handler_the_command_installed(
     finally:
         signal.signal(signal.SIGTERM, previous)
         pooled.close()
+
+
+def test_preprocess_timm_is_the_models_own_eval_transform(tmp_path):
+    from bnrt.io.images import from_config
+
+    config = {"input_size": (3, 6, 6), "crop_pct": 0.75, "interpolation": "bicubic", "mean": (0.5, 0.4, 0.3),
+              "std": (0.2, 0.25, 0.3)}
+    made = from_config(PRESETS["timm"], config, "m.pt")
+    assert made == Preprocess(resize=8, crop=(6, 6), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
+                              interpolation="bicubic")
+    assert from_config(replace(PRESETS["timm"], resize=7), config, "m.pt").resize == 7  # a flag overrides
+    assert from_config(Preprocess(resize=9), None, "m.pt") == Preprocess(resize=9)  # no preset: no config read
+    pixels = np.random.default_rng(0).integers(0, 256, (9, 12, 3), dtype=np.uint8)
+    _png(tmp_path / "a.png", pixels, "RGB")
+    used = resolve(made, (1, 3, 6, 6), "here")
+    want = np.asarray(Image.fromarray(pixels).resize((11, 8), Image.Resampling.BICUBIC), np.float32)[1:7, 2:8] / 255
+    want = (want - np.array([0.5, 0.4, 0.3], np.float32)) / np.array([0.2, 0.25, 0.3], np.float32)
+    np.testing.assert_allclose(decode(tmp_path / "a.png", used), want.transpose(2, 0, 1), rtol=0, atol=1e-6)
+    with pytest.raises(OptionError, match="m.pt: --preprocess timm needs a timm model"):
+        from_config(PRESETS["timm"], None, "m.pt")
+    with pytest.raises(OptionError, match="square center crops only"):
+        from_config(PRESETS["timm"], {**config, "input_size": (3, 6, 8)}, "m.pt")
+
+
+def test_bnrt_fold_preprocess_timm_reads_the_checkpoints_model(tmp_path):
+    import torch
+
+    from tests.nets import TimmConfigured
+
+    from ..conftest import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.pt", TimmConfigured().eval(), "tests.nets:TimmConfigured", (1, 3, 8, 8))
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        _png(tmp_path / "imgs" / f"c{i % 2}" / f"{i}.png", rng.integers(0, 256, (12, 14, 3), dtype=np.uint8), "RGB")
+    proc = run_cli("fold", str(tmp_path / "m.pt"), "--data", str(tmp_path / "imgs"), "--preprocess", "timm",
+                   "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "m.report.json").read_text())["check"]
+    assert report["preprocess"] == {"resize": 10, "crop": [8, 8], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
+                                    "color": "rgb", "interpolation": "bicubic"}
+    assert_one_line_error(run_cli("fold", str(EXAMPLE), "--data", str(tmp_path / "imgs"), "--preprocess", "timm",
+                                  "-o", str(tmp_path / "o2")), "--preprocess timm needs a timm model")

@@ -117,7 +117,7 @@ def test_cli_calibrate_on_an_image_folder_equals_its_pixels_as_an_npz(tmp_path):
     assert folder["state_dict"].keys() == npz["state_dict"].keys()
     assert all(torch.equal(folder["state_dict"][k], npz["state_dict"][k]) for k in npz["state_dict"])
     assert folder["bnrt_calibration"]["preprocess"] == {"resize": None, "crop": [8, 8], "mean": None, "std": None,
-                                                        "color": "gray"}
+                                                        "color": "gray", "interpolation": "bilinear"}
     assert folder["bnrt_calibration"]["data_sha256"] == listing_sha256(tmp_path / "flat")
     assert npz["bnrt_calibration"]["preprocess"] is None
 

@@ -6,150 +6,28 @@ Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/
 (metadata), ``…/ready``, ``POST …/infer``. Errors are ``{"error": "…"}`` with 400 (bad request),
 404 (unknown model), 413 (request too large) or 503 (queue full).
 
-Dynamic batching: requests for a model whose batch axis is dynamic are merged, up to
-``max_batch`` samples or ``max_delay_ms`` after the first one arrived, into one ORT run; each
-request gets its own slice of the outputs back. Requests with different per-sample shapes or
-dtypes are never merged. At most ``max_queue`` requests per model are in flight; more get 503. A
-request of more than ``max_batch`` samples runs in parts of ``max_batch``: memory follows
-``max_batch``, not the request. Connections idle for ``keep_alive_s`` are closed (see ``serve``).
+Dynamic batching (``bnrt.deploy.batcher``): requests for a model whose batch axis is dynamic are
+merged, up to ``max_batch`` samples or ``max_delay_ms`` after the first one arrived, into one ORT
+run. Connections idle for ``keep_alive_s`` are closed (see ``serve``). ``GET /metrics``: Triton's
+request, inference, queue and compute counters per model version (``bnrt.deploy.metrics``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import signal
 import socket
-from collections import deque
-from dataclasses import dataclass
+import time
 
-import numpy as np
 
 from bnrt.version import __version__
 from bnrt.errors import InputError, OptionError
+from bnrt.deploy.batcher import Batcher
+from bnrt.deploy.metrics import Metrics
 from bnrt.deploy.kserve import HEADER_LENGTH, RequestError, ServedModel, build_response, discover, parse_request
 
 KEEP_ALIVE_S = 5.0  # uvicorn's default keep-alive, here also the wait for a new connection's first request
-
-
-# --- dynamic batching -----------------------------------------------------------------------------
-
-@dataclass
-class _Pending:
-    feeds: dict[str, np.ndarray]
-    future: asyncio.Future
-
-    @property
-    def size(self) -> int:
-        return int(next(iter(self.feeds.values())).shape[0]) if self.feeds else 1
-
-    @property
-    def signature(self) -> tuple:
-        return tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(self.feeds.items()))
-
-
-class Batcher:
-    """Merges requests for one model into ORT runs (see module doc). ``submit`` awaits the
-    request's own outputs; raises ``RequestError(503)`` when ``max_queue`` requests are in flight."""
-
-    def __init__(self, model: ServedModel, max_batch: int, max_delay_ms: float, max_queue: int):
-        self.model, self.max_batch, self.max_delay = model, max_batch, max_delay_ms / 1000
-        self.max_queue = max_queue
-        self.in_flight = 0
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.held: deque[_Pending] = deque()
-        self.task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
-
-    async def submit(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The request's outputs. A request of more than ``max_batch`` samples runs in parts of
-        ``max_batch``, one after the other: memory follows ``max_batch``, not the request."""
-        if self.in_flight >= self.max_queue:
-            raise RequestError(503, f"model {self.model.name!r} has {self.in_flight} requests queued; retry later")
-        self.in_flight += 1
-        try:
-            size = _Pending(feeds, None).size
-            if not self.model.batching or size <= self.max_batch:
-                return await self._one(feeds)
-            parts = [await self._one({k: v[i:i + self.max_batch] for k, v in feeds.items()})
-                     for i in range(0, size, self.max_batch)]
-            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        finally:
-            self.in_flight -= 1
-
-    async def _one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pending = _Pending(feeds, asyncio.get_running_loop().create_future())
-        await self.queue.put(pending)
-        return await pending.future
-
-    async def _next(self, timeout: float | None) -> _Pending | None:
-        if self.held:
-            return self.held.popleft()
-        try:
-            return await (asyncio.wait_for(self.queue.get(), timeout) if timeout is not None else self.queue.get())
-        except asyncio.TimeoutError:
-            return None
-
-    async def _loop(self) -> None:
-        # no local variable outlives a batch: the last one's inputs (a part of a large request is a
-        # view of all of it) would stay in memory until the next request
-        while True:
-            await self._run(await self._gather())
-
-    async def _gather(self) -> list[_Pending]:
-        loop = asyncio.get_running_loop()
-        first = await self._next(None)
-        batch, total = [first], first.size
-        if self.model.batching:
-            deadline = loop.time() + self.max_delay
-            postponed = []
-            while total < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0 and self.queue.empty() and not self.held:
-                    break
-                item = await self._next(max(remaining, 0))
-                if item is None:
-                    break
-                if item.signature != first.signature or total + item.size > self.max_batch:
-                    postponed.append(item)
-                    if total + item.size > self.max_batch:
-                        break
-                    continue
-                batch.append(item)
-                total += item.size
-            self.held.extendleft(reversed(postponed))
-        return batch
-
-    async def _run(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
-        if len(batch) == 1:
-            feeds = batch[0].feeds
-        else:
-            feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
-        try:
-            outputs = await loop.run_in_executor(None, self.model.session.run_dict, feeds)
-        except Exception as exc:  # an ORT failure fails the requests of this batch, not the server
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(RequestError(400, f"inference failed: {exc}"))
-            return
-        start = 0
-        for p in batch:
-            n = p.size
-            if not p.future.done():
-                p.future.set_result({k: v[start:start + n] if len(batch) > 1 else v for k, v in outputs.items()})
-            start += n
 
 
 # --- the ASGI application -------------------------------------------------------------------------
@@ -163,7 +41,9 @@ class _Endpoints:
 
         self.json, self.response = JSONResponse, Response
         self.models, self.max_request_bytes = models, max_request_bytes
-        self.batchers = {(m.name, m.version): Batcher(m, max_batch, max_delay_ms, max_queue)
+        keys = [(m.name, m.version) for versions in models.values() for m in versions.values()]
+        self.metrics = Metrics(keys, lambda key: self.batchers[key].in_flight)
+        self.batchers = {(m.name, m.version): Batcher(m, max_batch, max_delay_ms, max_queue, self.metrics)
                          for versions in models.values() for m in versions.values()}
 
     def find(self, request) -> ServedModel:
@@ -180,6 +60,13 @@ class _Endpoints:
 
     def error(self, status: int, message: str):
         return self.json({"error": message}, status_code=status)
+
+    def _count(self, model: ServedModel | None, start: float, outcome: str) -> None:
+        """A request's outcome and duration in its model version's metrics (an unknown model has none)."""
+        if model is not None:
+            key = (model.name, model.version)
+            self.metrics.add(outcome, key)
+            self.metrics.seconds("nv_inference_request_duration_us", key, time.perf_counter() - start)
 
     async def server_metadata(self, request):
         return self.json({"name": "bnrt", "version": __version__, "extensions": ["binary_tensor_data"]})
@@ -215,9 +102,13 @@ class _Endpoints:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def metrics_text(self, request):
+        return self.response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def infer(self, request):
         from starlette.requests import ClientDisconnect
 
+        start, model = time.perf_counter(), None
         try:
             model = self.find(request)
             parsed, feeds = parse_request(await self.body(request), request.headers.get(HEADER_LENGTH), model)
@@ -228,9 +119,12 @@ class _Endpoints:
             outputs = await self.batchers[(model.name, model.version)].submit(feeds)
             payload, head_length = build_response(parsed, model, outputs)
         except RequestError as exc:
+            self._count(model, start, "nv_inference_request_failure")
             return self.error(exc.status, str(exc))
         except ClientDisconnect:  # closed mid-body (by the client, or idle for keep_alive_s): no one to answer
+            self._count(model, start, "nv_inference_request_failure")
             return self.response(status_code=400)
+        self._count(model, start, "nv_inference_request_success")
         if head_length is None:
             return self.response(payload, media_type="application/json")
         return self.response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head_length)})
@@ -265,6 +159,7 @@ def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32
         Route("/v2/models/{name}/versions/{version}/ready", api.model_ready),
         Route("/v2/models/{name}/infer", api.infer, methods=["POST"]),
         Route("/v2/models/{name}/versions/{version}/infer", api.infer, methods=["POST"]),
+        Route("/metrics", api.metrics_text),
     ]
 
     async def http_error(request, exc):

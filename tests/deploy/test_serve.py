@@ -351,3 +351,41 @@ def test_serve_refuses_options_out_of_range_before_loading_models(option, value,
     with pytest.raises(OptionError) as info:
         serve("no-such-model.onnx", **{option: value})  # checked first: the missing file is never reached
     assert info.value.template == message
+
+
+def _metrics(server) -> dict[str, int]:
+    status, body = server.raw("GET", "/metrics")
+    assert status == 200
+    values = {}
+    for line in body.decode().splitlines():
+        if not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = int(value)
+    return values
+
+
+def test_metrics_count_requests_inferences_and_time_under_tritons_names(onnx_model):
+    from bnrt.deploy.metrics import METRICS
+
+    srv = Server(onnx_model, "--max-delay-ms", "0")
+    try:
+        status, body = srv.raw("GET", "/metrics")
+        text = body.decode()
+        for name, (kind, help_text) in METRICS.items():
+            assert f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n" in text
+        label = '{model="digits_cnn",version="1"}'
+        assert all(v == 0 for v in _metrics(srv).values()) and f"nv_inference_count{label} 0" in text
+        rng = np.random.default_rng(0)
+        for n in (1, 2, 3):  # one after the other: a run each
+            _infer(srv.url, rng.random((n, 1, 8, 8), dtype=np.float32), binary=True)
+        bad = srv.raw("POST", "/v2/models/digits_cnn/infer", _json_request([1, 1, 8, 9]))
+        unknown = srv.raw("POST", "/v2/models/nope/infer", _json_request([1, 1, 8, 8]))
+        assert (bad[0], unknown[0]) == (400, 404)
+        got = {name.split("{")[0]: value for name, value in _metrics(srv).items() if name.endswith(label)}
+        assert len(got) == len(METRICS)
+        assert (got["nv_inference_request_success"], got["nv_inference_request_failure"], got["nv_inference_count"],
+                got["nv_inference_exec_count"], got["nv_inference_pending_request_count"]) == (3, 1, 6, 3, 0)
+        compute, queue, request = (got[f"nv_inference_{k}_duration_us"] for k in ("compute_infer", "queue", "request"))
+        assert 0 < compute < request and 0 <= queue < request
+    finally:
+        assert srv.stop() == 0

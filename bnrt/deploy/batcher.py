@@ -1,0 +1,153 @@
+"""Dynamic batching of `bnrt serve`: requests for a model whose batch axis is dynamic are merged,
+up to ``max_batch`` samples or ``max_delay_ms`` after the first one arrived, into one ORT run; each
+request gets its own slice of the outputs back. Requests with different per-sample shapes or
+dtypes are never merged. At most ``max_queue`` requests per model are in flight; more get 503. A
+request of more than ``max_batch`` samples runs in parts of ``max_batch``: memory follows
+``max_batch``, not the request. Each run adds to the model's metrics (queue and compute time,
+inferences, executions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnrt.deploy.kserve import RequestError, ServedModel
+from bnrt.deploy.metrics import Metrics
+
+
+@dataclass
+class _Pending:
+    feeds: dict[str, np.ndarray]
+    future: asyncio.Future
+    queued: float = 0.0  # the event loop's time when it was queued
+
+    @property
+    def size(self) -> int:
+        return int(next(iter(self.feeds.values())).shape[0]) if self.feeds else 1
+
+    @property
+    def signature(self) -> tuple:
+        return tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(self.feeds.items()))
+
+
+class Batcher:
+    """Merges requests for one model into ORT runs (see module doc). ``submit`` awaits the
+    request's own outputs; raises ``RequestError(503)`` when ``max_queue`` requests are in flight."""
+
+    def __init__(self, model: ServedModel, max_batch: int, max_delay_ms: float, max_queue: int,
+                 metrics: Metrics | None = None):
+        self.model, self.max_batch, self.max_delay = model, max_batch, max_delay_ms / 1000
+        self.metrics, self.key = metrics, (model.name, model.version)
+        self.max_queue = max_queue
+        self.in_flight = 0
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.held: deque[_Pending] = deque()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The request's outputs. A request of more than ``max_batch`` samples runs in parts of
+        ``max_batch``, one after the other: memory follows ``max_batch``, not the request."""
+        if self.in_flight >= self.max_queue:
+            raise RequestError(503, f"model {self.model.name!r} has {self.in_flight} requests queued; retry later")
+        self.in_flight += 1
+        try:
+            size = _Pending(feeds, None).size
+            if not self.model.batching or size <= self.max_batch:
+                return await self._one(feeds)
+            parts = [await self._one({k: v[i:i + self.max_batch] for k, v in feeds.items()})
+                     for i in range(0, size, self.max_batch)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        finally:
+            self.in_flight -= 1
+
+    async def _one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(feeds, loop.create_future(), loop.time())
+        await self.queue.put(pending)
+        return await pending.future
+
+    async def _next(self, timeout: float | None) -> _Pending | None:
+        if self.held:
+            return self.held.popleft()
+        try:
+            return await (asyncio.wait_for(self.queue.get(), timeout) if timeout is not None else self.queue.get())
+        except asyncio.TimeoutError:
+            return None
+
+    async def _loop(self) -> None:
+        # no local variable outlives a batch: the last one's inputs (a part of a large request is a
+        # view of all of it) would stay in memory until the next request
+        while True:
+            await self._run(await self._gather())
+
+    async def _gather(self) -> list[_Pending]:
+        loop = asyncio.get_running_loop()
+        first = await self._next(None)
+        batch, total = [first], first.size
+        if self.model.batching:
+            deadline = loop.time() + self.max_delay
+            postponed = []
+            while total < self.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0 and self.queue.empty() and not self.held:
+                    break
+                item = await self._next(max(remaining, 0))
+                if item is None:
+                    break
+                if item.signature != first.signature or total + item.size > self.max_batch:
+                    postponed.append(item)
+                    if total + item.size > self.max_batch:
+                        break
+                    continue
+                batch.append(item)
+                total += item.size
+            self.held.extendleft(reversed(postponed))
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        if len(batch) == 1:
+            feeds = batch[0].feeds
+        else:
+            feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
+        started = loop.time()
+        try:
+            outputs, seconds = await loop.run_in_executor(None, self._timed, feeds)
+        except Exception as exc:  # an ORT failure fails the requests of this batch, not the server
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(RequestError(400, f"inference failed: {exc}"))
+            return
+        if self.metrics is not None:
+            for p in batch:
+                self.metrics.seconds("nv_inference_queue_duration_us", self.key, started - p.queued)
+            self.metrics.seconds("nv_inference_compute_infer_duration_us", self.key, seconds)
+            self.metrics.add("nv_inference_exec_count", self.key)
+            self.metrics.add("nv_inference_count", self.key, sum(p.size for p in batch))
+        start = 0
+        for p in batch:
+            n = p.size
+            if not p.future.done():
+                p.future.set_result({k: v[start:start + n] if len(batch) > 1 else v for k, v in outputs.items()})
+            start += n
+
+    def _timed(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        start = time.perf_counter()
+        outputs = self.model.session.run_dict(feeds)
+        return outputs, time.perf_counter() - start

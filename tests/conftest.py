@@ -231,6 +231,11 @@ class Server:
             raise AssertionError((line, self.log.read()))
         self.port = int(found.group(1))
         self.url = f"127.0.0.1:{self.port}"
+        if "--grpc-port" in flags:  # announced once the application has started it
+            line = readline_within(self.proc.stdout, 120)
+            found = re.search(r"gRPC \(KServe v2\) at 127\.0\.0\.1:(\d+)", line)
+            assert found, line
+            self.grpc_url = f"127.0.0.1:{found.group(1)}"
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -247,6 +252,17 @@ class Server:
         data = response.read()
         conn.close()
         return response.status, data
+
+    def metrics(self) -> dict[str, int]:
+        """``GET /metrics`` as {'name{labels}': value}."""
+        status, body = self.raw("GET", "/metrics")
+        assert status == 200
+        values = {}
+        for line in body.decode().splitlines():
+            if not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = int(value)
+        return values
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

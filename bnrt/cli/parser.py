@@ -86,6 +86,8 @@ def _serve(sub) -> None:
     p.add_argument("model", help="ONNX model or Triton-style repository (REPO/NAME/VERSION/model.onnx)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--grpc-port", type=int, metavar="PORT",
+                   help="also serve KServe v2 over gRPC on PORT (Triton's is 8001; 0 picks a free one)")
     RuntimeArgs.add(p, "intra-op threads per model (default: ORT's)")
     p.add_argument("--max-batch", type=int, default=32, help="samples merged into one run (default 32)")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for more requests up to this long (default 2)")

@@ -47,8 +47,10 @@ class _Endpoints:
                          for versions in models.values() for m in versions.values()}
 
     def find(self, request) -> ServedModel:
-        name = request.path_params["name"]
-        version = request.path_params.get("version")
+        return self.lookup(request.path_params["name"], request.path_params.get("version"))
+
+    def lookup(self, name: str, version: str | None) -> ServedModel:
+        """The model version asked for (none or empty: the latest); ``RequestError(404)`` if unknown."""
         versions = self.models.get(name)
         if not versions:
             raise RequestError(404, f"unknown model {name!r}")
@@ -58,10 +60,19 @@ class _Endpoints:
             raise RequestError(404, f"model {name!r} has no version {version!r}")
         return versions[version]
 
+    @staticmethod
+    def check_batch(model: ServedModel, feeds: dict) -> None:
+        """Inputs of one non-empty batch size where the model batches (parts and merged runs are cut
+        along one batch axis)."""
+        sizes = {a.shape[0] for a in feeds.values()} if model.batching else set()
+        if len(sizes) > 1 or 0 in sizes:
+            raise RequestError(400, f"inputs of different batch sizes {sorted(sizes)}" if len(sizes) > 1
+                               else "empty batch")
+
     def error(self, status: int, message: str):
         return self.json({"error": message}, status_code=status)
 
-    def _count(self, model: ServedModel | None, start: float, outcome: str) -> None:
+    def count(self, model: ServedModel | None, start: float, outcome: str) -> None:
         """A request's outcome and duration in its model version's metrics (an unknown model has none)."""
         if model is not None:
             key = (model.name, model.version)
@@ -112,27 +123,27 @@ class _Endpoints:
         try:
             model = self.find(request)
             parsed, feeds = parse_request(await self.body(request), request.headers.get(HEADER_LENGTH), model)
-            sizes = {a.shape[0] for a in feeds.values()} if model.batching else set()
-            if len(sizes) > 1 or 0 in sizes:  # parts and merged runs are cut along one batch axis
-                raise RequestError(400, f"inputs of different batch sizes {sorted(sizes)}" if len(sizes) > 1
-                                   else "empty batch")
+            self.check_batch(model, feeds)
             outputs = await self.batchers[(model.name, model.version)].submit(feeds)
             payload, head_length = build_response(parsed, model, outputs)
         except RequestError as exc:
-            self._count(model, start, "nv_inference_request_failure")
+            self.count(model, start, "nv_inference_request_failure")
             return self.error(exc.status, str(exc))
         except ClientDisconnect:  # closed mid-body (by the client, or idle for keep_alive_s): no one to answer
-            self._count(model, start, "nv_inference_request_failure")
+            self.count(model, start, "nv_inference_request_failure")
             return self.response(status_code=400)
-        self._count(model, start, "nv_inference_request_success")
+        self.count(model, start, "nv_inference_request_success")
         if head_length is None:
             return self.response(payload, media_type="application/json")
         return self.response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head_length)})
 
 
 def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32, max_delay_ms: float = 2.0,
-               max_queue: int = 256, max_request_bytes: int = 64 << 20):
-    """The Starlette application serving ``models`` (see ``discover``)."""
+               max_queue: int = 256, max_request_bytes: int = 64 << 20, grpc: tuple[str, int] | None = None,
+               announce=print):
+    """The Starlette application serving ``models`` (see ``discover``); with ``grpc`` (host, port)
+    also the gRPC service (``bnrt.deploy.grpcserve``), started with the application, its address
+    announced."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -145,7 +156,15 @@ def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32
     async def lifespan(app):
         for b in api.batchers.values():
             b.start()
+        rpc = None
+        if grpc is not None:
+            from bnrt.deploy.grpcserve import start_grpc
+
+            rpc, bound = await start_grpc(api, *grpc, max_request_bytes)
+            announce(f"gRPC (KServe v2) at {grpc[0]}:{bound}")
         yield
+        if rpc is not None:
+            await rpc.stop(1.0)
         for b in api.batchers.values():
             await b.stop()
 
@@ -215,7 +234,26 @@ def default_max_connections() -> int:
     return 1 << 16 if soft == resource.RLIM_INFINITY else max(1, soft - 64)
 
 
-_INTEGER_RANGES = {"port": (0, 65535), "threads": (0, None), "max_batch": (1, None), "max_queue": (1, None),
+def _grpc_ready(host: str, grpc_port: int, port: int) -> None:
+    """``OptionError``/``InputError`` before anything starts: gRPC needs its packages and a port of its own."""
+    try:
+        import grpc  # noqa: F401
+        from tritonclient.grpc import service_pb2_grpc  # noqa: F401
+    except ImportError as exc:
+        raise OptionError(f"`grpc_port` needs grpcio and tritonclient[grpc] (pip install 'bnrt[triton]'): "
+                          f"{exc}") from None
+    if grpc_port and grpc_port == port:
+        raise OptionError(f"`grpc_port` {grpc_port}: the HTTP port; give gRPC another")
+    if grpc_port:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, grpc_port))
+            except OSError as exc:
+                raise InputError(f"cannot listen on {host}:{grpc_port} for gRPC ({exc.strerror})") from exc
+
+
+_INTEGER_RANGES = {"port": (0, 65535), "grpc_port": (0, 65535), "threads": (0, None), "max_batch": (1, None), "max_queue": (1, None),
                    "max_connections": (1, None)}
 
 
@@ -239,22 +277,28 @@ def _check_options(**options) -> None:
 def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, provider: str = "cpu",
           threads: int = 0, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
           max_request_mb: float = 64.0, tf32: bool | None = None, keep_alive_s: float = KEEP_ALIVE_S,
-          max_connections: int | None = None, announce=print) -> None:
+          max_connections: int | None = None, grpc_port: int | None = None, announce=print) -> None:
     """Serve the model(s) at ``path`` until SIGINT/SIGTERM (uvicorn's handlers shut down cleanly).
     ``tf32``: CUDA only; None keeps ORT's default (on), announced at start. A connection idle for
     ``keep_alive_s`` is closed, also before its first request and half-way through one; at most
     ``max_connections`` are open (None: ``default_max_connections()``), more are closed when
-    accepted. A numeric option that is NaN, infinite or out of its range is an ``OptionError``."""
+    accepted. ``grpc_port``: also serve the protocol over gRPC there (0 picks a free port; needs
+    grpcio and tritonclient[grpc]). A numeric option that is NaN, infinite or out of its range is an
+    ``OptionError``."""
     import uvicorn
 
     if max_connections is None:
         max_connections = default_max_connections()
     _check_options(port=port, threads=threads, max_batch=max_batch, max_queue=max_queue,
+                   **({} if grpc_port is None else {"grpc_port": grpc_port}),
                    max_connections=max_connections, max_delay_ms=max_delay_ms, max_request_mb=max_request_mb,
                    keep_alive_s=keep_alive_s)
+    if grpc_port is not None:
+        _grpc_ready(host, grpc_port, port)
     models = discover(path, provider, threads, tf32)
     app = create_app(models, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
-                     max_request_bytes=int(max_request_mb * (1 << 20)))
+                     max_request_bytes=int(max_request_mb * (1 << 20)),
+                     grpc=None if grpc_port is None else (host, grpc_port), announce=announce)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it, Nagle and
     # delayed ACKs hold every response (header and body are two writes) for 40 ms

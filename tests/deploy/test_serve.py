@@ -353,17 +353,6 @@ def test_serve_refuses_options_out_of_range_before_loading_models(option, value,
     assert info.value.template == message
 
 
-def _metrics(server) -> dict[str, int]:
-    status, body = server.raw("GET", "/metrics")
-    assert status == 200
-    values = {}
-    for line in body.decode().splitlines():
-        if not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = int(value)
-    return values
-
-
 def test_metrics_count_requests_inferences_and_time_under_tritons_names(onnx_model):
     from bnrt.deploy.metrics import METRICS
 
@@ -374,14 +363,14 @@ def test_metrics_count_requests_inferences_and_time_under_tritons_names(onnx_mod
         for name, (kind, help_text) in METRICS.items():
             assert f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n" in text
         label = '{model="digits_cnn",version="1"}'
-        assert all(v == 0 for v in _metrics(srv).values()) and f"nv_inference_count{label} 0" in text
+        assert all(v == 0 for v in srv.metrics().values()) and f"nv_inference_count{label} 0" in text
         rng = np.random.default_rng(0)
         for n in (1, 2, 3):  # one after the other: a run each
             _infer(srv.url, rng.random((n, 1, 8, 8), dtype=np.float32), binary=True)
         bad = srv.raw("POST", "/v2/models/digits_cnn/infer", _json_request([1, 1, 8, 9]))
         unknown = srv.raw("POST", "/v2/models/nope/infer", _json_request([1, 1, 8, 8]))
         assert (bad[0], unknown[0]) == (400, 404)
-        got = {name.split("{")[0]: value for name, value in _metrics(srv).items() if name.endswith(label)}
+        got = {name.split("{")[0]: value for name, value in srv.metrics().items() if name.endswith(label)}
         assert len(got) == len(METRICS)
         assert (got["nv_inference_request_success"], got["nv_inference_request_failure"], got["nv_inference_count"],
                 got["nv_inference_exec_count"], got["nv_inference_pending_request_count"]) == (3, 1, 6, 3, 0)

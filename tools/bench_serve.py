@@ -2,9 +2,9 @@
 
     python -m tools.bench_serve [MODEL.onnx ...] [--requests 600] [-o docs/SERVING.md]
 
-Starts `bnrt serve` on 127.0.0.1 (a free port), then for 1, 8 and 32 concurrent clients (threads,
-each with its own tritonclient.http client, batch-1 requests, binary tensors) measures requests/s
-and p50/p99 latency. In-process ORT runs the same model at batch 1…256 in the same process as the
+Starts `bnrt serve` on 127.0.0.1 (free ports, HTTP and gRPC), then for each protocol and 1, 8 and 32
+concurrent clients (threads, each with its own tritonclient.http or tritonclient.grpc client, batch-1
+requests, binary tensors / raw contents) measures requests/s and p50/p99 latency. In-process ORT runs the same model at batch 1…256 in the same process as the
 clients; the best samples/s is the reference. Without MODEL, the bundled digits example and the zoo's
 ResNet are folded and exported first. Server, clients and the in-process run share this machine's
 cores.
@@ -48,11 +48,12 @@ def in_process(model: Path, seconds: float = 1.5) -> dict[int, float]:
     return rates
 
 
-def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, dict[str, str]]:
     env = child_env()
-    proc = subprocess.Popen([sys.executable, "-m", "bnrt", "serve", str(model), "--port", "0", *flags],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bnrt", "serve", str(model), "--port", "0", "--grpc-port", "0",
+                             *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     port = re.search(r":(\d+) ", proc.stdout.readline()).group(1)
+    grpc_port = re.search(r":(\d+)$", proc.stdout.readline().strip()).group(1)
     import tritonclient.http as httpclient
 
     for _ in range(300):
@@ -61,10 +62,11 @@ def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
                 break
         except Exception:
             time.sleep(0.1)
-    return proc, f"127.0.0.1:{port}"
+    return proc, {"http": f"127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}"}
 
 
-def load(url: str, name: str, shape: tuple[int, ...], clients: int, requests: int) -> dict:
+def load(url: str, name: str, shape: tuple[int, ...], clients: int, requests: int, protocol: str = "http") -> dict:
+    import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
     x = np.random.default_rng(1).random((1, *shape), dtype=np.float32)
@@ -72,10 +74,16 @@ def load(url: str, name: str, shape: tuple[int, ...], clients: int, requests: in
     latencies: list[float] = []
 
     def client_loop(_):
-        client = httpclient.InferenceServerClient(url)
-        inp = httpclient.InferInput("x", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x, binary_data=True)
-        out = [httpclient.InferRequestedOutput("output", binary_data=True)]
+        if protocol == "grpc":
+            client = grpcclient.InferenceServerClient(url)
+            inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            out = [grpcclient.InferRequestedOutput("output")]
+        else:
+            client = httpclient.InferenceServerClient(url)
+            inp = httpclient.InferInput("x", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=True)
+            out = [httpclient.InferRequestedOutput("output", binary_data=True)]
         mine = []
         for _ in range(per_client):
             t = time.perf_counter()
@@ -89,7 +97,7 @@ def load(url: str, name: str, shape: tuple[int, ...], clients: int, requests: in
             latencies.extend(mine)
     wall = time.perf_counter() - start
     ms = np.array(latencies) * 1000
-    return {"clients": clients, "requests": len(latencies), "rps": len(latencies) / wall,
+    return {"protocol": protocol, "clients": clients, "requests": len(latencies), "rps": len(latencies) / wall,
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
@@ -97,17 +105,18 @@ def bench(model: Path, requests: int, max_delay_ms: float) -> str:
     name = model.stem
     shape = Session(model).inputs[0].shape[1:]
     rates = in_process(model)
-    proc, url = start_server(model, "--max-delay-ms", str(max_delay_ms))
+    proc, urls = start_server(model, "--max-delay-ms", str(max_delay_ms))
     try:
-        rows = [load(url, name, shape, c, requests) for c in (1, 8, 32)]
+        rows = [load(urls[p], name, shape, c, requests, p) for c in (1, 8, 32) for p in ("http", "grpc")]
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     best_batch = max(rates, key=rates.get)
-    lines = [f"### {name}", "", "| clients | requests | requests/s | p50 ms | p99 ms | / in-process ORT best |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"### {name}", "", "| clients | protocol | requests | requests/s | p50 ms | p99 ms | / in-process ORT best |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+        lines.append(f"| {r['clients']} | {r['protocol']} | {r['requests']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | "
                      f"{r['rps'] / rates[best_batch]:.3f} |")
     lines += ["", "In-process ORT, samples/s by batch: " + ", ".join(f"{b}: {v:.0f}" for b, v in rates.items())
               + f" (best: batch {best_batch})", ""]

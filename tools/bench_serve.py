@@ -48,12 +48,14 @@ def in_process(model: Path, seconds: float = 1.5) -> dict[int, float]:
     return rates
 
 
-def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, dict[str, str]]:
+def start_server(model: Path, *flags: str, grpc: bool = False) -> tuple[subprocess.Popen, str | dict[str, str]]:
+    """The server and its URL (with ``grpc``: {"http": …, "grpc": …})."""
     env = child_env()
-    proc = subprocess.Popen([sys.executable, "-m", "bnrt", "serve", str(model), "--port", "0", "--grpc-port", "0",
-                             *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bnrt", "serve", str(model), "--port", "0",
+                             *(["--grpc-port", "0"] if grpc else []), *flags],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     port = re.search(r":(\d+) ", proc.stdout.readline()).group(1)
-    grpc_port = re.search(r":(\d+)$", proc.stdout.readline().strip()).group(1)
+    grpc_port = re.search(r":(\d+)$", proc.stdout.readline().strip()).group(1) if grpc else None
     import tritonclient.http as httpclient
 
     for _ in range(300):
@@ -62,7 +64,8 @@ def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, dict[str, 
                 break
         except Exception:
             time.sleep(0.1)
-    return proc, {"http": f"127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}"}
+    url = f"127.0.0.1:{port}"
+    return proc, {"http": url, "grpc": f"127.0.0.1:{grpc_port}"} if grpc else url
 
 
 def load(url: str, name: str, shape: tuple[int, ...], clients: int, requests: int, protocol: str = "http") -> dict:
@@ -105,7 +108,7 @@ def bench(model: Path, requests: int, max_delay_ms: float) -> str:
     name = model.stem
     shape = Session(model).inputs[0].shape[1:]
     rates = in_process(model)
-    proc, urls = start_server(model, "--max-delay-ms", str(max_delay_ms))
+    proc, urls = start_server(model, "--max-delay-ms", str(max_delay_ms), grpc=True)
     try:
         rows = [load(urls[p], name, shape, c, requests, p) for c in (1, 8, 32) for p in ("http", "grpc")]
     finally:

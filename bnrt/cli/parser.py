@@ -88,6 +88,8 @@ def _serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--grpc-port", type=int, metavar="PORT",
                    help="also serve KServe v2 over gRPC on PORT (Triton's is 8001; 0 picks a free one)")
+    p.add_argument("--poll-repo", type=float, metavar="SECONDS",
+                   help="reload new, changed and removed model files this often, failing no request (default: never)")
     RuntimeArgs.add(p, "intra-op threads per model (default: ORT's)")
     p.add_argument("--max-batch", type=int, default=32, help="samples merged into one run (default 32)")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for more requests up to this long (default 2)")

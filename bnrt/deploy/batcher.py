@@ -52,6 +52,11 @@ class Batcher:
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
+    async def drain(self) -> None:
+        """Wait until every request submitted so far is answered."""
+        while self.in_flight:
+            await asyncio.sleep(0.005)
+
     async def stop(self) -> None:
         if self.task:
             self.task.cancel()

@@ -5,7 +5,7 @@ and ``service_pb2_grpc``, generated from the protocol's .proto), served by grpc.
 server's own event loop: ``ModelInfer`` goes through the same batcher, limits and metrics as
 ``POST …/infer``, so the stock ``tritonclient.grpc`` client works unmodified. Served: server and model
 liveness, readiness and metadata, ``ModelInfer`` (raw tensor contents or typed contents in; raw
-contents out, as Triton answers), ``RepositoryIndex``. A refused request is a gRPC status:
+contents out, as Triton answers), the repository index, load and unload. A refused request is a gRPC status:
 INVALID_ARGUMENT (400), NOT_FOUND (404), RESOURCE_EXHAUSTED (413, and messages over the size limit),
 UNAVAILABLE (503, queue full).
 """
@@ -15,8 +15,11 @@ from __future__ import annotations
 import math
 import time
 
+import grpc
 import numpy as np
+from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as rpc
 
+from bnrt.version import __version__
 from bnrt.deploy.kserve import DATATYPE_OF, KSERVE_TYPES, MAX_DIM, MAX_RANK, RequestError, ServedModel
 from bnrt.errors import InputError
 
@@ -28,8 +31,6 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
 
 
 def _status(code: int):
-    import grpc
-
     return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
             413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}.get(
         code, grpc.StatusCode.INTERNAL)
@@ -75,8 +76,6 @@ def parse_infer(request, model: ServedModel) -> dict[str, np.ndarray]:
 
 def infer_response(request, model: ServedModel, outputs: dict[str, np.ndarray]):
     """The ModelInferResponse: the requested outputs (all when none is named) as raw contents."""
-    from tritonclient.grpc import service_pb2 as pb
-
     wanted = [o.name for o in request.outputs] or list(outputs)
     unknown = [n for n in wanted if n not in outputs]
     if unknown:
@@ -89,76 +88,81 @@ def infer_response(request, model: ServedModel, outputs: dict[str, np.ndarray]):
     return response
 
 
-def servicer(api):
-    """The GRPCInferenceService over ``api`` (the HTTP application's endpoints: models, batchers,
-    metrics, ``lookup``)."""
-    from bnrt.version import __version__
-    from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as rpc
+def _tensors(specs) -> list:
+    return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=DATATYPE_OF.get(s.dtype, "FP32"),
+                                                    shape=[-1 if d is None else d for d in s.shape]) for s in specs]
 
-    def tensors(specs) -> list:
-        return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=DATATYPE_OF.get(s.dtype, "FP32"),
-                                                        shape=[-1 if d is None else d for d in s.shape])
-                for s in specs]
 
-    class Service(rpc.GRPCInferenceServiceServicer):
-        async def _found(self, name: str, version: str, context) -> ServedModel:
-            try:
-                return api.lookup(name, version)
-            except RequestError as exc:
-                await context.abort(_status(exc.status), str(exc))
+class Service(rpc.GRPCInferenceServiceServicer):
+    """The GRPCInferenceService over ``api`` (the HTTP application's endpoints: repository,
+    batchers, metrics, ``lookup``)."""
 
-        async def ServerLive(self, request, context):
-            return pb.ServerLiveResponse(live=True)
+    def __init__(self, api):
+        self.api = api
 
-        async def ServerReady(self, request, context):
-            return pb.ServerReadyResponse(ready=True)
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
 
-        async def ModelReady(self, request, context):
-            try:
-                api.lookup(request.name, request.version)
-            except RequestError:
-                return pb.ModelReadyResponse(ready=False)
-            return pb.ModelReadyResponse(ready=True)
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=True)
 
-        async def ServerMetadata(self, request, context):
-            return pb.ServerMetadataResponse(name="bnrt", version=__version__, extensions=["binary_tensor_data"])
+    async def ModelReady(self, request, context):
+        try:
+            self.api.lookup(request.name, request.version)
+        except RequestError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
 
-        async def ModelMetadata(self, request, context):
-            model = await self._found(request.name, request.version, context)
-            return pb.ModelMetadataResponse(name=model.name, versions=sorted(api.models[model.name], key=int),
-                                            platform="onnxruntime_onnx", inputs=tensors(model.session.inputs),
-                                            outputs=tensors(model.session.outputs))
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="bnrt", version=__version__, extensions=["binary_tensor_data"])
 
-        async def RepositoryIndex(self, request, context):
-            return pb.RepositoryIndexResponse(models=[
-                pb.RepositoryIndexResponse.ModelIndex(name=name, version=version, state="READY")
-                for name, versions in sorted(api.models.items()) for version in sorted(versions, key=int)])
+    async def ModelMetadata(self, request, context):
+        try:
+            model = self.api.lookup(request.name, request.version)
+        except RequestError as exc:
+            await context.abort(_status(exc.status), str(exc))
+        return pb.ModelMetadataResponse(name=model.name, versions=sorted(self.api.models[model.name], key=int),
+                                        platform="onnxruntime_onnx", inputs=_tensors(model.session.inputs),
+                                        outputs=_tensors(model.session.outputs))
 
-        async def ModelInfer(self, request, context):
-            start, model = time.perf_counter(), None
-            try:
-                model = api.lookup(request.model_name, request.model_version)
-                feeds = parse_infer(request, model)
-                api.check_batch(model, feeds)
-                outputs = await api.batchers[(model.name, model.version)].submit(feeds)
-                response = infer_response(request, model, outputs)
-            except RequestError as exc:
-                api.count(model, start, "nv_inference_request_failure")
-                await context.abort(_status(exc.status), str(exc))
-            api.count(model, start, "nv_inference_request_success")
-            return response
+    async def RepositoryIndex(self, request, context):
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**row)
+                                                  for row in self.api.repo.index()])
 
-    return Service()
+    async def RepositoryModelLoad(self, request, context):
+        try:
+            await self.api.repo.load(request.model_name)
+        except RequestError as exc:
+            await context.abort(_status(exc.status), str(exc))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            self.api.repo.unload(request.model_name)
+        except RequestError as exc:
+            await context.abort(_status(exc.status), str(exc))
+        return pb.RepositoryModelUnloadResponse()
+
+    async def ModelInfer(self, request, context):
+        api, start, model = self.api, time.perf_counter(), None
+        try:
+            model = api.lookup(request.model_name, request.model_version)
+            feeds = parse_infer(request, model)
+            api.check_batch(model, feeds)
+            outputs = await api.batcher(model).submit(feeds)
+            response = infer_response(request, model, outputs)
+        except RequestError as exc:
+            api.count(model, start, "nv_inference_request_failure")
+            await context.abort(_status(exc.status), str(exc))
+        api.count(model, start, "nv_inference_request_success")
+        return response
 
 
 async def start_grpc(api, host: str, port: int, max_message_bytes: int):
     """A started grpc.aio server for ``api`` on ``host:port`` and the port it listens on."""
-    import grpc
-    from tritonclient.grpc import service_pb2_grpc as rpc
-
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", -1)])
-    rpc.add_GRPCInferenceServiceServicer_to_server(servicer(api), server)
+    rpc.add_GRPCInferenceServiceServicer_to_server(Service(api), server)
     bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     await server.start()
     return server, bound

@@ -72,15 +72,18 @@ class ServedModel:
                 "outputs": [tensor(s) for s in self.session.outputs]}
 
 
-def discover(path: str | os.PathLike, provider: str = "cpu", threads: int = 0,
-             tf32: bool | None = None) -> dict[str, dict[str, ServedModel]]:
-    """Models to serve: one ONNX file (named by its stem, version 1) or a Triton-style repository
-    ``REPO/NAME/VERSION/model.onnx``. Returns name -> version -> ServedModel. ``tf32``: CUDA only,
-    None keeps ORT's default (on)."""
-    path = Path(path)
-
+def serving_session(provider: str = "cpu", threads: int = 0, tf32: bool | None = None):
+    """The session factory of served models: ``tf32`` CUDA only, None keeps ORT's default (on)."""
     def session(file: Path) -> Session:
         return Session(file, provider, threads, spinning=False, tf32=tf32)
+    return session
+
+
+def discover(path: str | os.PathLike, session=None) -> dict[str, dict[str, ServedModel]]:
+    """Models to serve: one ONNX file (named by its stem, version 1) or a Triton-style repository
+    ``REPO/NAME/VERSION/model.onnx``. Returns name -> version -> ServedModel; ``session`` makes each
+    one's session (default ``serving_session()``)."""
+    path, session = Path(path), session or serving_session()
 
     if path.is_file():
         return {path.stem: {"1": ServedModel(path.stem, "1", session(path))}}

@@ -32,10 +32,20 @@ class Metrics:
     reads the gauge when the metrics are written."""
 
     def __init__(self, keys: list[tuple[str, str]], pending: Callable[[tuple[str, str]], int]):
-        self.keys, self.pending = list(keys), pending
-        self.values = {name: {key: 0 for key in self.keys} for name, (kind, _) in METRICS.items() if kind == "counter"}
+        self.keys, self.pending = [], pending
+        self.values = {name: {} for name, (kind, _) in METRICS.items() if kind == "counter"}
+        for key in keys:
+            self.track(key)
+
+    def track(self, key: tuple[str, str]) -> None:
+        """Count ``key`` (a model version loaded later) from zero; its counts so far are kept."""
+        if key not in self.keys:
+            self.keys.append(key)
+            for values in self.values.values():
+                values.setdefault(key, 0)
 
     def add(self, name: str, key: tuple[str, str], amount: float = 1) -> None:
+        self.track(key)
         self.values[name][key] += int(round(amount))
 
     def seconds(self, name: str, key: tuple[str, str], seconds: float) -> None:

@@ -14,6 +14,7 @@ request, inference, queue and compute counters per model version (``bnrt.deploy.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import signal
@@ -25,7 +26,8 @@ from bnrt.version import __version__
 from bnrt.errors import InputError, OptionError
 from bnrt.deploy.batcher import Batcher
 from bnrt.deploy.metrics import Metrics
-from bnrt.deploy.kserve import HEADER_LENGTH, RequestError, ServedModel, build_response, discover, parse_request
+from bnrt.deploy.kserve import HEADER_LENGTH, RequestError, ServedModel, build_response, parse_request, serving_session
+from bnrt.deploy.repository import Repository
 
 KEEP_ALIVE_S = 5.0  # uvicorn's default keep-alive, here also the wait for a new connection's first request
 
@@ -33,18 +35,36 @@ KEEP_ALIVE_S = 5.0  # uvicorn's default keep-alive, here also the wait for a new
 # --- the ASGI application -------------------------------------------------------------------------
 
 class _Endpoints:
-    """The protocol's endpoints over ``models`` (see ``discover``), one ``Batcher`` per model version."""
+    """The protocol's endpoints over the models at ``path`` (``repository.Repository``: one
+    ``Batcher`` per model version, reloaded when their files change)."""
 
-    def __init__(self, models: dict[str, dict[str, ServedModel]], max_batch: int, max_delay_ms: float,
+    def __init__(self, path: str | os.PathLike, make_session, max_batch: int, max_delay_ms: float,
                  max_queue: int, max_request_bytes: int):
         from starlette.responses import JSONResponse, Response  # imported here: the CLI imports this module
 
         self.json, self.response = JSONResponse, Response
-        self.models, self.max_request_bytes = models, max_request_bytes
-        keys = [(m.name, m.version) for versions in models.values() for m in versions.values()]
-        self.metrics = Metrics(keys, lambda key: self.batchers[key].in_flight)
-        self.batchers = {(m.name, m.version): Batcher(m, max_batch, max_delay_ms, max_queue, self.metrics)
-                         for versions in models.values() for m in versions.values()}
+        self.max_request_bytes = max_request_bytes
+        self.metrics = Metrics([], lambda key: self.batchers[key].in_flight if key in self.batchers else 0)
+
+        def batcher(model: ServedModel) -> Batcher:
+            self.metrics.track((model.name, model.version))
+            return Batcher(model, max_batch, max_delay_ms, max_queue, self.metrics)
+
+        self.repo = Repository(path, make_session, batcher)
+
+    @property
+    def models(self) -> dict[str, dict[str, ServedModel]]:
+        return self.repo.models
+
+    @property
+    def batchers(self) -> dict:
+        return self.repo.batchers
+
+    def batcher(self, model: ServedModel) -> Batcher:
+        found = self.batchers.get((model.name, model.version))
+        if found is None:  # unloaded between the lookup and now
+            raise RequestError(404, f"model {model.name!r} version {model.version!r} was unloaded")
+        return found
 
     def find(self, request) -> ServedModel:
         return self.lookup(request.path_params["name"], request.path_params.get("version"))
@@ -113,6 +133,23 @@ class _Endpoints:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def repository_index(self, request):
+        return self.json(self.repo.index())
+
+    async def repository_load(self, request):
+        try:
+            await self.repo.load(request.path_params["name"])
+        except RequestError as exc:
+            return self.error(exc.status, str(exc))
+        return self.json({})
+
+    async def repository_unload(self, request):
+        try:
+            self.repo.unload(request.path_params["name"])
+        except RequestError as exc:
+            return self.error(exc.status, str(exc))
+        return self.json({})
+
     async def metrics_text(self, request):
         return self.response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -124,7 +161,7 @@ class _Endpoints:
             model = self.find(request)
             parsed, feeds = parse_request(await self.body(request), request.headers.get(HEADER_LENGTH), model)
             self.check_batch(model, feeds)
-            outputs = await self.batchers[(model.name, model.version)].submit(feeds)
+            outputs = await self.batcher(model).submit(feeds)
             payload, head_length = build_response(parsed, model, outputs)
         except RequestError as exc:
             self.count(model, start, "nv_inference_request_failure")
@@ -138,34 +175,35 @@ class _Endpoints:
         return self.response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head_length)})
 
 
-def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32, max_delay_ms: float = 2.0,
-               max_queue: int = 256, max_request_bytes: int = 64 << 20, grpc: tuple[str, int] | None = None,
+def create_app(api: _Endpoints, *, grpc: tuple[str, int] | None = None, poll_s: float | None = None,
                announce=print):
-    """The Starlette application serving ``models`` (see ``discover``); with ``grpc`` (host, port)
-    also the gRPC service (``bnrt.deploy.grpcserve``), started with the application, its address
-    announced."""
+    """The Starlette application of ``api``; with ``grpc`` (host, port) also the gRPC service
+    (``bnrt.deploy.grpcserve``), started with the application, its address announced; with
+    ``poll_s`` the repository is refreshed that often."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
-    api = _Endpoints(models, max_batch, max_delay_ms, max_queue, max_request_bytes)
-
     @asynccontextmanager
     async def lifespan(app):
         for b in api.batchers.values():
             b.start()
-        rpc = None
+        rpc, poll = None, None
         if grpc is not None:
             from bnrt.deploy.grpcserve import start_grpc
 
-            rpc, bound = await start_grpc(api, *grpc, max_request_bytes)
+            rpc, bound = await start_grpc(api, *grpc, api.max_request_bytes)
             announce(f"gRPC (KServe v2) at {grpc[0]}:{bound}")
+        if poll_s:
+            poll = asyncio.get_running_loop().create_task(api.repo.poll(poll_s))
         yield
+        if poll is not None:
+            poll.cancel()
         if rpc is not None:
             await rpc.stop(1.0)
-        for b in api.batchers.values():
+        for b in list(api.batchers.values()):
             await b.stop()
 
     routes = [
@@ -178,6 +216,9 @@ def create_app(models: dict[str, dict[str, ServedModel]], *, max_batch: int = 32
         Route("/v2/models/{name}/versions/{version}/ready", api.model_ready),
         Route("/v2/models/{name}/infer", api.infer, methods=["POST"]),
         Route("/v2/models/{name}/versions/{version}/infer", api.infer, methods=["POST"]),
+        Route("/v2/repository/index", api.repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", api.repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", api.repository_unload, methods=["POST"]),
         Route("/metrics", api.metrics_text),
     ]
 
@@ -277,28 +318,31 @@ def _check_options(**options) -> None:
 def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, provider: str = "cpu",
           threads: int = 0, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
           max_request_mb: float = 64.0, tf32: bool | None = None, keep_alive_s: float = KEEP_ALIVE_S,
-          max_connections: int | None = None, grpc_port: int | None = None, announce=print) -> None:
+          max_connections: int | None = None, grpc_port: int | None = None, poll_repo_s: float | None = None,
+          announce=print) -> None:
     """Serve the model(s) at ``path`` until SIGINT/SIGTERM (uvicorn's handlers shut down cleanly).
     ``tf32``: CUDA only; None keeps ORT's default (on), announced at start. A connection idle for
     ``keep_alive_s`` is closed, also before its first request and half-way through one; at most
     ``max_connections`` are open (None: ``default_max_connections()``), more are closed when
     accepted. ``grpc_port``: also serve the protocol over gRPC there (0 picks a free port; needs
-    grpcio and tritonclient[grpc]). A numeric option that is NaN, infinite or out of its range is an
-    ``OptionError``."""
+    grpcio and tritonclient[grpc]). ``poll_repo_s``: look for new, changed and removed model files
+    that often and swap them in without failing a request. A numeric option that is NaN, infinite
+    or out of its range is an ``OptionError``."""
     import uvicorn
 
     if max_connections is None:
         max_connections = default_max_connections()
     _check_options(port=port, threads=threads, max_batch=max_batch, max_queue=max_queue,
                    **({} if grpc_port is None else {"grpc_port": grpc_port}),
+                   **({} if poll_repo_s is None else {"poll_repo_s": poll_repo_s}),
                    max_connections=max_connections, max_delay_ms=max_delay_ms, max_request_mb=max_request_mb,
                    keep_alive_s=keep_alive_s)
     if grpc_port is not None:
         _grpc_ready(host, grpc_port, port)
-    models = discover(path, provider, threads, tf32)
-    app = create_app(models, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
-                     max_request_bytes=int(max_request_mb * (1 << 20)),
-                     grpc=None if grpc_port is None else (host, grpc_port), announce=announce)
+    api = _Endpoints(path, serving_session(provider, threads, tf32), max_batch, max_delay_ms, max_queue,
+                     int(max_request_mb * (1 << 20)))
+    models = api.models
+    app = create_app(api, grpc=None if grpc_port is None else (host, grpc_port), poll_s=poll_repo_s, announce=announce)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it, Nagle and
     # delayed ACKs hold every response (header and body are two writes) for 40 ms

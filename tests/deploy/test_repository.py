@@ -1,0 +1,131 @@
+"""`bnrt serve` keeps its models in step with their folder: new and changed versions swapped in under
+load with no failed request, the repository extension (index, load, unload), broken files left out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import onnx
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from onnx import numpy_helper
+
+from ..conftest import Server
+
+
+def _shifted(model_path, out, shift: float) -> None:
+    """The model with ``shift`` added to every bias of rank 1 (other outputs, same interface)."""
+    model = onnx.load(str(model_path))
+    for t in model.graph.initializer:
+        array = numpy_helper.to_array(t)
+        if array.ndim == 1 and array.dtype == np.float32 and array.size == 10:
+            t.CopyFrom(numpy_helper.from_array(array + np.float32(shift), t.name))
+    onnx.save(model, str(out))
+
+
+def _publish(source, folder) -> None:
+    """``source`` as ``folder/model.onnx``, appearing at once (written beside it, then renamed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, folder / ".model.onnx.tmp")
+    os.replace(folder / ".model.onnx.tmp", folder / "model.onnx")
+
+
+def _index(srv) -> list[dict]:
+    status, body = srv.raw("POST", "/v2/repository/index", b"")
+    assert status == 200
+    return json.loads(body)
+
+
+def _wait(srv, predicate, seconds: float = 30.0) -> list[dict]:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        index = _index(srv)
+        if predicate(index):
+            return index
+        time.sleep(0.05)
+    raise AssertionError(_index(srv))
+
+
+def test_new_and_changed_versions_swap_in_under_load_failing_no_request(onnx_model, tmp_path):
+    repo = tmp_path / "repo"
+    _publish(onnx_model, repo / "digits" / "1")
+    _shifted(onnx_model, tmp_path / "b.onnx", 100.0)
+    x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    srv = Server(repo, "--poll-repo", "0.1", "--max-delay-ms", "1")
+    answers, failures, stop = [], [], threading.Event()
+
+    def client() -> None:
+        http = httpclient.InferenceServerClient(srv.url)
+        inp = httpclient.InferInput("x", [1, 1, 8, 8], "FP32")
+        inp.set_data_from_numpy(x)
+        while not stop.is_set():
+            try:
+                answers.append(float(http.infer("digits", [inp]).as_numpy("output")[0, 0]))
+            except Exception as exc:  # any failed request fails the test
+                failures.append(repr(exc))
+
+    try:
+        a = float(httpclient.InferenceServerClient(srv.url).infer("digits", [_input(x)]).as_numpy("output")[0, 0])
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        _publish(tmp_path / "b.onnx", repo / "digits" / "2")  # a new version: the latest from now on
+        _wait(srv, lambda index: [r["state"] for r in index] == ["READY", "READY"])
+        time.sleep(0.5)
+        seen_b = len(answers)
+        _publish(onnx_model, repo / "digits" / "2")  # version 2 changed in place: back to the first model
+        time.sleep(0.5)
+        deadline = time.time() + 30
+        while abs(answers[-1] - a) > 1e-3 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        status = srv.stop()
+    assert failures == [] and status == 0
+    shifted = [v for v in answers if abs(v - (a + 100.0)) < 1e-2]
+    assert shifted and any(abs(v - a) < 1e-3 for v in answers[:seen_b]) and abs(answers[-1] - a) < 1e-3
+    assert all(abs(v - a) < 1e-3 or abs(v - a - 100.0) < 1e-2 for v in answers)  # one model or the other
+
+
+def _input(x):
+    inp = httpclient.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return inp
+
+
+def test_repository_index_load_unload_and_a_broken_file(onnx_model, tmp_path):
+    repo = tmp_path / "repo"
+    _publish(onnx_model, repo / "digits" / "1")
+    srv = Server(repo, "--poll-repo", "0.1", "--grpc-port", "0")
+    try:
+        assert _index(srv) == [{"name": "digits", "version": "1", "state": "READY"}]
+        (repo / "digits" / "3").mkdir()
+        (repo / "digits" / "3" / "model.onnx").write_bytes(b"not onnx")
+        index = _wait(srv, lambda index: len(index) == 2 and "reason" in index[1])
+        assert index[1]["state"] == "UNAVAILABLE" and "cannot load it" in index[1]["reason"]
+        http = httpclient.InferenceServerClient(srv.url)
+        assert http.infer("digits", [_input(np.zeros((1, 1, 8, 8), np.float32))]).get_response()["model_version"] == "1"
+        assert srv.raw("POST", "/v2/repository/models/digits/unload", b"")[0] == 200
+        assert srv.raw("POST", "/v2/models/digits/infer", b"{}")[0] == 404
+        time.sleep(0.3)  # a poll does not bring it back
+        assert [(r["state"], r.get("reason")) for r in _index(srv)] == [("UNAVAILABLE", "unloaded")] * 2
+        rpc = grpcclient.InferenceServerClient(srv.grpc_url)
+        rpc.load_model("digits")
+        assert http.is_model_ready("digits") and [r["state"] for r in _index(srv)] == ["READY", "UNAVAILABLE"]
+        rpc.unload_model("digits")
+        assert not http.is_model_ready("digits")
+        status, body = srv.raw("POST", "/v2/repository/models/nope/load", b"")
+        assert status == 404 and "no model 'nope'" in json.loads(body)["error"]
+        assert srv.raw("POST", "/v2/repository/models/digits/load", b"")[0] == 200
+        assert http.is_model_ready("digits", "1")
+    finally:
+        assert srv.stop() == 0

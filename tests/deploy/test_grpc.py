@@ -47,7 +47,12 @@ def test_grpc_health_metadata_and_repository_index(server):
 def test_grpc_outputs_equal_in_process_ort_raw_and_typed(server, onnx_model):
     x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
     expected = Session(onnx_model).run([x])[0]
-    np.testing.assert_allclose(_grpc_infer(server.grpc_url, x), expected, rtol=1e-5, atol=1e-6)
+    over_grpc = _grpc_infer(server.grpc_url, x)
+    np.testing.assert_allclose(over_grpc, expected, rtol=1e-5, atol=1e-6)
+    http = httpclient.InferenceServerClient(server.url)
+    inp = httpclient.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    assert http.infer("digits_cnn", [inp]).as_numpy("output").tobytes() == over_grpc.tobytes()  # bit-identical
     request = pb.ModelInferRequest(model_name="digits_cnn", id="typed-7")  # typed contents, as some clients send
     request.inputs.add(name="x", datatype="FP32", shape=list(x.shape)).contents.fp32_contents.extend(x.ravel())
     with grpc.insecure_channel(server.grpc_url) as channel:

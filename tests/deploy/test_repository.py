@@ -71,7 +71,7 @@ def test_new_and_changed_versions_swap_in_under_load_failing_no_request(onnx_mod
 
     try:
         a = float(httpclient.InferenceServerClient(srv.url).infer("digits", [_input(x)]).as_numpy("output")[0, 0])
-        threads = [threading.Thread(target=client) for _ in range(8)]
+        threads = [threading.Thread(target=client) for _ in range(16)]
         for t in threads:
             t.start()
         time.sleep(0.5)

@@ -376,5 +376,11 @@ def test_metrics_count_requests_inferences_and_time_under_tritons_names(onnx_mod
                 got["nv_inference_exec_count"], got["nv_inference_pending_request_count"]) == (3, 1, 6, 3, 0)
         compute, queue, request = (got[f"nv_inference_{k}_duration_us"] for k in ("compute_infer", "queue", "request"))
         assert 0 < compute < request and 0 <= queue < request
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f for f in text_string_to_metric_families(srv.raw("GET", "/metrics")[1].decode())}
+        assert set(families) == set(METRICS) and all(families[n].type == k for n, (k, _) in METRICS.items())
+        success = families["nv_inference_request_success"].samples
+        assert [(s.labels, s.value) for s in success] == [({"model": "digits_cnn", "version": "1"}, 3.0)]
     finally:
         assert srv.stop() == 0

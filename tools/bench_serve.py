@@ -104,7 +104,7 @@ def load(url: str, name: str, shape: tuple[int, ...], clients: int, requests: in
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
-def bench(model: Path, requests: int, max_delay_ms: float) -> str:
+def bench(model: Path, requests: int, max_delay_ms: float) -> tuple[str, str]:
     name = model.stem
     shape = Session(model).inputs[0].shape[1:]
     rates = in_process(model)
@@ -123,7 +123,8 @@ def bench(model: Path, requests: int, max_delay_ms: float) -> str:
                      f"{r['rps'] / rates[best_batch]:.3f} |")
     lines += ["", "In-process ORT, samples/s by batch: " + ", ".join(f"{b}: {v:.0f}" for b, v in rates.items())
               + f" (best: batch {best_batch})", ""]
-    return "\n".join(lines)
+    at_32 = ", ".join(f"{r['protocol']} {r['rps'] / rates[best_batch]:.2f}" for r in rows if r["clients"] == 32)
+    return "\n".join(lines), f"{name} {at_32}"
 
 
 def default_models(tmp: Path) -> list[Path]:
@@ -147,10 +148,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         models = [Path(m) for m in args.models] or default_models(Path(tmp))
-        table = "\n".join(bench(m, args.requests, args.max_delay_ms) for m in models)
+        sections = [bench(m, args.requests, args.max_delay_ms) for m in models]
+        table = "\n".join(text for text, _ in sections)
+        reached = [line for _, line in sections]
     print(table)
     doc = ("# Serving benchmark\n\n" + provenance("python -m tools.bench_serve")
            + f" Dynamic batching with --max-delay-ms {args.max_delay_ms}.\n\n"
+           + "Goal: 32 clients reach >= 0.7 of in-process ORT's best samples/s (>= 0.9 on a ResNet-50 at "
+           + "224x224). Reached at 32 clients: " + "; ".join(reached) + ".\n\n"
            + __doc__.split("\n\n", 2)[2] + "\n" + table)
     write_text(Path(args.output), doc)
     print(f"\nwrote {args.output}")

@@ -190,10 +190,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
-    from bnrt.deploy.triton import write_repository
+    from bnrt.deploy.triton import TritonOptions, write_repository
 
-    target = write_repository(args.model, args.output, name=args.name, max_batch=args.max_batch, gpu=args.gpu,
-                              instances=args.instances)
+    options = TritonOptions(args.max_batch, args.gpu, args.instances, args.threads, args.inter_threads,
+                            args.preferred_batch_sizes, args.max_queue_delay_us, args.tf32, args.tensorrt, args.fp16)
+    target = write_repository(args.model, args.output, name=args.name, options=options, warmup=args.warmup_data)
     print((target / "config.pbtxt").read_text().rstrip())
     print(f"wrote {target}/config.pbtxt and {target}/1/model.onnx")
     return 0

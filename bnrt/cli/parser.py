@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from bnrt.cli.groups import CheckArgs, ImageArgs, ProgressArgs, RuntimeArgs, ShapeArgs, SourceArgs, add_data
+from bnrt.cli.groups import CheckArgs, ImageArgs, ProgressArgs, RuntimeArgs, ShapeArgs, SourceArgs, add_data, on_off
 from bnrt.deploy.serve import KEEP_ALIVE_S
 from bnrt.io.data import DEFAULT_BATCH
 from bnrt.io.export import DEFAULT_OPSET, EXPORTERS
@@ -110,6 +110,22 @@ def _triton(sub) -> None:
                    help="max_batch_size when the batch axis is dynamic (default 8; 0: no batching)")
     p.add_argument("--gpu", action="store_true", help="instance_group kind KIND_GPU (default KIND_CPU)")
     p.add_argument("--instances", type=int, default=1, help="instances of the model (default 1)")
+    p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads per instance (default 0: ORT's)")
+    p.add_argument("--inter-threads", type=int, default=0, help="ORT inter-op threads (default 0: ORT's)")
+    p.add_argument("--preferred-batch-sizes", type=_sizes, default=(), metavar="N[,N…]",
+                   help="the dynamic batcher's preferred batch sizes")
+    p.add_argument("--max-queue-delay-us", type=int, default=0, help="the dynamic batcher's wait (default 0)")
+    p.add_argument("--warmup-data", metavar="FILE.npz", help="warm each instance up with the first sample of FILE")
+    p.add_argument("--tf32", type=on_off, metavar="on|off", help="the CUDA provider's TF32 (--gpu; default: ORT's, on)")
+    p.add_argument("--tensorrt", action="store_true", help="the TensorRT accelerator (--gpu)")
+    p.add_argument("--fp16", action="store_true", help="TensorRT in FP16 precision (--tensorrt)")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers like 4,8") from None
 
 
 def _bench(sub) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,55 @@ def model_config_pb2():
     return schema
 
 
-def build_config(session: Session, name: str, max_batch: int = 8, gpu: bool = False, instances: int = 1):
-    """The ``ModelConfig`` message for ``session``'s model. ``max_batch`` is used only when every
-    input and output has a dynamic first axis; otherwise the model is not batched (0)."""
+@dataclass(frozen=True)
+class TritonOptions:
+    """What ``bnrt triton`` writes into the config beyond the model's tensors: ``max_batch`` (used
+    only when every tensor's first axis is dynamic), ``instances`` of ``gpu`` or CPU kind, ORT's
+    intra/inter-op ``threads`` (0: ORT's default), the dynamic batcher's ``preferred_batch_sizes``
+    and ``max_queue_delay_us``, and on GPU the CUDA provider's ``tf32`` (None: ORT's default, on)
+    and the ``tensorrt`` accelerator (``fp16``: its precision_mode FP16)."""
+
+    max_batch: int = 8
+    gpu: bool = False
+    instances: int = 1
+    threads: int = 0
+    inter_threads: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    tf32: bool | None = None
+    tensorrt: bool = False
+    fp16: bool = False
+
+    def check(self) -> None:
+        if self.instances <= 0 or self.max_batch < 0 or self.threads < 0 or self.inter_threads < 0 \
+                or self.max_queue_delay_us < 0:
+            raise OptionError("`instances` must be positive; `max_batch`, `threads`, `inter_threads` and "
+                              "`max_queue_delay_us` not negative")
+        if not self.gpu and (self.tf32 is not None or self.tensorrt or self.fp16):
+            raise OptionError("`tf32`, `tensorrt` and `fp16` set GPU execution: give `gpu` too")
+        if self.fp16 and not self.tensorrt:
+            raise OptionError("`fp16` is TensorRT's precision mode: give `tensorrt` too")
+        bad = [b for b in self.preferred_batch_sizes if not 0 < b <= self.max_batch]
+        if bad:
+            raise OptionError(f"`preferred_batch_sizes` {bad[0]}: must be in [1, max_batch {self.max_batch}]")
+
+
+def _accelerators(config, options: TritonOptions) -> None:
+    """The CUDA provider's TF32 and the TensorRT accelerator, as Triton's ONNX Runtime backend reads them."""
+    if options.tensorrt:
+        trt = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        trt.parameters["precision_mode"] = "FP16" if options.fp16 else "FP32"
+        trt.parameters["max_workspace_size_bytes"] = str(1 << 30)
+    if options.tf32 is not None:
+        cuda = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="cuda")
+        cuda.parameters["use_tf32"] = "1" if options.tf32 else "0"
+
+
+def build_config(session: Session, name: str, options: TritonOptions = TritonOptions()):
+    """The ``ModelConfig`` message for ``session``'s model (see ``TritonOptions``); a model whose
+    tensors do not all have a dynamic first axis is not batched (``max_batch_size`` 0)."""
     schema = model_config_pb2()
+    max_batch, gpu, instances = options.max_batch, options.gpu, options.instances
     specs = session.inputs + session.outputs
     batched = max_batch > 0 and all(s.shape and s.shape[0] is None for s in specs)
     config = schema.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime",
@@ -68,20 +114,43 @@ def build_config(session: Session, name: str, max_batch: int = 8, gpu: bool = Fa
     group.kind = schema.ModelInstanceGroup.KIND_GPU if gpu else schema.ModelInstanceGroup.KIND_CPU
     if batched:
         config.dynamic_batching.SetInParent()
+        config.dynamic_batching.preferred_batch_size.extend(options.preferred_batch_sizes)
+        config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    for key, value in (("intra_op_thread_count", options.threads), ("inter_op_thread_count", options.inter_threads)):
+        if value:
+            config.parameters[key].string_value = str(value)
+    _accelerators(config, options)
     return config
 
 
+def _warmup(config, session: Session, data: str | os.PathLike, folder: Path) -> None:
+    """A ``model_warmup`` entry running the first sample of ``data`` (an .npz/.npy named like the
+    inputs), each input's bytes in ``folder/warmup/<input>`` as Triton reads them."""
+    from bnrt.io.data import load_data
+
+    dataset = load_data(data, session.input_names)
+    warmup = config.model_warmup.add(name=f"first sample of {Path(data).name}", batch_size=1)
+    (folder / "warmup").mkdir()
+    for spec, array, entry in zip(session.inputs, dataset.inputs, config.input):
+        sample = np.ascontiguousarray(np.asarray(array[:1]), dtype=spec.dtype)
+        (folder / "warmup" / spec.name).write_bytes(sample.tobytes())
+        given = warmup.inputs[spec.name]
+        given.data_type = entry.data_type
+        given.dims.extend(sample.shape[1:] if config.max_batch_size else sample.shape)
+        given.input_data_file = spec.name
+
+
 def write_repository(onnx_path: str | os.PathLike, repo: str | os.PathLike, *, name: str | None = None,
-                     max_batch: int = 8, gpu: bool = False, instances: int = 1) -> Path:
+                     options: TritonOptions = TritonOptions(), warmup: str | os.PathLike | None = None) -> Path:
     """Write ``repo/NAME`` (config.pbtxt, 1/model.onnx and the external data files the model's
-    tensors name, at the same relative paths) for the ONNX file; returns the model folder. The
-    folder is built beside its final place and renamed in, so it is never partial; an existing
-    ``repo/NAME`` is an error, and a ``repo`` this call created goes again when it fails."""
+    tensors name, at the same relative paths; with ``warmup`` data, a warm-up request of its first
+    sample) for the ONNX file; returns the model folder. The folder is built beside its final place
+    and renamed in, so it is never partial; an existing ``repo/NAME`` is an error, and a ``repo``
+    this call created goes again when it fails."""
     from google.protobuf import text_format
 
     src = Path(onnx_path)
-    if instances <= 0 or max_batch < 0:
-        raise OptionError("`instances` must be positive and `max_batch` not negative")
+    options.check()
     data_files = _external_data(src)
     session = Session(src, "cpu")
     name = name or src.name.split(".")[0]
@@ -102,7 +171,9 @@ def write_repository(onnx_path: str | os.PathLike, repo: str | os.PathLike, *, n
             for relative in data_files:  # beside model.onnx, where its tensors say they are
                 (stage / "1" / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src.parent / relative, stage / "1" / relative)
-            config = build_config(session, name, max_batch, gpu, instances)
+            config = build_config(session, name, options)
+            if warmup is not None:
+                _warmup(config, session, warmup, stage)
             (stage / "config.pbtxt").write_text(text_format.MessageToString(config))
             stage.chmod(0o755)
             os.replace(stage, target)

@@ -251,9 +251,9 @@ def test_fixed_batch_model_is_not_batched_in_triton_config(tmp_path):
     model = torch.nn.Linear(3, 2).eval()
     bnrt.export_onnx(model, (torch.randn(2, 3),), tmp_path / "fixed.onnx", names=(["x"], ["y"]), dynamic_batch=False,
                      exporter="torchscript")
-    from bnrt.deploy.triton import build_config
+    from bnrt.deploy.triton import TritonOptions, build_config
 
-    config = build_config(Session(tmp_path / "fixed.onnx"), "fixed", max_batch=8, gpu=True)
+    config = build_config(Session(tmp_path / "fixed.onnx"), "fixed", TritonOptions(max_batch=8, gpu=True))
     assert config.max_batch_size == 0 and list(config.input[0].dims) == [2, 3]
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     assert not config.HasField("dynamic_batching")
@@ -346,6 +346,8 @@ def test_numeric_flags_out_of_range_are_refused_at_start(onnx_model, flag, value
     ("threads", -1, "`threads` -1: must be an integer >= 0"),
     ("port", -1, "`port` -1: must be an integer in [0, 65535]"),
     ("max_batch", 2.5, "`max_batch` 2.5: must be an integer >= 1"),
+    ("poll_repo_s", 0, "`poll_repo_s` 0: must be a finite number > 0"),
+    ("grpc_port", 65536, "`grpc_port` 65536: must be an integer in [0, 65535]"),
 ])
 def test_serve_refuses_options_out_of_range_before_loading_models(option, value, message):
     with pytest.raises(OptionError) as info:

@@ -69,3 +69,45 @@ def test_a_missing_external_data_file_is_one_line(tmp_path):
     proc = run_cli("triton", str(src), "-o", str(tmp_path / "repo"))
     assert_one_line_error(proc, "m.onnx: external data file ", "m.onnx.data is missing")
     assert not (tmp_path / "repo").exists()
+
+
+def test_triton_options_are_written_with_tritons_schema_and_parse_back(tmp_path, onnx_model):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as schema
+
+    from models.digits import digits_split
+
+    _, _, x, _ = digits_split()
+    np.savez(tmp_path / "d.npz", x=x[:3] * 2)
+    proc = run_cli("triton", str(onnx_model), "-o", str(tmp_path / "repo"), "--name", "digits", "--max-batch", "16",
+                   "--instances", "3", "--gpu", "--threads", "2", "--inter-threads", "1", "--preferred-batch-sizes",
+                   "4,8", "--max-queue-delay-us", "500", "--tf32", "off", "--tensorrt", "--fp16",
+                   "--warmup-data", str(tmp_path / "d.npz"))
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "repo" / "digits"
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), schema.ModelConfig())
+    group = config.instance_group[0]
+    assert (group.count, group.kind) == (3, schema.ModelInstanceGroup.KIND_GPU)
+    assert (list(config.dynamic_batching.preferred_batch_size), config.dynamic_batching.max_queue_delay_microseconds
+            ) == ([4, 8], 500)
+    assert {k: v.string_value for k, v in config.parameters.items()} == {"intra_op_thread_count": "2",
+                                                                         "inter_op_thread_count": "1"}
+    accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert [(a.name, dict(a.parameters)) for a in accelerators] == [
+        ("tensorrt", {"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30)}),
+        ("cuda", {"use_tf32": "0"})]
+    (warmup,) = config.model_warmup
+    assert (warmup.batch_size, list(warmup.inputs)) == (1, ["x"])
+    given = warmup.inputs["x"]
+    assert (schema.DataType.Name(given.data_type), list(given.dims), given.input_data_file) == ("TYPE_FP32", [1, 8, 8], "x")
+    assert (folder / "warmup" / "x").read_bytes() == (x[:1] * 2).astype(np.float32).tobytes()
+
+
+def test_triton_options_that_do_not_fit_are_one_line(tmp_path, onnx_model):
+    cmd = ["triton", str(onnx_model), "-o", str(tmp_path / "repo")]
+    assert_one_line_error(run_cli(*cmd, "--tensorrt"), "give --gpu too")
+    assert_one_line_error(run_cli(*cmd, "--gpu", "--fp16"), "give --tensorrt too")
+    assert_one_line_error(run_cli(*cmd, "--preferred-batch-sizes", "4,32"), "--preferred-batch-sizes 32",
+                          "[1, max_batch 8]")
+    assert_one_line_error(run_cli(*cmd, "--warmup-data", str(tmp_path / "none.npz")), "none.npz: no such data file")
+    assert not (tmp_path / "repo" / "digits_cnn").exists()

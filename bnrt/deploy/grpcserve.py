@@ -20,8 +20,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as rpc
 
 from bnrt.version import __version__
-from bnrt.deploy.kserve import DATATYPE_OF, KSERVE_TYPES, MAX_DIM, MAX_RANK, RequestError, ServedModel
-from bnrt.errors import InputError
+from bnrt.deploy.kserve import DATATYPE_OF, KSERVE_TYPES, MAX_DIM, MAX_RANK, RequestError, ServedModel, validated
 
 # the typed field of InferTensorContents holding each datatype (FP16 travels only as raw bytes)
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -61,17 +60,7 @@ def parse_infer(request, model: ServedModel) -> dict[str, np.ndarray]:
     raws = list(request.raw_input_contents)
     if raws and len(raws) != len(request.inputs):
         raise RequestError(400, f"{len(raws)} raw input contents for {len(request.inputs)} inputs")
-    feeds = {}
-    for i, tensor in enumerate(request.inputs):
-        name, array = _tensor(tensor, raws[i] if raws else None)
-        if name in feeds:
-            raise RequestError(400, f"input {name!r} given twice")
-        feeds[name] = array
-    try:
-        model.session.validate(feeds)
-    except InputError as exc:
-        raise RequestError(400, str(exc)) from None
-    return feeds
+    return validated([_tensor(tensor, raws[i] if raws else None) for i, tensor in enumerate(request.inputs)], model)
 
 
 def infer_response(request, model: ServedModel, outputs: dict[str, np.ndarray]):

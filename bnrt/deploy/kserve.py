@@ -248,9 +248,18 @@ def parse_request(body: bytes, header_length: str | None, model: ServedModel) ->
         head, binary = body, memoryview(b"")
     request, spans = _load_json(head)
     _check_fields(request, model)
-    feeds, offset = {}, 0
+    parsed, offset = [], 0
     for item in request["inputs"]:
         name, array, offset = _input(item, spans, binary, offset, len(body))
+        parsed.append((name, array))
+    return request, validated(parsed, model)
+
+
+def validated(inputs: list[tuple[str, np.ndarray]], model: ServedModel) -> dict[str, np.ndarray]:
+    """A request's (name, array) inputs as the model's feeds: each name once, names, dtypes and
+    shapes as the model takes them (``RequestError(400)`` saying what differs)."""
+    feeds = {}
+    for name, array in inputs:
         if name in feeds:
             raise RequestError(400, f"input {name!r} given twice")
         feeds[name] = array
@@ -258,7 +267,7 @@ def parse_request(body: bytes, header_length: str | None, model: ServedModel) ->
         model.session.validate(feeds)
     except InputError as exc:
         raise RequestError(400, str(exc)) from None
-    return request, feeds
+    return feeds
 
 
 def build_response(request: dict, model: ServedModel, outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:

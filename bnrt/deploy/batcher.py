@@ -44,7 +44,7 @@ class Batcher:
         self.model, self.max_batch, self.max_delay = model, max_batch, max_delay_ms / 1000
         self.metrics, self.key = metrics, (model.name, model.version)
         self.max_queue = max_queue
-        self.in_flight = 0
+        self.in_flight, self.stopped = 0, False
         self.queue: asyncio.Queue = asyncio.Queue()
         self.held: deque[_Pending] = deque()
         self.task: asyncio.Task | None = None
@@ -58,6 +58,7 @@ class Batcher:
             await asyncio.sleep(0.005)
 
     async def stop(self) -> None:
+        self.stopped = True
         if self.task:
             self.task.cancel()
             try:
@@ -68,6 +69,8 @@ class Batcher:
     async def submit(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The request's outputs. A request of more than ``max_batch`` samples runs in parts of
         ``max_batch``, one after the other: memory follows ``max_batch``, not the request."""
+        if self.stopped:  # a retired version's batcher, reached by a request that found it before
+            raise RequestError(503, f"model {self.model.name!r} version {self.model.version!r} was unloaded; retry")
         if self.in_flight >= self.max_queue:
             raise RequestError(503, f"model {self.model.name!r} has {self.in_flight} requests queued; retry later")
         self.in_flight += 1

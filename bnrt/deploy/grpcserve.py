@@ -52,7 +52,10 @@ def _tensor(tensor, raw: bytes | None) -> tuple[str, np.ndarray]:
     values = getattr(tensor.contents, field) if field else []
     if len(values) != count:
         raise RequestError(400, f"input {name!r}: {len(values)} values for shape {shape}")
-    return name, np.asarray(values, dtype=dtype).reshape(shape)
+    try:
+        return name, np.asarray(values, dtype=dtype).reshape(shape)
+    except (OverflowError, ValueError) as exc:
+        raise RequestError(400, f"input {name!r}: values out of {datatype}'s range ({exc})") from None
 
 
 def parse_infer(request, model: ServedModel) -> dict[str, np.ndarray]:

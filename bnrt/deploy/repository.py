@@ -32,8 +32,10 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 def warm_up(session: Session) -> None:
-    """One run on zeros (dynamic axes of size 1): the first request pays no start-up cost."""
-    session.run_dict({s.name: np.zeros([1 if d is None else d for d in s.shape], s.dtype) for s in session.inputs})
+    """One run on zeros of batch 1, so that the first request pays no start-up cost; only where every
+    other axis is fixed (a size made up for a dynamic one may be one the model cannot take)."""
+    if all(s.shape and all(d is not None for d in s.shape[1:]) for s in session.inputs):
+        session.run_dict({s.name: np.zeros([1, *s.shape[1:]], s.dtype) for s in session.inputs})
 
 
 class Repository:
@@ -85,6 +87,8 @@ class Repository:
                 self.failed[key] = first_line(exc) or type(exc).__name__
                 print(f"bnrt serve: {path}: not loaded ({self.failed[key]})", file=sys.stderr, flush=True)
                 continue
+            if names is None and key[0] in self.unloaded:  # unloaded while it was loading
+                continue
             self.failed.pop(key, None)
             model = ServedModel(*key, session)
             batcher = self.make_batcher(model)
@@ -120,15 +124,13 @@ class Repository:
         if not versions:
             self.models.pop(key[0], None)
         self.stamps.pop(key, None)
-        self._retire(self.batchers[key], key)
+        self._retire(self.batchers.pop(key))  # gone at once: no request finds it from now on
 
-    def _retire(self, batcher: Batcher, key: Key | None = None) -> None:
-        """Stop ``batcher`` once the requests it holds are answered (and forget it under ``key``)."""
+    def _retire(self, batcher: Batcher) -> None:
+        """Stop ``batcher`` once the requests it holds are answered."""
         async def retire() -> None:
             await batcher.drain()
             await batcher.stop()
-            if key is not None and self.batchers.get(key) is batcher:
-                del self.batchers[key]
         task = asyncio.get_running_loop().create_task(retire())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

@@ -33,6 +33,12 @@ class Dataset:
     labels: np.ndarray | None
     source: str
     preprocess: dict | None = None  # how an image folder became inputs (``bnrt.io.images``)
+    head: int | None = None  # a part of a larger data set: only its first ``head`` samples are the whole's first
+
+    @property
+    def first(self) -> int:
+        """How many leading samples are the whole data's leading samples (all, unless a part)."""
+        return self.size if self.head is None else self.head
 
     @property
     def size(self) -> int:
@@ -59,11 +65,12 @@ def run_batched(runner: Runner | Sequence[Runner], data: Dataset, batch_size: in
     return outs[0] if callable(runner) else outs
 
 
-def picked(data: Dataset, rows: Sequence[int]) -> Dataset:
-    """The samples ``rows`` of ``data``, in that order, read when used."""
+def picked(data: Dataset, rows: Sequence[int], head: int | None = None) -> Dataset:
+    """The samples ``rows`` of ``data``, in that order, read when used; ``head``: how many of them
+    are ``data``'s first samples (``Dataset.head``)."""
     index = np.asarray(rows, dtype=np.int64)
     return Dataset([Picked(x, index) for x in data.inputs], None if data.labels is None else data.labels[index],
-                   data.source, data.preprocess)
+                   data.source, data.preprocess, head)
 
 
 def concatenated(parts: list[np.ndarray]) -> np.ndarray:

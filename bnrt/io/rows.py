@@ -43,10 +43,18 @@ class Rows:
             if step == 1:
                 return self._take(slice(start, max(start, stop)))
             key = range(start, stop, step)
-        indices = [int(i) for i in np.asarray(key).reshape(-1)]
-        if indices and indices == list(range(indices[0], indices[0] + len(indices))) and indices[0] >= 0:
+        key = np.asarray(key)
+        if key.dtype == bool:
+            if key.shape != (len(self),):
+                raise IndexError(f"a mask of shape {key.shape} for {len(self)} rows")
+            key = np.flatnonzero(key)
+        indices = [int(i) + (len(self) if i < 0 else 0) for i in key.reshape(-1)]
+        bad = next((i for i in indices if not 0 <= i < len(self)), None)
+        if bad is not None:
+            raise IndexError(f"row {bad} of {len(self)}")
+        if indices and indices == list(range(indices[0], indices[0] + len(indices))):
             return self._take(slice(indices[0], indices[0] + len(indices)))
-        return self._take([i + len(self) if i < 0 else i for i in indices])
+        return self._take(indices)
 
     def _take(self, key: slice | list[int]) -> np.ndarray:
         raise NotImplementedError
@@ -62,7 +70,7 @@ class Stored(Rows):
 
     def __init__(self, path: Path, offset: int, shape: tuple[int, ...], stored: np.dtype):
         self.path, self.offset, self.shape, self.stored = path, offset, tuple(shape), np.dtype(stored)
-        self.dtype = np.dtype(np.float32) if self.stored.kind == "f" else self.stored
+        self.dtype = np.dtype(np.float32) if self.stored.kind == "f" else self.stored.newbyteorder("=")
         self.row = int(np.prod(self.shape[1:], dtype=np.int64))
 
     def _read(self, start: int, stop: int) -> np.ndarray:

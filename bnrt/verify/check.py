@@ -97,7 +97,7 @@ def _noise_pairs(reference: Side, ref_out: list[np.ndarray], data: Dataset, name
     """(anchor, noisy) per output on the first ``truth_samples`` samples, or None when fixed
     tolerances decide every output (or the noise run cannot run); that sample count; and why
     fixed tolerances decide where the noise floor would have (None: they do not, or were asked for)."""
-    truth = truth_samples(ref_out, data.size)
+    truth = min(truth_samples(ref_out, data.size), data.first)
     if reference.fixed_batch:  # a graph with a fixed batch runs whole batches only
         truth = min(data.size, -(-truth // reference.fixed_batch) * reference.fixed_batch)
     noise = reference.noise
@@ -182,7 +182,7 @@ def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict],
     reference's noise floor per module when ``noisy`` (the check used it), else by tolerances."""
     if reference.taps is None or candidate.taps is None:
         return None
-    head = [x[:LOCALISE_SAMPLES] for x in data.inputs]
+    head = [x[:min(LOCALISE_SAMPLES, data.first)] for x in data.inputs]
     # thinned: every module's whole output, three runs of a detector at 800x800, would not fit in memory
     ref_taps, cand_taps = reference.taps(head, None, POINT_VALUES), candidate.taps(head, None, POINT_VALUES)
     if noisy and reference.noise is not None and reference.noise.taps is not None:

@@ -1,9 +1,10 @@
 """A check in parts: each process or machine runs the sides on its shard of the data
 (``check_part``) and ``merge`` makes the parts into the report one process gives, number for number.
 
-A part runs the data's first ``HEAD`` samples and then its own rows (``bnrt.io.shards.shard_rows``):
-the noise floor, the head-only candidates, the per-layer comparison and the localisation all use
-the first samples, as one process does. It keeps every side's outputs on its own rows and what was
+A part runs the single run's batches that hold the data's first ``HEAD`` samples and its own rows
+(``bnrt.io.shards.shard_rows``), whole (a model's output may depend on what shares its batch): the
+noise floor, the head-only candidates, the per-layer comparison and the localisation all use the
+first samples, as one process does. It keeps every side's outputs on its own rows and what was
 measured on the first samples; ``merge`` joins the outputs in row order and judges them once
 (``check.judge``). A comparison that fails takes the first divergent module a part found (a part
 whose own rows failed looks for it, on the first samples, as one process would).
@@ -16,13 +17,14 @@ brings every rank's part to rank 0.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from bnrt.errors import InputError
+from bnrt.errors import InputError, OptionError
 from bnrt.io.data import Dataset, concatenated, picked
 from bnrt.io.save import atomic_path, write_json
 from bnrt.io.shards import process_group, shard_rows
@@ -59,17 +61,27 @@ def check_part(reference: Model, candidates: Sequence[Model | Candidate], data: 
                note: Callable[[str], None] | None = None) -> Part:
     """The check of shard ``index`` of ``count`` of ``data`` (``check.check``'s arguments)."""
     note = note or (lambda text: None)
-    rows, head = shard_rows(data.size, index, count), min(HEAD, data.size)
+    rows, size, batch = shard_rows(data.size, index, count), data.size, options.batch_size
     reference, candidates = sides(reference, candidates, options)
-    mine = picked(data, [*range(head), *rows])
+    fixed = next((s.fixed_batch for s in [reference, *(c.side for c in candidates)] if s.fixed_batch), None)
+    if fixed:
+        raise OptionError(f"{data.source}: a graph that takes exactly {fixed} samples at a time cannot be "
+                          "checked in parts (the first samples and each shard would have to be whole batches)")
+    # whole batches of the single run only (a model's output can depend on what shares its batch):
+    # the ones holding the first samples, then the ones holding this shard's rows
+    first = min(size, -(-HEAD // batch) * batch)
+    start = max(first, rows.start // batch * batch)
+    stop = max(start, min(size, -(-rows.stop // batch) * batch))
+    mine = picked(data, [*range(first), *range(start, stop)], first)
+    keep = np.array([r if r < first else first + r - start for r in rows], dtype=np.int64)
     seen = observe(reference, candidates, mine, options, output_names, note)
     folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
     comparisons = judge(seen, options)[0]
     model_checks(reference, candidates, comparisons, mine, folds, options, seen, note)
-    kept = replace(seen, ref_out=[o[head:] for o in seen.ref_out],
-                   outs=[o if head_only else [x[head:] for x in o] for o, (_, head_only, _) in zip(seen.outs,
+    kept = replace(seen, ref_out=[o[keep] for o in seen.ref_out],
+                   outs=[o if head_only else [x[keep] for x in o] for o, (_, head_only, _) in zip(seen.outs,
                                                                                                    seen.candidates)],
-                   labels=None if seen.labels is None else seen.labels[head:])
+                   labels=None if seen.labels is None else seen.labels[keep])
     return Part(index, count, rows.start, data.size, data.source, data.preprocess, options.top_k, options.tolerances,
                 kept, [c.layers for c in comparisons], [c.divergence for c in comparisons])
 
@@ -81,7 +93,7 @@ def _same(parts: list[Part]) -> None:
     if indices != list(range(first.count)) or any(p.count != first.count for p in parts):
         raise InputError(f"the parts are shards {', '.join(f'{p.index}/{p.count}' for p in parts)}; "
                          f"a merge needs each of 0/{first.count} .. {first.count - 1}/{first.count} once")
-    keys = {"data": lambda p: (p.source, p.size), "sides": lambda p: (p.seen.ref_label, p.seen.candidates),
+    keys = {"data": lambda p: (p.source, p.size, p.preprocess), "sides": lambda p: (p.seen.ref_label, p.seen.candidates),
             "outputs": lambda p: p.seen.names, "noise floor": lambda p: (p.seen.truth, p.seen.noise),
             "tolerances": lambda p: (p.tolerances, p.top_k)}
     for what, key in keys.items():
@@ -150,8 +162,8 @@ def write_part(part: Part, path: str | Path) -> Path:
         "names": seen.names, "outputs": [len(seen.ref_out), *(len(o) for o in seen.outs)],
         "noise_pairs": seen.pairs is not None,
         "truth": seen.truth, "fallback": seen.fallback, "noise": seen.noise,
-        "layers": [None if x is None else asdict(x) for x in part.layers],
-        "divergences": [None if x is None else asdict(x) for x in part.divergences],
+        "layers": [None if x is None else _spelled(asdict(x)) for x in part.layers],
+        "divergences": [None if x is None else _spelled(asdict(x)) for x in part.divergences],
         "arrays": outputs.name, "arrays_sha256": file_sha256(outputs)})
     return outputs
 
@@ -178,5 +190,18 @@ def read_part(path: str | Path) -> Part:
     tolerances = meta["tolerances"]
     tolerances["per_output"] = {n: tuple(v) for n, v in tolerances["per_output"].items()}
     return Part(*meta["shard"], meta["start"], meta["size"], meta["source"], meta["preprocess"], meta["top_k"],
-                Tolerances(**tolerances), seen, [None if x is None else LayerCheck(**x) for x in meta["layers"]],
-                [None if x is None else Divergence(**x) for x in meta["divergences"]])
+                Tolerances(**tolerances), seen, [None if x is None else LayerCheck(**_read(x)) for x in meta["layers"]],
+                [None if x is None else Divergence(**_read(x)) for x in meta["divergences"]])
+
+
+_NONFINITE = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+
+
+def _spelled(record: dict) -> dict:
+    """Non-finite numbers as the strings ``inf``, ``-inf``, ``nan`` (JSON has none; null would lose them)."""
+    return {k: repr(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def _read(record: dict) -> dict:
+    return {k: _NONFINITE.get(v, v) if isinstance(v, str) and k not in ("module", "layer", "worst") else v
+            for k, v in record.items()}

@@ -129,3 +129,58 @@ def test_repository_index_load_unload_and_a_broken_file(onnx_model, tmp_path):
         assert http.is_model_ready("digits", "1")
     finally:
         assert srv.stop() == 0
+
+
+def test_unload_and_a_refresh_under_way_leave_no_request_waiting_and_no_model_back(onnx_model, tmp_path):
+    import asyncio
+
+    from bnrt.deploy.batcher import Batcher
+    from bnrt.deploy.kserve import RequestError, serving_session
+    from bnrt.deploy.repository import Repository
+
+    _publish(onnx_model, tmp_path / "repo" / "m" / "1")
+    slow = serving_session()
+
+    def make(path):
+        time.sleep(0.3)  # a large model loading
+        return slow(path)
+
+    async def scenario() -> tuple:
+        repo = Repository(tmp_path / "repo", make, lambda m: Batcher(m, 8, 1.0, 64))
+        for b in repo.batchers.values():
+            b.start()
+        held = repo.batchers[("m", "1")]  # a request that found the batcher before the unload
+        repo.unload("m")
+        gone = repo.batchers.get(("m", "1"))
+        await asyncio.sleep(0.05)  # the retired batcher drains (nothing queued) and stops
+        try:
+            await asyncio.wait_for(held.submit({"x": np.zeros((1, 1, 8, 8), np.float32)}), 5)
+            late = "answered"
+        except RequestError as exc:
+            late = (exc.status, str(exc))
+        await repo.load("m")
+        os.utime(tmp_path / "repo" / "m" / "1" / "model.onnx", ns=(1, 1))  # changed: the next refresh reloads
+        refreshing = asyncio.get_running_loop().create_task(repo.refresh())
+        await asyncio.sleep(0.1)
+        repo.unload("m")  # while the changed file loads
+        await refreshing
+        await asyncio.sleep(0.05)
+        return gone, late, repo.models.get("m"), [r["state"] for r in repo.index()]
+
+    gone, late, served, states = asyncio.run(scenario())
+    assert gone is None and late == (503, "model 'm' version '1' was unloaded; retry")
+    assert served is None and states == ["UNAVAILABLE"]
+
+
+def test_warm_up_leaves_models_with_dynamic_sizes_alone(tmp_path):
+    from onnx import TensorProto, helper
+
+    from bnrt.deploy.repository import warm_up
+    from bnrt.session import Session
+
+    w = numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "c.onnx"))
+    warm_up(Session(tmp_path / "c.onnx"))  # a 1x1 image would not fit the 3x3 kernel: no made-up warm-up run

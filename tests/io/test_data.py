@@ -88,3 +88,18 @@ def test_uncompressed_arrays_are_read_by_rows_where_they_lie(tmp_path, monkeypat
     (tmp_path / "cut.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:-8])
     with pytest.raises(InputError, match="cut.npy: not a readable .npz or .npy file"):  # found before any run
         load_data(tmp_path / "cut.npy", ["x"])
+
+
+def test_rows_refuse_indexes_out_of_range_and_take_masks(tmp_path):
+    from bnrt.io.rows import stored
+
+    x = np.arange(20, dtype=">i8").reshape(10, 2)
+    np.save(tmp_path / "x.npy", x)
+    rows = stored(tmp_path / "x.npy")
+    for key in ([10], [-11], np.array([3, 12])):
+        with pytest.raises(IndexError):
+            rows[key]
+    mask = np.zeros(10, bool)
+    mask[[1, 4]] = True
+    assert rows[mask].tolist() == [[2, 3], [8, 9]] and rows[[-1, 0]].tolist() == [[18, 19], [0, 1]]
+    assert rows.dtype == np.dtype("int64") and rows[2:4].dtype == rows[[3, 1]].dtype == np.dtype("int64")

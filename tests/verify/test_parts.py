@@ -129,3 +129,37 @@ def test_parts_that_do_not_make_one_check_are_refused_in_one_line(folded, tmp_pa
     assert_one_line_error(run_cli(*cmd, "--data", str(data), "--shard", "0/2", "--json", str(tmp_path / "d.json")),
                           "would overwrite the input")
     assert data.read_bytes() == (folded / "digits.npz").read_bytes() and not (tmp_path / "d.json").exists()
+
+
+def test_parts_of_fewer_samples_than_the_first_ones_and_of_empty_shards_equal_one_check(folded):
+    for samples, count in ((7, 1), (6, 2), (5, 8)):
+        options = CheckOptions(InputSpec(samples=samples), batch_size=4)
+        one = check_files(trusted(EXAMPLE), folded / "f" / "digits_cnn.onnx", options).to_json()
+        parts = [check_files(trusted(EXAMPLE), folded / "f" / "digits_cnn.onnx", options,
+                             run=partial(check_part, index=i, count=count)) for i in range(count)]
+        assert merge(parts).to_json() == one, (samples, count)
+
+
+def test_a_part_keeps_non_finite_numbers_and_a_fixed_batch_graph_is_refused(folded, tmp_path):
+    import math
+
+    from bnrt.errors import OptionError
+    from bnrt.verify.metrics import Divergence, LayerCheck
+
+    options = CheckOptions(InputSpec(samples=4))
+    part = check_files(trusted(EXAMPLE), folded / "f" / "digits_cnn.onnx", options,
+                       run=partial(check_part, index=0, count=1))
+    part.divergences[0] = Divergence("stem.1", float("inf"), "stem.0")
+    part.layers[0] = LayerCheck(6, 1, "stem.1", float("inf"), float("nan"), 1e-6, 4)
+    write_part(part, tmp_path / "p.json")
+    back = read_part(tmp_path / "p.json")
+    assert back.divergences[0] == Divergence("stem.1", float("inf"), "stem.0")
+    layers = back.layers[0]
+    assert (layers.worst, layers.margin, math.isnan(layers.error), layers.floor) == ("stem.1", float("inf"), True, 1e-6)
+    import torch
+
+    fixed = tmp_path / "fixed.onnx"
+    bnrt.export_onnx(bnrt.load_model(EXAMPLE, trust_code=True).model, (torch.randn(2, 1, 8, 8),), fixed,
+                     names=(["x"], ["output"]), dynamic_batch=False, exporter="torchscript")
+    with pytest.raises(OptionError, match="exactly 2 samples at a time cannot be checked in parts"):
+        check_files(fixed, fixed, CheckOptions(InputSpec(samples=4)), run=partial(check_part, index=0, count=2))

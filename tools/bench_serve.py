@@ -4,7 +4,9 @@
 
 Starts `bnrt serve` on 127.0.0.1 (free ports, HTTP and gRPC), then for each protocol and 1, 8 and 32
 concurrent clients (threads, each with its own tritonclient.http or tritonclient.grpc client, batch-1
-requests, binary tensors / raw contents) measures requests/s and p50/p99 latency. In-process ORT runs the same model at batch 1…256 in the same process as the
+requests, binary tensors / raw contents) measures requests/s and p50/p99 latency, and per request the
+server process's CPU time (all its threads, from /proc) beside the wall time of its ORT runs (from
+/metrics, shared by the requests batched together): the difference is what serving costs beyond ORT. In-process ORT runs the same model at batch 1…256 in the same process as the
 clients; the best samples/s is the reference. Without MODEL, the bundled digits example and the zoo's
 ResNet are folded and exported first. Server, clients and the in-process run share this machine's
 cores.
@@ -110,21 +112,40 @@ def bench(model: Path, requests: int, max_delay_ms: float) -> tuple[str, str]:
     rates = in_process(model)
     proc, urls = start_server(model, "--max-delay-ms", str(max_delay_ms), grpc=True)
     try:
-        rows = [load(urls[p], name, shape, c, requests, p) for c in (1, 8, 32) for p in ("http", "grpc")]
+        rows = []
+        for clients in (1, 8, 32):
+            for protocol in ("http", "grpc"):
+                before = _server_costs(proc.pid, urls["http"], name)
+                rows.append(load(urls[protocol], name, shape, clients, requests, protocol))
+                after = _server_costs(proc.pid, urls["http"], name)
+                rows[-1].update({k: (after[k] - before[k]) / rows[-1]["requests"] for k in after})
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     best_batch = max(rates, key=rates.get)
-    lines = [f"### {name}", "", "| clients | protocol | requests | requests/s | p50 ms | p99 ms | / in-process ORT best |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"### {name}", "", "| clients | protocol | requests | requests/s | p50 ms | p99 ms | / in-process ORT best "
+             "| server CPU µs/request | ORT run µs/request |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['protocol']} | {r['requests']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
-                     f"{r['p99_ms']:.2f} | "
-                     f"{r['rps'] / rates[best_batch]:.3f} |")
+                     f"{r['p99_ms']:.2f} | {r['rps'] / rates[best_batch]:.3f} | {r['cpu_us']:.0f} | {r['ort_us']:.0f} |")
     lines += ["", "In-process ORT, samples/s by batch: " + ", ".join(f"{b}: {v:.0f}" for b, v in rates.items())
               + f" (best: batch {best_batch})", ""]
     at_32 = ", ".join(f"{r['protocol']} {r['rps'] / rates[best_batch]:.2f}" for r in rows if r["clients"] == 32)
     return "\n".join(lines), f"{name} {at_32}"
+
+
+def _server_costs(pid: int, url: str, name: str) -> dict[str, float]:
+    """The server process's CPU time so far (user + system, all threads, µs) and its ORT runs' time
+    (``nv_inference_compute_infer_duration_us`` from /metrics, µs)."""
+    import os
+    import urllib.request
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") * 1e6
+    text = urllib.request.urlopen(f"http://{url}/metrics", timeout=10).read().decode()
+    ort = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("nv_inference_compute_infer_duration_us{") and f'model="{name}"' in line)
+    return {"cpu_us": cpu, "ort_us": ort}
 
 
 def default_models(tmp: Path) -> list[Path]:

@@ -175,25 +175,25 @@ class Images(Rows):
         self._work = partial(pixels, p=preprocess)
         self._pool, self._ahead = None, None
 
-    def _take(self, key: slice | list[int]) -> np.ndarray:
-        chosen = self.files[key] if isinstance(key, slice) else [self.files[i] for i in key]
+    def _take(self, key: slice) -> np.ndarray:
+        chosen = self.files[key]
         if not chosen:
             return np.zeros((0, *self.shape[1:]), np.float32)
         decoded = self._decoded(key, chosen) if self.workers > 0 else [pixels(f, self.preprocess) for f in chosen]
         return normalised(np.stack(decoded), self.preprocess)
 
-    def _decoded(self, key: slice | list[int], chosen: list[Path]) -> list[np.ndarray]:
+    def _decoded(self, key: slice, chosen: list[Path]) -> list[np.ndarray]:
         """``chosen`` decoded by the workers; a run of slices (``[a:b]``, then ``[b:c]``) has the next
         one of the same length decoded while the caller works on this one."""
         if self._pool is None:
             self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_plain_signals)
-        span = (key.start, key.stop) if isinstance(key, slice) else None
+        span = (key.start, key.stop)
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == span:
             decoded = ahead[1].get()
         else:
             decoded = self._pool.map(self._work, chosen, chunksize=self._chunk(len(chosen)))
-        if span is not None and span[1] < len(self.files):
+        if span[1] < len(self.files):
             following = (span[1], min(len(self.files), 2 * span[1] - span[0]))
             files = self.files[following[0]:following[1]]  # uint8 back: a quarter of float32's bytes
             self._ahead = following, self._pool.map_async(self._work, files, chunksize=self._chunk(len(files)))

@@ -20,7 +20,7 @@ CHUNK_BYTES = 64 << 20  # what a scan over every row (``chunks``) holds at once
 
 class Rows:
     """An (N, ...) array whose rows are read when indexed; subclasses give ``shape``, ``dtype`` and
-    ``_take`` (a slice with step 1, or a list of indexes)."""
+    ``_take`` of a run of consecutive rows (a slice with step 1): any other selection is read run by run."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -52,11 +52,18 @@ class Rows:
         bad = next((i for i in indices if not 0 <= i < len(self)), None)
         if bad is not None:
             raise IndexError(f"row {bad} of {len(self)}")
-        if indices and indices == list(range(indices[0], indices[0] + len(indices))):
-            return self._take(slice(indices[0], indices[0] + len(indices)))
-        return self._take(indices)
+        runs = []  # [start, stop) of each run of consecutive rows, in the order asked for
+        for i in indices:
+            if runs and runs[-1][1] == i:
+                runs[-1][1] += 1
+            else:
+                runs.append([i, i + 1])
+        if not runs:
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        parts = [self._take(slice(start, stop)) for start, stop in runs]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _take(self, key: slice | list[int]) -> np.ndarray:
+    def _take(self, key: slice) -> np.ndarray:
         raise NotImplementedError
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -80,12 +87,8 @@ class Stored(Rows):
             raise OSError(f"{self.path}: ends inside the array (rows {start}-{stop} of {len(self)})")
         return rows.reshape(stop - start, *self.shape[1:]).astype(self.dtype, copy=False)
 
-    def _take(self, key: slice | list[int]) -> np.ndarray:
-        if isinstance(key, slice):
-            return self._read(key.start, key.stop)
-        if not key:
-            return np.zeros((0, *self.shape[1:]), self.dtype)
-        return np.stack([self._read(i, i + 1)[0] for i in key])
+    def _take(self, key: slice) -> np.ndarray:
+        return self._read(key.start, key.stop)
 
 
 def chunks(array, row_bytes: int):
@@ -130,15 +133,14 @@ def stored(path: Path, member: str | None = None) -> Stored | None:
 
 
 class Picked(Rows):
-    """Rows ``index`` of ``base`` (an ndarray or ``Rows``), in that order: reading a slice reads those
-    rows of ``base`` (a run of consecutive ones as one slice)."""
+    """Rows ``index`` of ``base`` (an ndarray or ``Rows``), in that order."""
 
     def __init__(self, base, index: np.ndarray):
         self.base, self.index = base, np.asarray(index, dtype=np.int64)
         self.shape, self.dtype = (len(self.index), *base.shape[1:]), base.dtype
 
-    def _take(self, key: slice | list[int]) -> np.ndarray:
-        rows = self.index[key] if isinstance(key, slice) else self.index[np.asarray(key, dtype=np.int64)]
+    def _take(self, key: slice) -> np.ndarray:
+        rows = self.index[key]
         if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
-            return np.asarray(self.base[int(rows[0]):int(rows[0]) + len(rows)])
-        return np.asarray(self.base[rows]) if len(rows) else np.zeros((0, *self.shape[1:]), self.dtype)
+            return np.asarray(self.base[int(rows[0]):int(rows[0]) + len(rows)])  # an ndarray's view, a Rows' run
+        return np.asarray(self.base[rows])

@@ -330,7 +330,6 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
     note = note or (lambda text: None)
     reference, candidates = sides(reference, candidates, options)
     seen = observe(reference, candidates, data, options, output_names, note)
-    folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
     comparisons, acc, stats, errors = judge(seen, options)
     model_checks(reference, candidates, comparisons, data, folds, options, seen, note)
     return CheckReport(data.size, data.source, options.top_k, comparisons, acc, errors, seen.noise,
@@ -339,9 +338,11 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
 
 
 def model_checks(reference: Side, candidates: list[Candidate], comparisons: list[Comparison], data: Dataset,
-                 folds: list[dict], options: CheckOptions, seen: Observed, note: Callable[[str], None]) -> None:
+                 folds: list[dict] | None, options: CheckOptions, seen: Observed, note: Callable[[str], None]) -> None:
     """What needs the models beyond their outputs, on the first samples: the per-layer comparison,
-    then the first divergent module of each deciding comparison that failed."""
+    then the first divergent module of each deciding comparison that failed. ``folds`` (default:
+    every side's) are the intended differences."""
+    folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
     if seen.pairs is not None:
         _per_layer(reference, candidates, comparisons, data, folds, options, seen.truth, note)
     for comparison, candidate in zip(comparisons, candidates):

@@ -75,7 +75,6 @@ def check_part(reference: Model, candidates: Sequence[Model | Candidate], data: 
     mine = picked(data, [*range(first), *range(start, stop)], first)
     keep = np.array([r if r < first else first + r - start for r in rows], dtype=np.int64)
     seen = observe(reference, candidates, mine, options, output_names, note)
-    folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
     comparisons = judge(seen, options)[0]
     model_checks(reference, candidates, comparisons, mine, folds, options, seen, note)
     kept = replace(seen, ref_out=[o[keep] for o in seen.ref_out],

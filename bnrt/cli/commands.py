@@ -200,6 +200,19 @@ def cmd_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kserve(args: argparse.Namespace) -> int:
+    from bnrt.deploy.inferenceservice import ServiceOptions, to_yaml, write_manifest
+
+    options = ServiceOptions(args.name, args.namespace, args.protocol, args.runtime_version, args.cpu, args.memory,
+                             args.gpus, args.min_replicas, args.max_replicas, args.service_account)
+    path, data = write_manifest(args.repo, args.storage_uri, args.output_dir, options)
+    print(to_yaml(data))
+    models = data["metadata"]["annotations"]["bnrt/models"].split(",")
+    print(f"wrote {path}; serves {', '.join(models)} once {args.repo} is uploaded to {args.storage_uri}: "
+          f"kubectl apply -f {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bnrt.pipeline.bench import bench_file, markdown, save_bench
 
@@ -272,4 +285,4 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"fold": cmd_fold, "check": cmd_check, "calibrate": cmd_calibrate, "run": cmd_run, "serve": cmd_serve,
-            "triton": cmd_triton, "bench": cmd_bench, "inspect": cmd_inspect, "quantize": cmd_quantize}
+            "triton": cmd_triton, "kserve": cmd_kserve, "bench": cmd_bench, "inspect": cmd_inspect, "quantize": cmd_quantize}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from bnrt.cli.groups import CheckArgs, ImageArgs, ProgressArgs, RuntimeArgs, ShapeArgs, SourceArgs, add_data, on_off
+from bnrt.deploy.inferenceservice import PROTOCOLS
 from bnrt.deploy.serve import KEEP_ALIVE_S
 from bnrt.io.data import DEFAULT_BATCH
 from bnrt.io.export import DEFAULT_OPSET, EXPORTERS
@@ -121,6 +122,24 @@ def _triton(sub) -> None:
     p.add_argument("--fp16", action="store_true", help="TensorRT in FP16 precision (--tensorrt)")
 
 
+def _kserve(sub) -> None:
+    p = sub.add_parser("kserve", help="write a KServe InferenceService manifest serving a Triton repository")
+    p.add_argument("repo", help="Triton model repository (bnrt triton -o REPO)")
+    p.add_argument("--storage-uri", required=True, metavar="URI",
+                   help="where REPO is uploaded (gs://BUCKET/PATH, s3://…, pvc://CLAIM/PATH)")
+    p.add_argument("-o", "--output-dir", required=True, metavar="DIR", help="folder for NAME.yaml")
+    p.add_argument("--name", help="service name (default: REPO's folder name)")
+    p.add_argument("--namespace", help="Kubernetes namespace (default: kubectl's)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="v2", help="v2 (HTTP/REST) or grpc-v2 (default v2)")
+    p.add_argument("--runtime-version", metavar="TAG", help="Triton image tag, e.g. 25.01-py3 (default: the runtime's)")
+    p.add_argument("--cpu", default="1", help="CPU requested and limited (default 1)")
+    p.add_argument("--memory", help="memory requested and limited (default: 1 GiB + twice the model files per instance)")
+    p.add_argument("--gpus", type=int, help="GPUs per replica (default: 1 when a model has GPU instances, else 0)")
+    p.add_argument("--min-replicas", type=int, default=1, help="default 1 (0: scale to zero)")
+    p.add_argument("--max-replicas", type=int, default=1, help="default 1")
+    p.add_argument("--service-account", metavar="NAME", help="service account with the storage credentials")
+
+
 def _sizes(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
@@ -172,6 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bnrt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_fold, _check, _calibrate, _run, _serve, _triton, _bench, _quantize, _inspect):
+    for add in (_fold, _check, _calibrate, _run, _serve, _triton, _kserve, _bench, _quantize, _inspect):
         add(sub)
     return parser

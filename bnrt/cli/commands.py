@@ -184,7 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
           max_queue=args.max_queue, max_request_mb=args.max_request_mb, keep_alive_s=args.keep_alive_s,
-          max_connections=args.max_connections, grpc_port=args.grpc_port, poll_repo_s=args.poll_repo, announce=lambda m: print(m, flush=True),
+          max_connections=args.max_connections, grpc_port=args.grpc_port, poll_repo_s=args.poll_repo,
+          instances=args.instances, announce=lambda m: print(m, flush=True),
           **RuntimeArgs.build(args))
     return 0
 

@@ -91,7 +91,9 @@ def _serve(sub) -> None:
                    help="also serve KServe v2 over gRPC on PORT (Triton's is 8001; 0 picks a free one)")
     p.add_argument("--poll-repo", type=float, metavar="SECONDS",
                    help="reload new, changed and removed model files this often, failing no request (default: never)")
-    RuntimeArgs.add(p, "intra-op threads per model (default: ORT's)")
+    RuntimeArgs.add(p, "intra-op threads per model instance (default: ORT's; with --instances, the cores shared out)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="sessions per model, each running a batch at once (default 1)")
     p.add_argument("--max-batch", type=int, default=32, help="samples merged into one run (default 32)")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for more requests up to this long (default 2)")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight per model before 503 (default 256)")

@@ -1,6 +1,7 @@
 """Dynamic batching of `bnrt serve`: requests for a model whose batch axis is dynamic are merged,
 up to ``max_batch`` samples or ``max_delay_ms`` after the first one arrived, into one ORT run; each
-request gets its own slice of the outputs back. Requests with different per-sample shapes or
+request gets its own slice of the outputs back. A model with several instances (sessions) runs a
+batch on each at once: one instance gathers the next batch while the others run theirs. Requests with different per-sample shapes or
 dtypes are never merged. At most ``max_queue`` requests per model are in flight; more get 503. A
 request of more than ``max_batch`` samples runs in parts of ``max_batch``: memory follows
 ``max_batch``, not the request. Each run adds to the model's metrics (queue and compute time,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import asynccontextmanager
 from collections import deque
 from dataclasses import dataclass
 
@@ -47,10 +49,12 @@ class Batcher:
         self.in_flight, self.stopped = 0, False
         self.queue: asyncio.Queue = asyncio.Queue()
         self.held: deque[_Pending] = deque()
-        self.task: asyncio.Task | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.gathering = asyncio.Lock()  # one instance gathers a batch while the others run theirs
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._loop(session)) for session in self.model.sessions]
 
     async def drain(self) -> None:
         """Wait until every request submitted so far is answered."""
@@ -59,30 +63,40 @@ class Batcher:
 
     async def stop(self) -> None:
         self.stopped = True
-        if self.task:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
-    async def submit(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The request's outputs. A request of more than ``max_batch`` samples runs in parts of
-        ``max_batch``, one after the other: memory follows ``max_batch``, not the request."""
+    @asynccontextmanager
+    async def admitted(self):
+        """Counts a request in flight while it is inside: from its arrival (its body may still be on
+        the way) to its answer, so that a batcher being retired (its version swapped or unloaded)
+        answers it before it stops. ``RequestError(503)`` when the batcher is stopped or
+        ``max_queue`` requests are in flight."""
         if self.stopped:  # a retired version's batcher, reached by a request that found it before
             raise RequestError(503, f"model {self.model.name!r} version {self.model.version!r} was unloaded; retry")
         if self.in_flight >= self.max_queue:
             raise RequestError(503, f"model {self.model.name!r} has {self.in_flight} requests queued; retry later")
         self.in_flight += 1
         try:
-            size = _Pending(feeds, None).size
-            if not self.model.batching or size <= self.max_batch:
-                return await self._one(feeds)
-            parts = [await self._one({k: v[i:i + self.max_batch] for k, v in feeds.items()})
-                     for i in range(0, size, self.max_batch)]
-            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            yield self
         finally:
             self.in_flight -= 1
+
+    async def submit(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The request's outputs (the request admitted here)."""
+        async with self.admitted():
+            return await self.run(feeds)
+
+    async def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs of an admitted request. A request of more than ``max_batch`` samples runs in
+        parts of ``max_batch``, one after the other: memory follows ``max_batch``, not the request."""
+        size = _Pending(feeds, None).size
+        if not self.model.batching or size <= self.max_batch:
+            return await self._one(feeds)
+        parts = [await self._one({k: v[i:i + self.max_batch] for k, v in feeds.items()})
+                 for i in range(0, size, self.max_batch)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     async def _one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         loop = asyncio.get_running_loop()
@@ -93,23 +107,31 @@ class Batcher:
     async def _next(self, timeout: float | None) -> _Pending | None:
         if self.held:
             return self.held.popleft()
+        if timeout is not None and timeout <= 0:  # what is queued now (wait_for(…, 0) would take nothing)
+            try:
+                return self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
         try:
             return await (asyncio.wait_for(self.queue.get(), timeout) if timeout is not None else self.queue.get())
         except asyncio.TimeoutError:
             return None
 
-    async def _loop(self) -> None:
+    async def _loop(self, session) -> None:
         # no local variable outlives a batch: the last one's inputs (a part of a large request is a
         # view of all of it) would stay in memory until the next request
         while True:
-            await self._run(await self._gather())
+            async with self.gathering:
+                batch = await self._gather()
+            await self._run(batch, session)
+            del batch
 
     async def _gather(self) -> list[_Pending]:
         loop = asyncio.get_running_loop()
         first = await self._next(None)
         batch, total = [first], first.size
         if self.model.batching:
-            deadline = loop.time() + self.max_delay
+            deadline = first.queued + self.max_delay  # from the oldest request's arrival, as Triton counts it
             postponed = []
             while total < self.max_batch:
                 remaining = deadline - loop.time()
@@ -128,7 +150,7 @@ class Batcher:
             self.held.extendleft(reversed(postponed))
         return batch
 
-    async def _run(self, batch: list[_Pending]) -> None:
+    async def _run(self, batch: list[_Pending], session) -> None:
         loop = asyncio.get_running_loop()
         if len(batch) == 1:
             feeds = batch[0].feeds
@@ -136,7 +158,7 @@ class Batcher:
             feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
         started = loop.time()
         try:
-            outputs, seconds = await loop.run_in_executor(None, self._timed, feeds)
+            outputs, seconds = await loop.run_in_executor(None, _timed, session, feeds)
         except Exception as exc:  # an ORT failure fails the requests of this batch, not the server
             for p in batch:
                 if not p.future.done():
@@ -155,7 +177,9 @@ class Batcher:
                 p.future.set_result({k: v[start:start + n] if len(batch) > 1 else v for k, v in outputs.items()})
             start += n
 
-    def _timed(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-        start = time.perf_counter()
-        outputs = self.model.session.run_dict(feeds)
-        return outputs, time.perf_counter() - start
+
+
+def _timed(session, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    start = time.perf_counter()
+    outputs = session.run_dict(feeds)
+    return outputs, time.perf_counter() - start

@@ -4,7 +4,7 @@ The ``GRPCInferenceService`` of the protocol as tritonclient ships it (``tritonc
 and ``service_pb2_grpc``, generated from the protocol's .proto), served by grpc.aio in the HTTP
 server's own event loop: ``ModelInfer`` goes through the same batcher, limits and metrics as
 ``POST …/infer``, so the stock ``tritonclient.grpc`` client works unmodified. Served: server and model
-liveness, readiness and metadata, ``ModelInfer`` (raw tensor contents or typed contents in; raw
+liveness, readiness, metadata and config (Triton's ``ModelConfig``, as ``GET …/config``), ``ModelInfer`` (raw tensor contents or typed contents in; raw
 contents out, as Triton answers), the repository index, load and unload. A refused request is a gRPC status:
 INVALID_ARGUMENT (400), NOT_FOUND (404), RESOURCE_EXHAUSTED (413, and messages over the size limit),
 UNAVAILABLE (503, queue full).
@@ -116,6 +116,13 @@ class Service(rpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(name=model.name, versions=sorted(self.api.models[model.name], key=int),
                                         platform="onnxruntime_onnx", inputs=_tensors(model.session.inputs),
                                         outputs=_tensors(model.session.outputs))
+
+    async def ModelConfig(self, request, context):
+        try:
+            config = self.api.config(self.api.lookup(request.name, request.version))
+        except RequestError as exc:
+            await context.abort(_status(exc.status), str(exc))
+        return pb.ModelConfigResponse(config=config)
 
     async def RepositoryIndex(self, request, context):
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**row)

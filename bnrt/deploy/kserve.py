@@ -54,10 +54,17 @@ class RequestError(Exception):
 
 @dataclass
 class ServedModel:
+    """A served model version: its ``sessions`` (one per instance, of the same file; the batcher
+    runs one batch on each at a time) and whether its batch axis is dynamic."""
+
     name: str
     version: str
-    session: Session
+    sessions: tuple[Session, ...]
     batching: bool = field(init=False)
+
+    @property
+    def session(self) -> Session:
+        return self.sessions[0]
 
     def __post_init__(self) -> None:
         specs = self.session.inputs + self.session.outputs
@@ -72,17 +79,18 @@ class ServedModel:
                 "outputs": [tensor(s) for s in self.session.outputs]}
 
 
-def serving_session(provider: str = "cpu", threads: int = 0, tf32: bool | None = None):
-    """The session factory of served models: ``tf32`` CUDA only, None keeps ORT's default (on)."""
-    def session(file: Path) -> Session:
-        return Session(file, provider, threads, spinning=False, tf32=tf32)
-    return session
+def serving_session(provider: str = "cpu", threads: int = 0, tf32: bool | None = None, instances: int = 1):
+    """The session factory of served models: a file's ``instances`` sessions, each with ``threads``
+    intra-op threads (0: ORT's default, every core); ``tf32`` CUDA only, None keeps ORT's default (on)."""
+    def sessions(file: Path) -> tuple[Session, ...]:
+        return tuple(Session(file, provider, threads, spinning=False, tf32=tf32) for _ in range(instances))
+    return sessions
 
 
 def discover(path: str | os.PathLike, session=None) -> dict[str, dict[str, ServedModel]]:
     """Models to serve: one ONNX file (named by its stem, version 1) or a Triton-style repository
     ``REPO/NAME/VERSION/model.onnx``. Returns name -> version -> ServedModel; ``session`` makes each
-    one's session (default ``serving_session()``)."""
+    one's sessions (default ``serving_session()``)."""
     path, session = Path(path), session or serving_session()
 
     if path.is_file():

@@ -41,7 +41,7 @@ def warm_up(session: Session) -> None:
 class Repository:
     """Served models by name and version, their batchers, and the files they came from."""
 
-    def __init__(self, path: str | Path, make_session: Callable[[Path], Session],
+    def __init__(self, path: str | Path, make_session: Callable[[Path], tuple[Session, ...]],
                  make_batcher: Callable[[ServedModel], Batcher]):
         self.path, self.make_session, self.make_batcher = Path(path), make_session, make_batcher
         self.models: dict[str, dict[str, ServedModel]] = discover(self.path, session=make_session)
@@ -81,8 +81,9 @@ class Repository:
                 stamp = _stamp(path)
                 if self.stamps.get(key) == stamp and key in self.batchers:
                     continue
-                session = await loop.run_in_executor(None, self.make_session, path)
-                await loop.run_in_executor(None, warm_up, session)
+                sessions = await loop.run_in_executor(None, self.make_session, path)
+                for session in sessions:
+                    await loop.run_in_executor(None, warm_up, session)
             except Exception as exc:  # a half-written or broken file: what is served stays
                 self.failed[key] = first_line(exc) or type(exc).__name__
                 print(f"bnrt serve: {path}: not loaded ({self.failed[key]})", file=sys.stderr, flush=True)
@@ -90,7 +91,7 @@ class Repository:
             if names is None and key[0] in self.unloaded:  # unloaded while it was loading
                 continue
             self.failed.pop(key, None)
-            model = ServedModel(*key, session)
+            model = ServedModel(*key, sessions)
             batcher = self.make_batcher(model)
             batcher.start()
             old, self.batchers[key] = self.batchers.get(key), batcher  # the batcher first: requests find it

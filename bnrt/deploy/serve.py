@@ -3,7 +3,7 @@ on Starlette + uvicorn, with Triton's binary tensor extension, so that the stock
 ``tritonclient.http`` client works with ``binary_data`` True or False.
 
 Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``
-(metadata), ``…/ready``, ``POST …/infer``. Errors are ``{"error": "…"}`` with 400 (bad request),
+(metadata), ``…/config`` (Triton's model configuration), ``…/ready``, ``POST …/infer``. Errors are ``{"error": "…"}`` with 400 (bad request),
 404 (unknown model), 413 (request too large) or 503 (queue full).
 
 Dynamic batching (``bnrt.deploy.batcher``): requests for a model whose batch axis is dynamic are
@@ -15,6 +15,7 @@ request, inference, queue and compute counters per model version (``bnrt.deploy.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import signal
@@ -25,6 +26,7 @@ import time
 from bnrt.version import __version__
 from bnrt.errors import InputError, OptionError
 from bnrt.deploy.batcher import Batcher
+from bnrt.deploy.connections import default_max_connections, limited_http_protocol
 from bnrt.deploy.metrics import Metrics
 from bnrt.deploy.kserve import HEADER_LENGTH, RequestError, ServedModel, build_response, parse_request, serving_session
 from bnrt.deploy.repository import Repository
@@ -119,19 +121,42 @@ class _Endpoints:
             return self.error(exc.status, str(exc))
         return await self.live(request)
 
-    async def body(self, request) -> bytes:
-        """The request's body; ``RequestError(413)`` as soon as it is known to exceed the limit."""
+    async def body(self, declared: str | None, chunks) -> bytes:
+        """The request's body from ``chunks``; ``RequestError(413)`` as soon as it is known to exceed
+        the limit (``declared``: its Content-Length)."""
         limit = self.max_request_bytes
-        declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, f"request of {declared} bytes exceeds the limit of {limit}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
+        parts, size = [], 0
+        async for chunk in chunks:
             size += len(chunk)
             if size > limit:
                 raise RequestError(413, f"request exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def config(self, model: ServedModel):
+        """The model's Triton ``ModelConfig`` as served here: its tensors, ``max_batch_size`` (the
+        batcher's, 0 where the batch axis is fixed), one instance group of its sessions, the
+        dynamic batcher's delay."""
+        from bnrt.deploy.triton import TritonOptions, build_config
+
+        batcher = self.batcher(model)
+        options = TritonOptions(batcher.max_batch, model.session.provider == "cuda", len(model.sessions),
+                                max_queue_delay_us=round(batcher.max_delay * 1e6))
+        try:
+            return build_config(model.session, model.name, options)
+        except InputError as exc:  # a tensor type Triton's schema has no name for
+            raise RequestError(400, str(exc)) from None
+
+    async def model_config(self, request):
+        from google.protobuf.json_format import MessageToDict
+
+        try:
+            config = self.config(self.find(request))
+        except RequestError as exc:
+            return self.error(exc.status, str(exc))
+        return self.json(MessageToDict(config, preserving_proto_field_name=True))
 
     async def repository_index(self, request):
         return self.json(self.repo.index())
@@ -153,26 +178,71 @@ class _Endpoints:
     async def metrics_text(self, request):
         return self.response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def infer(self, request):
-        from starlette.requests import ClientDisconnect
-
+    async def answer(self, name: str, version: str | None, declared: str | None, chunks,
+                     header_length: str | None) -> tuple[int, bytes, list[tuple[str, str]]]:
+        """An infer request's status, body and headers: ``chunks`` yields the body (raises
+        ``_Disconnected`` when the client left), ``declared`` its Content-Length. Every outcome is
+        counted in the model version's metrics."""
         start, model = time.perf_counter(), None
         try:
-            model = self.find(request)
-            parsed, feeds = parse_request(await self.body(request), request.headers.get(HEADER_LENGTH), model)
-            self.check_batch(model, feeds)
-            outputs = await self.batcher(model).submit(feeds)
+            model = self.lookup(name, version)
+            async with self.batcher(model).admitted() as batcher:  # runs on this version, swapped or not
+                parsed, feeds = parse_request(await self.body(declared, chunks), header_length, model)
+                self.check_batch(model, feeds)
+                outputs = await batcher.run(feeds)
             payload, head_length = build_response(parsed, model, outputs)
         except RequestError as exc:
             self.count(model, start, "nv_inference_request_failure")
-            return self.error(exc.status, str(exc))
-        except ClientDisconnect:  # closed mid-body (by the client, or idle for keep_alive_s): no one to answer
+            return exc.status, json.dumps({"error": str(exc)}).encode(), [("content-type", "application/json")]
+        except _Disconnected:  # closed mid-body (by the client, or idle for keep_alive_s): no one to answer
             self.count(model, start, "nv_inference_request_failure")
-            return self.response(status_code=400)
+            return 400, b"", []
         self.count(model, start, "nv_inference_request_success")
         if head_length is None:
-            return self.response(payload, media_type="application/json")
-        return self.response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head_length)})
+            return 200, payload, [("content-type", "application/json")]
+        return 200, payload, [("content-type", "application/octet-stream"), (HEADER_LENGTH, str(head_length))]
+
+
+class _Disconnected(Exception):
+    """The client closed its connection before its request's body arrived."""
+
+
+def fast_infer(api: _Endpoints, app):
+    """``app`` with ``/v2/models/NAME[/versions/V]/infer`` answered in front of it, as plain ASGI
+    (POST; other methods 405): the protocol's one hot path skips Starlette's middleware, routing
+    and request and response objects. Every other path goes to ``app``."""
+
+    async def receive_chunks(receive):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            yield message.get("body", b"")
+            if not message.get("more_body", False):
+                return
+
+    async def entry(scope, receive, send):
+        parts = scope["path"].split("/") if scope["type"] == "http" else ()
+        if not (len(parts) in (5, 7) and parts[1] == "v2" and parts[2] == "models" and parts[3] and parts[-1] == "infer"
+                and (len(parts) == 5 or (parts[4] == "versions" and parts[5]))):
+            return await app(scope, receive, send)
+        if scope["method"] != "POST":
+            status, payload = 405, json.dumps({"error": f"{scope['method']} {scope['path']}: Method Not Allowed"})
+            extra = [("content-type", "application/json"), ("allow", "POST")]
+            payload = payload.encode()
+        else:
+            headers = dict(scope["headers"])
+            length = headers.get(b"inference-header-content-length")
+            declared = headers.get(b"content-length")
+            status, payload, extra = await api.answer(parts[3], parts[5] if len(parts) == 7 else None,
+                                                      None if declared is None else declared.decode("latin-1"),
+                                                      receive_chunks(receive),
+                                                      None if length is None else length.decode("latin-1"))
+        raw = [(k.lower().encode(), v.encode()) for k, v in extra] + [(b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": payload})
+
+    return entry
 
 
 def create_app(api: _Endpoints, *, grpc: tuple[str, int] | None = None, poll_s: float | None = None,
@@ -212,10 +282,10 @@ def create_app(api: _Endpoints, *, grpc: tuple[str, int] | None = None, poll_s: 
         Route("/v2/health/ready", api.live),
         Route("/v2/models/{name}", api.model_metadata),
         Route("/v2/models/{name}/versions/{version}", api.model_metadata),
+        Route("/v2/models/{name}/config", api.model_config),
+        Route("/v2/models/{name}/versions/{version}/config", api.model_config),
         Route("/v2/models/{name}/ready", api.model_ready),
         Route("/v2/models/{name}/versions/{version}/ready", api.model_ready),
-        Route("/v2/models/{name}/infer", api.infer, methods=["POST"]),
-        Route("/v2/models/{name}/versions/{version}/infer", api.infer, methods=["POST"]),
         Route("/v2/repository/index", api.repository_index, methods=["POST"]),
         Route("/v2/repository/models/{name}/load", api.repository_load, methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", api.repository_unload, methods=["POST"]),
@@ -226,53 +296,7 @@ def create_app(api: _Endpoints, *, grpc: tuple[str, int] | None = None, poll_s: 
         # unmatched paths and methods also answer in the protocol's error shape
         return api.error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-
-
-def _http_protocol(max_connections: int):
-    """uvicorn's HTTP protocol, with limits: its keep-alive timer ran only between requests, so a
-    connection that never sent one, or stopped half-way, stayed open (enough of them exhaust the file
-    descriptors). Here it also runs from the connection's start and while a request arrives, and a
-    connection beyond ``max_connections`` is closed as soon as it is accepted."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
-    except ImportError:
-        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
-
-    class Limited(Base):
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                transport.close()
-            else:
-                self._idle()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            receiving = self.cycle is None or self.cycle.response_complete or self.cycle.more_body
-            if receiving and not self.transport.is_closing():
-                self._idle()
-
-        def timeout_keep_alive_handler(self) -> None:
-            if self.flow.read_paused:  # the server stopped reading (its buffer is full): the client is not idle
-                self._idle()
-            elif not self.transport.is_closing():  # h11's own handler cannot close mid-request
-                self.transport.close()
-
-        def _idle(self) -> None:
-            self._unset_keepalive_if_required()
-            handler = self.timeout_keep_alive_handler
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, handler)
-
-    return Limited
-
-
-def default_max_connections() -> int:
-    """The open-file limit less 64 descriptors for the server's own files and sockets."""
-    import resource
-
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return 1 << 16 if soft == resource.RLIM_INFINITY else max(1, soft - 64)
+    return fast_infer(api, Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}))
 
 
 def _grpc_ready(host: str, grpc_port: int, port: int) -> None:
@@ -294,8 +318,8 @@ def _grpc_ready(host: str, grpc_port: int, port: int) -> None:
                 raise InputError(f"cannot listen on {host}:{grpc_port} for gRPC ({exc.strerror})") from exc
 
 
-_INTEGER_RANGES = {"port": (0, 65535), "grpc_port": (0, 65535), "threads": (0, None), "max_batch": (1, None), "max_queue": (1, None),
-                   "max_connections": (1, None)}
+_INTEGER_RANGES = {"port": (0, 65535), "grpc_port": (0, 65535), "threads": (0, None), "max_batch": (1, None),
+                   "max_queue": (1, None), "max_connections": (1, None), "instances": (1, 64)}
 
 
 def _check_options(**options) -> None:
@@ -319,27 +343,30 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
           threads: int = 0, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
           max_request_mb: float = 64.0, tf32: bool | None = None, keep_alive_s: float = KEEP_ALIVE_S,
           max_connections: int | None = None, grpc_port: int | None = None, poll_repo_s: float | None = None,
-          announce=print) -> None:
+          instances: int = 1, announce=print) -> None:
     """Serve the model(s) at ``path`` until SIGINT/SIGTERM (uvicorn's handlers shut down cleanly).
     ``tf32``: CUDA only; None keeps ORT's default (on), announced at start. A connection idle for
     ``keep_alive_s`` is closed, also before its first request and half-way through one; at most
     ``max_connections`` are open (None: ``default_max_connections()``), more are closed when
     accepted. ``grpc_port``: also serve the protocol over gRPC there (0 picks a free port; needs
     grpcio and tritonclient[grpc]). ``poll_repo_s``: look for new, changed and removed model files
-    that often and swap them in without failing a request. A numeric option that is NaN, infinite
-    or out of its range is an ``OptionError``."""
+    that often and swap them in without failing a request. ``instances``: sessions per model run
+    at once, each with ``threads`` intra-op threads (0: the cores shared out among the instances). A
+    numeric option that is NaN, infinite or out of its range is an ``OptionError``."""
     import uvicorn
 
     if max_connections is None:
         max_connections = default_max_connections()
-    _check_options(port=port, threads=threads, max_batch=max_batch, max_queue=max_queue,
+    _check_options(port=port, threads=threads, max_batch=max_batch, max_queue=max_queue, instances=instances,
                    **({} if grpc_port is None else {"grpc_port": grpc_port}),
                    **({} if poll_repo_s is None else {"poll_repo_s": poll_repo_s}),
                    max_connections=max_connections, max_delay_ms=max_delay_ms, max_request_mb=max_request_mb,
                    keep_alive_s=keep_alive_s)
     if grpc_port is not None:
         _grpc_ready(host, grpc_port, port)
-    api = _Endpoints(path, serving_session(provider, threads, tf32), max_batch, max_delay_ms, max_queue,
+    if instances > 1 and threads == 0:
+        threads = max(1, len(os.sched_getaffinity(0)) // instances)
+    api = _Endpoints(path, serving_session(provider, threads, tf32, instances), max_batch, max_delay_ms, max_queue,
                      int(max_request_mb * (1 << 20)))
     models = api.models
     app = create_app(api, grpc=None if grpc_port is None else (host, grpc_port), poll_s=poll_repo_s, announce=announce)
@@ -354,8 +381,8 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
         sock.close()
         raise InputError(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            http=_http_protocol(max_connections), timeout_keep_alive=keep_alive_s)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", proxy_headers=False,
+                            http=limited_http_protocol(max_connections), timeout_keep_alive=keep_alive_s)
     server = uvicorn.Server(config)
     names = ", ".join(f"{n} (v{', v'.join(sorted(v, key=int))})" for n, v in models.items())
     tf32_note = "" if provider != "cuda" else f"; TF32 {'on' if tf32 is not False else 'off'}" + (

@@ -184,3 +184,48 @@ def test_warm_up_leaves_models_with_dynamic_sizes_alone(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "c.onnx"))
     warm_up(Session(tmp_path / "c.onnx"))  # a 1x1 image would not fit the 3x3 kernel: no made-up warm-up run
+
+
+def test_a_request_arriving_during_a_swap_that_changes_the_inputs_runs_on_its_version(onnx_model, tmp_path):
+    """A request is held to the version it was addressed to on arrival: its body still on the way
+    while the file is replaced by one whose input has another name, it is answered by the old
+    version (the old batcher drains it before it stops); the next request meets the new one."""
+    import socket
+
+    from bnrt.session import Session
+
+    repo = tmp_path / "repo"
+    _publish(onnx_model, repo / "digits" / "1")
+    renamed = onnx.load(str(onnx_model))
+    renamed.graph.input[0].name = "image"
+    for node in renamed.graph.node:
+        node.input[:] = ["image" if i == "x" else i for i in node.input]
+    onnx.save(renamed, str(tmp_path / "renamed.onnx"))
+    x = np.random.default_rng(3).random((1, 1, 8, 8), dtype=np.float32)
+    head = json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    srv = Server(repo, "--poll-repo", "0.1")
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(head)}\r\n\r\n".encode() + head[:100])
+        time.sleep(0.3)  # the request has arrived; its body has not
+        _publish(tmp_path / "renamed.onnx", repo / "digits" / "1")
+        deadline = time.time() + 30
+        while httpclient.InferenceServerClient(srv.url).get_model_metadata("digits")["inputs"][0]["name"] != "image":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        sock.sendall(head[100:])
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                answer.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]):
+            answer += sock.recv(65536)
+        sock.close()
+        status, body = answer.split(b" ", 2)[1], answer.split(b"\r\n\r\n", 1)[1]
+        assert status == b"200", answer
+        got = np.array(json.loads(body)["outputs"][0]["data"], np.float32).reshape(1, 10)
+        np.testing.assert_allclose(got, Session(onnx_model).run([x])[0], rtol=1e-5, atol=1e-6)
+        code, data = srv.raw("POST", "/v2/models/digits/infer", head)  # now addressed to the new version
+        assert code == 400 and "unknown input 'x'" in json.loads(data)["error"]
+    finally:
+        assert srv.stop() == 0

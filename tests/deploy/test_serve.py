@@ -3,6 +3,7 @@ run`; `bnrt triton` parsed back against Triton's model-config schema."""
 
 from __future__ import annotations
 
+import http.client
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -386,3 +387,20 @@ def test_metrics_count_requests_inferences_and_time_under_tritons_names(onnx_mod
         assert [(s.labels, s.value) for s in success] == [({"model": "digits_cnn", "version": "1"}, 3.0)]
     finally:
         assert srv.stop() == 0
+
+
+def test_the_infer_path_answers_other_methods_and_odd_paths_in_the_protocols_error_shape(server):
+    """The infer route is answered in front of Starlette (``serve.fast_infer``): other methods get
+    405 with Allow: POST, paths it does not take go on to the routes, all as ``{"error": …}``."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/v2/models/digits_cnn/infer")
+    response = conn.getresponse()
+    assert (response.status, response.getheader("allow")) == (405, "POST")
+    assert json.loads(response.read()) == {"error": "GET /v2/models/digits_cnn/infer: Method Not Allowed"}
+    conn.close()
+    for path, status in (("/v2/models//infer", 404), ("/v2/models/digits_cnn/versions//infer", 404),
+                         ("/v2/models/digits_cnn/versions/1/infer/x", 404)):
+        code, data = server.raw("POST", path, _json_request([1, 1, 8, 8]))
+        assert code == status and "error" in json.loads(data), (path, code, data)
+    code, data = server.raw("POST", "/v2/models/digits_cnn/versions/1/infer", _json_request([1, 1, 8, 8]))
+    assert code == 200 and json.loads(data)["model_version"] == "1"

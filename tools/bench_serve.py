@@ -123,7 +123,8 @@ def bench(model: Path, seconds: float, max_delay_ms: float, flags: tuple[str, ..
               + f" (best: batch {best_batch})", ""]
     at_32 = ", ".join(f"{r['protocol']} {r['rps'] / rates[best_batch]:.2f}" for r in rows
                       if r["clients"] == 32 and r["client"] == "raw")
-    return "\n".join(lines), f"{name} {at_32}"
+    label = name + (f" ({' '.join(flags)})" if flags else "")
+    return "\n".join(lines), f"{label} {at_32}"
 
 
 def _cpu_us(stat: Path) -> float:

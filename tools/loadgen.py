@@ -45,6 +45,9 @@ async def _http_client(host: str, port: int, request: bytes, output_bytes: int, 
         while (now := time.perf_counter()) < until:
             writer.write(request)
             status = await reader.readline()
+            if not status:  # the server closed the connection: this client stops, one error counted
+                errors.append(0.0)
+                return
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 if line[:15].lower() == b"content-length:":

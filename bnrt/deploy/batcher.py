@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from collections import deque
 from dataclasses import dataclass
@@ -46,7 +47,9 @@ class Batcher:
         self.model, self.max_batch, self.max_delay = model, max_batch, max_delay_ms / 1000
         self.metrics, self.key = metrics, (model.name, model.version)
         self.max_queue = max_queue
-        self.in_flight, self.stopped = 0, False
+        self.in_flight, self.admitted_now, self.stopped = 0, 0, False
+        # one thread per instance: runs of every instance at once, whatever else uses the loop's executor
+        self.executor = ThreadPoolExecutor(len(model.sessions), thread_name_prefix=f"bnrt-{model.name}")
         self.queue: asyncio.Queue = asyncio.Queue()
         self.held: deque[_Pending] = deque()
         self.tasks: list[asyncio.Task] = []
@@ -57,8 +60,8 @@ class Batcher:
         self.tasks = [loop.create_task(self._loop(session)) for session in self.model.sessions]
 
     async def drain(self) -> None:
-        """Wait until every request submitted so far is answered."""
-        while self.in_flight:
+        """Wait until every request admitted so far is answered."""
+        while self.admitted_now or self.in_flight:
             await asyncio.sleep(0.005)
 
     async def stop(self) -> None:
@@ -66,22 +69,21 @@ class Batcher:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.executor.shutdown(wait=False)
 
     @asynccontextmanager
     async def admitted(self):
-        """Counts a request in flight while it is inside: from its arrival (its body may still be on
-        the way) to its answer, so that a batcher being retired (its version swapped or unloaded)
-        answers it before it stops. ``RequestError(503)`` when the batcher is stopped or
-        ``max_queue`` requests are in flight."""
+        """Holds this batcher for a request from its arrival (its body may still be on the way) to
+        its answer, so that a batcher being retired (its version swapped or unloaded) answers it
+        before it stops; ``RequestError(503)`` when it is stopped. The queue limit applies in ``run``,
+        once the request is whole: clients still sending take connections, not the queue."""
         if self.stopped:  # a retired version's batcher, reached by a request that found it before
             raise RequestError(503, f"model {self.model.name!r} version {self.model.version!r} was unloaded; retry")
-        if self.in_flight >= self.max_queue:
-            raise RequestError(503, f"model {self.model.name!r} has {self.in_flight} requests queued; retry later")
-        self.in_flight += 1
+        self.admitted_now += 1
         try:
             yield self
         finally:
-            self.in_flight -= 1
+            self.admitted_now -= 1
 
     async def submit(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The request's outputs (the request admitted here)."""
@@ -89,14 +91,21 @@ class Batcher:
             return await self.run(feeds)
 
     async def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The outputs of an admitted request. A request of more than ``max_batch`` samples runs in
-        parts of ``max_batch``, one after the other: memory follows ``max_batch``, not the request."""
-        size = _Pending(feeds, None).size
-        if not self.model.batching or size <= self.max_batch:
-            return await self._one(feeds)
-        parts = [await self._one({k: v[i:i + self.max_batch] for k, v in feeds.items()})
-                 for i in range(0, size, self.max_batch)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        """The outputs of an admitted request; ``RequestError(503)`` when ``max_queue`` requests are
+        in flight. A request of more than ``max_batch`` samples runs in parts of ``max_batch``, one
+        after the other: memory follows ``max_batch``, not the request."""
+        if self.in_flight >= self.max_queue:
+            raise RequestError(503, f"model {self.model.name!r} has {self.in_flight} requests queued; retry later")
+        self.in_flight += 1
+        try:
+            size = _Pending(feeds, None).size
+            if not self.model.batching or size <= self.max_batch:
+                return await self._one(feeds)
+            parts = [await self._one({k: v[i:i + self.max_batch] for k, v in feeds.items()})
+                     for i in range(0, size, self.max_batch)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        finally:
+            self.in_flight -= 1
 
     async def _one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         loop = asyncio.get_running_loop()
@@ -158,7 +167,7 @@ class Batcher:
             feeds = {k: np.concatenate([p.feeds[k] for p in batch]) for k in batch[0].feeds}
         started = loop.time()
         try:
-            outputs, seconds = await loop.run_in_executor(None, _timed, session, feeds)
+            outputs, seconds = await loop.run_in_executor(self.executor, _timed, session, feeds)
         except Exception as exc:  # an ORT failure fails the requests of this batch, not the server
             for p in batch:
                 if not p.future.done():

@@ -33,6 +33,12 @@ SCHEMES = ("gs", "s3", "pvc", "hdfs", "webhdfs", "https", "http", "oci", "hf")  
 PROTOCOLS = ("v2", "grpc-v2")
 MIB = 1 << 20
 _NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")  # a DNS-1035 label: KServe's names for services
+# KServe names the predictor NAME-predictor and Knative adds a revision suffix and host labels:
+# longer names pass validation but do not reconcile
+MAX_NAME = 45
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # a DNS-1123 label
+_ACCOUNT = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")  # a DNS-1123 subdomain
+_TAG = re.compile(r"[\w][\w.-]{0,127}")  # an image tag
 _CPU = re.compile(r"\d+(\.\d+)?m?")
 _MEMORY = re.compile(r"\d+(\.\d+)?([kMGTPE]|[KMGTPE]i)?")
 
@@ -68,16 +74,20 @@ class ServiceOptions:
             raise OptionError(f"`cpu` {self.cpu!r}: a Kubernetes CPU quantity like 2 or 500m")
         if self.memory is not None and not _MEMORY.fullmatch(self.memory):
             raise OptionError(f"`memory` {self.memory!r}: a Kubernetes memory quantity like 4Gi or 512Mi")
-        for what, value in (("name", self.name), ("namespace", self.namespace)):
-            if value is not None and not (_NAME.fullmatch(value) and len(value) <= 63):
-                raise OptionError(f"`{what}` {value!r}: lowercase letters, digits and '-', starting with a letter, "
-                                  "at most 63 characters")
+        for what, value, pattern, most, wanted in (
+                ("name", self.name, _NAME, MAX_NAME, "lowercase letters, digits and '-', starting with a letter"),
+                ("namespace", self.namespace, _NAMESPACE, 63, "lowercase letters, digits and '-'"),
+                ("service_account", self.service_account, _ACCOUNT, 253, "lowercase letters, digits, '-' and '.'"),
+                ("runtime_version", self.runtime_version, _TAG, 128, "an image tag: letters, digits, '_', '.', '-'")):
+            if value is not None and not (pattern.fullmatch(value) and len(value) <= most):
+                raise OptionError(f"`{what}` {value!r}: {wanted}, at most {most} characters")
 
 
 @dataclass(frozen=True)
 class RepoModel:
     """A model of a Triton repository: ``name``, its ``versions`` (numbered folders), ``bytes`` of
-    every file they hold, ``instances`` (instance_group counts, 1 without a group) and ``gpu``."""
+    the files of the versions Triton loads (its ``version_policy``: by default the latest),
+    ``instances`` (instance_group counts, 1 without a group) and ``gpu``."""
 
     name: str
     versions: tuple[int, ...]
@@ -110,7 +120,7 @@ def read_repository(repo: str | Path) -> list[RepoModel]:
         versions = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
         if not versions:
             raise InputError(f"{folder}: no version folder (1/model.onnx)")
-        files = [f for v in versions for f in (folder / str(v)).rglob("*") if f.is_file()]
+        files = [f for v in _loaded(config, versions) for f in (folder / str(v)).rglob("*") if f.is_file()]
         groups = list(config.instance_group)
         models.append(RepoModel(folder.name, tuple(versions), sum(f.stat().st_size for f in files),
                                 sum(max(g.count, 1) for g in groups) or 1,
@@ -120,17 +130,28 @@ def read_repository(repo: str | Path) -> list[RepoModel]:
     return models
 
 
+def _loaded(config, versions: list[int]) -> list[int]:
+    """The versions Triton loads under the config's ``version_policy`` (default: the latest one)."""
+    policy = config.version_policy
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return versions
+    if kind == "specific":
+        return [v for v in versions if v in set(policy.specific.versions)]
+    return versions[-max(policy.latest.num_versions, 1):] if kind == "latest" else versions[-1:]
+
+
 def _storage_uri(uri: str) -> str:
     scheme, sep, rest = uri.partition("://")
     if not sep or scheme not in SCHEMES or not rest.strip("/") or any(c.isspace() or not c.isprintable() for c in uri):
-        raise OptionError(f"--storage-uri {uri!r}: where the repository was uploaded, e.g. gs://BUCKET/PATH or "
+        raise OptionError(f"`storage_uri` {uri!r}: where the repository was uploaded, e.g. gs://BUCKET/PATH or "
                           f"pvc://CLAIM/PATH ({', '.join(s + '://' for s in SCHEMES)})")
     return uri
 
 
 def default_name(repo: Path) -> str:
     """The repository folder's name as a DNS label: lowercase, other characters '-'."""
-    name = re.sub(r"[^a-z0-9-]+", "-", repo.resolve().name.lower()).strip("-")[:63].strip("-")
+    name = re.sub(r"[^a-z0-9-]+", "-", repo.resolve().name.lower()).strip("-")[:MAX_NAME].strip("-")
     if not _NAME.fullmatch(name or "-"):
         raise OptionError(f"{repo}: its folder name makes no service name; give --name")
     return name
@@ -164,10 +185,19 @@ def manifest(repo: str | Path, storage_uri: str, options: ServiceOptions = Servi
             "spec": {"predictor": predictor | {"model": model}}}
 
 
+_LINE_BREAKS = {"\u0085": "\\N", "\u2028": "\\L", "\u2029": "\\P"}  # YAML 1.1 reads these as line breaks
+
+
 def _scalar(value) -> str:
+    """A YAML scalar: a double-quoted string (JSON's escapes for what is not printable, every other
+    character as it is: JSON's surrogate pairs for characters beyond the BMP are not YAML)."""
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
-    return str(value) if isinstance(value, int) else json.dumps(str(value))
+    if isinstance(value, int):
+        return str(value)
+    text = json.dumps(str(value), ensure_ascii=False)
+    return "".join(_LINE_BREAKS.get(c, c if c.isprintable() or c in "\\\"" else
+                                    f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}") for c in text)
 
 
 def to_yaml(data, indent: int = 0) -> str:

@@ -27,6 +27,7 @@ from bnrt.version import __version__
 from bnrt.errors import InputError, OptionError
 from bnrt.deploy.batcher import Batcher
 from bnrt.deploy.connections import default_max_connections, limited_http_protocol
+from bnrt.deploy.fastpath import Disconnected, fast_infer
 from bnrt.deploy.metrics import Metrics
 from bnrt.deploy.kserve import HEADER_LENGTH, RequestError, ServedModel, build_response, parse_request, serving_session
 from bnrt.deploy.repository import Repository
@@ -150,13 +151,13 @@ class _Endpoints:
             raise RequestError(400, str(exc)) from None
 
     async def model_config(self, request):
-        from google.protobuf.json_format import MessageToDict
+        from bnrt.deploy.triton import config_json
 
         try:
             config = self.config(self.find(request))
         except RequestError as exc:
             return self.error(exc.status, str(exc))
-        return self.json(MessageToDict(config, preserving_proto_field_name=True))
+        return self.json(config_json(config))
 
     async def repository_index(self, request):
         return self.json(self.repo.index())
@@ -181,7 +182,7 @@ class _Endpoints:
     async def answer(self, name: str, version: str | None, declared: str | None, chunks,
                      header_length: str | None) -> tuple[int, bytes, list[tuple[str, str]]]:
         """An infer request's status, body and headers: ``chunks`` yields the body (raises
-        ``_Disconnected`` when the client left), ``declared`` its Content-Length. Every outcome is
+        ``Disconnected`` when the client left), ``declared`` its Content-Length. Every outcome is
         counted in the model version's metrics."""
         start, model = time.perf_counter(), None
         try:
@@ -194,55 +195,13 @@ class _Endpoints:
         except RequestError as exc:
             self.count(model, start, "nv_inference_request_failure")
             return exc.status, json.dumps({"error": str(exc)}).encode(), [("content-type", "application/json")]
-        except _Disconnected:  # closed mid-body (by the client, or idle for keep_alive_s): no one to answer
+        except Disconnected:  # closed mid-body (by the client, or idle for keep_alive_s): no one to answer
             self.count(model, start, "nv_inference_request_failure")
             return 400, b"", []
         self.count(model, start, "nv_inference_request_success")
         if head_length is None:
             return 200, payload, [("content-type", "application/json")]
         return 200, payload, [("content-type", "application/octet-stream"), (HEADER_LENGTH, str(head_length))]
-
-
-class _Disconnected(Exception):
-    """The client closed its connection before its request's body arrived."""
-
-
-def fast_infer(api: _Endpoints, app):
-    """``app`` with ``/v2/models/NAME[/versions/V]/infer`` answered in front of it, as plain ASGI
-    (POST; other methods 405): the protocol's one hot path skips Starlette's middleware, routing
-    and request and response objects. Every other path goes to ``app``."""
-
-    async def receive_chunks(receive):
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Disconnected
-            yield message.get("body", b"")
-            if not message.get("more_body", False):
-                return
-
-    async def entry(scope, receive, send):
-        parts = scope["path"].split("/") if scope["type"] == "http" else ()
-        if not (len(parts) in (5, 7) and parts[1] == "v2" and parts[2] == "models" and parts[3] and parts[-1] == "infer"
-                and (len(parts) == 5 or (parts[4] == "versions" and parts[5]))):
-            return await app(scope, receive, send)
-        if scope["method"] != "POST":
-            status, payload = 405, json.dumps({"error": f"{scope['method']} {scope['path']}: Method Not Allowed"})
-            extra = [("content-type", "application/json"), ("allow", "POST")]
-            payload = payload.encode()
-        else:
-            headers = dict(scope["headers"])
-            length = headers.get(b"inference-header-content-length")
-            declared = headers.get(b"content-length")
-            status, payload, extra = await api.answer(parts[3], parts[5] if len(parts) == 7 else None,
-                                                      None if declared is None else declared.decode("latin-1"),
-                                                      receive_chunks(receive),
-                                                      None if length is None else length.decode("latin-1"))
-        raw = [(k.lower().encode(), v.encode()) for k, v in extra] + [(b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": payload})
-
-    return entry
 
 
 def create_app(api: _Endpoints, *, grpc: tuple[str, int] | None = None, poll_s: float | None = None,
@@ -365,7 +324,8 @@ def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
     if grpc_port is not None:
         _grpc_ready(host, grpc_port, port)
     if instances > 1 and threads == 0:
-        threads = max(1, len(os.sched_getaffinity(0)) // instances)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // instances)
     api = _Endpoints(path, serving_session(provider, threads, tf32, instances), max_batch, max_delay_ms, max_queue,
                      int(max_request_mb * (1 << 20)))
     models = api.models

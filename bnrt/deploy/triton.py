@@ -123,6 +123,32 @@ def build_config(session: Session, name: str, options: TritonOptions = TritonOpt
     return config
 
 
+def config_json(config) -> dict:
+    """A ``ModelConfig`` as Triton answers ``GET …/config``: field names as in the schema, 64-bit
+    integers as JSON numbers (protobuf's JSON mapping writes them as strings: dims, delays)."""
+    from google.protobuf.json_format import MessageToDict
+
+    return _json_numbers(config, MessageToDict(config, preserving_proto_field_name=True))
+
+
+def _json_numbers(message, data: dict) -> dict:
+    """``data`` (``MessageToDict`` of ``message``) with its 64-bit integers as numbers."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    wide = (F.TYPE_INT64, F.TYPE_UINT64, F.TYPE_SINT64, F.TYPE_FIXED64, F.TYPE_SFIXED64)
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in data:
+            continue
+        value, repeated = getattr(message, field.name), field.label == F.LABEL_REPEATED
+        if field.type in wide:
+            data[field.name] = [int(v) for v in data[field.name]] if repeated else int(data[field.name])
+        elif field.type == F.TYPE_MESSAGE and not field.message_type.GetOptions().map_entry:
+            items = zip(value, data[field.name]) if repeated else [(value, data[field.name])]
+            for sub, sub_data in items:
+                _json_numbers(sub, sub_data)
+    return data
+
+
 def _warmup(config, session: Session, data: str | os.PathLike, folder: Path) -> None:
     """A ``model_warmup`` entry running the first sample of ``data`` (an .npz/.npy named like the
     inputs), each input's bytes in ``folder/warmup/<input>`` as Triton reads them."""

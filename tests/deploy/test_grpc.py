@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as rpc
 
 from bnrt.session import Session
@@ -123,13 +124,14 @@ def test_grpc_port_options_are_one_line(onnx_model):
 def test_model_config_over_grpc_and_http_is_the_served_configuration(server):
     """What Triton's clients (and perf_analyzer) read first: max_batch_size, the tensors' dims
     without the batch axis, one instance, the dynamic batcher's delay; the same over both."""
-    config = grpcclient.InferenceServerClient(server.grpc_url).get_model_config("digits_cnn", as_json=True)["config"]
-    http_config = httpclient.InferenceServerClient(server.url).get_model_config("digits_cnn")
-    assert config == http_config
+    message = grpcclient.InferenceServerClient(server.grpc_url).get_model_config("digits_cnn").config
+    config = httpclient.InferenceServerClient(server.url).get_model_config("digits_cnn")
+    # over HTTP as Triton writes it: 64-bit integers (dims, delays) as JSON numbers
     assert (config["name"], config["platform"], config["max_batch_size"]) == ("digits_cnn", "onnxruntime_onnx", 32)
-    assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [("x", "TYPE_FP32", ["1", "8", "8"])]
-    assert [(t["name"], t["dims"]) for t in config["output"]] == [("output", ["10"])]
+    assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [("x", "TYPE_FP32", [1, 8, 8])]
+    assert [(t["name"], t["dims"]) for t in config["output"]] == [("output", [10])]
     assert config["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]
-    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": "5000"}
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 5000}
+    assert json_format.ParseDict(config, type(message)()) == message  # the same configuration over gRPC
     with pytest.raises(Exception, match="unknown model 'nope'"):
         grpcclient.InferenceServerClient(server.grpc_url).get_model_config("nope")

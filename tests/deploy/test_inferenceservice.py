@@ -83,18 +83,30 @@ def test_the_sdk_check_catches_a_misspelt_field_and_a_wrong_type(tmp_path):
         assert proc.returncode == 1 and fragment in proc.stderr, proc.stderr
 
 
-def test_default_memory_grows_with_the_models_and_instances(tmp_path):
+def test_default_memory_counts_the_versions_triton_loads_and_every_instance(tmp_path):
     repo, _ = _repo(tmp_path, instances=3)
     big = repo / "digits" / "2"
     big.mkdir()
     (big / "model.onnx").write_bytes(b"\0" * (300 << 20))  # a second, larger version: 300 MiB
-    limits = manifest(repo, "gs://b/r")["spec"]["predictor"]["model"]["resources"]["limits"]
-    # 1 GiB + 2 x (300 MiB + a few kB) x 3 instances = 2824 MiB and a bit, rounded up to 256 MiB
-    assert limits["memory"] == "3072Mi"
+
+    def memory() -> str:
+        return manifest(repo, "gs://b/r")["spec"]["predictor"]["model"]["resources"]["limits"]["memory"]
+
+    # the latest version (Triton's default policy): 1 GiB + 2 x (300 MiB + a few kB) x 3 instances, to 256 MiB
+    assert memory() == "3072Mi"
+    (repo / "digits" / "3").mkdir()
+    (repo / "digits" / "3" / "model.onnx").write_bytes(b"\0" * 1000)  # a small latest version
+    assert memory() == "1280Mi"
+    config = repo / "digits" / "config.pbtxt"
+    config.write_text(config.read_text() + "version_policy { all { } }\n")
+    assert memory() == "3072Mi"
+    config.write_text(config.read_text().replace("all { }", "specific { versions: 1 versions: 3 }"))
+    assert memory() == "1280Mi"
 
 
 def test_the_yaml_quotes_what_yaml_would_read_otherwise():
-    data = {"a": "yes", "b": "0123", "c": 'say "hi"\n', "d": 7, "e": ["on", 1], "f": {}}
+    data = {"a": "yes", "b": "0123", "c": 'say "hi"\n', "d": 7, "e": ["on", 1], "f": {}, "g": "a\U0001f600b",
+            "h": "line\u2028sep\x85nel\x01"}
     assert yaml.safe_load(to_yaml(data)) == data
 
 
@@ -103,6 +115,9 @@ def test_the_yaml_quotes_what_yaml_would_read_otherwise():
     (["--storage-uri", "gs://"], ["--storage-uri 'gs://'"]),
     (["--storage-uri", "gs://b/r", "--min-replicas", "2", "--max-replicas", "1"], ["replicas 2..1"]),
     (["--storage-uri", "gs://b/r", "--name", "Bad_Name"], ["--name 'Bad_Name'"]),
+    (["--storage-uri", "gs://b/r", "--name", "a" * 46], ["at most 45 characters"]),
+    (["--storage-uri", "gs://b/r", "--runtime-version", "25.01 py3"], ["--runtime-version '25.01 py3'"]),
+    (["--storage-uri", "gs://b/r", "--service-account", "Storage"], ["--service-account 'Storage'"]),
     (["--storage-uri", "gs://b/r", "--cpu", "lots"], ["--cpu 'lots'"]),
     (["--storage-uri", "gs://b/r", "--memory", "4GB"], ["--memory '4GB'"]),
 ])

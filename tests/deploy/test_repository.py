@@ -219,7 +219,9 @@ def test_a_request_arriving_during_a_swap_that_changes_the_inputs_runs_on_its_ve
         answer = b""
         while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
                 answer.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]):
-            answer += sock.recv(65536)
+            chunk = sock.recv(65536)
+            assert chunk, answer  # the server closed the connection before answering in full
+            answer += chunk
         sock.close()
         status, body = answer.split(b" ", 2)[1], answer.split(b"\r\n\r\n", 1)[1]
         assert status == b"200", answer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -404,3 +405,22 @@ def test_the_infer_path_answers_other_methods_and_odd_paths_in_the_protocols_err
         assert code == status and "error" in json.loads(data), (path, code, data)
     code, data = server.raw("POST", "/v2/models/digits_cnn/versions/1/infer", _json_request([1, 1, 8, 8]))
     assert code == 200 and json.loads(data)["model_version"] == "1"
+
+
+def test_a_request_still_sending_its_body_does_not_take_a_queue_place(onnx_model):
+    """--max-queue counts whole requests waiting for a run: a client stalled half-way through its
+    body holds a connection, not the queue (with a queue of one, others are still served)."""
+    import socket
+
+    srv = Server(onnx_model, "--max-queue", "1")
+    try:
+        body = _json_request([1, 1, 8, 8])
+        stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        stalled.sendall(b"POST /v2/models/digits_cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:20])
+        time.sleep(0.3)
+        for _ in range(3):
+            assert _infer(srv.url, np.zeros((1, 1, 8, 8), np.float32), True).shape == (1, 10)
+        stalled.close()
+    finally:
+        assert srv.stop() == 0

@@ -11,10 +11,12 @@ from typing import IO, Callable, Iterator
 
 class Steps:
     """``with steps.step("export"): …`` times the block under that name; ``steps.note(text)``
-    says what the running step is doing now. ``timings`` maps step names to seconds."""
+    says what the running step is doing now. ``timings`` maps step names to seconds, ``peaks`` to
+    the process's peak resident memory so far when the step ended (a step that raised it shows)."""
 
     def __init__(self, show: bool = False, file: IO[str] | None = None):
         self.timings: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}  # the process's peak resident memory (MB) when each step ended
         self._progress = None
         self._task = None
         self._name = ""
@@ -37,6 +39,7 @@ class Steps:
             yield
         finally:
             self.timings[name] = round(time.perf_counter() - start, 4)
+            self.peaks[name] = peak_rss_mb()
             if self._progress is not None and self._task is not None:
                 self._progress.update(self._task, description=name, completed=1)
                 self._task = None
@@ -55,6 +58,15 @@ class Steps:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB (Linux counts kB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)
 
 
 def rate(note: Callable[[str], None], label: str) -> Callable[[int, int], None]:

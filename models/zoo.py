@@ -53,11 +53,11 @@ class ResNet(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, cin, width, stride):
+    def __init__(self, cin, width, stride, wide=1):
         super().__init__()
-        cout = width * 4
-        self.body = nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, width, 3, stride=stride),
-                                  conv_bn(width, cout, 1, act=None))
+        cout, inner = width * 4, width * wide
+        self.body = nn.Sequential(conv_bn(cin, inner, 1), conv_bn(inner, inner, 3, stride=stride),
+                                  conv_bn(inner, cout, 1, act=None))
         self.down = conv_bn(cin, cout, 1, stride=stride, act=None) if stride != 1 or cin != cout else nn.Identity()
 
     def forward(self, x):
@@ -66,16 +66,18 @@ class Bottleneck(nn.Module):
 
 class ResNet50(nn.Module):
     """torchvision's ResNet-50 layout (bottlenecks 3-4-6-3, 25.6M parameters), for the pipeline-cost
-    benchmark (tools/bench.py); not in ZOO, whose models the tests fold one by one."""
+    benchmarks (tools/bench.py, tools/fold_cost.py); not in ZOO, whose models the tests fold one by
+    one. ``counts`` and ``wide`` give torchvision's other layouts: ResNet-101 (3, 4, 23, 3), ResNet-152
+    (3, 8, 36, 3), Wide ResNet-101-2 (3, 4, 23, 3) with ``wide=2``."""
 
-    def __init__(self, classes=1000):
+    def __init__(self, classes=1000, counts=(3, 4, 6, 3), wide=1):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
                                   nn.MaxPool2d(3, 2, 1))
         blocks, cin = [], 64
-        for i, (width, count) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+        for i, (width, count) in enumerate(zip((64, 128, 256, 512), counts)):
             for j in range(count):
-                blocks.append(Bottleneck(cin, width, 2 if i and not j else 1))
+                blocks.append(Bottleneck(cin, width, 2 if i and not j else 1, wide))
                 cin = width * 4
         self.layers = nn.Sequential(*blocks)
         self.fc = nn.Linear(cin, classes)

@@ -103,10 +103,12 @@ def fold_report(*, source: dict[str, Any], input_names: list[str], output_names:
                 input_shapes: list, opset: int | None, exporter: str | None, tracer: str,
                 decisions: list[Decision], merges: list, fp16_overflow: dict[str, float], batchnorm_nodes: int,
                 check: dict | None, timings: dict[str, float], outputs: dict[str, str],
-                checkpoint_keeps: list[str] = (), unshared: dict | None = None) -> dict[str, Any]:
+                checkpoint_keeps: list[str] = (), unshared: dict | None = None,
+                peaks: dict[str, float] | None = None) -> dict[str, Any]:
     """The fold report (schema ``bnrt.fold/1``), for torch and ONNX sources alike.
     ``checkpoint_keeps``: BNs folded in the ONNX file but kept in the folded checkpoint;
-    ``unshared``: the copies ``--unshare`` made and the parameters they add."""
+    ``unshared``: the copies ``--unshare`` made and the parameters they add; ``peaks``: the process's
+    peak memory (MB) when each step ended."""
     folded = sum(d.folded for d in decisions)
     return {
         "schema": FOLD_SCHEMA,
@@ -127,5 +129,6 @@ def fold_report(*, source: dict[str, Any], input_names: list[str], output_names:
         "merges": [m.to_json() for m in merges],
         "check": check,
         "timings_s": timings,
+        **({"peak_rss_mb": peaks} if peaks else {}),
         "outputs": outputs,
     }

@@ -160,7 +160,7 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
             input_names=original.input_names, output_names=out_names, input_shapes=dataset.shapes(), opset=opset,
             exporter=exporter, tracer=cap.tracer, decisions=planned.decisions, merges=result.merges,
             fp16_overflow=result.fp16_overflow, batchnorm_nodes=batchnorm_nodes,
-            check=report_check.to_json() if report_check else None, timings=steps.timings,
+            check=report_check.to_json() if report_check else None, timings=steps.timings, peaks=steps.peaks,
             outputs={k: str(out / v) for k, v in names.items()}, checkpoint_keeps=result.checkpoint_keeps,
             unshared=unshared_summary(result, loaded.model))
         if not_written:
@@ -312,7 +312,7 @@ def _fold_graph(graph: _Graph, source: ModelSource, out: Path, names: dict[str, 
             opset=next((o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")), None),
             exporter=graph.exporter, tracer="onnx graph", decisions=result.decisions, merges=result.merges,
             fp16_overflow=result.fp16_overflow, batchnorm_nodes=count_ops(result.model, "BatchNormalization"),
-            check=report_check.to_json() if report_check else None, timings=steps.timings,
+            check=report_check.to_json() if report_check else None, timings=steps.timings, peaks=steps.peaks,
             outputs={k: str(out / v) for k, v in names.items()})
         return _finish(stage, out, names, report, result, report_check, source.kind)
 

@@ -122,6 +122,33 @@ def channel_index(kind: str, shape: tuple[int, ...], groups: int) -> tuple[np.nd
     raise ValueError(f"no channel layout for a {kind!r} layer")
 
 
+class ChannelMap:
+    """``channel_index`` without index arrays: a weight viewed as ``[groups, A, B, k...]`` (``A``
+    the first axis within a group, ``B`` the second), where a per-channel vector broadcasts as
+    ``[g, A, 1, 1...]`` (the first axis's channels) or ``[g, 1, B, 1...]`` (the second's). Output
+    channels are the first axis of conv and linear weights, the second of a ConvTranspose's."""
+
+    def __init__(self, kind: str, shape: tuple[int, ...], groups: int):
+        if kind not in ("conv", "conv-transpose", "linear"):
+            raise ValueError(f"no channel layout for a {kind!r} layer")
+        g = 1 if kind == "linear" else groups
+        self.shape, ones = shape, (1,) * (len(shape) - 2)
+        self.view = (g, shape[0] // g, shape[1], *shape[2:])
+        self.first, self.second = (g, shape[0] // g, 1, *ones), (g, 1, shape[1], *ones)
+        self.out_first = kind != "conv-transpose"
+
+    def times(self, weight: np.ndarray, vector: np.ndarray, by: str) -> np.ndarray:
+        """``weight · vector[channel]`` elementwise, ``by`` the ``"out"`` or ``"in"`` channel."""
+        first = (by == "out") == self.out_first
+        return (weight.reshape(self.view) * vector.reshape(self.first if first else self.second)).reshape(self.shape)
+
+    def out_sums(self, weight: np.ndarray, vector: np.ndarray) -> np.ndarray:
+        """Per output channel: the sum of ``weight · vector[input channel]`` over its elements."""
+        product = weight.reshape(self.view) * vector.reshape(self.second if self.out_first else self.first)
+        axes = (2, *range(3, len(self.view))) if self.out_first else (1, *range(3, len(self.view)))
+        return product.sum(axis=axes).reshape(-1)
+
+
 def _channels_of(target_channels, vectors):
     index = slice(None) if target_channels is None else np.asarray(target_channels)
     return [v[index] for v in vectors]
@@ -129,16 +156,18 @@ def _channels_of(target_channels, vectors):
 
 def _apply(exact: _Exact, decision: Decision, target, stats: BnStats) -> None:
     s, t, t_mag = _channels_of(target.channels, _scale_shift(stats))
-    out, inp = channel_index(target.kind, exact.weight.shape, target.groups)
+    channels = ChannelMap(target.kind, exact.weight.shape, target.groups)
     if decision.direction == "backward":
-        exact.weight, exact.weight_mag = exact.weight * s[out], exact.weight_mag * np.abs(s)[out]
+        exact.weight, exact.weight_mag = channels.times(exact.weight, s, "out"), channels.times(
+            exact.weight_mag, np.abs(s), "out")
         exact.bias, exact.bias_mag = s * exact.bias + t, np.abs(s) * exact.bias_mag + t_mag
         exact.terms += 2
         return
     n = exact.bias.shape[0]
-    exact.bias = exact.bias + np.bincount(out.ravel(), (exact.weight * t[inp]).ravel(), minlength=n)
-    exact.bias_mag = exact.bias_mag + np.bincount(out.ravel(), (exact.weight_mag * t_mag[inp]).ravel(), minlength=n)
-    exact.weight, exact.weight_mag = exact.weight * s[inp], exact.weight_mag * np.abs(s)[inp]
+    exact.bias = exact.bias + channels.out_sums(exact.weight, t)
+    exact.bias_mag = exact.bias_mag + channels.out_sums(exact.weight_mag, t_mag)
+    exact.weight, exact.weight_mag = channels.times(exact.weight, s, "in"), channels.times(
+        exact.weight_mag, np.abs(s), "in")
     exact.terms += exact.weight.size // n + 2
 
 
@@ -255,20 +284,30 @@ def ulp_distance(stored: np.ndarray, exact: np.ndarray, magnitude: np.ndarray,
     with np.errstate(over="ignore", invalid="ignore"):
         nearest = size.astype(dtype)
         below = np.where(nearest.astype(np.float64) > size, np.nextafter(nearest, dtype.type(0)), nearest)
-        gap = (np.nextafter(below, dtype.type(np.inf)).astype(np.float64) - below.astype(np.float64))
+        gap = np.spacing(below).astype(np.float64)  # the next value up less ``below``, exact in ``dtype``
         distance = np.abs(stored.astype(np.float64) - exact)
         ulps = distance / gap
         ok = distance <= HALF_ULP * gap + 2 * (terms + 4) * EPS64 * magnitude
     return np.where(np.isfinite(ulps), ulps, np.inf), ok & np.isfinite(distance)
 
 
+CHUNK = 1 << 18  # elements measured at once: the temporaries of ``ulp_distance`` stay in the CPU's cache
+
+
 def _worst(name: str, stored: np.ndarray, exact: np.ndarray, magnitude: np.ndarray, terms: int):
-    ulps, ok = ulp_distance(stored, exact, magnitude, terms)
-    if ulps.size == 0:
+    """The worst element (the worst failing one, if any): its ULPs, where it is, whether all pass."""
+    if stored.size == 0:
         return 0.0, "", True
-    at = int(np.argmax(ulps if ok.all() else np.where(ok, -np.inf, ulps)))  # the worst failing element, if any
-    where = f"{name}[{', '.join(str(int(i)) for i in np.unravel_index(at, ulps.shape))}]"
-    return float(ulps.flat[at]), where, bool(ok.all())
+    flat = [np.ravel(a) for a in (stored, exact, magnitude)]
+    best = (False, -1.0, 0)  # (fails, ulps, -index): the largest is the answer, the first of equals
+    for start in range(0, flat[0].size, CHUNK):
+        ulps, ok = ulp_distance(*(a[start:start + CHUNK] for a in flat), terms)
+        failing = not ok.all()
+        at = int(np.argmax(np.where(ok, -np.inf, ulps) if failing else ulps))
+        best = max(best, (failing, float(ulps[at]), -(start + at)))
+    failing, worst, at = best[0], best[1], -best[2]
+    where = f"{name}[{', '.join(str(int(i)) for i in np.unravel_index(at, stored.shape))}]"
+    return worst, where, not failing
 
 
 def certify(plan: Plan, original: Callable[[Layer], Weights], stats: Callable[[Decision], BnStats],

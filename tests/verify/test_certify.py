@@ -20,7 +20,7 @@ from bnrt.folding.onnxfold import fold_onnx
 from bnrt.folding.torchfold import apply, layer_weights, stored_weights
 from bnrt.folding.torchgraph import plan
 from bnrt.folding.torchops import statistics
-from bnrt.verify.certify import certify, channel_index, ulp_distance
+from bnrt.verify.certify import ChannelMap, certify, channel_index, ulp_distance
 from models.zoo import ZOO, build
 
 from ..conftest import bn_node, bn_params, onnx_graph, randomise_bn, report_schema
@@ -47,6 +47,26 @@ def test_channel_index_of_grouped_conv_and_transposed_conv():
     assert out[:, :, 0].tolist() == [[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5]]
     out, inp = channel_index("linear", (2, 3), groups=1)
     assert out.tolist() == [[0, 0, 0], [1, 1, 1]] and inp.tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+@given(kind=st.sampled_from(["conv", "conv-transpose", "linear"]), groups=st.integers(1, 4), a=st.integers(1, 3),
+       b=st.integers(1, 4), kernel=st.lists(st.integers(1, 3), max_size=3), seed=st.integers(0, 2**16))
+def test_the_channel_map_scales_and_sums_as_the_channel_index_says(kind, groups, a, b, kernel, seed):
+    """``ChannelMap`` (broadcast views, what the certificate runs) against ``channel_index``'s
+    index arrays: the same scaled weights and per-output sums, exactly."""
+    groups = 1 if kind == "linear" else groups
+    shape = (groups * a, b) if kind == "linear" else (groups * a, b, *kernel)
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal(shape)
+    out, inp = channel_index(kind, shape, groups)
+    outputs, inputs = int(out.max()) + 1, int(inp.max()) + 1
+    v_out, v_in = rng.standard_normal(outputs), rng.standard_normal(inputs)
+    channels = ChannelMap(kind, shape, groups)
+    np.testing.assert_array_equal(channels.times(weight, v_out, "out"), weight * v_out[out])
+    np.testing.assert_array_equal(channels.times(weight, v_in, "in"), weight * v_in[inp])
+    np.testing.assert_allclose(channels.out_sums(weight, v_in),
+                               np.bincount(out.ravel(), (weight * v_in[inp]).ravel(), minlength=outputs),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_ulp_distance_is_measured_in_the_gap_around_the_exact_value():

@@ -1,0 +1,144 @@
+"""What `bnrt fold` costs as models grow: wall time and peak resident memory of `bnrt fold M.pt`
+with and without its check, against exporting the same model alone, on four sizes.
+
+    python -m tools.fold_cost [--models resnet14 resnet50 resnet152 wide_resnet101_2] [--rounds 1]
+                              [--write docs/BENCHMARKS.md]
+
+Models: torchvision's ResNet layouts built by models.zoo.ResNet50 (10.1M, 25.6M, 60.2M and 126.9M
+parameters), 1x3x224x224, BN statistics from a training pass on random data. Each command runs as
+a process of its own (peak RSS: its ``ru_maxrss``), the three commands of a model one after the
+other, rounds interleaved, after a warm-up run of each; medians. "export alone" loads the same
+dict checkpoint, builds the model and runs ``torch.onnx.export(dynamo=True)`` with a dynamic batch
+axis (``python -m tools.fold_cost --export CKPT OUT``). Below the table, bnrt's own steps from its
+report: seconds per step and the peak memory when each step ended (a step that raised it shows).
+Goals (#28): with its check <= 1.3x the wall time and the peak RSS of export alone, --no-check
+<= 1.1x and <= 1.2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tools.bench import _run
+from tools.provenance import provenance, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = "<!-- fold-cost -->"
+MODELS = {  # name -> ResNet50 keyword arguments
+    "resnet14": {"counts": [1, 1, 1, 1]},
+    "resnet50": {},
+    "resnet152": {"counts": [3, 8, 36, 3]},
+    "wide_resnet101_2": {"counts": [3, 4, 23, 3], "wide": 2},
+}
+
+
+def checkpoint(name: str, folder: Path) -> tuple[Path, int]:
+    import torch
+
+    from models.zoo import ResNet50
+
+    torch.manual_seed(0)
+    model = ResNet50(**MODELS[name])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(2, 3, 224, 224))
+    path = folder / f"{name}.pt"
+    torch.save({"state_dict": model.eval().state_dict(), "arch": "models.zoo:ResNet50", "arch_kwargs": MODELS[name],
+                "input_shape": [1, 3, 224, 224]}, path)
+    return path, sum(p.numel() for p in model.parameters())
+
+
+def export_alone(ckpt_path: str, out: str) -> None:
+    """The baseline: the dict checkpoint loaded, the model built, exported by dynamo; nothing else."""
+    import importlib
+    import os
+
+    import torch
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    module, _, name = ckpt["arch"].partition(":")
+    sys.path.insert(0, os.getcwd())
+    model = getattr(importlib.import_module(module), name)(**ckpt.get("arch_kwargs", {}))
+    model.load_state_dict(ckpt["state_dict"])
+    shape = ckpt["input_shape"]
+    program = torch.onnx.export(model.eval(), (torch.randn(2, *shape[1:]),), dynamo=True, verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program.save(out)
+
+
+def measure(name: str, rounds: int, tmp: Path) -> dict:
+    ckpt, params = checkpoint(name, tmp)
+    commands = {
+        "export alone": lambda i: [sys.executable, "-m", "tools.fold_cost", "--export", str(ckpt),
+                                   str(tmp / f"alone{i}.onnx")],
+        "bnrt fold --no-check": lambda i: [sys.executable, "-m", "bnrt", "fold", str(ckpt), "--trust-code", "-q",
+                                           "--no-check", "-o", str(tmp / f"nocheck{i}")],
+        "bnrt fold": lambda i: [sys.executable, "-m", "bnrt", "fold", str(ckpt), "--trust-code", "-q",
+                                "-o", str(tmp / f"check{i}")],
+    }
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
+    for i in range(rounds + 1):
+        for label, argv in commands.items():
+            result = _run(argv(i))
+            if i:
+                runs[label].append(result)
+    medians = {k: (float(np.median([w for w, _ in r])), float(np.median([m for _, m in r]))) for k, r in runs.items()}
+    steps = {}
+    for label, folder in (("bnrt fold --no-check", "nocheck"), ("bnrt fold", "check")):
+        report = json.loads((tmp / f"{folder}{rounds}" / f"{name}.report.json").read_text())
+        steps[label] = (report["timings_s"], report.get("peak_rss_mb", {}))
+    return {"name": name, "params": params, "medians": medians, "steps": steps}
+
+
+def table(results: list[dict]) -> list[str]:
+    lines = ["| model | params | export alone s / MB | bnrt fold --no-check s / MB | bnrt fold s / MB | "
+             "--no-check wall / RSS ratio | check wall / RSS ratio |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r["medians"]
+        alone, nocheck, check = m["export alone"], m["bnrt fold --no-check"], m["bnrt fold"]
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f} M | {alone[0]:.1f} / {alone[1]:.0f} | "
+                     f"{nocheck[0]:.1f} / {nocheck[1]:.0f} | {check[0]:.1f} / {check[1]:.0f} | "
+                     f"{nocheck[0] / alone[0]:.2f} / {nocheck[1] / alone[1]:.2f} | "
+                     f"{check[0] / alone[0]:.2f} / {check[1] / alone[1]:.2f} |")
+    lines += ["", "bnrt's steps (last round; seconds, and the peak MB when the step ended):", ""]
+    for r in results:
+        for label, (timings, peaks) in r["steps"].items():
+            lines.append(f"- {r['name']}, `{label}`: " + ", ".join(
+                f"{k} {v:.1f} s / {peaks.get(k, float('nan')):.0f}" for k, v in timings.items()))
+    return lines
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--export":
+        export_alone(sys.argv[2], sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--write", metavar="FILE.md", help="replace the fold-cost section of FILE.md")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            results.append(measure(name, args.rounds, Path(tmp)))
+            print(f"measured {name}", file=sys.stderr, flush=True)
+    lines = table(results)
+    print("\n".join(lines))
+    if args.write:
+        text = "\n".join([MARK, f"## Fold cost as models grow ({', '.join(args.models)})", "",
+                          provenance("python -m tools.fold_cost"), "", __doc__.split("\n\n", 2)[2].strip(), "",
+                          *lines, MARK])
+        write_section(Path(args.write), MARK, text)
+        print(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()

@@ -185,8 +185,10 @@ def export_onnx(
         for key, value in {**(metadata or {}), EXPORTER_KEY: used}.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, str(value)
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.save(proto, str(tmp))
+        data = proto.SerializeToString()  # once, for the checker and the file (a large model's takes seconds)
+        onnx.checker.check_model(data, full_check=True)
+        tmp.write_bytes(data)
+        del data
     return proto
 
 

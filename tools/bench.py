@@ -59,14 +59,19 @@ def pipeline_cost(checkpoint: Path, workdir: Path, rounds: int = 3) -> dict[str,
                                  "-o", str(workdir / f"bnrt{i}")],
                 ALTERNATIVE: lambda i: [sys.executable, "-m", "tools.fx_fuse_export", str(checkpoint),
                                         str(workdir / f"alt{i}.onnx")]}
+    return {name: {"wall_s": wall, "peak_mb": mb} for name, (wall, mb) in interleaved(commands, rounds).items()}
+
+
+def interleaved(commands: dict, rounds: int) -> dict[str, tuple[float, float]]:
+    """Each command line (``commands[label](round) -> argv``) run once per round, rounds alternating
+    the commands, after a warm-up round: the median wall seconds and peak MB per label."""
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
     for i in range(rounds + 1):
         for name, argv in commands.items():
             wall_mb = _run(argv(i))
             if i:
                 runs[name].append(wall_mb)
-    return {name: {"wall_s": float(np.median([w for w, _ in r])), "peak_mb": float(np.median([m for _, m in r]))}
-            for name, r in runs.items()}
+    return {k: (float(np.median([w for w, _ in r])), float(np.median([m for _, m in r]))) for k, r in runs.items()}
 
 
 def cost_lines(cost: dict[str, dict[str, float]]) -> list[str]:

@@ -23,9 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from tools.bench import _run
+from tools.bench import interleaved
 from tools.provenance import provenance, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,13 +82,7 @@ def measure(name: str, rounds: int, tmp: Path) -> dict:
         "bnrt fold": lambda i: [sys.executable, "-m", "bnrt", "fold", str(ckpt), "--trust-code", "-q",
                                 "-o", str(tmp / f"check{i}")],
     }
-    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
-    for i in range(rounds + 1):
-        for label, argv in commands.items():
-            result = _run(argv(i))
-            if i:
-                runs[label].append(result)
-    medians = {k: (float(np.median([w for w, _ in r])), float(np.median([m for _, m in r]))) for k, r in runs.items()}
+    medians = interleaved(commands, rounds)
     steps = {}
     for label, folder in (("bnrt fold --no-check", "nocheck"), ("bnrt fold", "check")):
         report = json.loads((tmp / f"{folder}{rounds}" / f"{name}.report.json").read_text())

@@ -174,11 +174,7 @@ class Batcher:
                     p.future.set_exception(RequestError(400, f"inference failed: {exc}"))
             return
         if self.metrics is not None:
-            for p in batch:
-                self.metrics.seconds("nv_inference_queue_duration_us", self.key, started - p.queued)
-            self.metrics.seconds("nv_inference_compute_infer_duration_us", self.key, seconds)
-            self.metrics.add("nv_inference_exec_count", self.key)
-            self.metrics.add("nv_inference_count", self.key, sum(p.size for p in batch))
+            self.metrics.execution(self.key, [p.size for p in batch], [started - p.queued for p in batch], seconds)
         start = 0
         for p in batch:
             n = p.size

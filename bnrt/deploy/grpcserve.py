@@ -4,7 +4,8 @@ The ``GRPCInferenceService`` of the protocol as tritonclient ships it (``tritonc
 and ``service_pb2_grpc``, generated from the protocol's .proto), served by grpc.aio in the HTTP
 server's own event loop: ``ModelInfer`` goes through the same batcher, limits and metrics as
 ``POST …/infer``, so the stock ``tritonclient.grpc`` client works unmodified. Served: server and model
-liveness, readiness, metadata and config (Triton's ``ModelConfig``, as ``GET …/config``), ``ModelInfer`` (raw tensor contents or typed contents in; raw
+liveness, readiness, metadata, config and statistics (Triton's ``ModelConfig`` and ``ModelStatistics``,
+as ``GET …/config`` and ``…/stats``), ``ModelInfer`` (raw tensor contents or typed contents in; raw
 contents out, as Triton answers), the repository index, load and unload. A refused request is a gRPC status:
 INVALID_ARGUMENT (400), NOT_FOUND (404), RESOURCE_EXHAUSTED (413, and messages over the size limit),
 UNAVAILABLE (503, queue full).
@@ -123,6 +124,15 @@ class Service(rpc.GRPCInferenceServiceServicer):
         except RequestError as exc:
             await context.abort(_status(exc.status), str(exc))
         return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request, context):
+        from google.protobuf.json_format import ParseDict
+
+        try:
+            stats = self.api.statistics(request.name, request.version)
+        except RequestError as exc:
+            await context.abort(_status(exc.status), str(exc))
+        return ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     async def RepositoryIndex(self, request, context):
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**row)

@@ -4,10 +4,15 @@
 Written in the text exposition format here: the Prometheus client library names a counter
 ``<name>_total``, which Triton's counters do not carry. Counters are cumulative integers (durations
 in microseconds) per model version; ``nv_inference_pending_request_count`` is a gauge.
+
+The same counts feed Triton's statistics extension (``GET …/stats``, gRPC ``ModelStatistics``):
+requests and nanoseconds by outcome and phase, each request of a run counted with the run's
+compute time (as Triton counts it), and runs by batch size (samples per run).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 # name -> (type, Triton's help text)
@@ -27,13 +32,19 @@ METRICS = {
 }
 
 
+# Triton's statistics extension (``ModelStatistics``): durations per outcome and per request, in ns
+STATISTICS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+
 class Metrics:
     """The counters of every served model version (``keys``: (name, version)); ``pending(key)``
-    reads the gauge when the metrics are written."""
+    reads the gauge when the metrics are written. Beside them, Triton's statistics per version
+    (``statistics``): each outcome's and each phase's request count and time, executions by batch size."""
 
     def __init__(self, keys: list[tuple[str, str]], pending: Callable[[tuple[str, str]], int]):
         self.keys, self.pending = [], pending
         self.values = {name: {} for name, (kind, _) in METRICS.items() if kind == "counter"}
+        self.stats: dict[tuple[str, str], dict] = {}
         for key in keys:
             self.track(key)
 
@@ -43,6 +54,45 @@ class Metrics:
             self.keys.append(key)
             for values in self.values.values():
                 values.setdefault(key, 0)
+            self.stats[key] = {"last": 0, "phases": {k: [0, 0] for k in STATISTICS}, "batches": {}}
+
+    def request(self, key: tuple[str, str], success: bool, seconds: float) -> None:
+        """A request answered (``success``) or refused, after ``seconds``."""
+        self.add("nv_inference_request_success" if success else "nv_inference_request_failure", key)
+        self.seconds("nv_inference_request_duration_us", key, seconds)
+        self._phase(key, "success" if success else "fail", 1, seconds)
+
+    def execution(self, key: tuple[str, str], sizes: list[int], waited: list[float], seconds: float) -> None:
+        """One ORT run of requests of ``sizes`` samples that waited ``waited`` seconds in the queue."""
+        for wait in waited:
+            self.seconds("nv_inference_queue_duration_us", key, wait)
+            self._phase(key, "queue", 1, wait)
+        self.seconds("nv_inference_compute_infer_duration_us", key, seconds)
+        self.add("nv_inference_exec_count", key)
+        self.add("nv_inference_count", key, sum(sizes))
+        self._phase(key, "compute_infer", len(sizes), seconds * len(sizes))  # each request's compute time
+        batch = self.stats[key]["batches"].setdefault(sum(sizes), [0, 0])
+        batch[0], batch[1] = batch[0] + 1, batch[1] + round(seconds * 1e9)
+        self.stats[key]["last"] = int(time.time() * 1000)
+
+    def _phase(self, key: tuple[str, str], phase: str, count: int, seconds: float) -> None:
+        self.track(key)
+        entry = self.stats[key]["phases"][phase]
+        entry[0], entry[1] = entry[0] + count, entry[1] + round(seconds * 1e9)
+
+    def statistics(self, key: tuple[str, str]) -> dict:
+        """Triton's ``ModelStatistics`` of ``key`` as JSON (the statistics extension's shape)."""
+        stats = self.stats[key]
+
+        def duration(count, ns):
+            return {"count": count, "ns": ns}
+        return {"name": key[0], "version": key[1], "last_inference": stats["last"],
+                "inference_count": self.values["nv_inference_count"][key],
+                "execution_count": self.values["nv_inference_exec_count"][key],
+                "inference_stats": {k: duration(*v) for k, v in stats["phases"].items()},
+                "batch_stats": [{"batch_size": size, **{k: duration(*(v if k == "compute_infer" else (0, 0))) for k in
+                                                        ("compute_input", "compute_infer", "compute_output")}}
+                                for size, v in sorted(stats["batches"].items())]}
 
     def add(self, name: str, key: tuple[str, str], amount: float = 1) -> None:
         self.track(key)

@@ -3,7 +3,7 @@ on Starlette + uvicorn, with Triton's binary tensor extension, so that the stock
 ``tritonclient.http`` client works with ``binary_data`` True or False.
 
 Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``
-(metadata), ``…/config`` (Triton's model configuration), ``…/ready``, ``POST …/infer``. Errors are ``{"error": "…"}`` with 400 (bad request),
+(metadata), ``…/config`` (Triton's model configuration), ``…/stats`` (its statistics), ``…/ready``, ``POST …/infer``. Errors are ``{"error": "…"}`` with 400 (bad request),
 404 (unknown model), 413 (request too large) or 503 (queue full).
 
 Dynamic batching (``bnrt.deploy.batcher``): requests for a model whose batch axis is dynamic are
@@ -99,8 +99,7 @@ class _Endpoints:
         """A request's outcome and duration in its model version's metrics (an unknown model has none)."""
         if model is not None:
             key = (model.name, model.version)
-            self.metrics.add(outcome, key)
-            self.metrics.seconds("nv_inference_request_duration_us", key, time.perf_counter() - start)
+            self.metrics.request(key, outcome == "nv_inference_request_success", time.perf_counter() - start)
 
     async def server_metadata(self, request):
         return self.json({"name": "bnrt", "version": __version__, "extensions": ["binary_tensor_data"]})
@@ -158,6 +157,21 @@ class _Endpoints:
         except RequestError as exc:
             return self.error(exc.status, str(exc))
         return self.json(config_json(config))
+
+    def statistics(self, name: str, version: str | None) -> list[dict]:
+        """Triton's statistics of the served versions of ``name`` (every model when empty; one
+        version when given); ``RequestError(404)`` for a model or version not served."""
+        if name:
+            self.lookup(name, version)
+        return [self.metrics.statistics(key) for key in sorted(self.batchers)
+                if not name or (key[0] == name and version in (None, "", key[1]))]
+
+    async def model_statistics(self, request):
+        try:
+            stats = self.statistics(request.path_params.get("name", ""), request.path_params.get("version"))
+        except RequestError as exc:
+            return self.error(exc.status, str(exc))
+        return self.json({"model_stats": stats})
 
     async def repository_index(self, request):
         return self.json(self.repo.index())
@@ -239,6 +253,9 @@ def create_app(api: _Endpoints, *, grpc: tuple[str, int] | None = None, poll_s: 
         Route("/v2", api.server_metadata),
         Route("/v2/health/live", api.live),
         Route("/v2/health/ready", api.live),
+        Route("/v2/models/stats", api.model_statistics),
+        Route("/v2/models/{name}/stats", api.model_statistics),
+        Route("/v2/models/{name}/versions/{version}/stats", api.model_statistics),
         Route("/v2/models/{name}", api.model_metadata),
         Route("/v2/models/{name}/versions/{version}", api.model_metadata),
         Route("/v2/models/{name}/config", api.model_config),

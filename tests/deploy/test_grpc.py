@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -135,3 +136,33 @@ def test_model_config_over_grpc_and_http_is_the_served_configuration(server):
     assert json_format.ParseDict(config, type(message)()) == message  # the same configuration over gRPC
     with pytest.raises(Exception, match="unknown model 'nope'"):
         grpcclient.InferenceServerClient(server.grpc_url).get_model_config("nope")
+
+
+def test_model_statistics_count_what_was_sent_over_grpc_and_http(onnx_model):
+    """Triton's statistics extension: per outcome and phase, request counts and nanoseconds;
+    executions by batch size; the same over gRPC (ModelStatistics) and HTTP (GET …/stats)."""
+    srv = Server(onnx_model, "--grpc-port", "0", "--max-delay-ms", "0")
+    try:
+        rng = np.random.default_rng(0)
+        for n in (1, 2, 3):  # one after the other: three runs of 1, 2 and 3 samples
+            _grpc_infer(srv.grpc_url, rng.random((n, 1, 8, 8), dtype=np.float32))
+        with pytest.raises(Exception, match="expects float32"):
+            _grpc_infer(srv.grpc_url, rng.random((1, 1, 8, 9), dtype=np.float32))
+        message = grpcclient.InferenceServerClient(srv.grpc_url).get_inference_statistics("digits_cnn")
+        stats = httpclient.InferenceServerClient(srv.url).get_inference_statistics("digits_cnn")
+        assert json_format.ParseDict(stats, pb.ModelStatisticsResponse()) == message
+        assert httpclient.InferenceServerClient(srv.url).get_inference_statistics() == stats  # every model
+        (model,) = stats["model_stats"]
+        assert (model["name"], model["version"], model["inference_count"], model["execution_count"]) == (
+            "digits_cnn", "1", 6, 3)
+        phases = model["inference_stats"]
+        assert {k: v["count"] for k, v in phases.items()} == {
+            "success": 3, "fail": 1, "queue": 3, "compute_input": 0, "compute_infer": 3, "compute_output": 0}
+        assert all(phases[k]["ns"] > 0 for k in ("success", "fail", "compute_infer"))
+        assert [(b["batch_size"], b["compute_infer"]["count"]) for b in model["batch_stats"]] == [(1, 1), (2, 1), (3, 1)]
+        assert phases["compute_infer"]["ns"] == sum(b["compute_infer"]["ns"] for b in model["batch_stats"])
+        assert 0 < time.time() * 1000 - model["last_inference"] < 60_000
+        with pytest.raises(Exception, match="unknown model 'nope'"):
+            grpcclient.InferenceServerClient(srv.grpc_url).get_inference_statistics("nope")
+    finally:
+        assert srv.stop() == 0

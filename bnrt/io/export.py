@@ -18,7 +18,7 @@ from torch import nn
 
 from bnrt.folding.capture import quiet
 from bnrt.errors import ExportError, InputError, OptionError, first_line, raise_if_stopped
-from bnrt.io.save import atomic_path
+from bnrt.io.save import atomic_path, save_onnx
 from bnrt.io.shapes import format_axes
 from bnrt.session import probe
 
@@ -161,7 +161,8 @@ def export_onnx(
     specialises an axis, the next is tried (dynamo, then the TorchScript-based one); ``EXPORTER_KEY``
     in the metadata names the one used. When every exporter specialises an axis, ``static_ok``
     exports with those axes fixed at ``example_inputs``' size; otherwise ``ExportError`` names the axis
-    and each exporter's problem. ``metadata`` goes into metadata_props.
+    and each exporter's problem. ``metadata`` goes into metadata_props. A model over
+    ``bnrt.io.save.EXTERNAL_DATA_BYTES`` keeps its tensors in ``path``.data beside it.
     """
     check_exporter(exporter, opset)
     dynamic = ({n: (0,) for n in names[0][:len(example_inputs)]} if dynamic_batch else {}) if dynamic is None \
@@ -185,10 +186,7 @@ def export_onnx(
         for key, value in {**(metadata or {}), EXPORTER_KEY: used}.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, str(value)
-        data = proto.SerializeToString()  # once, for the checker and the file (a large model's takes seconds)
-        onnx.checker.check_model(data, full_check=True)
-        tmp.write_bytes(data)
-        del data
+        save_onnx(proto, tmp, path.name)  # over 1 GiB: the tensors in ``path.name``.data beside it
     return proto
 
 

@@ -115,6 +115,43 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+# an ONNX file larger than this keeps its tensors in ``NAME.data`` beside it: protobuf cannot
+# serialize a message of 2 GiB or more (about 500M float32 parameters)
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def data_file(name: str) -> str:
+    """The name of the external data file ``save_onnx`` writes beside the ONNX file ``name``."""
+    return f"{name}.data"
+
+
+def save_onnx(proto, tmp: Path, name: str) -> Path | None:
+    """Write ``proto`` to ``tmp`` (a temp file that becomes ``name`` in the same folder), after onnx's
+    full check; returns the external data file when the model is over ``EXTERNAL_DATA_BYTES``:
+    then its tensors go to ``data_file(name)`` beside it and are read back into ``proto`` (writing
+    them out empties them), and the file is checked from disk. A smaller one is serialized once,
+    for the checker and for the file."""
+    import onnx
+
+    if proto.ByteSize() <= EXTERNAL_DATA_BYTES:
+        data = proto.SerializeToString()
+        onnx.checker.check_model(data, full_check=True)
+        tmp.write_bytes(data)
+        return None
+    target = tmp.parent / data_file(name)
+    refuse_special(target)
+    target.unlink(missing_ok=True)  # onnx appends to an existing data file
+    try:
+        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=target.name, size_threshold=1024)
+        onnx.load_external_data_for_model(proto, str(tmp.parent))
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return target
+
+
 def write_torch(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         torch.save(data, tmp)

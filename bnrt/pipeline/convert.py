@@ -29,7 +29,8 @@ from bnrt.io.artifacts import (artifact_names, fold_report, folded_checkpoint, f
 from bnrt.io.data import Dataset, InputSpec, make_inputs
 from bnrt.io.export import DEFAULT_OPSET, PROGRAM_EXPORTERS, count_ops, dynamic_axes_of, export_program, is_records, names_of_outputs
 from bnrt.io.load import load
-from bnrt.io.save import atomic_path, publish, refuse_overwrite, staging, write_json, write_torch
+from bnrt.io.save import (atomic_path, data_file, publish, refuse_overwrite, save_onnx, staging, write_json,
+                           write_torch)
 from bnrt.io.shapes import ShapeOptions, filled, further_shapes, given_shapes, resolve_dynamic, within
 from bnrt.io.source import KIND_NAMES, PROGRAMS, Loaded, ModelSource, file_sha256
 from bnrt.pipeline.exporting import check_further, exported, probes
@@ -91,7 +92,8 @@ def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLik
         resolve_provider(check.provider)
     out = Path(out_dir) if out_dir is not None else source.path.parent
     names = artifact_names(source.path, source.kind)
-    refuse_overwrite([out / n for n in names.values()], [source.path])
+    refuse_overwrite([out / n for n in names.values()] + [out / data_file(names[k]) for k in ("onnx", "folded")
+                                                           if names.get(k, "").endswith(".onnx")], [source.path])
     if shapes.given and source.kind != "torch":
         raise OptionError(f"{source.path}: dynamic axes and check shapes apply to torch checkpoints only (the "
                           f"{KIND_NAMES[source.kind]} keeps its own)")
@@ -139,6 +141,8 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
             del sample
             if proto is None:
                 names = {k: v for k, v in names.items() if k != "onnx"}
+            elif (stage / data_file(names["onnx"])).exists():  # a model over 1 GiB: its tensors beside it
+                names = {**names, "onnx_data": data_file(names["onnx"])}
             batchnorm_nodes = None if proto is None else count_ops(proto, "BatchNormalization")
             held = dynamic_axes_of(proto) if proto is not None else dynamic
             further = within(further, held, original.input_names, dataset.shapes())  # --static-ok may have fixed some axes
@@ -287,12 +291,12 @@ def _fold_graph(graph: _Graph, source: ModelSource, out: Path, names: dict[str, 
     with steps.step("fold"), about(src):
         result = fold_onnx(graph.model, str(src), graph.shapes)
         set_onnx_metadata(result.model, onnx_metadata(graph.sha256, result.decisions, result.merges))
-        onnx.checker.check_model(result.model, full_check=True)
     original = graph.original
     with staging(out) as stage:
         with steps.step("save"):
-            with atomic_path(stage / names[graph.key]) as tmp:
-                onnx.save(result.model, str(tmp))
+            with atomic_path(stage / names[graph.key]) as tmp:  # onnx's full check first
+                if save_onnx(result.model, tmp, names[graph.key]) is not None:
+                    names = {**names, f"{graph.key}_data": data_file(names[graph.key])}
         report_check = None
         if check is not None:
             with steps.step("check"):

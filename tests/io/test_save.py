@@ -153,3 +153,42 @@ def test_an_interrupt_a_library_swallowed_still_stops_publishing(tmp_path):
     forget_stops()
     raise_if_stopped()  # nothing recorded any more
     assert publish(stage, ["m.onnx"], out) == [out / "m.onnx"]
+
+
+def test_a_model_over_the_external_data_limit_keeps_its_tensors_beside_it(tmp_path, monkeypatch):
+    """Protobuf cannot hold 2 GiB: a larger ONNX file (here: any, the limit lowered) is written with
+    its tensors in NAME.onnx.data, published beside it, checked, run from the output folder, and a
+    folded ONNX source likewise; the report lists the data file."""
+    import json
+
+    import onnxruntime as ort
+
+    import bnrt
+    from bnrt.io import save
+
+    from ..conftest import EXAMPLE, trusted
+
+    monkeypatch.setattr(save, "EXTERNAL_DATA_BYTES", 10_000)
+    outcome = bnrt.fold_file(trusted(EXAMPLE), tmp_path / "out", exporter="torchscript")
+    folder = tmp_path / "out"
+    assert outcome.passed and sorted(p.name for p in folder.iterdir()) == [
+        "digits_cnn.folded.pt", "digits_cnn.onnx", "digits_cnn.onnx.data", "digits_cnn.report.json"]
+    assert json.loads((folder / "digits_cnn.report.json").read_text())["outputs"]["onnx_data"] == str(
+        folder / "digits_cnn.onnx.data")
+    model = onnx.load(str(folder / "digits_cnn.onnx"), load_external_data=False)
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"digits_cnn.onnx.data"} and (folder / "digits_cnn.onnx").stat().st_size < 10_000
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    got = ort.InferenceSession(str(folder / "digits_cnn.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    monkeypatch.setattr(save, "EXTERNAL_DATA_BYTES", 1 << 30)
+    again = bnrt.fold_file(trusted(EXAMPLE), tmp_path / "inline", exporter="torchscript", check=None)
+    assert not (tmp_path / "inline" / "digits_cnn.onnx.data").exists() and again.onnx_batchnorm_nodes == 0
+    np.testing.assert_array_equal(got[0], ort.InferenceSession(str(tmp_path / "inline" / "digits_cnn.onnx"),
+                                                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0])
+    monkeypatch.setattr(save, "EXTERNAL_DATA_BYTES", 10_000)
+    source = tmp_path / "inline" / "digits_cnn.onnx"  # an ONNX source folded to a large file
+    (tmp_path / "src").mkdir()
+    onnx.save(onnx.load(str(source)), str(tmp_path / "src" / "m.onnx"))
+    folded = bnrt.fold_file(trusted(tmp_path / "src" / "m.onnx"), tmp_path / "onnx_out")
+    assert folded.passed and sorted(p.name for p in (tmp_path / "onnx_out").iterdir()) == [
+        "m.folded.onnx", "m.folded.onnx.data", "m.report.json"]

@@ -39,7 +39,9 @@ class Steps:
             yield
         finally:
             self.timings[name] = round(time.perf_counter() - start, 4)
-            self.peaks[name] = peak_rss_mb()
+            peak = peak_rss_mb()
+            if peak is not None:
+                self.peaks[name] = peak
             if self._progress is not None and self._task is not None:
                 self._progress.update(self._task, description=name, completed=1)
                 self._task = None
@@ -60,11 +62,15 @@ class Steps:
         self.close()
 
 
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far, in MB (Linux counts kB, macOS bytes)."""
-    import resource
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far, in MiB (Linux counts kB, macOS bytes); None where
+    there is no ``resource`` module (Windows)."""
     import sys
 
+    try:
+        import resource
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)
 

@@ -28,6 +28,7 @@ class _Pending:
     feeds: dict[str, np.ndarray]
     future: asyncio.Future
     queued: float = 0.0  # the event loop's time when it was queued
+    first: bool = True  # the request's first part (a request over max_batch runs in parts): counted once
 
     @property
     def size(self) -> int:
@@ -101,15 +102,15 @@ class Batcher:
             size = _Pending(feeds, None).size
             if not self.model.batching or size <= self.max_batch:
                 return await self._one(feeds)
-            parts = [await self._one({k: v[i:i + self.max_batch] for k, v in feeds.items()})
+            parts = [await self._one({k: v[i:i + self.max_batch] for k, v in feeds.items()}, first=not i)
                      for i in range(0, size, self.max_batch)]
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         finally:
             self.in_flight -= 1
 
-    async def _one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def _one(self, feeds: dict[str, np.ndarray], first: bool = True) -> dict[str, np.ndarray]:
         loop = asyncio.get_running_loop()
-        pending = _Pending(feeds, loop.create_future(), loop.time())
+        pending = _Pending(feeds, loop.create_future(), loop.time(), first)
         await self.queue.put(pending)
         return await pending.future
 
@@ -174,7 +175,9 @@ class Batcher:
                     p.future.set_exception(RequestError(400, f"inference failed: {exc}"))
             return
         if self.metrics is not None:
-            self.metrics.execution(self.key, [p.size for p in batch], [started - p.queued for p in batch], seconds)
+            # a model without a batch axis runs one inference per request, whatever its first dim
+            self.metrics.execution(self.key, [p.size if self.model.batching else 1 for p in batch],
+                                   [started - p.queued for p in batch], seconds, [p.first for p in batch])
         start = 0
         for p in batch:
             n = p.size

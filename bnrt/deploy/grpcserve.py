@@ -21,7 +21,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as rpc
 
 from bnrt.version import __version__
-from bnrt.deploy.kserve import DATATYPE_OF, KSERVE_TYPES, MAX_DIM, MAX_RANK, RequestError, ServedModel, validated
+from bnrt.deploy.kserve import DATATYPE_OF, EXTENSIONS, KSERVE_TYPES, MAX_DIM, MAX_RANK, RequestError, ServedModel, validated
 
 # the typed field of InferTensorContents holding each datatype (FP16 travels only as raw bytes)
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -107,7 +107,7 @@ class Service(rpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="bnrt", version=__version__, extensions=["binary_tensor_data"])
+        return pb.ServerMetadataResponse(name="bnrt", version=__version__, extensions=list(EXTENSIONS))
 
     async def ModelMetadata(self, request, context):
         try:

@@ -29,6 +29,8 @@ KSERVE_TYPES = {
 }
 DATATYPE_OF = {np.dtype(v): k for k, v in KSERVE_TYPES.items()}
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# the protocol's extensions bnrt serve speaks, by Triton's names
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "statistics")
 MAX_DIM = 2**31 - 1  # larger axes are no request a server can hold; numpy refuses some beyond it
 MAX_RANK = 32  # numpy's limit on dimensions (64 in numpy 2, 32 before); models have far fewer
 # a request is 3 levels deep (object, inputs, input) plus one level per dimension of nested data;

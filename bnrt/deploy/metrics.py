@@ -7,7 +7,8 @@ in microseconds) per model version; ``nv_inference_pending_request_count`` is a 
 
 The same counts feed Triton's statistics extension (``GET …/stats``, gRPC ``ModelStatistics``):
 requests and nanoseconds by outcome and phase, each request of a run counted with the run's
-compute time (as Triton counts it), and runs by batch size (samples per run).
+compute time (as Triton counts it; a request run in parts once, with every part's time), and runs
+by batch size (samples per run). Input and output copies are not timed apart: their phases stay 0.
 """
 
 from __future__ import annotations
@@ -62,15 +63,17 @@ class Metrics:
         self.seconds("nv_inference_request_duration_us", key, seconds)
         self._phase(key, "success" if success else "fail", 1, seconds)
 
-    def execution(self, key: tuple[str, str], sizes: list[int], waited: list[float], seconds: float) -> None:
-        """One ORT run of requests of ``sizes`` samples that waited ``waited`` seconds in the queue."""
-        for wait in waited:
+    def execution(self, key: tuple[str, str], sizes: list[int], waited: list[float], seconds: float,
+                  first: list[bool]) -> None:
+        """One ORT run of requests (or parts of requests: ``first`` marks a request's first part, so
+        that a request in parts counts once) of ``sizes`` samples that waited ``waited`` s queued."""
+        for wait, counted in zip(waited, first):
             self.seconds("nv_inference_queue_duration_us", key, wait)
-            self._phase(key, "queue", 1, wait)
+            self._phase(key, "queue", int(counted), wait)
         self.seconds("nv_inference_compute_infer_duration_us", key, seconds)
-        self.add("nv_inference_exec_count", key)
         self.add("nv_inference_count", key, sum(sizes))
-        self._phase(key, "compute_infer", len(sizes), seconds * len(sizes))  # each request's compute time
+        self.add("nv_inference_exec_count", key)
+        self._phase(key, "compute_infer", sum(first), seconds * len(sizes))  # each request's compute time
         batch = self.stats[key]["batches"].setdefault(sum(sizes), [0, 0])
         batch[0], batch[1] = batch[0] + 1, batch[1] + round(seconds * 1e9)
         self.stats[key]["last"] = int(time.time() * 1000)

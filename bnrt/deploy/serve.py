@@ -3,7 +3,8 @@ on Starlette + uvicorn, with Triton's binary tensor extension, so that the stock
 ``tritonclient.http`` client works with ``binary_data`` True or False.
 
 Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``
-(metadata), ``…/config`` (Triton's model configuration), ``…/stats`` (its statistics), ``…/ready``, ``POST …/infer``. Errors are ``{"error": "…"}`` with 400 (bad request),
+(metadata), ``…/config`` (Triton's model configuration), ``…/stats`` (its statistics), ``…/ready``,
+``POST …/infer``. Errors are ``{"error": "…"}`` with 400 (bad request),
 404 (unknown model), 413 (request too large) or 503 (queue full).
 
 Dynamic batching (``bnrt.deploy.batcher``): requests for a model whose batch axis is dynamic are
@@ -29,7 +30,7 @@ from bnrt.deploy.batcher import Batcher
 from bnrt.deploy.connections import default_max_connections, limited_http_protocol
 from bnrt.deploy.fastpath import Disconnected, fast_infer
 from bnrt.deploy.metrics import Metrics
-from bnrt.deploy.kserve import HEADER_LENGTH, RequestError, ServedModel, build_response, parse_request, serving_session
+from bnrt.deploy.kserve import EXTENSIONS, HEADER_LENGTH, RequestError, ServedModel, build_response, parse_request, serving_session
 from bnrt.deploy.repository import Repository
 
 KEEP_ALIVE_S = 5.0  # uvicorn's default keep-alive, here also the wait for a new connection's first request
@@ -102,7 +103,7 @@ class _Endpoints:
             self.metrics.request(key, outcome == "nv_inference_request_success", time.perf_counter() - start)
 
     async def server_metadata(self, request):
-        return self.json({"name": "bnrt", "version": __version__, "extensions": ["binary_tensor_data"]})
+        return self.json({"name": "bnrt", "version": __version__, "extensions": list(EXTENSIONS)})
 
     async def live(self, request):
         return self.response(status_code=200)
@@ -163,7 +164,7 @@ class _Endpoints:
         version when given); ``RequestError(404)`` for a model or version not served."""
         if name:
             self.lookup(name, version)
-        return [self.metrics.statistics(key) for key in sorted(self.batchers)
+        return [self.metrics.statistics(key) for key in sorted(self.batchers, key=lambda k: (k[0], int(k[1])))
                 if not name or (key[0] == name and version in (None, "", key[1]))]
 
     async def model_statistics(self, request):

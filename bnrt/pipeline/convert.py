@@ -92,8 +92,8 @@ def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLik
         resolve_provider(check.provider)
     out = Path(out_dir) if out_dir is not None else source.path.parent
     names = artifact_names(source.path, source.kind)
-    refuse_overwrite([out / n for n in names.values()] + [out / data_file(names[k]) for k in ("onnx", "folded")
-                                                           if names.get(k, "").endswith(".onnx")], [source.path])
+    onnx_outputs = [names[k] for k in ("onnx", "folded") if k in names and (k == "onnx" or source.kind == "onnx")]
+    refuse_overwrite([out / n for n in [*names.values(), *map(data_file, onnx_outputs)]], [source.path])
     if shapes.given and source.kind != "torch":
         raise OptionError(f"{source.path}: dynamic axes and check shapes apply to torch checkpoints only (the "
                           f"{KIND_NAMES[source.kind]} keeps its own)")
@@ -103,6 +103,13 @@ def fold_file(source: ModelSource | str | os.PathLike, out_dir: str | os.PathLik
         if source.kind in PROGRAMS:
             return _fold_program(source, out, names, check, opset, steps)
         return _fold_torch(source, out, names, check, opset, exporter, shapes, steps, unshare)
+
+
+def _with_data(names: dict[str, str], key: str, stage: Path) -> dict[str, str]:
+    """``names`` and, when the ONNX file ``names[key]`` keeps its tensors beside it (a model over
+    1 GiB, ``save_onnx``), that data file as ``KEY_data``: published and reported with it."""
+    data = data_file(names[key])
+    return {**names, f"{key}_data": data} if (stage / data).exists() else names
 
 
 def _example(dataset: Dataset) -> tuple[torch.Tensor, ...]:
@@ -139,10 +146,7 @@ def _fold_torch(source: ModelSource, out: Path, names: dict[str, str], check: Ch
                 probe_inputs=probes(loaded.model, dataset, dynamic, further, source.path, options.inputs),
                 static_ok=shapes.static_ok)
             del sample
-            if proto is None:
-                names = {k: v for k, v in names.items() if k != "onnx"}
-            elif (stage / data_file(names["onnx"])).exists():  # a model over 1 GiB: its tensors beside it
-                names = {**names, "onnx_data": data_file(names["onnx"])}
+            names = {k: v for k, v in names.items() if k != "onnx"} if proto is None else _with_data(names, "onnx", stage)
             batchnorm_nodes = None if proto is None else count_ops(proto, "BatchNormalization")
             held = dynamic_axes_of(proto) if proto is not None else dynamic
             further = within(further, held, original.input_names, dataset.shapes())  # --static-ok may have fixed some axes
@@ -295,8 +299,8 @@ def _fold_graph(graph: _Graph, source: ModelSource, out: Path, names: dict[str, 
     with staging(out) as stage:
         with steps.step("save"):
             with atomic_path(stage / names[graph.key]) as tmp:  # onnx's full check first
-                if save_onnx(result.model, tmp, names[graph.key]) is not None:
-                    names = {**names, f"{graph.key}_data": data_file(names[graph.key])}
+                save_onnx(result.model, tmp, names[graph.key])
+            names = _with_data(names, graph.key, stage)
         report_check = None
         if check is not None:
             with steps.step("check"):

@@ -3,9 +3,9 @@ by element against the exact fold, recomputed here in float64 from the original 
 BN statistics. The recomputation is written independently of the code that folded
 (``bnrt.folding.foldmath``, ``bnrt.folding.engine.fold_weights``, ``bnrt.folding.reparam``): a
 weight element is scaled by the BN scale of the channel it produces (backward) or reads
-(forward), found from index arithmetic on the element's position (its output channel, its absolute
-input channel given the layer's groups), and a forward fold's bias is a ``bincount`` over the
-elements of each output channel. A merged rep block is the sum of its branches embedded in the
+(forward), found from the element's position (its output channel, its absolute input channel given
+the layer's groups: ``channel_index`` defines it, ``ChannelMap`` applies it through broadcast views),
+and a forward fold's bias is a sum over the elements of each output channel. A merged rep block is the sum of its branches embedded in the
 target's kernel, identity branches as their centre taps.
 
 A stored element passes when it is within half a unit in the last place (ULP) of the exact value

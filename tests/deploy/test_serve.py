@@ -48,7 +48,8 @@ def test_metadata_health_and_readiness(server):
     meta = client.get_model_metadata("digits_cnn")
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]
-    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    assert client.get_server_metadata()["extensions"] == [
+        "binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -422,5 +423,22 @@ def test_a_request_still_sending_its_body_does_not_take_a_queue_place(onnx_model
         for _ in range(3):
             assert _infer(srv.url, np.zeros((1, 1, 8, 8), np.float32), True).shape == (1, 10)
         stalled.close()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_request_run_in_parts_counts_once_in_the_statistics(onnx_model):
+    """A request over --max-batch runs in parts: one request (success, queue, compute) in Triton's
+    statistics, every sample an inference, every part an execution of its batch size."""
+    srv = Server(onnx_model, "--max-batch", "2", "--max-delay-ms", "0")
+    try:
+        x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+        np.testing.assert_allclose(_infer(srv.url, x, True), ort.InferenceSession(
+            str(onnx_model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+        (model,) = httpclient.InferenceServerClient(srv.url).get_inference_statistics("digits_cnn")["model_stats"]
+        assert (model["inference_count"], model["execution_count"]) == (5, 3)
+        assert {k: v["count"] for k, v in model["inference_stats"].items() if v["count"]} == {
+            "success": 1, "queue": 1, "compute_infer": 1}
+        assert [(b["batch_size"], b["compute_infer"]["count"]) for b in model["batch_stats"]] == [(1, 1), (2, 2)]
     finally:
         assert srv.stop() == 0

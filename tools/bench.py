@@ -85,23 +85,32 @@ PIPELINE_MODELS = {"resnet50": "ResNet-50 (models.zoo.ResNet50, 25.6M parameters
                    "resnet": "the zoo's ResNet (0.7M parameters, 1x3x32x32)"}
 
 
+def resnet50_checkpoint(path: Path, arch_kwargs: dict | None = None, batch: int = 4) -> int:
+    """A checkpoint of ``models.zoo.ResNet50(**arch_kwargs)`` at ``path``, 1x3x224x224, its BN
+    statistics those of one training pass on ``batch`` random images; its parameter count."""
+    from models.zoo import ResNet50
+
+    torch.manual_seed(0)
+    model = ResNet50(**(arch_kwargs or {}))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(batch, 3, 224, 224))
+    torch.save({"state_dict": model.eval().state_dict(), "arch": "models.zoo:ResNet50",
+                **({"arch_kwargs": arch_kwargs} if arch_kwargs else {}), "input_shape": [1, 3, 224, 224]}, path)
+    return sum(p.numel() for p in model.parameters())
+
+
 def pipeline_checkpoint(name: str, folder: Path) -> Path:
     """A checkpoint of ``resnet50`` (statistics of random data) or the zoo's ``resnet``."""
+    path = folder / f"{name}.pt"
     if name == "resnet50":
-        from models.zoo import ResNet50
-
-        torch.manual_seed(0)
-        model = ResNet50()
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.momentum = None
-        with torch.no_grad():
-            model.train()(torch.randn(4, 3, 224, 224))
-        arch, shape = "models.zoo:ResNet50", [1, 3, 224, 224]
+        resnet50_checkpoint(path)
     else:
-        model, arch, shape = build("resnet"), "models.zoo:ResNet", list(ZOO["resnet"].input_shape)
-    torch.save({"state_dict": model.eval().state_dict(), "arch": arch, "input_shape": shape}, folder / f"{name}.pt")
-    return folder / f"{name}.pt"
+        torch.save({"state_dict": build("resnet").eval().state_dict(), "arch": "models.zoo:ResNet",
+                    "input_shape": list(ZOO["resnet"].input_shape)}, path)
+    return path
 
 
 def pipeline_section(name: str, rounds: int) -> tuple[dict, list[str]]:

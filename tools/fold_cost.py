@@ -9,7 +9,7 @@ parameters), 1x3x224x224, BN statistics from a training pass on random data. Eac
 a process of its own (peak RSS: its ``ru_maxrss``), the three commands of a model one after the
 other, rounds interleaved, after a warm-up run of each; medians. "export alone" loads the same
 dict checkpoint, builds the model and runs ``torch.onnx.export(dynamo=True)`` with a dynamic batch
-axis (``python -m tools.fold_cost --export CKPT OUT``). Below the table, bnrt's own steps from its
+axis (``python -m tools.fx_fuse_export CKPT OUT --no-fuse``). Below the table, bnrt's own steps from its
 report: seconds per step and the peak memory when each step ended (a step that raised it shows).
 Goals (#28): with its check <= 1.3x the wall time and the peak RSS of export alone, --no-check
 <= 1.1x and <= 1.2x.
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tools.bench import interleaved
+from tools.bench import interleaved, resnet50_checkpoint
 from tools.provenance import provenance, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,47 +36,12 @@ MODELS = {  # name -> ResNet50 keyword arguments
 }
 
 
-def checkpoint(name: str, folder: Path) -> tuple[Path, int]:
-    import torch
-
-    from models.zoo import ResNet50
-
-    torch.manual_seed(0)
-    model = ResNet50(**MODELS[name])
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    with torch.no_grad():
-        model.train()(torch.randn(2, 3, 224, 224))
-    path = folder / f"{name}.pt"
-    torch.save({"state_dict": model.eval().state_dict(), "arch": "models.zoo:ResNet50", "arch_kwargs": MODELS[name],
-                "input_shape": [1, 3, 224, 224]}, path)
-    return path, sum(p.numel() for p in model.parameters())
-
-
-def export_alone(ckpt_path: str, out: str) -> None:
-    """The baseline: the dict checkpoint loaded, the model built, exported by dynamo; nothing else."""
-    import importlib
-    import os
-
-    import torch
-
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    module, _, name = ckpt["arch"].partition(":")
-    sys.path.insert(0, os.getcwd())
-    model = getattr(importlib.import_module(module), name)(**ckpt.get("arch_kwargs", {}))
-    model.load_state_dict(ckpt["state_dict"])
-    shape = ckpt["input_shape"]
-    program = torch.onnx.export(model.eval(), (torch.randn(2, *shape[1:]),), dynamo=True, verbose=False,
-                                dynamic_shapes=({0: torch.export.Dim("batch")},))
-    program.save(out)
-
-
 def measure(name: str, rounds: int, tmp: Path) -> dict:
-    ckpt, params = checkpoint(name, tmp)
+    ckpt = tmp / f"{name}.pt"
+    params = resnet50_checkpoint(ckpt, MODELS[name], batch=2)
     commands = {
-        "export alone": lambda i: [sys.executable, "-m", "tools.fold_cost", "--export", str(ckpt),
-                                   str(tmp / f"alone{i}.onnx")],
+        "export alone": lambda i: [sys.executable, "-m", "tools.fx_fuse_export", str(ckpt),
+                                   str(tmp / f"alone{i}.onnx"), "--no-fuse"],
         "bnrt fold --no-check": lambda i: [sys.executable, "-m", "bnrt", "fold", str(ckpt), "--trust-code", "-q",
                                            "--no-check", "-o", str(tmp / f"nocheck{i}")],
         "bnrt fold": lambda i: [sys.executable, "-m", "bnrt", "fold", str(ckpt), "--trust-code", "-q",
@@ -109,9 +74,6 @@ def table(results: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--export":
-        export_alone(sys.argv[2], sys.argv[3])
-        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--rounds", type=int, default=1)

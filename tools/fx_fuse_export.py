@@ -1,7 +1,8 @@
 """The common alternative to `bnrt fold`, as a user writes it: load a dict checkpoint, torch.fx
-``fuse`` (conv -> BN only), ``torch.onnx.export`` (dynamo, dynamic batch). No check.
+``fuse`` (conv -> BN only), ``torch.onnx.export`` (dynamo, dynamic batch). No check. With
+``--no-fuse``, the export alone (tools/fold_cost.py's baseline).
 
-    python -m tools.fx_fuse_export CHECKPOINT OUT.onnx
+    python -m tools.fx_fuse_export CHECKPOINT OUT.onnx [--no-fuse]
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("output")
+    parser.add_argument("--no-fuse", action="store_true", help="export the model as it is")
     args = parser.parse_args()
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     module, _, name = ckpt["arch"].partition(":")
     sys.path.insert(0, os.getcwd())
     model = getattr(importlib.import_module(module), name)(**ckpt.get("arch_kwargs", {}))
     model.load_state_dict(ckpt["state_dict"])
-    fused = fuse(model.eval())
+    fused = model.eval() if args.no_fuse else fuse(model.eval())
     shape = ckpt["input_shape"]
     program = torch.onnx.export(fused, (torch.randn(2, *shape[1:]),), dynamo=True, verbose=False,
                                 dynamic_shapes=({0: torch.export.Dim("batch")},))

@@ -186,7 +186,6 @@ class Batcher:
             start += n
 
 
-
 def _timed(session, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
     start = time.perf_counter()
     outputs = session.run_dict(feeds)

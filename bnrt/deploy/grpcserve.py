@@ -161,9 +161,9 @@ class Service(rpc.GRPCInferenceServiceServicer):
             outputs = await api.batcher(model).submit(feeds)
             response = infer_response(request, model, outputs)
         except RequestError as exc:
-            api.count(model, start, "nv_inference_request_failure")
+            api.count(model, start, success=False)
             await context.abort(_status(exc.status), str(exc))
-        api.count(model, start, "nv_inference_request_success")
+        api.count(model, start, success=True)
         return response
 
 

@@ -87,15 +87,14 @@ class Metrics:
         """Triton's ``ModelStatistics`` of ``key`` as JSON (the statistics extension's shape)."""
         stats = self.stats[key]
 
-        def duration(count, ns):
+        def duration(count=0, ns=0):
             return {"count": count, "ns": ns}
         return {"name": key[0], "version": key[1], "last_inference": stats["last"],
                 "inference_count": self.values["nv_inference_count"][key],
                 "execution_count": self.values["nv_inference_exec_count"][key],
                 "inference_stats": {k: duration(*v) for k, v in stats["phases"].items()},
-                "batch_stats": [{"batch_size": size, **{k: duration(*(v if k == "compute_infer" else (0, 0))) for k in
-                                                        ("compute_input", "compute_infer", "compute_output")}}
-                                for size, v in sorted(stats["batches"].items())]}
+                "batch_stats": [{"batch_size": size, "compute_input": duration(), "compute_infer": duration(*v),
+                                 "compute_output": duration()} for size, v in sorted(stats["batches"].items())]}
 
     def add(self, name: str, key: tuple[str, str], amount: float = 1) -> None:
         self.track(key)

@@ -96,11 +96,10 @@ class _Endpoints:
     def error(self, status: int, message: str):
         return self.json({"error": message}, status_code=status)
 
-    def count(self, model: ServedModel | None, start: float, outcome: str) -> None:
+    def count(self, model: ServedModel | None, start: float, success: bool) -> None:
         """A request's outcome and duration in its model version's metrics (an unknown model has none)."""
         if model is not None:
-            key = (model.name, model.version)
-            self.metrics.request(key, outcome == "nv_inference_request_success", time.perf_counter() - start)
+            self.metrics.request((model.name, model.version), success, time.perf_counter() - start)
 
     async def server_metadata(self, request):
         return self.json({"name": "bnrt", "version": __version__, "extensions": list(EXTENSIONS)})
@@ -208,12 +207,12 @@ class _Endpoints:
                 outputs = await batcher.run(feeds)
             payload, head_length = build_response(parsed, model, outputs)
         except RequestError as exc:
-            self.count(model, start, "nv_inference_request_failure")
+            self.count(model, start, success=False)
             return exc.status, json.dumps({"error": str(exc)}).encode(), [("content-type", "application/json")]
         except Disconnected:  # closed mid-body (by the client, or idle for keep_alive_s): no one to answer
-            self.count(model, start, "nv_inference_request_failure")
+            self.count(model, start, success=False)
             return 400, b"", []
-        self.count(model, start, "nv_inference_request_success")
+        self.count(model, start, success=True)
         if head_length is None:
             return 200, payload, [("content-type", "application/json")]
         return 200, payload, [("content-type", "application/octet-stream"), (HEADER_LENGTH, str(head_length))]

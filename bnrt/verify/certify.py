@@ -4,7 +4,7 @@ BN statistics. The recomputation is written independently of the code that folde
 (``bnrt.folding.foldmath``, ``bnrt.folding.engine.fold_weights``, ``bnrt.folding.reparam``): a
 weight element is scaled by the BN scale of the channel it produces (backward) or reads
 (forward), found from the element's position (its output channel, its absolute input channel given
-the layer's groups: ``channel_index`` defines it, ``ChannelMap`` applies it through broadcast views),
+the layer's groups; ``ChannelMap`` reads it through broadcast views of the weight),
 and a forward fold's bias is a sum over the elements of each output channel. A merged rep block is the sum of its branches embedded in the
 target's kernel, identity branches as their centre taps.
 
@@ -105,28 +105,13 @@ def _scale_shift(stats: BnStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return scale, beta - product, np.abs(beta) + np.abs(product)
 
 
-def channel_index(kind: str, shape: tuple[int, ...], groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """For every element of a weight shaped ``shape``: the output channel it contributes to and
-    the absolute input channel it reads. Conv ``[Cout, Cin/g, k...]``: output ``o`` of group
+class ChannelMap:
+    """The channels of a weight's elements, without index arrays: a weight viewed as
+    ``[groups, A, B, k...]`` (``A`` the first axis within a group, ``B`` the second), where a
+    per-channel vector broadcasts as ``[g, A, 1, 1...]`` (the first axis's channels) or
+    ``[g, 1, B, 1...]`` (the second's). Conv ``[Cout, Cin/g, k...]``: output ``o`` of group
     ``o // (Cout/g)`` reads input ``group · Cin/g + i``; ConvTranspose ``[Cin, Cout/g, k...]``:
     input ``i`` of group ``i // (Cin/g)`` writes output ``group · Cout/g + j``; linear ``[out, in]``."""
-    first, second = (np.broadcast_to(a.reshape(a.shape + (1,) * (len(shape) - 2)), shape)
-                     for a in np.indices(shape[:2]))
-    if kind == "linear":
-        return first, second
-    group = first // (shape[0] // groups)
-    if kind == "conv":
-        return first, group * shape[1] + second
-    if kind == "conv-transpose":
-        return group * shape[1] + second, first
-    raise ValueError(f"no channel layout for a {kind!r} layer")
-
-
-class ChannelMap:
-    """``channel_index`` without index arrays: a weight viewed as ``[groups, A, B, k...]`` (``A``
-    the first axis within a group, ``B`` the second), where a per-channel vector broadcasts as
-    ``[g, A, 1, 1...]`` (the first axis's channels) or ``[g, 1, B, 1...]`` (the second's). Output
-    channels are the first axis of conv and linear weights, the second of a ConvTranspose's."""
 
     def __init__(self, kind: str, shape: tuple[int, ...], groups: int):
         if kind not in ("conv", "conv-transpose", "linear"):

@@ -20,10 +20,24 @@ from bnrt.folding.onnxfold import fold_onnx
 from bnrt.folding.torchfold import apply, layer_weights, stored_weights
 from bnrt.folding.torchgraph import plan
 from bnrt.folding.torchops import statistics
-from bnrt.verify.certify import ChannelMap, certify, channel_index, ulp_distance
+from bnrt.verify.certify import ChannelMap, certify, ulp_distance
 from models.zoo import ZOO, build
 
 from ..conftest import bn_node, bn_params, onnx_graph, randomise_bn, report_schema
+
+
+def channel_index(kind: str, shape: tuple[int, ...], groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference ``ChannelMap`` is tested against, with index arrays: for every element of a
+    weight shaped ``shape``, the output channel it contributes to and the absolute input channel it
+    reads."""
+    first, second = (np.broadcast_to(a.reshape(a.shape + (1,) * (len(shape) - 2)), shape)
+                     for a in np.indices(shape[:2]))
+    if kind == "linear":
+        return first, second
+    group = first // (shape[0] // groups)
+    if kind == "conv":
+        return first, group * shape[1] + second
+    return group * shape[1] + second, first  # conv-transpose
 
 
 def _certificate(model: nn.Module, x: torch.Tensor, folded_model=None, original=None):

@@ -3,13 +3,15 @@ with and without its check, against exporting the same model alone, on four size
 
     python -m tools.fold_cost [--models resnet14 resnet50 resnet152 wide_resnet101_2] [--rounds 1]
                               [--write docs/BENCHMARKS.md]
+    .venv-zoo/bin/python -m tools.fold_cost --models timm/resnet18 timm/resnet50 timm/resnet152 timm/regnety_160
 
 Models: torchvision's ResNet layouts built by models.zoo.ResNet50 (10.1M, 25.6M, 60.2M and 126.9M
-parameters), 1x3x224x224, BN statistics from a training pass on random data. Each command runs as
+parameters), or timm's models (``timm/NAME``, in .venv-zoo: a pickled nn.Module folded with
+--trust-pickle), 1x3x224x224, BN statistics from a training pass on random data. Each command runs as
 a process of its own (peak RSS: its ``ru_maxrss``), the three commands of a model one after the
 other, rounds interleaved, after a warm-up run of each; medians. "export alone" loads the same
-dict checkpoint, builds the model and runs ``torch.onnx.export(dynamo=True)`` with a dynamic batch
-axis (``python -m tools.fx_fuse_export CKPT OUT --no-fuse``). Below the table, bnrt's own steps from its
+checkpoint, builds the model (or unpickles it) and runs ``torch.onnx.export(dynamo=True)`` with a
+dynamic batch axis (``python -m tools.fx_fuse_export CKPT OUT --no-fuse``). Below the table, bnrt's own steps from its
 report: seconds per step and the peak memory when each step ended (a step that raised it shows).
 Goals (#28): with its check <= 1.3x the wall time and the peak RSS of export alone, --no-check
 <= 1.1x and <= 1.2x.
@@ -28,29 +30,55 @@ from tools.provenance import provenance, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "<!-- fold-cost -->"
+TIMM_MARK = "<!-- fold-cost-timm -->"  # the timm models' section (measured in .venv-zoo)
 MODELS = {  # name -> ResNet50 keyword arguments
     "resnet14": {"counts": [1, 1, 1, 1]},
     "resnet50": {},
     "resnet152": {"counts": [3, 8, 36, 3]},
     "wide_resnet101_2": {"counts": [3, 4, 23, 3], "wide": 2},
 }
+TIMM = ["timm/resnet18", "timm/resnet50", "timm/resnet152", "timm/regnety_160"]  # the issue's own table
+SHAPE = "1,3,224,224"
+
+
+def timm_checkpoint(path: Path, name: str, batch: int = 2) -> int:
+    """timm's ``name`` (random weights, BN statistics of one training pass on ``batch`` random
+    images) pickled whole at ``path``; its parameter count."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(batch, 3, 224, 224))
+    torch.save(model.eval(), path)
+    return sum(p.numel() for p in model.parameters())
 
 
 def measure(name: str, rounds: int, tmp: Path) -> dict:
-    ckpt = tmp / f"{name}.pt"
-    params = resnet50_checkpoint(ckpt, MODELS[name], batch=2)
+    stem = name.replace("/", "_")
+    ckpt = tmp / f"{stem}.pt"
+    if name in TIMM:
+        params = timm_checkpoint(ckpt, name.split("/", 1)[1])
+        trust = alone_trust = ["--trust-pickle", "--input-shape", SHAPE]
+    else:
+        params = resnet50_checkpoint(ckpt, MODELS[name], batch=2)
+        trust, alone_trust = ["--trust-code"], []
     commands = {
         "export alone": lambda i: [sys.executable, "-m", "tools.fx_fuse_export", str(ckpt),
-                                   str(tmp / f"alone{i}.onnx"), "--no-fuse"],
-        "bnrt fold --no-check": lambda i: [sys.executable, "-m", "bnrt", "fold", str(ckpt), "--trust-code", "-q",
+                                   str(tmp / f"alone{i}.onnx"), "--no-fuse", *alone_trust],
+        "bnrt fold --no-check": lambda i: [sys.executable, "-m", "bnrt", "fold", str(ckpt), *trust, "-q",
                                            "--no-check", "-o", str(tmp / f"nocheck{i}")],
-        "bnrt fold": lambda i: [sys.executable, "-m", "bnrt", "fold", str(ckpt), "--trust-code", "-q",
+        "bnrt fold": lambda i: [sys.executable, "-m", "bnrt", "fold", str(ckpt), *trust, "-q",
                                 "-o", str(tmp / f"check{i}")],
     }
     medians = interleaved(commands, rounds)
     steps = {}
     for label, folder in (("bnrt fold --no-check", "nocheck"), ("bnrt fold", "check")):
-        report = json.loads((tmp / f"{folder}{rounds}" / f"{name}.report.json").read_text())
+        report = json.loads((tmp / f"{folder}{rounds}" / f"{stem}.report.json").read_text())
         steps[label] = (report["timings_s"], report.get("peak_rss_mb", {}))
     return {"name": name, "params": params, "medians": medians, "steps": steps}
 
@@ -75,7 +103,7 @@ def table(results: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *TIMM])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--write", metavar="FILE.md", help="replace the fold-cost section of FILE.md")
     args = parser.parse_args()
@@ -87,10 +115,11 @@ def main() -> None:
     lines = table(results)
     print("\n".join(lines))
     if args.write:
-        text = "\n".join([MARK, f"## Fold cost as models grow ({', '.join(args.models)})", "",
+        mark = TIMM_MARK if all(m in TIMM for m in args.models) else MARK
+        text = "\n".join([mark, f"## Fold cost as models grow ({', '.join(args.models)})", "",
                           provenance("python -m tools.fold_cost"), "", __doc__.split("\n\n", 2)[2].strip(), "",
-                          *lines, MARK])
-        write_section(Path(args.write), MARK, text)
+                          *lines, mark])
+        write_section(Path(args.write), mark, text)
         print(f"wrote {args.write}")
 
 

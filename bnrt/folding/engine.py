@@ -17,13 +17,13 @@ changes values, never shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from bnrt.errors import HealthError
 from bnrt.folding.decision import Decision, DecisionSet, NotFoldable, Refusal, Target, folded, skipped
-from bnrt.folding.reparam import Merge, merged_weights, plan_merges
+from bnrt.folding.reparam import Merge, plan_merges
 from bnrt.folding.rules import RULES, Rule
 from bnrt.folding.view import BnSite, BnStats, GraphView, Layer
 
@@ -58,16 +58,6 @@ def health(stats: BnStats) -> tuple[str, ...]:
         return (f"{dead.size} near-dead channel(s) with |gamma/sigma| > {NEAR_DEAD_SCALE:g} "
                 f"(max {np.abs(s).max():.3g}), e.g. channel {int(dead[0])}",)
     return ()
-
-
-def fp16_overflow(exact: dict[str, tuple[Any, np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """Layers whose folded weights or bias leave float16's range, with the largest magnitude."""
-    found = {}
-    for name, (_, weight, bias) in exact.items():
-        largest = max(float(np.abs(weight).max(initial=0)), float(np.abs(bias).max(initial=0)))
-        if largest > FP16_MAX:
-            found[name] = largest
-    return found
 
 
 # --- channel maps -----------------------------------------------------------------------------------
@@ -351,40 +341,3 @@ def plan(view: GraphView, rewrite: bool | None = None) -> Plan:
     merges, decisions = plan_merges(view, sites, decisions, not view.keeps_structure if rewrite is None else rewrite)
     late = _late(view, sites, decisions, merges) if merges else []
     return Plan(decisions, merges, sites, late)
-
-
-def fold_weights(plan: Plan, read: Callable[[Layer], tuple[np.ndarray, np.ndarray | None]],
-                 scale_shift: Callable[[Decision], tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple]:
-    """Every folded decision applied, in order, in float64, then every merge, then the late folds:
-    ``{layer name: (layer, weight, bias)}``. A layer's weights are read once (``read``) and take
-    every fold planned for them (a forward fold from the BN before it, a backward fold from the BN
-    after it, a merge of the branches beside it), so the backend rounds once. A conv merged into
-    another gets zero weight and bias (its node is dropped where the graph can be edited)."""
-    exact: dict[str, tuple] = {}
-
-    def current(layer: Layer) -> tuple[np.ndarray, np.ndarray | None]:
-        return exact[layer.name][1:] if layer.name in exact else read(layer)
-
-    def fold(decision: Decision) -> None:
-        s, t = scale_shift(decision)
-        for target in decision.targets:
-            weight, bias = current(target.handle)
-            index = slice(None) if target.channels is None else np.asarray(target.channels)
-            rule = RULES[(decision.direction, target.kind)]
-            exact[target.layer] = (target.handle, *rule.fold(weight, bias, s[index], t[index], target.groups))
-
-    late = set(plan.late)
-    for i, decision in enumerate(plan.decisions):
-        if decision.folded and decision.direction != "merge" and i not in late:
-            fold(decision)
-    decision_of = {id(s.node): d for s, d in zip(plan.sites, plan.decisions)}
-    for merge in plan.merges:
-        weights = {layer.name: current(layer) for layer in [merge.target, *merge.convs]}
-        scales = [scale_shift(decision_of[id(site.node)]) for site in merge.bns]
-        exact[merge.target.name] = (merge.target, *merged_weights(merge, weights, scales))
-        for conv in merge.convs:
-            w = weights[conv.name][0]
-            exact[conv.name] = (conv, np.zeros_like(w), np.zeros(w.shape[0]))
-    for i in plan.late:  # a BN after a rep block scales the merged conv
-        fold(plan.decisions[i])
-    return exact

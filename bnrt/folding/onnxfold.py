@@ -26,6 +26,7 @@ from bnrt.errors import InputError, first_line
 from bnrt.folding.onnxconst import CHAIN_OPS
 from bnrt.folding.onnxgraph import OnnxLayer, OnnxView, label
 from bnrt.folding.engine import Plan
+from bnrt.folding.weights import fold_weights
 from bnrt.folding.reparam import Merge
 from bnrt.folding.view import BnStats, Layer
 
@@ -186,11 +187,10 @@ def fold_onnx(model: onnx.ModelProto, where: str = "model",
     view = OnnxView(folded, input_shapes)
     plan = engine.plan(view)
     stats = {id(d): view.bn_stats(bn) for d, bn in zip(plan.decisions, plan.sites) if d.folded}
-    exact = engine.fold_weights(plan, lambda layer: (layer.data.weight, layer.data.bias),
-                                lambda d: stats[id(d)].scale_shift())
     writer = _Writer(folded.graph)
-    for name, (layer, weight, bias) in exact.items():
-        writer.write(name, layer.data, weight, bias)
+    overflow = fold_weights(plan, lambda layer: (layer.data.weight, layer.data.bias),
+                                   lambda d: stats[id(d)].scale_shift(),
+                                   lambda name, layer, weight, bias: writer.write(name, layer.data, weight, bias))
     for decision, bn in zip(plan.decisions, plan.sites):
         if decision.folded and decision.direction != "merge":
             writer.bypass(bn.node, view.outputs | set(view.scoped))
@@ -208,7 +208,7 @@ def fold_onnx(model: onnx.ModelProto, where: str = "model",
             folded.graph.node.remove(node)
         merge.target.data.final.output[0] = f"{total}.merged" if merge.kept else total
     _prune(folded.graph)
-    return OnnxFoldResult(folded, plan.decisions, engine.fp16_overflow(exact), plan.merges, plan, stats,
+    return OnnxFoldResult(folded, plan.decisions, overflow, plan.merges, plan, stats,
                           writer.written)
 
 

@@ -20,10 +20,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import engine
 from bnrt.folding.capture import Capture, capture
 from bnrt.folding.decision import Decision, DecisionSet
 from bnrt.folding.engine import Plan
+from bnrt.folding.weights import fold_weights
 from bnrt.folding.reparam import Merge
 from bnrt.folding.structure import set_identity_statistics, set_submodule, zero_affine
 from bnrt.folding.torchgraph import plan
@@ -173,8 +173,18 @@ def _fold_into(model: nn.Module, plan: Plan) -> tuple[list[str], dict[str, float
     """Apply ``plan``'s folds and merges to ``model`` in place: the layers that gained a bias, and
     those whose folded weights leave float16's range."""
 
-    exact = engine.fold_weights(plan, lambda layer: layer_weights(model, layer),
-                                lambda d: statistics(model, d).scale_shift())
+    bias_added = []
+
+    def write(layer_name: str, _layer, weight, bias) -> None:
+        layer = model.get_submodule(layer_name)
+        if layer.bias is None:
+            bias_added.append(layer_name)
+        _set_param(layer, "bias", bias, layer.weight if layer.bias is None else layer.bias)
+        _set_param(layer, "weight", weight, layer.weight)
+
+    with torch.no_grad():
+        overflow = fold_weights(plan, lambda layer: layer_weights(model, layer),
+                                       lambda d: statistics(model, d).scale_shift(), write)
     for decision in plan.decisions:
         if decision.folded and decision.direction == "merge":  # the BN stays, adding an exact zero
             zero_affine(model, decision.functional or {"weight": f"{decision.bn}.weight",
@@ -183,15 +193,7 @@ def _fold_into(model: nn.Module, plan: Plan) -> tuple[list[str], dict[str, float
             set_identity_statistics(model, decision.functional)
         elif decision.folded:
             set_submodule(model, decision.bn, nn.Identity())
-    bias_added = []
-    with torch.no_grad():
-        for layer_name, (_, weight, bias) in exact.items():
-            layer = model.get_submodule(layer_name)
-            if layer.bias is None:
-                bias_added.append(layer_name)
-            _set_param(layer, "bias", bias, layer.weight if layer.bias is None else layer.bias)
-            _set_param(layer, "weight", weight, layer.weight)
-    return bias_added, engine.fp16_overflow(exact)
+    return bias_added, overflow
 
 
 def apply(model: nn.Module, plan: Plan, cap: Capture | None = None, graph: bool = False) -> FoldResult:

@@ -125,6 +125,26 @@ def data_file(name: str) -> str:
     return f"{name}.data"
 
 
+def tensor_bytes(proto) -> int:
+    """The bytes of the main graph's tensors (initializers, sparse ones' values, Constant nodes'
+    tensors) by their dims and element types, no tensor read or encoded: about the size of the
+    model's data (strings and unknown types count 0)."""
+    import onnx
+
+    def size(tensor) -> int:
+        if tensor.data_type == onnx.TensorProto.STRING:
+            return 0
+        try:
+            return math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):  # UNDEFINED and unknown types
+            return 0
+
+    graph = proto.graph
+    tensors = [*graph.initializer, *(s.values for s in graph.sparse_initializer),
+               *(a.t for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)]
+    return sum(size(t) for t in tensors)
+
+
 def save_onnx(proto, tmp: Path, name: str) -> Path | None:
     """Write ``proto`` to ``tmp`` (a temp file that becomes ``name`` in the same folder), after onnx's
     full check; returns the external data file when the model is over ``EXTERNAL_DATA_BYTES``:
@@ -133,11 +153,13 @@ def save_onnx(proto, tmp: Path, name: str) -> Path | None:
     for the checker and for the file."""
     import onnx
 
-    if proto.ByteSize() <= EXTERNAL_DATA_BYTES:
-        data = proto.SerializeToString()
+    # the tensors' own bytes decide most models without encoding them (ByteSize encodes the message)
+    data = proto.SerializeToString() if tensor_bytes(proto) <= EXTERNAL_DATA_BYTES else None
+    if data is not None and len(data) <= EXTERNAL_DATA_BYTES:
         onnx.checker.check_model(data, full_check=True)
         tmp.write_bytes(data)
         return None
+    del data
     target = tmp.parent / data_file(name)
     refuse_special(target)
     target.unlink(missing_ok=True)  # onnx appends to an existing data file

@@ -1,7 +1,7 @@
 """The weight certificate: every layer a plan folded, its stored weights and bias checked element
 by element against the exact fold, recomputed here in float64 from the original parameters and
 BN statistics. The recomputation is written independently of the code that folded
-(``bnrt.folding.foldmath``, ``bnrt.folding.engine.fold_weights``, ``bnrt.folding.reparam``): a
+(``bnrt.folding.foldmath``, ``bnrt.folding.weights.fold_weights``, ``bnrt.folding.reparam``): a
 weight element is scaled by the BN scale of the channel it produces (backward) or reads
 (forward), found from the element's position (its output channel, its absolute input channel given
 the layer's groups; ``ChannelMap`` reads it through broadcast views of the weight),
@@ -262,17 +262,18 @@ def exact_folds(plan: Plan, original: Callable[[Layer], Weights],
 def ulp_distance(stored: np.ndarray, exact: np.ndarray, magnitude: np.ndarray,
                  terms: int) -> tuple[np.ndarray, np.ndarray]:
     """Per element: |stored − exact| in ULPs of ``stored``'s dtype at ``exact`` (the gap between the
-    two representable values around it), and whether it is within half an ULP plus float64's own
-    error bound (both recomputations: ``2 · (terms + 4) · 2⁻⁵² · magnitude``)."""
-    dtype = stored.dtype
-    size = np.abs(exact)
+    two representable values around it: ``2^(e − 1 − mantissa bits)`` for ``|exact|`` in
+    ``[2^(e−1), 2^e)``, the subnormals' spacing below the normal range, the largest finite value's
+    beyond it), and whether it is within half an ULP plus float64's own error bound (both
+    recomputations: ``2 · (terms + 4) · 2⁻⁵² · magnitude``)."""
+    info = np.finfo(stored.dtype)
     with np.errstate(over="ignore", invalid="ignore"):
-        nearest = size.astype(dtype)
-        below = np.where(nearest.astype(np.float64) > size, np.nextafter(nearest, dtype.type(0)), nearest)
-        gap = np.spacing(below).astype(np.float64)  # the next value up less ``below``, exact in ``dtype``
+        _, e = np.frexp(np.maximum(np.abs(exact), float(info.smallest_subnormal)))
+        np.clip(e, info.minexp + 1, info.maxexp, out=e)
+        e -= info.nmant + 1  # the gap is 2^e
         distance = np.abs(stored.astype(np.float64) - exact)
-        ulps = distance / gap
-        ok = distance <= HALF_ULP * gap + 2 * (terms + 4) * EPS64 * magnitude
+        ulps = np.ldexp(distance, -e)
+        ok = distance <= np.ldexp(HALF_ULP, e) + 2 * (terms + 4) * EPS64 * magnitude
     return np.where(np.isfinite(ulps), ulps, np.inf), ok & np.isfinite(distance)
 
 

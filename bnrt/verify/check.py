@@ -26,19 +26,15 @@ from bnrt.io.save import refuse_overwrite
 from bnrt.io.source import Loaded, ModelSource
 from bnrt.progress import Steps, rate
 from bnrt.session import check_tf32
-from bnrt.verify.localise import Point, compare_points, divergence_at, first_divergence, fold_points
 from bnrt.verify.detections import compare_detections, detection_groups
 from bnrt.verify.accuracy import paired
-from bnrt.verify.metrics import (DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TOP_K, CheckReport, Comparison, LayerCheck,
-                                 OutputMetrics, Tolerances, accuracy, compare_output, floor_measured,
-                                 truth_samples)
+from bnrt.verify.layers import Recorded, localise, per_layer, recorders
+from bnrt.verify.metrics import (DEFAULT_TOP_K, CheckReport, Comparison, OutputMetrics, Tolerances, accuracy,
+                                 compare_output, floor_measured, truth_samples)
 from bnrt.verify.onnxside import onnx_side
 from bnrt.verify.sides import Candidate, Side, batching, merge_inputs, with_deployments
-from bnrt.verify.torchside import check_device, torch_side
+from bnrt.verify.torchside import TapRecorder, check_device, torch_side
 
-LOCALISE_SAMPLES = 8
-LAYER_VALUES = 1 << 23  # values per run the per-layer comparison taps (its float64 copy: 64 MB)
-POINT_VALUES = 1 << 16  # values per sample kept of each module output there (every channel, strided positions)
 
 
 @dataclass(frozen=True)
@@ -93,10 +89,12 @@ def side(model: Model, *, label: str | None = None, provider: str = "cpu", devic
 
 
 def _noise_pairs(reference: Side, ref_out: list[np.ndarray], data: Dataset, names: list[str],
-                 options: CheckOptions, note: Callable[[str], None]) -> tuple[list | None, int, str | None]:
+                 options: CheckOptions, note: Callable[[str], None],
+                 recorder: TapRecorder | None = None) -> tuple[list | None, int, str | None]:
     """(anchor, noisy) per output on the first ``truth_samples`` samples, or None when fixed
     tolerances decide every output (or the noise run cannot run); that sample count; and why
-    fixed tolerances decide where the noise floor would have (None: they do not, or were asked for)."""
+    fixed tolerances decide where the noise floor would have (None: they do not, or were asked for).
+    ``recorder`` catches the noise run's module outputs for the per-layer comparison."""
     truth = min(truth_samples(ref_out, data.size), data.first)
     if reference.fixed_batch:  # a graph with a fixed batch runs whole batches only
         truth = min(data.size, -(-truth // reference.fixed_batch) * reference.fixed_batch)
@@ -105,7 +103,8 @@ def _noise_pairs(reference: Side, ref_out: list[np.ndarray], data: Dataset, name
         return None, truth, None
     note(f"noise floor: {noise.kind} run on {truth} samples")
     try:  # in the check's batches: a graph with a fixed batch takes no other
-        noise_out = run_batched(noise.runner, Dataset([x[:truth] for x in data.inputs], None, data.source),
+        runner = noise.runner if recorder is None else noise.tapping(recorder)
+        noise_out = run_batched(runner, Dataset([x[:truth] for x in data.inputs], None, data.source),
                                 options.batch_size)
     except Exception as exc:  # e.g. a model whose own code cannot run in float64: fixed tolerances decide
         return None, truth, f"no noise floor ({first_line(exc) or type(exc).__name__})"
@@ -175,75 +174,9 @@ def _judged(names: list[str], ref: list[np.ndarray], out: list[np.ndarray], pair
             for i, (n, r, c) in enumerate(zip(names, ref, out))]
 
 
-def localise(reference: Side, candidate: Side, data: Dataset, folds: list[dict], tolerances: Tolerances,
-             noisy: bool):
-    """First divergent module between two sides, on the first few samples, each module output
-    thinned to about ``POINT_VALUES`` values per sample (every channel kept); judged against the
-    reference's noise floor per module when ``noisy`` (the check used it), else by tolerances."""
-    if reference.taps is None or candidate.taps is None:
-        return None
-    head = [x[:min(LOCALISE_SAMPLES, data.first)] for x in data.inputs]
-    # thinned: every module's whole output, three runs of a detector at 800x800, would not fit in memory
-    ref_taps, cand_taps = reference.taps(head, None, POINT_VALUES), candidate.taps(head, None, POINT_VALUES)
-    if noisy and reference.noise is not None and reference.noise.taps is not None:
-        noise = reference.noise.anchor_and_noisy(ref_taps, reference.noise.taps(head, None, POINT_VALUES))
-        return first_divergence(ref_taps, cand_taps, folds, None, noise, tolerances.factor, tolerances.allow_nonfinite)
-    return first_divergence(ref_taps, cand_taps, folds, tolerances.fixed("") or (DEFAULT_ATOL, DEFAULT_RTOL),
-                            allow_nonfinite=tolerances.allow_nonfinite)
-
-
-def layer_check(points: list[Point], samples: int) -> LayerCheck:
-    """The per-layer summary of judged points: how many, how many failed, the worst one."""
-    worst = max(points, key=lambda p: p.margin, default=None)
-    if worst is None:
-        return LayerCheck(0, 0, samples=samples)
-    return LayerCheck(len(points), sum(not p.passed for p in points), worst.module, worst.margin, worst.error,
-                      worst.floor, samples)
-
-
-def _per_layer(reference: Side, candidates: list[Candidate], comparisons: list[Comparison], data: Dataset,
-               folds: list[dict], options: CheckOptions, truth: int, note: Callable[[str], None]) -> None:
-    """Every deciding candidate's intermediate outputs against the reference's, each judged against
-    its own noise floor: a torch reference's modules (floor: its float64 truth), an ONNX
-    reference's values by name against the ONNX files bnrt folded from it (their metadata's
-    ``source_sha256`` is its digest; floor: its re-rounded weights). At the fold points of bnrt's
-    fold records (``localise.fold_points``); without them nothing is compared layer by layer (an
-    ONNX export that fused a BN itself differs from its checkpoint by design there). Each output thinned to about ``POINT_VALUES`` values per sample (every channel, strided
-    positions); on the noise-floor samples, as many as keep the first run's values under
-    ``LAYER_VALUES`` (at least one); for the candidates ``Candidate.layer_checked`` says. A point
-    past its floor fails the comparison and becomes its divergence, the first one in execution
-    order."""
-    noise = reference.noise
-    if not options.per_layer or not folds or noise is None or noise.taps is None or reference.taps is None:
-        return  # without bnrt's fold records a layer that another tool folded would differ by design
-    by_value = noise.kind == "rounding"  # two graphs, compared value by value: only a fold of this very graph
-    if by_value and (reference.value_folds is None or reference.digest is None):
-        return
-    judged = [(c, comp) for c, comp in zip(candidates, comparisons) if c.layer_checked and c.side.taps
-              and (not by_value or (c.side.origin is not None and c.side.origin == reference.digest()))]
-    if not judged:
-        return
-    folds = reference.value_folds(folds) if by_value else folds
-    points, kind = fold_points(folds), {"by": "value"} if by_value else {}
-    fixed = next((s.fixed_batch for s in [reference, *(c.side for c, _ in judged)] if s.fixed_batch), None)
-    if fixed is not None and fixed > min(truth, data.size):
-        return  # a graph that takes more samples at once than the noise floor was measured on
-    first = noise.taps([x[:fixed or 1] for x in data.inputs], points, POINT_VALUES, **kind)
-    samples = fixed or max(1, min(truth, LAYER_VALUES // max(1, sum(v.size for v in first.values()))))
-    note(f"per-layer comparison on {samples} sample(s)")
-    head = [x[:samples] for x in data.inputs]
-    noisy = first if samples == (fixed or 1) else noise.taps(head, points, POINT_VALUES, **kind)
-    ref_taps = reference.taps(head, points, POINT_VALUES, **kind)
-    pair = noise.anchor_and_noisy(ref_taps, noisy)
-    del first, noisy
-    known = set(reference.module_names) | set(ref_taps)
-    for candidate, comparison in judged:
-        found = list(compare_points(ref_taps, candidate.side.taps(head, points, POINT_VALUES, **kind), folds, None,
-                                    pair, options.tolerances.factor, options.tolerances.allow_nonfinite, known))
-        comparison.layers = layer_check(found, samples)
-        failed = next((p for p in found if not p.passed), None)
-        if failed is not None:
-            comparison.divergence = divergence_at(failed)
+def _all_folds(reference: Side, candidates: list[Candidate], folds: list[dict] | None) -> list[dict]:
+    """``folds``, by default every side's: the intended differences."""
+    return folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
 
 
 @dataclass
@@ -264,13 +197,15 @@ class Observed:
     truth: int
     fallback: str | None
     noise: str | None  # the noise floor's kind when it decides
+    recorded: Recorded | None = None  # module outputs caught on the way (not kept in a check's parts)
 
 
 def observe(reference: Side, candidates: list[Candidate], data: Dataset, options: CheckOptions,
-            output_names: list[str] | None, note: Callable[[str], None]) -> Observed:
+            output_names: list[str] | None, note: Callable[[str], None], folds: list[dict] | None = None) -> Observed:
     """Every side run on ``data``: the reference and the candidates that run on every sample take
     each batch in turn (an image folder is decoded once), then the noise floor and the head-only
-    candidates on the first samples."""
+    candidates on the first samples, catching the module outputs the per-layer comparison of
+    ``folds`` (default: every side's) reads where they can (``_recorders``)."""
     together = [c for c in candidates if not c.head_only]
     note(f"{', '.join(s.label for s in [reference, *(c.side for c in together)])} on {data.size} samples")
     declared = list(reference.output_names)  # a file's; a torch side names its outputs when it runs
@@ -279,15 +214,23 @@ def observe(reference: Side, candidates: list[Candidate], data: Dataset, options
     ran = {id(c): out for c, out in zip(together, outs)}
     names = output_names or declared or next((c.side.output_names for c in candidates if c.side.output_names),
                                              reference.output_names or numbered_outputs(len(ref_out)))
-    pairs, truth, fallback = _noise_pairs(reference, ref_out, data, names, options, note)
+    recorded = recorders(reference, candidates, _all_folds(reference, candidates, folds)) \
+        if options.per_layer else None
+    pairs, truth, fallback = _noise_pairs(reference, ref_out, data, names, options, note,
+                                          recorded.noise if recorded is not None else None)
     head = Dataset([x[:truth] for x in data.inputs], None, data.source)
     for c in candidates:
         if c.head_only:
             note(f"{c.label} on {min(truth, data.size)} samples")
-            ran[id(c)] = run_batched(_fed_its_dtypes(c.side), head, options.batch_size, rate(note, c.label))
+            caught = recorded.candidates.get(id(c)) if recorded is not None else None
+            model = c.side if caught is None else replace(c.side, runner=c.side.tapping(caught))
+            ran[id(c)] = run_batched(_fed_its_dtypes(model), head, options.batch_size, rate(note, c.label))
+    if recorded is not None:
+        recorded.rows = head.size if head.size <= options.batch_size else 0
     return Observed(reference.label, ref_out, [(c.label, c.head_only, c.informational) for c in candidates],
                     [ran[id(c)] for c in candidates], data.labels, names, pairs, truth,
-                    fallback or _unmeasured(names, pairs, options.tolerances), reference.noise.kind if pairs else None)
+                    fallback or _unmeasured(names, pairs, options.tolerances), reference.noise.kind if pairs else None,
+                    recorded)
 
 
 def judge(seen: Observed, options: CheckOptions) -> tuple[list[Comparison], dict, dict, dict]:
@@ -329,7 +272,7 @@ def check(reference: Model, candidates: Sequence[Model | Candidate], data: Datas
     hears which run starts."""
     note = note or (lambda text: None)
     reference, candidates = sides(reference, candidates, options)
-    seen = observe(reference, candidates, data, options, output_names, note)
+    seen = observe(reference, candidates, data, options, output_names, note, folds)
     comparisons, acc, stats, errors = judge(seen, options)
     model_checks(reference, candidates, comparisons, data, folds, options, seen, note)
     return CheckReport(data.size, data.source, options.top_k, comparisons, acc, errors, seen.noise,
@@ -342,9 +285,10 @@ def model_checks(reference: Side, candidates: list[Candidate], comparisons: list
     """What needs the models beyond their outputs, on the first samples: the per-layer comparison,
     then the first divergent module of each deciding comparison that failed. ``folds`` (default:
     every side's) are the intended differences."""
-    folds = folds if folds is not None else reference.folds + [f for c in candidates for f in c.side.folds]
-    if seen.pairs is not None:
-        _per_layer(reference, candidates, comparisons, data, folds, options, seen.truth, note)
+    folds = _all_folds(reference, candidates, folds)
+    if seen.pairs is not None and options.per_layer:
+        per_layer(reference, candidates, comparisons, data, folds, options.tolerances, seen.truth, note,
+                  seen.recorded)
     for comparison, candidate in zip(comparisons, candidates):
         if options.localise and not comparison.passed and not candidate.informational \
                 and comparison.divergence is None:

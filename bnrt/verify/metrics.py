@@ -78,11 +78,13 @@ class NoiseReference:
     """Where the noise floor comes from: ``kind`` ``"float64"`` (``runner`` is the float64 truth:
     the anchor; the reference is the noisy run) or ``"rounding"`` (``runner`` is the reference
     with its weights re-rounded: the noisy run; the reference is the anchor). ``taps``: the same
-    run's intermediate outputs, for localisation."""
+    run's intermediate outputs, for localisation; ``tapping``: given a ``TapRecorder``, a runner
+    that catches them while it runs (``bnrt.verify.torchside``)."""
 
     kind: str
     runner: Callable[[Sequence[np.ndarray]], list[np.ndarray]]
     taps: Callable[..., dict[str, np.ndarray]] | None = None  # (inputs, names=None)
+    tapping: Callable[[Any], Callable[[Sequence[np.ndarray]], list[np.ndarray]]] | None = None
 
     def anchor_and_noisy(self, reference, noise):
         """(anchor, noisy) from the reference's and this run's outputs (or taps)."""

@@ -29,7 +29,8 @@ from bnrt.io.data import Dataset, concatenated, picked
 from bnrt.io.save import atomic_path, write_json
 from bnrt.io.shards import process_group, shard_rows
 from bnrt.io.source import file_sha256
-from bnrt.verify.check import LOCALISE_SAMPLES, CheckOptions, Model, Observed, judge, model_checks, observe, sides
+from bnrt.verify.check import CheckOptions, Model, Observed, judge, model_checks, observe, sides
+from bnrt.verify.layers import LOCALISE_SAMPLES
 from bnrt.verify.metrics import TRUTH_SAMPLES, CheckReport, Divergence, LayerCheck, Tolerances
 from bnrt.verify.sides import Candidate
 
@@ -74,13 +75,13 @@ def check_part(reference: Model, candidates: Sequence[Model | Candidate], data: 
     stop = max(start, min(size, -(-rows.stop // batch) * batch))
     mine = picked(data, [*range(first), *range(start, stop)], first)
     keep = np.array([r if r < first else first + r - start for r in rows], dtype=np.int64)
-    seen = observe(reference, candidates, mine, options, output_names, note)
+    seen = observe(reference, candidates, mine, options, output_names, note, folds)
     comparisons = judge(seen, options)[0]
     model_checks(reference, candidates, comparisons, mine, folds, options, seen, note)
     kept = replace(seen, ref_out=[o[keep] for o in seen.ref_out],
                    outs=[o if head_only else [x[keep] for x in o] for o, (_, head_only, _) in zip(seen.outs,
                                                                                                    seen.candidates)],
-                   labels=None if seen.labels is None else seen.labels[keep])
+                   labels=None if seen.labels is None else seen.labels[keep], recorded=None)
     return Part(index, count, rows.start, data.size, data.source, data.preprocess, options.top_k, options.tolerances,
                 kept, [c.layers for c in comparisons], [c.divergence for c in comparisons])
 

@@ -8,7 +8,7 @@ the batch size that sides with a fixed batch allow. Made by ``torchside.torch_si
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -35,6 +35,7 @@ class Side:
     input_dtypes: list[np.dtype | None]
     output_names: list[str] = field(default_factory=list)
     taps: Taps | None = None
+    tapping: Callable[[Any], Runner] | None = None  # a torch side's: a runner catching taps (``torchside.TapRecorder``)
     folds: list[dict] = field(default_factory=list)
     fixed_batch: int | None = None
     noise: NoiseReference | None = None

@@ -10,7 +10,7 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager
 from functools import cache
-from typing import Collection, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 from bnrt.errors import OptionError
 from bnrt.io.artifacts import folds_of
 from bnrt.io.export import flatten_outputs, model_input_names, names_of_outputs
-from bnrt.io.data import Runner
+from bnrt.io.data import Runner, concatenated
 from bnrt.verify.metrics import NoiseReference, thinned
 from bnrt.verify.sides import Side
 
@@ -68,11 +68,11 @@ def torch_runner(model: nn.Module, device: str | None = None, tf32: bool = False
     return run
 
 
-def torch_taps(model: nn.Module, inputs: Sequence[np.ndarray], names: Collection[str] | None = None,
-               limit: int | None = None) -> dict[str, np.ndarray]:
-    """Output of every submodule (or of those ``names``) called exactly once, in the order the
-    calls finished; ``limit``: about that many values kept per sample (``metrics.thinned``)."""
-    taps: dict[str, np.ndarray] = {}
+@contextmanager
+def _hooked(model: nn.Module, names: Collection[str] | None, keep: Callable[[str, torch.Tensor], None]
+            ) -> Iterator[Counter]:
+    """Forward hooks on every submodule (or those ``names``) within the block: ``keep(name, output)``
+    hears each tensor output; the counter yielded counts each module's calls."""
     calls: Counter = Counter()
     handles = []
     for name, module in model.named_modules():
@@ -81,22 +81,86 @@ def torch_taps(model: nn.Module, inputs: Sequence[np.ndarray], names: Collection
 
         def hook(_module, _args, out, name=name):
             calls[name] += 1
-            if isinstance(out, torch.Tensor):  # copy: an in-place op may follow
-                taps[name] = out.detach()[thinned(out.shape, limit)].cpu().numpy().copy()
+            if isinstance(out, torch.Tensor):
+                keep(name, out)
 
         handles.append(module.register_forward_hook(hook))
-    where = model_device(model)
     try:
-        with torch.inference_mode(), torch_tf32(False):  # module outputs in exact float32
-            model(*(torch.from_numpy(np.asarray(x)).to(where) for x in inputs))
+        yield calls
     finally:
         for handle in handles:
             handle.remove()
+
+
+def torch_taps(model: nn.Module, inputs: Sequence[np.ndarray], names: Collection[str] | None = None,
+               limit: int | None = None) -> dict[str, np.ndarray]:
+    """Output of every submodule (or of those ``names``) called exactly once, in the order the
+    calls finished; ``limit``: about that many values kept per sample (``metrics.thinned``)."""
+    taps: dict[str, np.ndarray] = {}
+
+    def keep(name, out):  # copy: an in-place op may follow
+        taps[name] = out.detach()[thinned(out.shape, limit)].cpu().numpy().copy()
+
+    where = model_device(model)
+    with _hooked(model, names, keep) as calls, torch.inference_mode(), torch_tf32(False):  # exact float32
+        model(*(torch.from_numpy(np.asarray(x)).to(where) for x in inputs))
     return {k: v for k, v in taps.items() if calls[k] == 1}
 
 
+class TapRecorder:
+    """The module outputs ``torch_taps`` gives, caught while a run the check makes anyway goes
+    through the first samples (the noise run, a head-only candidate), batch after batch: those of
+    ``names`` thinned to about ``limit`` values per sample, the first rows kept while every module's
+    together stay under ``budget`` values (at least one row; the per-layer comparison's sample
+    count). ``taps(rows)``: the first ``rows`` of each, or None when fewer were kept."""
+
+    def __init__(self, names: Collection[str], limit: int, budget: int):
+        self.names, self.limit, self.budget = set(names), limit, budget
+        self.parts: dict[str, list[np.ndarray]] = {}
+        self.sizes: dict[str, int] = {}  # values per sample of each module's output (first call)
+        self.kept = 0  # rows kept of the runs before this one
+        self.twice: set[str] = set()  # modules called more than once in a run: no taps (as torch_taps)
+
+    def cap(self) -> int:
+        """Rows kept in all: every module's values per sample so far within the budget."""
+        return max(1, self.budget // max(1, sum(self.sizes.values())))
+
+    def run(self, model: nn.Module, run: Callable[[], list[np.ndarray]], rows: int) -> list[np.ndarray]:
+        """``run()`` (the model on the next ``rows`` samples) with the hooks on while rows are wanted."""
+        if self.kept >= self.cap():
+            return run()
+
+        def keep(name, out):
+            if calls[name] > 1:
+                self.twice.add(name)
+                return
+            index = thinned(out.shape, self.limit)
+            self.sizes.setdefault(name, out[(slice(0, 1), *index[1:])].numel())
+            cap = self.cap()
+            self.parts.setdefault(name, []).append(out.detach()[:cap - self.kept][index].cpu().numpy().copy())
+            self._trim(cap)
+
+        with _hooked(model, self.names, keep) as calls:
+            outputs = run()
+        self.kept = min(self.cap(), self.kept + rows)
+        return outputs
+
+    def _trim(self, cap: int) -> None:
+        for name, parts in self.parts.items():
+            if sum(len(p) for p in parts) > cap:
+                whole = np.concatenate(parts)[:cap].copy()
+                self.parts[name] = [whole]
+
+    def taps(self, rows: int) -> dict[str, np.ndarray] | None:
+        joined = {name: np.concatenate(parts) for name, parts in self.parts.items() if name not in self.twice}
+        if any(len(v) < rows for v in joined.values()):
+            return None
+        return {name: v[:rows] for name, v in joined.items()}
+
+
 def float64_noise(model: nn.Module) -> NoiseReference:
-    """The float64 truth of a torch model: a float64 copy (made on first use) run on float64 inputs."""
+    """The float64 truth of a torch model: a float64 copy (made on first use) run on float64 inputs;
+    its ``tapping`` runs catch module outputs on the way (``TapRecorder``)."""
     def copy64() -> nn.Module:
         with warnings.catch_warnings():  # a TorchScript module's copy touches .grad of non-leaves
             warnings.simplefilter("ignore")
@@ -107,15 +171,34 @@ def float64_noise(model: nn.Module) -> NoiseReference:
     def inputs64(xs):
         return double(), [x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x for x in xs]
 
-    def run(xs):
+    def run(xs, recorder: TapRecorder | None = None):
         m, xs = inputs64(xs)
-        return torch_runner(m)(xs)  # where the model is: the reference ran first and placed it
+        run64 = torch_runner(m)  # where the model is: the reference ran first and placed it
+        parts = _thread_parts(len(xs[0]) if xs and np.ndim(xs[0]) else 0, m)
+        outs = []
+        for part in parts:
+            inputs = xs if len(parts) == 1 else [x[part] for x in xs]
+            rows = part.stop - part.start
+            outs.append(run64(inputs) if recorder is None else recorder.run(m, lambda: run64(inputs), rows))
+        return outs[0] if len(outs) == 1 else [concatenated([o[i] for o in outs]) for i in range(len(outs[0]))]
 
     def taps(xs, names=None, limit=None):
         m, xs = inputs64(xs)
         return torch_taps(m, xs, names, limit)
 
-    return NoiseReference("float64", run, taps)
+    return NoiseReference("float64", run, taps, tapping=lambda recorder: lambda xs: run(xs, recorder))
+
+
+def _thread_parts(n: int, model: nn.Module) -> list[slice]:
+    """How a float64 batch of ``n`` runs on the CPU: a multiple of torch's thread count at once, the
+    rest one sample at a time. torch has no oneDNN kernel for float64 convolutions: its own one
+    gives each thread whole samples (3 samples on 2 threads take as long as 4), while one sample
+    runs its matrix products on every thread."""
+    threads = torch.get_num_threads()
+    whole = n - n % threads
+    if model_device(model).type != "cpu" or threads < 2 or n % threads == 0 or n < 2:
+        return [slice(0, n)]
+    return ([slice(0, whole)] if whole else []) + [slice(i, i + 1) for i in range(whole, n)]
 
 
 def torch_side(model: nn.Module, *, label: str = "torch", input_shapes: list[tuple[int, ...]] | None = None,
@@ -128,7 +211,9 @@ def torch_side(model: nn.Module, *, label: str = "torch", input_shapes: list[tup
     if folds is None and isinstance(getattr(model, "bnrt_folded", None), tuple):
         folds = folds_of(*model.bnrt_folded)
     outputs: list[str] = []  # named on the first run: the output's structure is known then
-    return Side(label=label + (" cuda" if device == "cuda" else ""), runner=torch_runner(model, device, bool(tf32), outputs),
+    runner = torch_runner(model, device, bool(tf32), outputs)
+    return Side(label=label + (" cuda" if device == "cuda" else ""), runner=runner,
+                tapping=lambda recorder: lambda xs: recorder.run(model, lambda: runner(xs), len(xs[0])),
                 output_names=outputs,
                 input_names=names, input_shapes=list(input_shapes) if input_shapes else [None] * len(names),
                 input_dtypes=[None] * len(names), taps=lambda xs, names=None, limit=None: torch_taps(model, xs, names, limit),

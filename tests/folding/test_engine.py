@@ -16,6 +16,7 @@ from torch import nn
 
 import bnrt
 from bnrt.folding import engine, foldmath
+from bnrt.folding.weights import fold_weights, fp16_overflow
 from bnrt.folding.capture import quiet
 from bnrt.folding.rules import RULES
 from bnrt.folding.view import BnStats
@@ -80,8 +81,46 @@ def test_health_warns_of_near_dead_channels_only():
 
 def test_fp16_overflow_lists_layers_beyond_65504():
     exact = {"a": (None, np.array([1.0, -7e4]), np.zeros(2)), "b": (None, np.ones(2), np.array([6e4]))}
-    assert engine.fp16_overflow(exact) == {"a": 7e4}
+    assert fp16_overflow(exact) == {"a": 7e4}
 
+
+
+def test_each_layer_is_handed_over_once_its_last_fold_is_done():
+    """fold_weights holds a layer's float64 weights only between its first and last fold: the
+    linear layer with a BN on each side is written once, after both, before the next layer is read,
+    with both folds in it."""
+    from bnrt.folding.capture import capture
+    from bnrt.folding.torchfold import layer_weights
+    from bnrt.folding.torchgraph import plan
+    from bnrt.folding.torchops import statistics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 6),
+                          nn.BatchNorm1d(6), nn.Linear(6, 3), nn.BatchNorm1d(3)).eval()
+    gen = torch.Generator().manual_seed(0)
+    for bn in model[0], model[2], model[5], model[7]:
+        randomise_bn(bn, gen)
+    planned = plan(capture(model, (torch.randn(2, 4),)))
+    assert [(d.bn, d.direction, [t.layer for t in d.targets]) for d in planned.decisions] == [
+        ("0", "forward", ["1"]), ("2", "backward", ["1"]), ("5", "backward", ["4"]), ("7", "backward", ["6"])]
+    events, written = [], {}
+
+    def read(layer):
+        events.append(("read", layer.name))
+        return layer_weights(model, layer)
+
+    def write(name, layer, weight, bias):
+        events.append(("write", name))
+        written[name] = weight, bias
+
+    overflow = fold_weights(planned, read, lambda d: statistics(model, d).scale_shift(), write)
+    assert overflow == {} and events == [("read", "1"), ("write", "1"), ("read", "4"), ("write", "4"),
+                                         ("read", "6"), ("write", "6")]
+    w, b = (p.detach().double().numpy() for p in (model[1].weight, model[1].bias))
+    forward = foldmath.fold_forward_linear(w, b, *statistics(model, planned.decisions[0]).scale_shift())
+    both = foldmath.fold_backward(*forward, *statistics(model, planned.decisions[1]).scale_shift())
+    np.testing.assert_array_equal(written["1"][0], both[0])
+    np.testing.assert_array_equal(written["1"][1], both[1])
 
 # --- one engine, two backends ---------------------------------------------------------------------
 

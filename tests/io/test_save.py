@@ -192,3 +192,41 @@ def test_a_model_over_the_external_data_limit_keeps_its_tensors_beside_it(tmp_pa
     folded = bnrt.fold_file(trusted(tmp_path / "src" / "m.onnx"), tmp_path / "onnx_out")
     assert folded.passed and sorted(p.name for p in (tmp_path / "onnx_out").iterdir()) == [
         "m.folded.onnx", "m.folded.onnx.data", "m.report.json"]
+
+
+def test_tensor_bytes_counts_every_tensor_by_its_dims_and_type():
+    """Initializers, a sparse initializer's values and a Constant node's tensor, by dims x element
+    size (a string tensor counts 0); the encoded model is that plus its structure."""
+    from bnrt.io.save import tensor_bytes
+
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.arange(5, dtype=np.int64), "s"),
+                                       numpy_helper.from_array(np.arange(5, dtype=np.int64), "s_i"), [10])
+    const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.zeros(10, np.float16)))
+    text = helper.make_node("Constant", [], ["t"], value=numpy_helper.from_array(np.array(["abc"], dtype=object)))
+    graph = helper.make_graph([const, text, helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 4])],
+                              [numpy_helper.from_array(np.ones((3, 4), np.float32), "w")], sparse_initializer=[sparse])
+    model = helper.make_model(graph)
+    assert tensor_bytes(model) == 3 * 4 * 4 + 5 * 8 + 10 * 2
+    assert tensor_bytes(model) < model.ByteSize()
+
+
+def test_a_model_whose_structure_takes_it_over_the_limit_keeps_its_tensors_beside_it(tmp_path, monkeypatch):
+    """The tensors' bytes alone under the limit, the encoded model over it (node names): external data
+    all the same, as the encoded size says."""
+    from bnrt.io import save
+
+    nodes = [helper.make_node("Identity", [f"v{i}"], [f"v{i + 1}"], name="n" * 200 + str(i)) for i in range(50)]
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["v0"]), *nodes], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [256])],
+                              [helper.make_tensor_value_info("v50", onnx.TensorProto.FLOAT, [256])],
+                              [numpy_helper.from_array(np.ones(256, np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert save.tensor_bytes(model) == 1024 and model.ByteSize() > 10_000
+    monkeypatch.setattr(save, "EXTERNAL_DATA_BYTES", 5_000)
+    with atomic_path(tmp_path / "m.onnx") as tmp:
+        data = save.save_onnx(model, tmp, "m.onnx")
+    assert data == tmp_path / "m.onnx.data" and data.stat().st_size == 1024
+    loaded = onnx.load(str(tmp_path / "m.onnx"))
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), np.ones(256, np.float32))

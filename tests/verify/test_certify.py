@@ -119,6 +119,26 @@ def test_ulp_distance_is_measured_in_the_gap_around_the_exact_value():
     assert ulps.tolist() == [0.5] and ok.all()
 
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_ulp_distance_at_the_ends_of_the_range(dtype):
+    """Zero and the subnormals: the smallest subnormal apart; the largest finite value: the gap below
+    it (one step down from it is 1 ULP, not 0); and exactly as np.spacing says across the range."""
+    info = np.finfo(dtype)
+    tiny, top = float(info.smallest_subnormal), float(info.max)
+    exact = np.array([0.0, tiny, 3 * tiny, float(info.tiny), top])
+    stored = np.nextafter(exact.astype(dtype), dtype(0)) + np.array([tiny, 0, 0, 0, 0], dtype)
+    ulps, ok = ulp_distance(stored, exact, np.abs(exact), terms=1)
+    assert ulps.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0] and not ok.any()
+    rng = np.random.default_rng(0)
+    exact = rng.standard_normal(4096) * 2.0 ** rng.integers(info.minexp - info.nmant, info.maxexp - 1, 4096)
+    stored = exact.astype(dtype)
+    below = np.where(np.abs(stored.astype(np.float64)) > np.abs(exact), np.nextafter(np.abs(stored), dtype(0)),
+                     np.abs(stored))
+    ulps, ok = ulp_distance(stored, exact, np.abs(exact), terms=1)
+    np.testing.assert_array_equal(ulps, np.abs(stored.astype(np.float64) - exact) / np.spacing(below))
+    assert ok.all() and ulps.max() <= 0.5
+
 @pytest.mark.parametrize("name", list(ZOO))
 def test_every_zoo_fold_is_certified_within_half_an_ulp(name):
     model = build(name)

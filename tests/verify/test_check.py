@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -303,3 +304,23 @@ def test_a_model_that_outputs_nan_never_passes_its_own_check(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     (out,) = json.loads((tmp_path / "r.json").read_text())["comparisons"][0]["outputs"]
     assert not out["passed"] and out["problem"].startswith("the reference itself outputs NaN or Inf")
+
+
+@pytest.mark.parametrize("n, threads, parts", [(3, 2, [(0, 2), (2, 3)]), (8, 2, [(0, 8)]), (1, 2, [(0, 1)]),
+                                               (5, 4, [(0, 4), (4, 5)]), (3, 4, [(0, 1), (1, 2), (2, 3)]),
+                                               (3, 1, [(0, 3)])])
+def test_the_float64_truth_runs_whole_samples_per_thread(monkeypatch, n, threads, parts):
+    """A float64 batch that does not split evenly over torch's threads runs as a multiple of them
+    plus single samples; the outputs are the batch's own, row for row, to float64's rounding."""
+    from bnrt.verify import torchside
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert [(p.start, p.stop) for p in torchside._thread_parts(n, model)] == parts
+    x = np.random.default_rng(0).standard_normal((n, 3, 9, 9)).astype(np.float32)
+    (out,) = torchside.float64_noise(model).runner([x])
+    with torch.inference_mode():
+        whole = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+    assert out.dtype == np.float64 and out.shape == whole.shape
+    np.testing.assert_allclose(out, whole, rtol=1e-13, atol=1e-13)

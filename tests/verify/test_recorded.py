@@ -1,0 +1,82 @@
+"""The per-layer comparison's module outputs caught on runs the check makes anyway: the same
+figures as runs of their own, fewer forward passes, within the values budget."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from torch import nn
+
+import bnrt
+from bnrt.verify import check as check_module
+from bnrt.verify import torchside
+from bnrt.verify.torchside import TapRecorder, torch_side, torch_taps
+
+from ..conftest import EXAMPLE, trusted
+
+
+class Shared(nn.Module):
+    """conv -> relu -> the same conv again (called twice: no taps) -> conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.twice, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):
+        return self.b(self.twice(self.twice(torch.relu(self.a(x)))))
+
+
+def test_a_recorder_keeps_what_torch_taps_gives_within_its_budget():
+    torch.manual_seed(0)
+    model = Shared().eval()
+    x = np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    names = {"a", "twice", "b"}
+    per_sample = 4 * 8 * 8 + 4 * 8 * 8 + 2 * 6 * 6  # every module's first call counts toward the budget
+    recorder = TapRecorder(names, None, 2 * per_sample + 5)  # room for two rows
+    run = torch_side(model).tapping(recorder)
+    for i in range(0, 5, 2):  # batches of 2, 2, 1: the outputs are the model's own
+        with torch.inference_mode():
+            np.testing.assert_array_equal(run([x[i:i + 2]])[0], model(torch.from_numpy(x[i:i + 2])).numpy())
+    taps = recorder.taps(2)
+    expected = torch_taps(model, [x[:2]], names)
+    assert sorted(taps) == sorted(expected) == ["a", "b"]  # the module called twice has none
+    for name in expected:
+        np.testing.assert_array_equal(taps[name], expected[name])
+    assert recorder.taps(3) is None and len(recorder.taps(1)["a"]) == 1
+
+
+def test_thinned_taps_are_caught_thinned():
+    torch.manual_seed(0)
+    model = Shared().eval()
+    x = np.random.default_rng(1).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    recorder = TapRecorder({"a", "b"}, 4 * 64, 1 << 20)
+    torch_side(model).tapping(recorder)([x])
+    expected = torch_taps(model, [x], {"a", "b"}, 4 * 64)
+    assert expected["a"].shape == (3, 4, 8, 8)  # thinned from 64x64
+    for name in expected:
+        np.testing.assert_array_equal(recorder.taps(3)[name], expected[name])
+
+
+def test_the_check_gives_the_same_report_with_fewer_forward_passes(tmp_path, monkeypatch):
+    """bnrt fold's check with the taps caught on the way, and with every tap run of its own: the
+    same check section, number for number; the per-layer comparison then runs the model once more
+    (the reference's taps) instead of four times."""
+    calls = []
+    real = torchside.torch_taps
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1][0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torchside, "torch_taps", counted)
+    bnrt.fold_file(trusted(EXAMPLE), tmp_path / "caught")
+    caught = list(calls)
+    calls.clear()
+    monkeypatch.setattr(check_module, "recorders", lambda *args: None)
+    bnrt.fold_file(trusted(EXAMPLE), tmp_path / "own")
+    reports = [json.loads((tmp_path / d / "digits_cnn.report.json").read_text())["check"] for d in ("caught", "own")]
+    assert reports[0] == reports[1] and reports[0]["comparisons"][0]["layers"]["points"] == 6
+    samples = reports[0]["comparisons"][0]["layers"]["samples"]
+    assert caught == [samples] and calls == [1, samples, samples, samples]

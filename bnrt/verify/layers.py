@@ -120,5 +120,5 @@ def recorders(reference: Side, candidates: list[Candidate], folds: list[dict]) -
         return None
     points = fold_points(folds)
     return Recorded(TapRecorder(points, POINT_VALUES, LAYER_VALUES) if noise.tapping else None,
-                    {id(c): TapRecorder(points, POINT_VALUES, LAYER_VALUES) for c in candidates
+                    {id(c): TapRecorder(points, POINT_VALUES, LAYER_VALUES, whole=True) for c in candidates
                      if c.head_only and c.layer_checked and c.side.tapping is not None})

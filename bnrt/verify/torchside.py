@@ -112,10 +112,12 @@ class TapRecorder:
     through the first samples (the noise run, a head-only candidate), batch after batch: those of
     ``names`` thinned to about ``limit`` values per sample, the first rows kept while every module's
     together stay under ``budget`` values (at least one row; the per-layer comparison's sample
-    count). ``taps(rows)``: the first ``rows`` of each, or None when fewer were kept."""
+    count). ``taps(rows)``: the first ``rows`` of each, or None when fewer were kept. ``whole``: only
+    all the rows of one run are of use (a float32 model's outputs depend on its batch's size): none
+    are kept when they do not fit."""
 
-    def __init__(self, names: Collection[str], limit: int, budget: int):
-        self.names, self.limit, self.budget = set(names), limit, budget
+    def __init__(self, names: Collection[str], limit: int, budget: int, whole: bool = False):
+        self.names, self.limit, self.budget, self.whole = set(names), limit, budget, whole
         self.parts: dict[str, list[np.ndarray]] = {}
         self.sizes: dict[str, int] = {}  # values per sample of each module's output (first call)
         self.kept = 0  # rows kept of the runs before this one
@@ -143,6 +145,8 @@ class TapRecorder:
         with _hooked(model, self.names, keep) as calls:
             outputs = run()
         self.kept = min(self.cap(), self.kept + rows)
+        if self.whole and self.kept < rows:  # only every row of one run is of use: none are kept
+            self.parts.clear()
         return outputs
 
     def _trim(self, cap: int) -> None:
@@ -152,8 +156,11 @@ class TapRecorder:
                 self.parts[name] = [whole]
 
     def taps(self, rows: int) -> dict[str, np.ndarray] | None:
-        joined = {name: np.concatenate(parts) for name, parts in self.parts.items() if name not in self.twice}
-        if any(len(v) < rows for v in joined.values()):
+        for name, parts in self.parts.items():  # joined once, in place
+            if len(parts) > 1:
+                self.parts[name] = [np.concatenate(parts)]
+        joined = {name: parts[0] for name, parts in self.parts.items() if name not in self.twice}
+        if not joined or any(len(v) < rows for v in joined.values()):
             return None
         return {name: v[:rows] for name, v in joined.items()}
 

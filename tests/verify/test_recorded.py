@@ -45,6 +45,11 @@ def test_a_recorder_keeps_what_torch_taps_gives_within_its_budget():
     for name in expected:
         np.testing.assert_array_equal(taps[name], expected[name])
     assert recorder.taps(3) is None and len(recorder.taps(1)["a"]) == 1
+    whole = TapRecorder(names, None, 2 * per_sample + 5, whole=True)  # a batch of 3 does not fit: nothing kept
+    torch_side(model).tapping(whole)([x[:3]])
+    assert whole.parts == {} and whole.taps(1) is None
+    torch_side(model).tapping(whole := TapRecorder(names, None, 2 * per_sample + 5, whole=True))([x[:2]])
+    np.testing.assert_array_equal(whole.taps(2)["b"], expected["b"])
 
 
 def test_thinned_taps_are_caught_thinned():

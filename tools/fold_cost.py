@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--write", metavar="FILE.md", help="replace the fold-cost section of FILE.md")
     args = parser.parse_args()
+    if args.write and len({m in TIMM for m in args.models}) > 1:
+        parser.error("--write: timm's models and the ResNet layouts go to sections of their own; measure them apart")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

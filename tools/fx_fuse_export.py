@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--trust-pickle", action="store_true", help="CHECKPOINT is a pickled nn.Module")
     parser.add_argument("--input-shape", help="N,C,H,W of a pickled module's input")
     args = parser.parse_args()
+    if args.trust_pickle and not args.input_shape:
+        parser.error("--trust-pickle needs --input-shape N,C,H,W")
     if args.trust_pickle:
         model = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
         shape = [int(d) for d in args.input_shape.split(",")]

@@ -154,7 +154,10 @@ def save_onnx(proto, tmp: Path, name: str) -> Path | None:
     import onnx
 
     # the tensors' own bytes decide most models without encoding them (ByteSize encodes the message)
-    data = proto.SerializeToString() if tensor_bytes(proto) <= EXTERNAL_DATA_BYTES else None
+    try:
+        data = proto.SerializeToString() if tensor_bytes(proto) <= EXTERNAL_DATA_BYTES else None
+    except ValueError:  # over protobuf's 2 GiB (tensors tensor_bytes does not count: subgraphs, functions)
+        data = None
     if data is not None and len(data) <= EXTERNAL_DATA_BYTES:
         onnx.checker.check_model(data, full_check=True)
         tmp.write_bytes(data)

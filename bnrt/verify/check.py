@@ -289,6 +289,7 @@ def model_checks(reference: Side, candidates: list[Candidate], comparisons: list
     if seen.pairs is not None and options.per_layer:
         per_layer(reference, candidates, comparisons, data, folds, options.tolerances, seen.truth, note,
                   seen.recorded)
+    seen.recorded = None  # the taps caught on the way are of no further use
     for comparison, candidate in zip(comparisons, candidates):
         if options.localise and not comparison.passed and not candidate.informational \
                 and comparison.divergence is None:

@@ -112,16 +112,19 @@ class TapRecorder:
     through the first samples (the noise run, a head-only candidate), batch after batch: those of
     ``names`` thinned to about ``limit`` values per sample, the first rows kept while every module's
     together stay under ``budget`` values (at least one row; the per-layer comparison's sample
-    count). ``taps(rows)``: the first ``rows`` of each, or None when fewer were kept. ``whole``: only
-    all the rows of one run are of use (a float32 model's outputs depend on its batch's size): none
-    are kept when they do not fit."""
+    count). ``taps(rows)``: the first ``rows`` of each, or None when fewer were kept or the outputs do
+    not hold one row per sample (a module on a flattened batch). ``whole``: only the rows of the first
+    run, all of them, are of use (a float32 model's outputs depend on its batch's size): none are
+    kept when they do not fit."""
 
     def __init__(self, names: Collection[str], limit: int, budget: int, whole: bool = False):
         self.names, self.limit, self.budget, self.whole = set(names), limit, budget, whole
         self.parts: dict[str, list[np.ndarray]] = {}
         self.sizes: dict[str, int] = {}  # values per sample of each module's output (first call)
         self.kept = 0  # rows kept of the runs before this one
+        self.runs = 0
         self.twice: set[str] = set()  # modules called more than once in a run: no taps (as torch_taps)
+        self.unusable = False  # an output whose axis 0 is not the run's samples, or rows that do not line up
 
     def cap(self) -> int:
         """Rows kept in all: every module's values per sample so far within the budget."""
@@ -129,24 +132,29 @@ class TapRecorder:
 
     def run(self, model: nn.Module, run: Callable[[], list[np.ndarray]], rows: int) -> list[np.ndarray]:
         """``run()`` (the model on the next ``rows`` samples) with the hooks on while rows are wanted."""
-        if self.kept >= self.cap():
+        if self.unusable or self.kept >= self.cap() or (self.whole and self.runs):
+            self.runs += 1
             return run()
 
         def keep(name, out):
             if calls[name] > 1:
                 self.twice.add(name)
-                return
-            index = thinned(out.shape, self.limit)
-            self.sizes.setdefault(name, out[(slice(0, 1), *index[1:])].numel())
-            cap = self.cap()
-            self.parts.setdefault(name, []).append(out.detach()[:cap - self.kept][index].cpu().numpy().copy())
-            self._trim(cap)
+            elif out.ndim == 0 or out.shape[0] != rows or (self.runs and name not in self.sizes):
+                self.unusable = True  # not one row per sample (a flattened batch), or first seen in a later run
+            elif not self.unusable:
+                index = thinned(out.shape, self.limit)
+                self.sizes.setdefault(name, out[(slice(0, 1), *index[1:])].numel())
+                cap = self.cap()
+                self.parts.setdefault(name, []).append(out.detach()[:max(0, cap - self.kept)][index].cpu().numpy().copy())
+                self._trim(cap)
 
         with _hooked(model, self.names, keep) as calls:
             outputs = run()
+        self.runs += 1
         self.kept = min(self.cap(), self.kept + rows)
-        if self.whole and self.kept < rows:  # only every row of one run is of use: none are kept
+        if self.unusable or (self.whole and self.kept < rows):  # a float32 run is of use only whole
             self.parts.clear()
+            self.unusable = True
         return outputs
 
     def _trim(self, cap: int) -> None:
@@ -160,7 +168,7 @@ class TapRecorder:
             if len(parts) > 1:
                 self.parts[name] = [np.concatenate(parts)]
         joined = {name: parts[0] for name, parts in self.parts.items() if name not in self.twice}
-        if not joined or any(len(v) < rows for v in joined.values()):
+        if self.unusable or not joined or any(len(v) < rows for v in joined.values()):
             return None
         return {name: v[:rows] for name, v in joined.items()}
 
@@ -219,8 +227,10 @@ def torch_side(model: nn.Module, *, label: str = "torch", input_shapes: list[tup
         folds = folds_of(*model.bnrt_folded)
     outputs: list[str] = []  # named on the first run: the output's structure is known then
     runner = torch_runner(model, device, bool(tf32), outputs)
+    exact = not (tf32 and device == "cuda")  # taps are exact float32: a TF32 run's are not
     return Side(label=label + (" cuda" if device == "cuda" else ""), runner=runner,
-                tapping=lambda recorder: lambda xs: recorder.run(model, lambda: runner(xs), len(xs[0])),
+                tapping=(lambda recorder: lambda xs: recorder.run(model, lambda: runner(xs), len(xs[0]))) if exact
+                else None,
                 output_names=outputs,
                 input_names=names, input_shapes=list(input_shapes) if input_shapes else [None] * len(names),
                 input_dtypes=[None] * len(names), taps=lambda xs, names=None, limit=None: torch_taps(model, xs, names, limit),

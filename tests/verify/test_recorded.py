@@ -52,6 +52,44 @@ def test_a_recorder_keeps_what_torch_taps_gives_within_its_budget():
     np.testing.assert_array_equal(whole.taps(2)["b"], expected["b"])
 
 
+class Frames(nn.Module):
+    """A conv over a flattened batch (frames of each sample as rows of their own), then back."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames, self.head = nn.Conv2d(1, 2, 3), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):  # (N, 3, H, W): three single-channel frames per sample
+        n = x.shape[0]
+        y = self.frames(x.reshape(n * 3, 1, *x.shape[2:]))
+        return self.head(y.reshape(n, 6, *y.shape[2:]))
+
+
+def test_outputs_that_are_not_one_row_per_sample_make_a_recorder_give_up():
+    """A module on the flattened batch has 3 rows per sample: the recorder keeps nothing (the
+    per-layer comparison then taps with a run of its own), as does one that a later run shows first."""
+    torch.manual_seed(0)
+    model = Frames().eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    recorder = TapRecorder({"frames", "head"}, None, 1 << 20)
+    torch_side(model).tapping(recorder)([x])
+    assert recorder.unusable and recorder.taps(1) is None and recorder.parts == {}
+    later = TapRecorder({"a", "b"}, None, 1 << 20)
+    plain = Shared().eval()
+    later.run(plain, lambda: torch_side(plain).runner([x[:1]]), 1)
+    assert later.taps(1) is not None
+    later.sizes.pop("b")  # as if module b had not run in the first batch
+    later.run(plain, lambda: torch_side(plain).runner([x[1:]]), 1)
+    assert later.unusable and later.taps(1) is None
+
+
+def test_a_tf32_side_catches_no_taps():
+    """Taps are exact float32: a CUDA side running under TF32 offers no tapping runner (its
+    per-layer taps come from a run of their own, TF32 off)."""
+    model = Shared().eval()
+    assert torch_side(model).tapping is not None and torch_side(model, device="cuda").tapping is not None
+    assert torch_side(model, device="cuda", tf32=True).tapping is None
+
 def test_thinned_taps_are_caught_thinned():
     torch.manual_seed(0)
     model = Shared().eval()

@@ -19,8 +19,8 @@ from bnrt.folding.view import Layer
 def fp16_overflow(exact: dict[str, tuple[Any, np.ndarray, np.ndarray]]) -> dict[str, float]:
     """Layers whose folded weights or bias leave float16's range, with the largest magnitude."""
     found = {}
-    for name, (_, weight, bias) in exact.items():
-        largest = max(float(np.abs(weight).max(initial=0)), float(np.abs(bias).max(initial=0)))
+    for name, (_, weight, bias) in exact.items():  # |x| as the larger of max and -min: no |x| array made
+        largest = max(float(max(a.max(initial=0), -a.min(initial=0))) for a in (weight, bias))
         if largest > FP16_MAX:
             found[name] = largest
     return found

@@ -123,35 +123,51 @@ class TapRecorder:
         self.sizes: dict[str, int] = {}  # values per sample of each module's output (first call)
         self.kept = 0  # rows kept of the runs before this one
         self.runs = 0
+        self.batched = False  # a run with hooks on took several samples: axis 0 was seen to be the samples
         self.twice: set[str] = set()  # modules called more than once in a run: no taps (as torch_taps)
-        self.unusable = False  # an output whose axis 0 is not the run's samples, or rows that do not line up
+        self.unusable = False  # outputs that are not one row per sample, rows that do not line up, an error
 
     def cap(self) -> int:
         """Rows kept in all: every module's values per sample so far within the budget."""
         return max(1, self.budget // max(1, sum(self.sizes.values())))
 
     def run(self, model: nn.Module, run: Callable[[], list[np.ndarray]], rows: int) -> list[np.ndarray]:
-        """``run()`` (the model on the next ``rows`` samples) with the hooks on while rows are wanted."""
+        """``run()`` (the model on the next ``rows`` samples) with the hooks on while rows are wanted;
+        nothing the hooks meet stops the run (the recorder gives up instead)."""
         if self.unusable or self.kept >= self.cap() or (self.whole and self.runs):
             self.runs += 1
             return run()
 
         def keep(name, out):
+            try:
+                catch(name, out)
+            except Exception:  # a tensor numpy cannot hold, say: the per-layer comparison taps on its own
+                self.unusable = True
+
+        def catch(name, out):
             if calls[name] > 1:
                 self.twice.add(name)
-            elif out.ndim == 0 or out.shape[0] != rows or (self.runs and name not in self.sizes):
-                self.unusable = True  # not one row per sample (a flattened batch), or first seen in a later run
-            elif not self.unusable:
-                index = thinned(out.shape, self.limit)
-                self.sizes.setdefault(name, out[(slice(0, 1), *index[1:])].numel())
-                cap = self.cap()
-                self.parts.setdefault(name, []).append(out.detach()[:max(0, cap - self.kept)][index].cpu().numpy().copy())
-                self._trim(cap)
+                return
+            parts = self.parts.get(name)
+            if (out.ndim == 0 or out.shape[0] != rows or (self.runs and name not in self.sizes)
+                    or (parts and parts[0].shape[1:] != out[thinned(out.shape, self.limit)].shape[1:])):
+                self.unusable = True  # not one row per sample (a flattened batch), first seen later, reshaped
+            if self.unusable:
+                return
+            index = thinned(out.shape, self.limit)
+            self.sizes.setdefault(name, out[(slice(0, 1), *index[1:])].numel())
+            cap = self.cap()
+            self.parts.setdefault(name, []).append(out.detach()[:max(0, cap - self.kept)][index].cpu().numpy().copy())
+            self._trim(cap)
 
         with _hooked(model, self.names, keep) as calls:
             outputs = run()
         self.runs += 1
+        self.batched |= rows > 1
         self.kept = min(self.cap(), self.kept + rows)
+        if any(sum(len(p) for p in parts) != self.kept for name, parts in self.parts.items()
+               if name not in self.twice):
+            self.unusable = True  # a module that skipped this run: its rows would not line up
         if self.unusable or (self.whole and self.kept < rows):  # a float32 run is of use only whole
             self.parts.clear()
             self.unusable = True
@@ -164,11 +180,13 @@ class TapRecorder:
                 self.parts[name] = [whole]
 
     def taps(self, rows: int) -> dict[str, np.ndarray] | None:
+        if self.unusable or (rows > 1 and not self.batched) or (self.whole and rows != self.kept):
+            return None  # single-sample runs never showed that axis 0 is the samples
         for name, parts in self.parts.items():  # joined once, in place
             if len(parts) > 1:
                 self.parts[name] = [np.concatenate(parts)]
         joined = {name: parts[0] for name, parts in self.parts.items() if name not in self.twice}
-        if self.unusable or not joined or any(len(v) < rows for v in joined.values()):
+        if not joined or any(len(v) < rows for v in joined.values()):
             return None
         return {name: v[:rows] for name, v in joined.items()}
 

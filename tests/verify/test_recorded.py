@@ -83,6 +83,49 @@ def test_outputs_that_are_not_one_row_per_sample_make_a_recorder_give_up():
     assert later.unusable and later.taps(1) is None
 
 
+class Sometimes(nn.Module):
+    """A conv, then a second one only on batches whose first value is positive."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 2, 3), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y) if float(x[0, 0, 0, 0]) > 0 else y
+
+
+def test_rows_that_would_not_line_up_make_a_recorder_give_up():
+    """A module that skips a batch in the middle; single-sample runs only (axis 0 never shown to be the
+    samples: one row each is all they give)."""
+    torch.manual_seed(0)
+    model = Sometimes().eval()
+    x = np.random.default_rng(0).standard_normal((3, 3, 6, 6)).astype(np.float32)
+    x[0, 0, 0, 0], x[1, 0, 0, 0], x[2, 0, 0, 0] = 1.0, -1.0, 1.0
+    recorder = TapRecorder({"a", "b"}, None, 1 << 20)
+    run = torch_side(model).tapping(recorder)
+    for i in range(3):
+        run([x[i:i + 1]])
+    assert recorder.unusable and recorder.taps(1) is None
+    ones = TapRecorder({"a"}, None, 1 << 20)
+    run = torch_side(model).tapping(ones)
+    for i in range(3):
+        run([x[i:i + 1]])
+    np.testing.assert_array_equal(ones.taps(1)["a"], torch_taps(model, [x[:1]], {"a"})["a"])
+    assert ones.taps(2) is None  # as if it were a module whose axis 0 is always 1
+
+
+def test_a_hook_that_fails_leaves_the_run_alone():
+    """An output numpy cannot hold (bfloat16): the model's run finishes, the recorder keeps nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3)).eval().to(torch.bfloat16)
+    recorder = TapRecorder({"0"}, None, 1 << 20)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out = recorder.run(model, lambda: model(x), 2)
+        np.testing.assert_array_equal(out.float().numpy(), model(x).float().numpy())
+    assert recorder.unusable and recorder.taps(1) is None
+
 def test_a_tf32_side_catches_no_taps():
     """Taps are exact float32: a CUDA side running under TF32 offers no tapping runner (its
     per-layer taps come from a run of their own, TF32 off)."""

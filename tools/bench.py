@@ -85,19 +85,25 @@ PIPELINE_MODELS = {"resnet50": "ResNet-50 (models.zoo.ResNet50, 25.6M parameters
                    "resnet": "the zoo's ResNet (0.7M parameters, 1x3x32x32)"}
 
 
+def trained_statistics(model: torch.nn.Module, batch: int, size: int = 224) -> torch.nn.Module:
+    """``model`` in eval mode, its BN statistics those of one training pass (cumulative average) on
+    ``batch`` random ``size``x``size`` images."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(batch, 3, size, size))
+    return model.eval()
+
+
 def resnet50_checkpoint(path: Path, arch_kwargs: dict | None = None, batch: int = 4) -> int:
     """A checkpoint of ``models.zoo.ResNet50(**arch_kwargs)`` at ``path``, 1x3x224x224, its BN
     statistics those of one training pass on ``batch`` random images; its parameter count."""
     from models.zoo import ResNet50
 
     torch.manual_seed(0)
-    model = ResNet50(**(arch_kwargs or {}))
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    with torch.no_grad():
-        model.train()(torch.randn(batch, 3, 224, 224))
-    torch.save({"state_dict": model.eval().state_dict(), "arch": "models.zoo:ResNet50",
+    model = trained_statistics(ResNet50(**(arch_kwargs or {})), batch)
+    torch.save({"state_dict": model.state_dict(), "arch": "models.zoo:ResNet50",
                 **({"arch_kwargs": arch_kwargs} if arch_kwargs else {}), "input_shape": [1, 3, 224, 224]}, path)
     return sum(p.numel() for p in model.parameters())
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tools.bench import interleaved, resnet50_checkpoint
+from tools.bench import interleaved, resnet50_checkpoint, trained_statistics
 from tools.provenance import provenance, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,13 +48,8 @@ def timm_checkpoint(path: Path, name: str, batch: int = 2) -> int:
     import torch
 
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    with torch.no_grad():
-        model.train()(torch.randn(batch, 3, 224, 224))
-    torch.save(model.eval(), path)
+    model = trained_statistics(timm.create_model(name, pretrained=False), batch)
+    torch.save(model, path)
     return sum(p.numel() for p in model.parameters())
 
 

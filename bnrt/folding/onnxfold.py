@@ -31,7 +31,6 @@ from bnrt.folding.reparam import Merge
 from bnrt.folding.view import BnStats, Layer
 
 MIN_OPSET = 7
-PROTOBUF_LIMIT = (1 << 31) - 1  # protobuf serializes no message this large (weights in external data, loaded)
 
 
 @dataclass
@@ -167,12 +166,12 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
     if version is None or not MIN_OPSET <= version <= onnx.defs.onnx_opset_version():
         raise InputError(f"{where}: opset {version} is not supported (this onnx knows {MIN_OPSET} to "
                          f"{onnx.defs.onnx_opset_version()})")
-    if model.ByteSize() >= PROTOBUF_LIMIT:  # the checker serializes it; the folded file is checked from disk
-        return
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise InputError(f"{where}: invalid ONNX graph ({first_line(exc)})") from exc
+    except ValueError:  # over protobuf's 2 GiB (weights in external data, loaded): the folded file is checked from disk
+        return
 
 
 def fold_onnx(model: onnx.ModelProto, where: str = "model",
@@ -189,8 +188,8 @@ def fold_onnx(model: onnx.ModelProto, where: str = "model",
     stats = {id(d): view.bn_stats(bn) for d, bn in zip(plan.decisions, plan.sites) if d.folded}
     writer = _Writer(folded.graph)
     overflow = fold_weights(plan, lambda layer: (layer.data.weight, layer.data.bias),
-                                   lambda d: stats[id(d)].scale_shift(),
-                                   lambda name, layer, weight, bias: writer.write(name, layer.data, weight, bias))
+                            lambda d: stats[id(d)].scale_shift(),
+                            lambda name, layer, weight, bias: writer.write(name, layer.data, weight, bias))
     for decision, bn in zip(plan.decisions, plan.sites):
         if decision.folded and decision.direction != "merge":
             writer.bypass(bn.node, view.outputs | set(view.scoped))

@@ -184,7 +184,7 @@ def _fold_into(model: nn.Module, plan: Plan) -> tuple[list[str], dict[str, float
 
     with torch.no_grad():
         overflow = fold_weights(plan, lambda layer: layer_weights(model, layer),
-                                       lambda d: statistics(model, d).scale_shift(), write)
+                                lambda d: statistics(model, d).scale_shift(), write)
     for decision in plan.decisions:
         if decision.folded and decision.direction == "merge":  # the BN stays, adding an exact zero
             zero_affine(model, decision.functional or {"weight": f"{decision.bn}.weight",

@@ -225,8 +225,6 @@ def observe(reference: Side, candidates: list[Candidate], data: Dataset, options
             caught = recorded.candidates.get(id(c)) if recorded is not None else None
             model = c.side if caught is None else replace(c.side, runner=c.side.tapping(caught))
             ran[id(c)] = run_batched(_fed_its_dtypes(model), head, options.batch_size, rate(note, c.label))
-    if recorded is not None:
-        recorded.rows = head.size if head.size <= options.batch_size else 0
     return Observed(reference.label, ref_out, [(c.label, c.head_only, c.informational) for c in candidates],
                     [ran[id(c)] for c in candidates], data.labels, names, pairs, truth,
                     fallback or _unmeasured(names, pairs, options.tolerances), reference.noise.kind if pairs else None,

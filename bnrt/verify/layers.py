@@ -60,7 +60,8 @@ def per_layer(reference: Side, candidates: list[Candidate], comparisons: list[Co
     past its floor fails the comparison and becomes its divergence, the first one in execution
     order. ``recorded``: what the noise run and the head-only candidates caught of the module
     outputs on the way (``recorders``), used where it holds the same values as a run of its own
-    (the float64 truth on any batch: to its own rounding; a float32 candidate on the same batch)."""
+    (the float64 truth on any batch: to its own rounding; a float32 candidate's only for the very
+    rows of its first batch)."""
     noise = reference.noise
     if not folds or noise is None or noise.taps is None or reference.taps is None:
         return  # without bnrt's fold records a layer that another tool folded would differ by design
@@ -76,7 +77,7 @@ def per_layer(reference: Side, candidates: list[Candidate], comparisons: list[Co
     fixed = next((s.fixed_batch for s in [reference, *(c.side for c, _ in judged)] if s.fixed_batch), None)
     if fixed is not None and fixed > min(truth, data.size):
         return  # a graph that takes more samples at once than the noise floor was measured on
-    caught = recorded.noise if recorded is not None and recorded.noise is not None else None
+    caught = recorded.noise if recorded is not None else None
     first = (caught and caught.taps(1)) or noise.taps([x[:fixed or 1] for x in data.inputs], points, POINT_VALUES,
                                                       **kind)
     samples = fixed or max(1, min(truth, LAYER_VALUES // max(1, sum(v.size for v in first.values()))))
@@ -89,7 +90,7 @@ def per_layer(reference: Side, candidates: list[Candidate], comparisons: list[Co
     del first, noisy
     known = set(reference.module_names) | set(ref_taps)
     for candidate, comparison in judged:
-        same = recorded.candidates.get(id(candidate)) if recorded is not None and samples == recorded.rows else None
+        same = recorded.candidates.get(id(candidate)) if recorded is not None else None  # its first batch only
         taps = (same and same.taps(samples)) or candidate.side.taps(head, points, POINT_VALUES, **kind)
         found = list(compare_points(ref_taps, taps, folds, None,
                                     pair, tolerances.factor, tolerances.allow_nonfinite, known))
@@ -102,12 +103,11 @@ def per_layer(reference: Side, candidates: list[Candidate], comparisons: list[Co
 @dataclass
 class Recorded:
     """Module outputs caught on the way for the per-layer comparison: by the noise run (``noise``)
-    and by each head-only candidate compared layer by layer (by the ``id`` of its ``Candidate``),
-    which ran its first ``rows`` samples as one batch (0: in several)."""
+    and by each head-only candidate compared layer by layer (by the ``id`` of its ``Candidate``;
+    ``TapRecorder(whole=True)``: the rows of its first batch, all of them, or none)."""
 
     noise: TapRecorder | None
     candidates: dict[int, TapRecorder]
-    rows: int = 0
 
 
 def recorders(reference: Side, candidates: list[Candidate], folds: list[dict]) -> Recorded | None:
